@@ -1,0 +1,20 @@
+"""shmarray: NumPy arrays in POSIX shared memory, and a persistent pool of
+worker processes that runs numba kernels on them in place."""
+
+from shmarray.engine import Engine
+from shmarray.errors import (EngineClosedError, KernelError, RemoteTraceback,
+                             SharedMemoryFullError, ShmarrayError,
+                             WorkerCrashedError, WorkerStartError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "ShmarrayError",
+    "EngineClosedError",
+    "SharedMemoryFullError",
+    "WorkerCrashedError",
+    "WorkerStartError",
+    "KernelError",
+    "RemoteTraceback",
+]

@@ -1,0 +1,3 @@
+from shmarray.cli import main
+
+raise SystemExit(main())

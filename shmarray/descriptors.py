@@ -1,0 +1,211 @@
+"""What crosses the process boundary: array descriptors, kernels and messages.
+
+Array data never crosses.  An array travels as an :class:`ArrayDescriptor`
+(block name, byte offset, shape, strides, dtype): about 200 pickled bytes
+whatever the array's size.  A kernel travels once per worker
+(:func:`kernel_payload`) and is named by an integer key afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import cloudpickle
+
+from shmarray.blocks import BlockTable, address_of
+
+
+def byte_extent(shape: tuple[int, ...], strides: tuple[int, ...],
+                itemsize: int) -> tuple[int, int]:
+    """Bytes [lo, hi) an array touches, relative to its first element.
+
+    >>> byte_extent((3, 4), (32, 8), 8)
+    (0, 96)
+    >>> byte_extent((5,), (-8,), 8)         # x[::-1]
+    (-32, 8)
+    >>> byte_extent((0, 4), (32, 8), 8)     # empty: touches nothing
+    (0, 0)
+    """
+    if 0 in shape:
+        return 0, 0
+    lo = hi = 0
+    for n, s in zip(shape, strides):
+        if s < 0:
+            lo += s * (n - 1)
+        else:
+            hi += s * (n - 1)
+    return lo, hi + itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayDescriptor:
+    """Where an array lives inside a block: all a worker needs to rebuild it."""
+    block: str
+    offset: int                 # of the first element, from the block start
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str                  # ``np.dtype.str``, e.g. '<f8'
+    writeable: bool = True
+
+    def __reduce__(self):
+        # A plain tuple of fields: pickling through dataclass __getstate__
+        # cost 7 us per message each way, this costs 1.5 us.
+        return (ArrayDescriptor, (self.block, self.offset, self.shape,
+                                  self.strides, self.dtype, self.writeable))
+
+    def view(self, buffer: np.ndarray) -> np.ndarray:
+        """The array over ``buffer`` (uint8, the whole block).
+
+        Checks that the descriptor lies inside the block first, so a bad one
+        is rejected instead of mapped.
+        """
+        dtype = np.dtype(self.dtype)
+        lo, hi = byte_extent(self.shape, self.strides, dtype.itemsize)
+        if self.offset + lo < 0 or self.offset + hi > buffer.size:
+            raise ValueError(
+                f"descriptor reaches bytes [{self.offset + lo}, "
+                f"{self.offset + hi}) of block {self.block!r}, which has "
+                f"{buffer.size} bytes; refusing to map it")
+        out = np.ndarray(self.shape, dtype, buffer=buffer, offset=self.offset,
+                         strides=self.strides)
+        if not self.writeable:
+            out.flags.writeable = False
+        return out
+
+
+def describe(array: np.ndarray, table: BlockTable) -> ArrayDescriptor | None:
+    """The descriptor of a shared array (or any view of one), else None."""
+    interface = array.__array_interface__
+    data = interface["data"][0]
+    strides = array.strides
+    lo, hi = byte_extent(array.shape, strides, array.itemsize)
+    block = table.locate(data + lo, data + hi)
+    if block is None:
+        return None
+    return ArrayDescriptor(block.name, data - block.address, array.shape,
+                           strides, array.dtype.str, array.flags.writeable)
+
+
+# -- Kernels ---------------------------------------------------------------
+
+class KernelRef(NamedTuple):
+    """A kernel importable by name: the worker imports it (and with it any
+    on-disk numba cache) instead of receiving its code."""
+    module: str
+    qualname: str
+
+    def resolve(self) -> Any:
+        obj: Any = importlib.import_module(self.module)
+        for part in self.qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def kernel_payload(kernel: Any) -> bytes:
+    """Pickle a kernel for the workers: by name when importable, else by value.
+
+    Kernels from ``__main__``, a notebook cell or a closure go by value
+    (numba's dispatchers carry their Python source; numba's bundled
+    cloudpickle handles plain functions), so they need no importable module.
+    """
+    module = getattr(kernel, "__module__", None)
+    qualname = getattr(kernel, "__qualname__", None)
+    if module and qualname and module != "__main__" and "<" not in qualname:
+        ref = KernelRef(module, qualname)
+        try:
+            same = ref.resolve() is kernel
+        except Exception:
+            same = False
+        if same:
+            return pickle.dumps(ref, pickle.HIGHEST_PROTOCOL)
+    return cloudpickle.dumps(kernel, pickle.HIGHEST_PROTOCOL)
+
+
+def load_kernel(payload: bytes) -> Any:
+    obj = pickle.loads(payload)
+    return obj.resolve() if isinstance(obj, KernelRef) else obj
+
+
+# -- Messages ---------------------------------------------------------------
+# Coordinator -> worker
+
+class Install(NamedTuple):
+    """Keep this kernel under ``key`` for later Run messages."""
+    key: int
+    payload: bytes
+
+
+class Forget(NamedTuple):
+    """Drop kernel ``key``."""
+    key: int
+
+
+class Release(NamedTuple):
+    """These blocks were unlinked: unmap them."""
+    names: tuple[str, ...]
+
+
+class Run(NamedTuple):
+    """Run kernel ``key`` on ``chunks``, each a (lo, hi) of interior rows.
+
+    Every array in ``arrays`` is passed as rows [lo - halo, hi + halo);
+    descriptors inside ``args`` are passed whole.
+    """
+    seq: int
+    key: int
+    arrays: tuple[ArrayDescriptor, ...]
+    args: tuple
+    halo: int
+    chunks: tuple[tuple[int, int], ...]
+    want_values: bool
+
+
+class Stop(NamedTuple):
+    """Leave the loop and exit."""
+
+
+# Worker -> coordinator
+
+
+class Ready(NamedTuple):
+    """Started and waiting for work."""
+    pid: int
+
+
+class Done(NamedTuple):
+    """Every chunk of Run ``seq`` finished; ``values`` are the kernel's return
+    values in chunk order when they were asked for."""
+    seq: int
+    values: tuple | None
+
+
+class Failed(NamedTuple):
+    """Chunk ``index`` (within the Run) of Run ``seq`` raised."""
+    seq: int
+    index: int
+    error: bytes            # the pickled exception
+    type_name: str
+    message: str
+    traceback: str
+
+
+# -- Wire format -------------------------------------------------------------
+# A message travels as the plain tuple (tag, *fields).  Pickling the named
+# tuple itself writes a class reference that costs about 3 us to pickle and
+# 2 us to unpickle, per message, each way; a round trip is four messages.
+
+MESSAGES = (Install, Forget, Release, Run, Stop, Ready, Done, Failed)
+_TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
+
+
+def encode(msg: tuple) -> bytes:
+    return pickle.dumps((_TAGS[type(msg)], *msg), pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> tuple:
+    fields = pickle.loads(data)
+    return MESSAGES[fields[0]]._make(fields[1:])

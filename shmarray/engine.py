@@ -1,0 +1,355 @@
+"""The public facade: allocate shared arrays, map and reduce kernels over them."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import operator
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import numpy as np
+
+from shmarray.blocks import Block, BlockTable
+from shmarray.descriptors import ArrayDescriptor, describe
+from shmarray.errors import EngineClosedError
+from shmarray.partition import assign_static, coerce_halo, split_rows
+from shmarray.pool import Pool, usable_cpus
+
+
+class _State:
+    """What the engine's safety nets need, with no reference to the Engine,
+    so a finalizer or atexit hook never keeps the engine alive."""
+
+    def __init__(self, pool: Pool, table: BlockTable):
+        self.pool = pool
+        self.table = table
+
+    def shutdown(self) -> None:
+        # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
+        try:
+            self.table.close()
+        except Exception as exc:
+            warnings.warn(f"shmarray: unlinking blocks failed: {exc!r}",
+                          RuntimeWarning, stacklevel=2)
+        try:
+            self.pool.close()
+        except Exception as exc:
+            warnings.warn(f"shmarray: stopping workers failed: {exc!r}",
+                          RuntimeWarning, stacklevel=2)
+
+
+class Engine:
+    """Shared-memory arrays and a persistent pool of worker processes.
+
+    Use it as a context manager::
+
+        with shmarray.Engine(workers=2) as eng:
+            x = eng.from_numpy(data)
+            y = eng.empty(x.shape, x.dtype)
+            eng.map(kernel, y, x, args=(2.5,))
+
+    Lifecycle: the engine creates every block (``empty``, ``zeros``,
+    ``from_numpy``) and unlinks each name once, when the last array over it
+    dies or at ``close()``.  ``close()`` also stops every worker.  It is
+    idempotent and runs by itself when the engine is garbage collected and
+    at interpreter exit.  Arrays still held after ``close()`` stay readable;
+    their memory is freed with the last reference.
+
+    ``map``/``reduce`` calls from several threads run one at a time.
+    """
+
+    _state: _State | None = None          # close() is safe after a failed __init__
+    _finalizer: weakref.finalize | None = None
+
+    def __init__(self, workers: int | None = None, *,
+                 start_method: str | None = None,
+                 startup_timeout: float = 120.0):
+        n_workers = coerce_workers(workers)
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+        pool = Pool(n_workers, start_method, startup_timeout)
+        self._state = _State(pool, BlockTable())
+        self._finalizer = weakref.finalize(self, _State.shutdown, self._state)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Unlink every block and stop every worker.  Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._finalizer is None or not self._finalizer.alive
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<shmarray.Engine closed>"
+        state = self._state
+        return (f"<shmarray.Engine workers={len(state.pool.slots)} "
+                f"start_method={state.pool.start_method!r} "
+                f"blocks={len(state.table.live())}>")
+
+    def _live(self) -> _State:
+        if self.closed:
+            raise EngineClosedError(
+                "this Engine is closed: its blocks are unlinked and its "
+                "workers stopped. Create a new Engine (preferably in a "
+                "`with` block).")
+        if os.getpid() != self._owner:
+            raise RuntimeError(
+                "this Engine belongs to process "
+                f"{self._owner}; a forked child cannot use it. Create an "
+                "Engine in the child instead.")
+        return self._state
+
+    @property
+    def workers(self) -> int:
+        """The number of worker processes."""
+        return len(self._live().pool.slots)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self._live().pool.pids
+
+    @property
+    def start_method(self) -> str:
+        return self._live().pool.start_method
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The engine's live blocks (name, size in bytes, address)."""
+        return self._live().table.live()
+
+    # -- allocation --------------------------------------------------------
+
+    def empty(self, shape, dtype=np.float64, order: str = "C") -> np.ndarray:
+        """A new array in shared memory.  Its contents are zero (the block is
+        freshly reserved), but do not rely on that: use ``zeros``."""
+        state = self._live()
+        shape = coerce_shape(shape)
+        dtype = coerce_dtype(dtype, "dtype")
+        if order not in ("C", "F"):
+            raise ValueError(f"order must be 'C' or 'F'; got {order!r} instead.")
+        released = state.table.take_released()
+        if released:  # let workers unmap dead blocks before asking for more
+            with self._lock:
+                state.pool.release(released)
+        buf = state.table.allocate(math.prod(shape) * dtype.itemsize)
+        return np.ndarray(shape, dtype, buffer=buf, order=order)
+
+    def zeros(self, shape, dtype=np.float64, order: str = "C") -> np.ndarray:
+        """A new zero-filled array in shared memory."""
+        # A new block is reserved with posix_fallocate/ftruncate: all zeros.
+        return self.empty(shape, dtype, order)
+
+    def from_numpy(self, array) -> np.ndarray:
+        """A shared copy of ``array`` (same shape and dtype; Fortran order
+        kept for Fortran-contiguous input, C order otherwise)."""
+        a = np.asarray(array)
+        coerce_dtype(a.dtype, "array")
+        order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+        out = self.empty(a.shape, a.dtype, order)
+        np.copyto(out, a, casting="no")
+        return out
+
+    # -- compute -----------------------------------------------------------
+
+    def map(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
+            halo: int = 0, chunks=None, timeout: float | None = None) -> None:
+        """Run ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` in the
+        workers for every chunk (lo, hi) of rows; return when all finished.
+
+        ``chunks``: None (one per worker), a count, or a sequence of sizes
+        that add up to the rows (``n - 2*halo`` with a halo).  ``timeout``:
+        seconds; on expiry TimeoutError, and the stuck workers are replaced.
+        """
+        self._run(kernel, arrays, args, halo, chunks, timeout, want_values=False)
+
+    def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
+               combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
+               chunks=None, timeout: float | None = None) -> Any:
+        """Like ``map``, but the kernel returns a value per chunk; the values
+        are combined in chunk order, so the result is deterministic for a
+        given ``chunks``."""
+        if not callable(combine):
+            raise TypeError(
+                f"combine must be a callable taking two partial results "
+                f"(default operator.add); got {combine!r} instead.")
+        values = self._run(kernel, arrays, args, halo, chunks, timeout,
+                           want_values=True)
+        return functools.reduce(combine, values)
+
+    def _run(self, kernel, arrays, args, halo, chunks, timeout, want_values):
+        state = self._live()
+        check_kernel(kernel)
+        descriptors = describe_arrays(arrays, state.table)
+        extra = describe_args(args, state.table)
+        halo = coerce_halo(halo)
+        timeout = coerce_timeout(timeout)
+        with self._lock:
+            n_workers = len(state.pool.slots)
+            parts = split_rows(arrays[0].shape[0], chunks, halo, default=n_workers)
+            owners = assign_static(len(parts), n_workers)
+            return state.pool.run(kernel, descriptors, extra, halo, parts,
+                                  owners, want_values,
+                                  state.table.take_released(), timeout)
+
+
+# -- argument checks: small, pure, run before anything is sent -------------
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def coerce_workers(workers: object) -> int:
+    """
+    >>> coerce_workers(3)
+    3
+    >>> coerce_workers(None) >= 1
+    True
+    >>> coerce_workers(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: workers must be at least 1; got 0. Pass None for one worker per usable CPU.
+    """
+    if workers is None:
+        return usable_cpus()
+    if not _is_int(workers):
+        raise TypeError(
+            f"workers must be an int or None (one per usable CPU); got "
+            f"{workers!r} of type {type(workers).__name__} instead.")
+    if workers < 1:
+        raise ValueError(
+            f"workers must be at least 1; got {workers!r}. Pass None for one "
+            f"worker per usable CPU.")
+    return int(workers)
+
+
+def coerce_shape(shape: object) -> tuple[int, ...]:
+    """
+    >>> coerce_shape(5), coerce_shape((2, 3)), coerce_shape(())
+    ((5,), (2, 3), ())
+    >>> coerce_shape((2, -1))
+    Traceback (most recent call last):
+    ...
+    ValueError: shape must not have negative sizes; got (2, -1) instead.
+    """
+    dims = (shape,) if _is_int(shape) else shape
+    if not isinstance(dims, Sequence) or not all(_is_int(d) for d in dims):
+        raise TypeError(
+            f"shape must be an int or a tuple of ints; got {shape!r} instead.")
+    dims = tuple(int(d) for d in dims)
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must not have negative sizes; got {shape!r} instead.")
+    return dims
+
+
+def coerce_dtype(dtype: object, what: str) -> np.dtype:
+    """A dtype whose items are plain bytes: no Python objects, no records.
+
+    >>> coerce_dtype("f4", "dtype")
+    dtype('float32')
+    >>> coerce_dtype(object, "dtype")
+    Traceback (most recent call last):
+    ...
+    TypeError: dtype has dtype object; shared arrays hold plain numbers (bool, int, float, complex, datetime). Object arrays hold pointers into one process's heap and cannot be shared.
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {dtype!r} is not a NumPy dtype ({exc})") from None
+    if dt.hasobject:
+        raise TypeError(
+            f"{what} has dtype {dt}; shared arrays hold plain numbers (bool, "
+            f"int, float, complex, datetime). Object arrays hold pointers into "
+            f"one process's heap and cannot be shared.")
+    if dt.fields is not None or dt.subdtype is not None or dt.kind == "V":
+        raise TypeError(
+            f"{what} has the structured dtype {dt}; shared arrays hold plain "
+            f"numbers. Use one array per field instead.")
+    return dt
+
+
+def coerce_timeout(timeout: object) -> float | None:
+    """
+    >>> coerce_timeout(None), coerce_timeout(2)
+    (None, 2.0)
+    """
+    if timeout is None:
+        return None
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or None; got {timeout!r} instead.")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive (seconds); got {timeout!r} instead.")
+    return float(timeout)
+
+
+def check_kernel(kernel: object) -> None:
+    if not callable(kernel):
+        raise TypeError(
+            f"kernel must be callable: a numba @njit function or any "
+            f"picklable callable; got {kernel!r} of type "
+            f"{type(kernel).__name__} instead.")
+
+
+def describe_arrays(arrays: tuple, table: BlockTable) -> tuple[ArrayDescriptor, ...]:
+    if not arrays:
+        raise TypeError("map/reduce needs at least one array after the kernel.")
+    out = []
+    for i, a in enumerate(arrays):
+        where = f"array {i} (argument {i + 2} after the kernel)" if i else "array 0 (the first after the kernel)"
+        if not isinstance(a, np.ndarray):
+            raise TypeError(
+                f"{where} is a {type(a).__name__}; pass NumPy arrays made by "
+                f"this engine (eng.empty, eng.zeros, eng.from_numpy). Extra "
+                f"scalar arguments go in args=(...).")
+        if a.ndim == 0:
+            raise ValueError(
+                f"{where} is 0-dimensional; map splits axis 0, so arrays need "
+                f"at least one dimension. Pass scalars in args=(...).")
+        coerce_dtype(a.dtype, where)
+        d = describe(a, table)
+        if d is None:
+            raise ValueError(
+                f"{where} is a private array: its memory is not in this "
+                f"engine's shared blocks, so workers cannot see it. Copy it "
+                f"in with eng.from_numpy(a), or allocate with eng.empty / "
+                f"eng.zeros.")
+        out.append(d)
+    lengths = [a.shape[0] for a in arrays]
+    if len(set(lengths)) > 1:
+        raise ValueError(
+            f"all arrays must have the same length along axis 0 (map splits "
+            f"rows); got lengths {lengths}.")
+    return tuple(out)
+
+
+def describe_args(args: object, table: BlockTable) -> tuple:
+    """Extra kernel arguments.  Shared arrays travel as descriptors and reach
+    the kernel whole; anything else is pickled with every call, so keep it
+    small."""
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"args must be a tuple of extra kernel arguments; got {args!r} of "
+            f"type {type(args).__name__}. Write args=({args!r},) for one.")
+    out = []
+    for a in args:
+        if isinstance(a, np.ndarray) and a.ndim > 0:
+            d = describe(a, table)
+            if d is not None:
+                a = d
+        out.append(a)
+    return tuple(out)

@@ -1,0 +1,60 @@
+"""The exceptions shmarray raises itself.
+
+A kernel's own exception is not wrapped: it reaches the caller with its
+original type, and the worker's traceback rides along as ``__cause__``
+(a :class:`RemoteTraceback`), as in ``concurrent.futures.process``.
+"""
+
+from __future__ import annotations
+
+
+class ShmarrayError(Exception):
+    """Base class of every error shmarray raises on its own account."""
+
+
+class EngineClosedError(ShmarrayError, ValueError):
+    """The engine was used after ``close()``."""
+
+
+class SharedMemoryFullError(ShmarrayError, MemoryError):
+    """The shared-memory filesystem cannot hold the requested block."""
+
+    def __init__(self, message: str, requested: int, free: int, path: str | None):
+        super().__init__(message)
+        self.requested = requested
+        self.free = free
+        self.path = path
+
+
+class WorkerCrashedError(ShmarrayError):
+    """A worker process died while it held a chunk."""
+
+    def __init__(self, message: str, pid: int, exitcode: int | None,
+                 rows: tuple[int, int] | None):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.rows = rows
+
+
+class WorkerStartError(ShmarrayError):
+    """A worker process did not come up."""
+
+
+class KernelError(ShmarrayError):
+    """A kernel raised an exception that could not be sent back as itself."""
+
+    def __init__(self, message: str, type_name: str):
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, as text."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

@@ -1,0 +1,439 @@
+"""Starting, feeding and watching the worker processes.
+
+How a map flows, and who owns what::
+
+    coordinator (Engine.map -> Pool.run)              worker i (worker.main)
+    ------------------------------------              ----------------------
+    rows -> chunks -> worker of each chunk
+    per worker with chunks:
+      Release(names)        (blocks unlinked since)  -> unmap them
+      Install(key, kernel)  (first use only)         -> kernels[key] = kernel
+      Run(seq, key, descriptors, args, chunks) --tasks pipe-->
+                                                        attach each block once
+                                                        kernel(*rows) in place
+    wait on every busy worker's results pipe   <--results pipe--
+    and process sentinel                                Done(seq, values)
+                                                      | Failed(seq, chunk, exc)
+    values in chunk order -> caller
+
+* The pool owns the processes and both ends of their pipes in the
+  coordinator; each worker owns the other ends.  Messages are pickled small
+  named tuples (``descriptors``); array data never goes through a pipe.
+* A kernel is pickled once per engine and sent once per worker.  Sending it
+  with every task cost 1.3 ms per call for a numba dispatcher; the key costs
+  nothing.
+* One Run per worker per map, carrying all its chunks: a map costs one
+  message each way per busy worker, whatever the chunk count.
+* A worker that dies, times out or is interrupted mid-map is killed if
+  needed and replaced before ``run`` returns, so no stale reply can reach a
+  later map.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
+import os
+import pickle
+import select
+import signal
+import time
+from typing import Any
+
+from shmarray import worker as worker_module
+from shmarray.descriptors import (Failed, Forget, Install, Ready, Release, Run,
+                                  Stop, decode, encode, kernel_payload)
+from shmarray.errors import (KernelError, RemoteTraceback, WorkerCrashedError,
+                             WorkerStartError)
+
+DEFAULT_START_METHOD = ("forkserver"
+                        if "forkserver" in multiprocessing.get_all_start_methods()
+                        else "spawn")
+
+
+# How long the coordinator polls for replies before it sleeps.  Waking a
+# sleeping process through a pipe costs about 100 us on the reference VM; a
+# reply caught while polling costs about 5 us.  The workers' side of the same
+# trade is worker.SPIN.
+SPIN = 100e-6
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity and cgroup-aware where the
+    Python version can tell)."""
+    if hasattr(os, "process_cpu_count"):        # 3.13+
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def get_context(method: str | None) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context for ``method`` (default: forkserver).
+
+    forkserver is the default on every Python we support (3.14 made it
+    Python's own default on Linux): workers fork from a small, single-purpose
+    server that has imported numpy and numba once, so they start in
+    milliseconds, share those pages, and never inherit the caller's threads
+    or locks.  ``fork`` is offered but unsafe once the caller runs threads
+    (numba's parallel layer, BLAS, Jupyter); ``spawn`` is safe and slow.
+    """
+    method = DEFAULT_START_METHOD if method is None else method
+    available = multiprocessing.get_all_start_methods()
+    if method not in available:
+        raise ValueError(
+            f"start_method must be one of {available}; got {method!r} "
+            f"instead.")
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Keep the caller's preload list and add ours; it only takes effect
+        # if the fork server is not running yet.
+        server = multiprocessing.forkserver._forkserver
+        preload = list(getattr(server, "_preload_modules", ["__main__"]))
+        if worker_module.__name__ not in preload:
+            ctx.set_forkserver_preload(preload + [worker_module.__name__])
+    return ctx
+
+
+class KernelTable:
+    """Kernels by key, with their pickled payload.
+
+    Holds each kernel strongly so its ``id()`` cannot be reused while the key
+    lives; the least recently used kernel is dropped past ``capacity``.
+    """
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[int, tuple[int, Any, bytes]] = (
+            collections.OrderedDict())
+        self._next_key = 0
+
+    def entry(self, kernel) -> tuple[int, bytes, list[int]]:
+        """(key, payload, keys evicted to make room)."""
+        found = self._entries.get(id(kernel))
+        if found is not None:
+            self._entries.move_to_end(id(kernel))
+            return found[0], found[2], []
+        payload = kernel_payload(kernel)
+        self._next_key += 1
+        self._entries[id(kernel)] = (self._next_key, kernel, payload)
+        evicted = []
+        while len(self._entries) > self.capacity:
+            evicted.append(self._entries.popitem(last=False)[1][0])
+        return self._next_key, payload, evicted
+
+
+class Slot:
+    """One worker process and the coordinator's ends of its two pipes.
+
+    Created and stopped only by the Pool.  ``kernels`` are the keys this
+    process already holds.
+    """
+
+    def __init__(self, ctx, index: int, owner_pid: int):
+        self.index = index
+        task_r, self.tasks = ctx.Pipe(duplex=False)
+        self.results, result_w = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=worker_module.main, args=(task_r, result_w, owner_pid),
+            name=f"shmarray-worker-{index}", daemon=True)
+        try:
+            self.process.start()
+        finally:
+            task_r.close()
+            result_w.close()
+        self.pid = self.process.pid
+        self.sentinel = self.process.sentinel
+        self.kernels: set[int] = set()
+        self.ready = False
+
+    def send(self, msg) -> None:
+        self.tasks.send_bytes(encode(msg))
+
+    def describe_death(self) -> str:
+        self.process.join(1.0)
+        code = self.process.exitcode
+        if code is None:
+            return f"worker {self.pid} stopped answering"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"worker {self.pid} was killed by {name}"
+        return f"worker {self.pid} exited with code {code}"
+
+    def kill(self) -> None:
+        """End the process now (it may be deep in a numba loop)."""
+        if self.process.exitcode is None:
+            try:
+                self.process.kill()
+            except OSError:
+                pass
+        self.process.join(5.0)
+
+    def close(self, timeout: float) -> None:
+        """Ask the worker to stop, then make sure it did; close the pipes."""
+        if self.process.exitcode is None:
+            try:
+                self.send(Stop())
+            except OSError:
+                pass
+            self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.terminate()
+            self.process.join(1.0)
+        self.kill()
+        self.tasks.close()
+        self.results.close()
+        self.process.close()
+
+
+class Pool:
+    """A fixed number of persistent worker processes.
+
+    The Engine creates one pool and closes it once.  The pool starts every
+    worker, replaces one that dies, times out or is interrupted, and stops
+    all of them in ``close()``.  Not thread-safe: the Engine serialises calls.
+    """
+
+    slots: list[Slot] = []          # so close() works after a failed __init__
+
+    def __init__(self, n_workers: int, start_method: str | None = None,
+                 startup_timeout: float = 120.0):
+        self.start_method = start_method or DEFAULT_START_METHOD
+        self._ctx = get_context(start_method)
+        self._owner = os.getpid()
+        self._startup_timeout = startup_timeout
+        self._kernels = KernelTable()
+        self._seq = 0
+        # One poller for every worker's results pipe and process sentinel,
+        # kept across calls: building a selector per wait cost 40 us a map.
+        self._poller = select.poll()
+        self._by_fd: dict[int, tuple[Slot, bool]] = {}
+        self.slots = []
+        try:
+            for i in range(n_workers):
+                self.slots.append(self._watch(Slot(self._ctx, i, self._owner)))
+            self._await_ready(self.slots)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.pid for s in self.slots]
+
+    def _await_ready(self, slots: list[Slot]) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        waiting = {s.results: s for s in slots if not s.ready}
+        waiting.update({s.sentinel: s for s in slots if not s.ready})
+        while any(not s.ready for s in slots):
+            left = deadline - time.monotonic()
+            ready = multiprocessing.connection.wait(list(waiting), max(left, 0))
+            if not ready:
+                raise WorkerStartError(
+                    f"workers did not start within {self._startup_timeout:.0f} "
+                    f"s; the machine may be overloaded. Pass a larger "
+                    f"startup_timeout= to Engine.")
+            for obj in ready:
+                slot = waiting[obj]
+                if slot.ready:
+                    continue
+                try:
+                    msg = decode(slot.results.recv_bytes())
+                except (EOFError, OSError):
+                    msg = None
+                if not isinstance(msg, Ready):
+                    raise WorkerStartError(
+                        f"{slot.describe_death()} while starting. With the "
+                        f"'{self.start_method}' start method each worker "
+                        f"imports your main script: guard its top level with "
+                        f"`if __name__ == \"__main__\":`.")
+                slot.ready = True
+
+    def _watch(self, slot: Slot) -> Slot:
+        for fd, is_sentinel in ((slot.results.fileno(), False), (slot.sentinel, True)):
+            self._poller.register(fd, select.POLLIN)
+            self._by_fd[fd] = (slot, is_sentinel)
+        return slot
+
+    def _unwatch(self, slot: Slot) -> None:
+        for fd in (slot.results.fileno(), slot.sentinel):
+            if self._by_fd.get(fd, (None,))[0] is slot:
+                self._poller.unregister(fd)
+                del self._by_fd[fd]
+
+    def _replace(self, slot: Slot) -> Slot:
+        self._unwatch(slot)
+        slot.kill()
+        slot.close(0.0)
+        new = self._watch(Slot(self._ctx, slot.index, self._owner))
+        self.slots[slot.index] = new
+        self._await_ready([new])
+        return new
+
+    def _send(self, slot: Slot, msg) -> Slot:
+        """Send, replacing a worker found dead while idle (nothing was lost)."""
+        try:
+            slot.send(msg)
+            return slot
+        except OSError:
+            slot = self._replace(slot)
+            slot.send(msg)
+            return slot
+
+    def run(self, kernel, arrays: tuple, args: tuple, halo: int,
+            chunks: tuple[tuple[int, int], ...], owners: tuple[int, ...],
+            want_values: bool, released: tuple[str, ...] = (),
+            timeout: float | None = None) -> list | None:
+        """Run ``kernel`` on every chunk, chunk ``i`` on worker ``owners[i]``.
+
+        Returns the kernel's values in chunk order (if ``want_values``).
+        Raises the first failing chunk's exception, WorkerCrashedError or
+        TimeoutError; every worker is idle or replaced when it returns.
+        """
+        key, payload, evicted = self._kernels.entry(kernel)
+        self._seq += 1
+        seq = self._seq
+        by_slot: dict[int, list[int]] = {}
+        for i, w in enumerate(owners):
+            by_slot.setdefault(w, []).append(i)
+
+        for slot in self.slots:
+            for old in evicted:
+                if old in slot.kernels:
+                    slot.kernels.discard(old)
+                    self._send(slot, Forget(old))
+        if released:
+            self.release(released)
+
+        busy: dict[Slot, list[int]] = {}
+        try:
+            for w, idx in by_slot.items():
+                slot = self.slots[w]
+                if key not in slot.kernels:
+                    slot = self._send(slot, Install(key, payload))
+                    slot.kernels.add(key)
+                slot = self._send(slot, Run(seq, key, arrays, args, halo,
+                                            tuple(chunks[i] for i in idx),
+                                            want_values))
+                busy[slot] = idx
+            replies, crashed = self._collect(busy, seq, timeout)
+        except BaseException:
+            # Interrupted (Ctrl-C) or timed out: the busy workers may be deep
+            # in a kernel.  Kill and replace them so nothing stale survives.
+            for slot in busy:
+                if self.slots[slot.index] is slot:
+                    self._replace(slot)
+            raise
+
+        problems: list[tuple[int, BaseException]] = []
+        values: list = [None] * len(chunks)
+        for slot, idx, reply in replies:
+            if isinstance(reply, Failed):
+                i = idx[reply.index]
+                problems.append((i, remote_exception(reply, slot.pid, chunks[i])))
+            elif want_values:
+                for i, v in zip(idx, reply.values):
+                    values[i] = v
+        for slot, idx in crashed:
+            death, exitcode = slot.describe_death(), slot.process.exitcode
+            self._replace(slot)
+            rows = (chunks[idx[0]][0], chunks[idx[-1]][1])
+            problems.append((idx[0], WorkerCrashedError(
+                f"{death} while running rows {rows[0]}:{rows[1]} (chunks "
+                f"{idx[0]}..{idx[-1]}). Likely causes: a segfault in the "
+                f"kernel (out-of-bounds indexing with boundscheck off), the "
+                f"out-of-memory killer, or os._exit/sys.exit in the kernel. "
+                f"The worker was replaced; the engine is usable.",
+                pid=slot.pid, exitcode=exitcode, rows=rows)))
+        if problems:
+            # The earliest chunk's problem, so the error is deterministic.
+            raise min(problems, key=lambda p: p[0])[1]
+        return values if want_values else None
+
+    def _collect(self, busy: dict[Slot, list[int]], seq: int,
+                 timeout: float | None):
+        """Wait for every busy worker's reply or death.  Removes entries from
+        ``busy`` as they finish; returns (replies, crashed)."""
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        spin_until = now + SPIN
+        replies, crashed, dead_idle = [], [], []
+        while busy:
+            now = time.monotonic()
+            if now < spin_until:
+                events = self._poller.poll(0)
+            elif deadline is None:
+                events = self._poller.poll()
+            else:
+                if now >= deadline:
+                    raise TimeoutError(
+                        f"map did not finish within timeout={timeout} s; the "
+                        f"workers still running (pids "
+                        f"{sorted(s.pid for s in busy)}) have been replaced.")
+                events = self._poller.poll(max(1, int((deadline - now) * 1000) + 1))
+            for fd, _ in events:
+                slot, is_sentinel = self._by_fd[fd]
+                if slot not in busy:
+                    if is_sentinel:  # an idle worker died: replace it later
+                        self._unwatch(slot)
+                        dead_idle.append(slot)
+                    continue
+                reply = None
+                if not is_sentinel or slot.results.poll():
+                    try:
+                        reply = decode(slot.results.recv_bytes())
+                    except (EOFError, OSError):
+                        reply = None
+                idx = busy.pop(slot)
+                if reply is None:
+                    self._unwatch(slot)  # its sentinel is not news any more
+                    crashed.append((slot, idx))
+                elif reply.seq != seq:
+                    raise AssertionError(
+                        f"reply to map {reply.seq} arrived during map {seq}")
+                else:
+                    replies.append((slot, idx, reply))
+        for slot in dead_idle:
+            self._replace(slot)
+        return replies, crashed
+
+    def release(self, names: tuple[str, ...]) -> None:
+        """Tell every worker to unmap these unlinked blocks."""
+        for slot in self.slots:
+            try:
+                slot.send(Release(names))
+            except OSError:
+                pass  # a dead worker holds no mapping
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every worker: politely, then by force.  Idempotent."""
+        slots, self.slots = self.slots, []
+        for slot in slots:
+            try:
+                slot.send(Stop())
+            except OSError:
+                pass
+        for slot in slots:
+            self._unwatch(slot)
+            slot.close(timeout)
+
+
+def remote_exception(reply: Failed, pid: int, rows: tuple[int, int]) -> BaseException:
+    """The kernel's exception as itself, with the worker traceback as cause."""
+    exc: BaseException | None = None
+    if reply.error:
+        try:
+            exc = pickle.loads(reply.error)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = KernelError(f"{reply.type_name}: {reply.message}", reply.type_name)
+    exc.__cause__ = RemoteTraceback(reply.traceback)
+    exc.add_note(f"raised by the kernel in worker {pid} on rows "
+                 f"{rows[0]}:{rows[1]}")
+    return exc

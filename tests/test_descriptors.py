@@ -1,0 +1,94 @@
+"""Descriptors: what crosses to a worker, and what a worker accepts."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from shmarray.blocks import attach
+from shmarray.descriptors import (ArrayDescriptor, Done, Run, decode, describe,
+                                  encode)
+from shmarray.worker import _Worker
+
+
+def _run_bytes(eng, *arrays) -> int:
+    table = eng._state.table
+    msg = Run(1, 1, tuple(describe(a, table) for a in arrays), (2.5,), 1,
+              ((1, 5), (5, 9)), False)
+    return len(encode(msg))
+
+
+def test_task_bytes_do_not_grow_with_array_size(engine):
+    small = [engine.zeros(10) for _ in range(3)]
+    big = [engine.zeros(10_000_000) for _ in range(3)]
+    n_small, n_big = _run_bytes(engine, *small), _run_bytes(engine, *big)
+    # only the integers for shape and stride widen: a few bytes per array
+    assert n_big - n_small <= 3 * 8
+    assert n_big < 400, n_big
+    del small, big
+
+
+def test_descriptor_of_views_points_into_the_block(engine):
+    base = engine.from_numpy(np.arange(60.0).reshape(6, 10))
+    table = engine._state.table
+    for view in (base, base[2:4], base.T, base[::-1, 3], base[1:5, ::-3]):
+        d = describe(view, table)
+        assert d is not None and d.shape == view.shape and d.strides == view.strides
+        buf = np.frombuffer(attach(d.block), np.uint8)
+        rebuilt = d.view(buf)
+        assert np.array_equal(rebuilt, view)
+        del rebuilt, buf
+    assert describe(np.arange(60.0), table) is None
+    assert describe(base.copy(), table) is None
+
+
+def test_messages_round_trip(engine):
+    d = describe(engine.zeros(4), engine._state.table)
+    run = Run(3, 7, (d,), (1.5, d), 0, ((0, 4),), True)
+    assert decode(encode(run)) == run
+    assert decode(encode(Done(3, (1.0, 2.0)))) == Done(3, (1.0, 2.0))
+
+
+def test_worker_rejects_descriptors_past_the_block_end(engine):
+    x = engine.zeros(100)
+    good = describe(x, engine._state.table)
+    worker = _Worker(os.getpid())
+    assert worker.view(good).shape == (100,)
+    size = worker.buffer(good.block).size
+    for bad in (
+        ArrayDescriptor(good.block, size - 8, (2,), (8,), "<f8"),       # past the end
+        ArrayDescriptor(good.block, 0, (10,), (-8,), "<f8"),            # before the start
+        ArrayDescriptor(good.block, 0, (size,), (8,), "<f8"),           # far too long
+    ):
+        with pytest.raises(ValueError, match="refusing to map it"):
+            worker.view(bad)
+    del x, worker
+
+
+def test_worker_rejects_blocks_of_another_coordinator(engine):
+    x = engine.zeros(10)
+    d = describe(x, engine._state.table)
+    stranger = _Worker(owner_pid=1)          # a worker serving another process
+    with pytest.raises(PermissionError, match="not created by this worker's coordinator"):
+        stranger.view(d)
+    del x
+
+
+def test_read_only_views_stay_read_only_in_the_worker(engine):
+    from numba import njit
+
+    @njit
+    def write(a):
+        a[0] = 1.0
+
+    x = engine.zeros(4)
+    ro = x.view()
+    ro.flags.writeable = False
+    with pytest.raises(Exception, match="readonly|read-only|Cannot modify"):
+        engine.map(write, ro)
+    assert x[0] == 0.0
+    engine.map(write, x)
+    assert x[0] == 1.0
+    del x, ro
