@@ -217,7 +217,19 @@ class BlockTable:
         self._finalizers: dict[int, weakref.finalize] = {}
         self._dead: collections.deque[int] = collections.deque()
         self._released: collections.deque[str] = collections.deque()
+        self._descriptors: dict = {}
         self.closed = False
+
+    @property
+    def descriptors(self) -> dict:
+        """A cache for ``descriptors.describe``, valid while no block dies:
+        a dead block's addresses may be mapped again by a new one."""
+        if self._dead:
+            with self._lock:
+                self._purge()
+        if len(self._descriptors) > 4096:
+            self._descriptors = {}
+        return self._descriptors
 
     def allocate(self, nbytes: int) -> np.ndarray:
         """A new block; returns a uint8 array of ``nbytes`` over it."""
@@ -243,6 +255,8 @@ class BlockTable:
         released.append(name)
 
     def _purge(self) -> None:
+        if self._dead:
+            self._descriptors = {}
         while self._dead:
             start = self._dead.popleft()
             self._starts.pop(bisect.bisect_left(self._starts, start))
@@ -286,6 +300,7 @@ class BlockTable:
             self._blocks.clear()
             self._finalizers.clear()
             self._released.clear()
+            self._descriptors = {}
             return names
 
 

