@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 import shmarray
-from workloads import TriadPair, huge_pages, interleaved, noop, nothing
+from workloads import TriadPair, interleaved, machine_info, noop, nothing
 
 STARTUP = textwrap.dedent("""
     import time
@@ -150,20 +150,6 @@ def memory_figure(nbytes: int) -> dict:
             "worker_rss_MB": [r / 1e6 for r in m["worker_rss"]]}
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "usable_cpus": shmarray.pool.usable_cpus(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "threading_layer": None,
-            "transparent_hugepage": huge_pages()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller arrays")
@@ -171,7 +157,7 @@ def main() -> int:
     args = parser.parse_args()
     quick = args.quick
 
-    fig = {"machine": machine()}
+    fig = {"machine": machine_info()}
     fig["triad"] = triad_figure(n=5_000_000 if quick else 50_000_000,
                                 repeat=10 if quick else 40)
     fig["machine"]["threading_layer"] = numba.threading_layer()

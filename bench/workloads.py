@@ -108,3 +108,20 @@ def interleaved(fns: dict, repeat: int, inner: int = 1, pause: float = 0.0) -> d
             if pause:
                 time.sleep(pause)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine_info() -> dict:
+    """CPU model, usable CPUs, versions and page settings, for reports."""
+    import platform
+
+    import shmarray
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "usable_cpus": shmarray.pool.usable_cpus(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "transparent_hugepage": huge_pages()}

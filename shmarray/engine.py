@@ -168,42 +168,59 @@ class Engine:
     # -- compute -----------------------------------------------------------
 
     def map(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
-            halo: int = 0, chunks=None, timeout: float | None = None) -> None:
+            halo: int = 0, chunks=None, timeout: float | None = None,
+            schedule: str = "static") -> None:
         """Run ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` in the
         workers for every chunk (lo, hi) of rows; return when all finished.
 
-        ``chunks``: None (one per worker), a count, or a sequence of sizes
-        that add up to the rows (``n - 2*halo`` with a halo).  ``timeout``:
-        seconds; on expiry TimeoutError, and the stuck workers are replaced.
+        ``chunks``: None (one per worker; eight per worker when dynamic), a
+        count, or a sequence of sizes that add up to the rows (``n - 2*halo``
+        with a halo).  ``timeout``: seconds; on expiry TimeoutError, and the
+        stuck workers are replaced.  ``schedule``: "static" sends each worker
+        the same rows every call (regular work; pages stay warm); "dynamic"
+        hands chunks to whichever worker is free (irregular work, such as
+        Mandelbrot rows).
         """
-        self._run(kernel, arrays, args, halo, chunks, timeout, want_values=False)
+        self._run(kernel, arrays, args, halo, chunks, timeout, schedule,
+                  want_values=False)
 
     def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
-               chunks=None, timeout: float | None = None) -> Any:
+               chunks=None, timeout: float | None = None,
+               schedule: str = "static") -> Any:
         """Like ``map``, but the kernel returns a value per chunk; the values
         are combined in chunk order, so the result is deterministic for a
-        given ``chunks``."""
+        given ``chunks`` (with either schedule)."""
         if not callable(combine):
             raise TypeError(
                 f"combine must be a callable taking two partial results "
                 f"(default operator.add); got {combine!r} instead.")
         values = self._run(kernel, arrays, args, halo, chunks, timeout,
-                           want_values=True)
+                           schedule, want_values=True)
         return functools.reduce(combine, values)
 
-    def _run(self, kernel, arrays, args, halo, chunks, timeout, want_values):
+    def _run(self, kernel, arrays, args, halo, chunks, timeout, schedule,
+             want_values):
         state = self._live()
         check_kernel(kernel)
         descriptors = describe_arrays(arrays, state.table)
         extra = describe_args(args, state.table)
         halo = coerce_halo(halo)
         timeout = coerce_timeout(timeout)
+        dynamic = coerce_schedule(schedule)
         with self._lock:
-            where = plan(arrays[0].shape[0], chunks, halo, len(state.pool.slots))
+            n_workers = len(state.pool.slots)
+            if chunks is None and dynamic:
+                chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
+            where = plan(arrays[0].shape[0], chunks, halo, n_workers)
             return state.pool.run(kernel, descriptors, extra, halo, where,
                                   want_values, state.table.take_released(),
-                                  timeout)
+                                  timeout, dynamic)
+
+
+# Enough chunks that the last one to finish is short, few enough that the
+# ~70 us per chunk stays small against real work.
+DYNAMIC_CHUNKS_PER_WORKER = 8
 
 
 # -- argument checks: small, pure, run before anything is sent -------------
@@ -300,6 +317,20 @@ def coerce_timeout(timeout: object) -> float | None:
     if not timeout > 0:
         raise ValueError(f"timeout must be positive (seconds); got {timeout!r} instead.")
     return float(timeout)
+
+
+def coerce_schedule(schedule: object) -> bool:
+    """True for dynamic scheduling.
+
+    >>> coerce_schedule("static"), coerce_schedule("dynamic")
+    (False, True)
+    """
+    if schedule not in ("static", "dynamic"):
+        raise ValueError(
+            f"schedule must be 'static' (the same rows to the same worker "
+            f"every call) or 'dynamic' (chunks to whichever worker is free); "
+            f"got {schedule!r} instead.")
+    return schedule == "dynamic"
 
 
 def check_kernel(kernel: object) -> None:

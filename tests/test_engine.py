@@ -275,6 +275,14 @@ def test_kernel_is_sent_once_per_worker(engine):
     assert counts == engine.workers  # each worker unpickled it exactly once
 
 
+def test_dynamic_schedule_spreads_chunks_and_keeps_order(engine):
+    rows = engine.from_numpy(np.arange(64))
+    starts = engine.reduce(chunk_start, rows, chunks=16, schedule="dynamic")
+    assert starts == tuple(range(0, 64, 4))
+    pids = engine.reduce(worker_pid, rows, chunks=16, schedule="dynamic")
+    assert len(pids) == 16 and set(pids) <= set(engine.worker_pids)
+
+
 def test_same_rows_go_to_the_same_worker(engine):
     x = engine.zeros(64)
     first = engine.reduce(worker_pid, x, chunks=8)
@@ -291,10 +299,11 @@ def test_workers_run_numba_and_blas_single_threaded(engine):
 
 # -- errors ----------------------------------------------------------------
 
-def test_kernel_exception_keeps_type_and_worker_traceback(engine):
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_kernel_exception_keeps_type_and_worker_traceback(engine, schedule):
     x = engine.from_numpy(np.array([1.0, 2.0, -3.0, 4.0]))
     with pytest.raises(ValueError, match="negative value in chunk") as info:
-        engine.map(fails_on_negative, x, chunks=4)
+        engine.map(fails_on_negative, x, chunks=4, schedule=schedule)
     cause = info.value.__cause__
     assert isinstance(cause, shmarray.RemoteTraceback)
     assert "fails_on_negative" in str(cause) or "ValueError" in str(cause)
@@ -358,6 +367,8 @@ BAD_MAPS = [
      lambda e, x: e.map(scale, x, x, args=(1.0,), halo=1.0)),
     ("bad combine", TypeError, "combine must be a callable",
      lambda e, x: e.reduce(row_sum, x, combine="add")),
+    ("bad schedule", ValueError, "schedule must be 'static'",
+     lambda e, x: e.map(scale, x, x, args=(1.0,), schedule="guided")),
     ("bad timeout", ValueError, "timeout must be positive",
      lambda e, x: e.map(scale, x, x, args=(1.0,), timeout=0)),
 ]
@@ -501,7 +512,8 @@ def test_map_timeout_replaces_the_stuck_worker():
 
 
 @pytest.mark.breaks_things
-def test_worker_exit_raises_worker_crashed_and_engine_recovers():
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_worker_exit_raises_worker_crashed_and_engine_recovers(schedule):
     def die(x):
         if x.shape[0] and x[0] >= 4:
             os._exit(7)
@@ -509,7 +521,7 @@ def test_worker_exit_raises_worker_crashed_and_engine_recovers():
     with shmarray.Engine(workers=2) as eng:
         x = eng.from_numpy(np.arange(8.0))
         with pytest.raises(shmarray.WorkerCrashedError, match="exited with code 7") as info:
-            eng.map(die, x, chunks=2)
+            eng.map(die, x, chunks=2, schedule=schedule)
         assert info.value.rows == (4, 8) and info.value.exitcode == 7
         eng.map(scale, x, x, args=(2.0,))
         assert np.array_equal(x, np.arange(8.0) * 2.0)

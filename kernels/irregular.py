@@ -1,0 +1,30 @@
+"""Kernels whose cost varies from row to row: give them
+``schedule="dynamic"``."""
+
+from kernels._jit import jit
+
+
+@jit
+def mandelbrot(out, rows, x0, dx, y0, dy, max_iter):
+    """Escape-time Mandelbrot: ``out[i, j]`` is the number of iterations
+    (up to ``max_iter``) before ``z -> z*z + c`` leaves the radius-2 disk,
+    with ``c = (x0 + j*dx) + 1j*(y0 + rows[i]*dy)``.
+
+    ``rows`` holds each row's global index, so the kernel knows where its
+    chunk lies: ``np.arange(height)`` sequentially, a shared copy through
+    the engine.
+
+    Sequential: ``mandelbrot(img, np.arange(h), -2.0, 3/w, -1.5, 3/h, 300)``.
+    Engine:     ``eng.map(mandelbrot, img, rows, args=(-2.0, 3/w, -1.5, 3/h, 300),
+                schedule="dynamic")``.
+    """
+    for i in range(out.shape[0]):
+        ci = y0 + rows[i] * dy
+        for j in range(out.shape[1]):
+            cr = x0 + j * dx
+            zr, zi = 0.0, 0.0
+            k = 0
+            while k < max_iter and zr * zr + zi * zi <= 4.0:
+                zr, zi = zr * zr - zi * zi + cr, 2.0 * zr * zi + ci
+                k += 1
+            out[i, j] = k

@@ -1,0 +1,28 @@
+"""Dense linear algebra by rows."""
+
+from kernels._jit import jit
+
+_BLOCK = 64   # columns of A (rows of B) per pass, so a block of B stays in cache
+
+
+@jit
+def matmul_rows(c, a, b):
+    """``c = a @ b`` for the rows given: rows of ``c`` come from the same
+    rows of ``a`` and all of ``b`` (pass ``b`` in ``args``, where a shared
+    array travels whole).  Blocked over the inner dimension.
+
+    Sequential: ``matmul_rows(c, a, b)``.
+    Engine:     ``eng.map(matmul_rows, c, a, args=(b,))``.
+    """
+    n, k = a.shape
+    m = b.shape[1]
+    for i in range(n):
+        for j in range(m):
+            c[i, j] = 0.0
+    for kk in range(0, k, _BLOCK):
+        kend = min(kk + _BLOCK, k)
+        for i in range(n):
+            for p in range(kk, kend):
+                aip = a[i, p]
+                for j in range(m):
+                    c[i, j] += aip * b[p, j]
