@@ -4,7 +4,8 @@ worker processes that runs numba kernels on them in place."""
 from shmarray.engine import Engine
 from shmarray.errors import (EngineClosedError, KernelError, RemoteTraceback,
                              SharedMemoryFullError, ShmarrayError,
-                             WorkerCrashedError, WorkerStartError)
+                             TaskTimeoutError, WorkerCrashedError,
+                             WorkerStartError)
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "EngineClosedError",
     "SharedMemoryFullError",
     "WorkerCrashedError",
+    "TaskTimeoutError",
     "WorkerStartError",
     "KernelError",
     "RemoteTraceback",

@@ -324,7 +324,7 @@ def _boot_time() -> float:
     raise OSError("no btime in /proc/stat")
 
 
-def _start_time(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), if known."""
     if not _HAVE_PROC:
         return None
@@ -345,7 +345,7 @@ def owner_alive(pid: int, created: float) -> bool:
         return False
     except PermissionError:
         pass  # another user's live process
-    started = _start_time(pid)
+    started = process_start_time(pid)
     return started is None or started <= created + 1.0
 
 

@@ -69,11 +69,13 @@ class Engine:
 
     def __init__(self, workers: int | None = None, *,
                  start_method: str | None = None,
+                 max_tasks_per_worker: int | None = None,
                  startup_timeout: float = 120.0):
         n_workers = coerce_workers(workers)
+        max_tasks = coerce_max_tasks(max_tasks_per_worker)
         self._owner = os.getpid()
         self._lock = threading.Lock()
-        pool = Pool(n_workers, start_method, startup_timeout)
+        pool = Pool(n_workers, start_method, startup_timeout, max_tasks)
         self._state = _State(pool, BlockTable())
         self._finalizer = weakref.finalize(self, _State.shutdown, self._state)
 
@@ -251,6 +253,20 @@ def coerce_workers(workers: object) -> int:
             f"workers must be at least 1; got {workers!r}. Pass None for one "
             f"worker per usable CPU.")
     return int(workers)
+
+
+def coerce_max_tasks(value: object) -> int | None:
+    """
+    >>> coerce_max_tasks(None), coerce_max_tasks(100)
+    (None, 100)
+    """
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"max_tasks_per_worker must be a positive int (tasks before a "
+            f"worker is replaced) or None (never); got {value!r} instead.")
+    return int(value)
 
 
 def coerce_shape(shape: object) -> tuple[int, ...]:

@@ -25,6 +25,9 @@ class SharedMemoryFullError(ShmarrayError, MemoryError):
         self.free = free
         self.path = path
 
+    def __reduce__(self):
+        return type(self), (str(self), self.requested, self.free, self.path)
+
 
 class WorkerCrashedError(ShmarrayError):
     """A worker process died while it held a chunk."""
@@ -35,6 +38,20 @@ class WorkerCrashedError(ShmarrayError):
         self.pid = pid
         self.exitcode = exitcode
         self.rows = rows
+
+    def __reduce__(self):
+        return type(self), (str(self), self.pid, self.exitcode, self.rows)
+
+
+class TaskTimeoutError(ShmarrayError, TimeoutError):
+    """A map or reduce ran past its ``timeout``; its busy workers were replaced."""
+
+    def __init__(self, message: str, timeout: float):
+        super().__init__(message)
+        self.timeout = timeout
+
+    def __reduce__(self):
+        return type(self), (str(self), self.timeout)
 
 
 class WorkerStartError(ShmarrayError):
@@ -47,6 +64,9 @@ class KernelError(ShmarrayError):
     def __init__(self, message: str, type_name: str):
         super().__init__(message)
         self.type_name = type_name
+
+    def __reduce__(self):
+        return type(self), (str(self), self.type_name)
 
 
 class RemoteTraceback(Exception):

@@ -45,11 +45,13 @@ import signal
 import time
 from typing import Any
 
+from shmarray import blocks
+from shmarray import watchdog
 from shmarray import worker as worker_module
 from shmarray.descriptors import (Failed, Forget, Install, Ready, Release, Run,
                                   Stop, decode, encode, kernel_payload)
-from shmarray.errors import (KernelError, RemoteTraceback, WorkerCrashedError,
-                             WorkerStartError)
+from shmarray.errors import (KernelError, RemoteTraceback, TaskTimeoutError,
+                             WorkerCrashedError, WorkerStartError)
 from shmarray.partition import Plan
 
 DEFAULT_START_METHOD = ("forkserver"
@@ -138,12 +140,13 @@ class Slot:
     process already holds.
     """
 
-    def __init__(self, ctx, index: int, owner_pid: int):
+    def __init__(self, ctx, index: int, owner_pid: int, close_fds: tuple = ()):
         self.index = index
         task_r, self.tasks = ctx.Pipe(duplex=False)
         self.results, result_w = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=worker_module.main, args=(task_r, result_w, owner_pid),
+            target=worker_module.main,
+            args=(task_r, result_w, owner_pid, close_fds),
             name=f"shmarray-worker-{index}", daemon=True)
         try:
             self.process.start()
@@ -154,6 +157,7 @@ class Slot:
         self.sentinel = self.process.sentinel
         self.kernels: set[int] = set()
         self.ready = False
+        self.tasks_run = 0
 
     def send(self, msg) -> None:
         self.tasks.send_bytes(encode(msg))
@@ -198,20 +202,26 @@ class Slot:
 
 
 class Pool:
-    """A fixed number of persistent worker processes.
+    """A fixed number of persistent worker processes, and their watchdog.
 
     The Engine creates one pool and closes it once.  The pool starts every
-    worker, replaces one that dies, times out or is interrupted, and stops
-    all of them in ``close()``.  Not thread-safe: the Engine serialises calls.
+    worker, replaces one that dies, times out or is interrupted, recycles
+    one that has run ``max_tasks`` tasks (between maps, so no task is lost),
+    and stops all of them in ``close()``.  Its watchdog process cleans up if
+    the coordinator dies without closing.  Not thread-safe: the Engine
+    serialises calls.
     """
 
     slots: list[Slot] = []          # so close() works after a failed __init__
+    _watchdog = None
+    _lifeline = None
 
     def __init__(self, n_workers: int, start_method: str | None = None,
-                 startup_timeout: float = 120.0):
+                 startup_timeout: float = 120.0, max_tasks: int | None = None):
         self.start_method = start_method or DEFAULT_START_METHOD
         self._ctx = get_context(start_method)
         self._owner = os.getpid()
+        self._max_tasks = max_tasks
         self._startup_timeout = startup_timeout
         self._kernels = KernelTable()
         self._seq = 0
@@ -221,12 +231,41 @@ class Pool:
         self._by_fd: dict[int, tuple[Slot, bool]] = {}
         self.slots = []
         try:
+            self._start_watchdog()
             for i in range(n_workers):
-                self.slots.append(self._watch(Slot(self._ctx, i, self._owner)))
+                self.slots.append(self._watch(self._new_slot(i)))
             self._await_ready(self.slots)
+            self._tell_watchdog()
         except BaseException:
             self.close()
             raise
+
+    def _start_watchdog(self) -> None:
+        life_r, self._lifeline = self._ctx.Pipe(duplex=False)
+        self._watchdog = self._ctx.Process(
+            target=watchdog.main,
+            args=(life_r, self._owner, self._forked_fds()),
+            name="shmarray-watchdog", daemon=True)
+        try:
+            self._watchdog.start()
+        finally:
+            life_r.close()
+
+    def _forked_fds(self) -> tuple[int, ...]:
+        """Descriptors a *forked* child inherits but must not keep: while any
+        process holds the lifeline's write end, the watchdog never sees the
+        coordinator die.  Children of the fork server or spawn inherit
+        nothing."""
+        if self.start_method != "fork" or self._lifeline is None:
+            return ()
+        return (self._lifeline.fileno(),)
+
+    def _new_slot(self, index: int) -> Slot:
+        return Slot(self._ctx, index, self._owner, self._forked_fds())
+
+    def _tell_watchdog(self) -> None:
+        self._lifeline.send(watchdog.Workers(tuple(
+            (s.pid, blocks.process_start_time(s.pid)) for s in self.slots)))
 
     @property
     def pids(self) -> list[int]:
@@ -272,13 +311,17 @@ class Pool:
                 self._poller.unregister(fd)
                 del self._by_fd[fd]
 
-    def _replace(self, slot: Slot) -> Slot:
+    def _replace(self, slot: Slot, graceful: bool = False) -> Slot:
+        """A new worker in ``slot``'s place.  Kills the old one unless
+        ``graceful`` (recycling an idle worker)."""
         self._unwatch(slot)
-        slot.kill()
-        slot.close(0.0)
-        new = self._watch(Slot(self._ctx, slot.index, self._owner))
+        if not graceful:
+            slot.kill()
+        slot.close(5.0 if graceful else 0.0)
+        new = self._watch(self._new_slot(slot.index))
         self.slots[slot.index] = new
         self._await_ready([new])
+        self._tell_watchdog()
         return new
 
     def _send(self, slot: Slot, msg) -> Slot:
@@ -327,6 +370,7 @@ class Pool:
 
         def on_reply(slot: Slot, reply) -> None:
             idx = inflight[slot].popleft()
+            slot.tasks_run += 1
             if type(reply) is Failed:
                 i = idx[reply.index]
                 problems.append((i, remote_exception(reply, slot.pid, chunks[i])))
@@ -354,18 +398,29 @@ class Pool:
                     self._replace(slot)
             raise
 
+        # A crash fails the map at once: the workers still busy with its
+        # other chunks (maybe for hours) are stopped and replaced too.
+        for slot, pending in inflight.items():
+            if pending and self.slots[slot.index] is slot:
+                self._replace(slot)
         for slot, lost in crashed:
             death, exitcode = slot.describe_death(), slot.process.exitcode
             self._replace(slot)
             first = lost[0]
             rows = (chunks[first[0]][0], chunks[first[-1]][1])
+            which = (f"chunk {first[0]}" if len(first) == 1
+                     else f"chunks {first[0]} to {first[-1]}")
             problems.append((first[0], WorkerCrashedError(
-                f"{death} while running rows {rows[0]}:{rows[1]} (chunks "
-                f"{first[0]}..{first[-1]}). Likely causes: a segfault in the "
+                f"{death} while running rows {rows[0]}:{rows[1]} ({which}). "
+                f"Likely causes: a segfault in the "
                 f"kernel (out-of-bounds indexing with boundscheck off), the "
                 f"out-of-memory killer, or os._exit/sys.exit in the kernel. "
                 f"The worker was replaced; the engine is usable.",
                 pid=slot.pid, exitcode=exitcode, rows=rows)))
+        if self._max_tasks is not None:
+            for slot in list(self.slots):
+                if slot.tasks_run >= self._max_tasks:
+                    self._replace(slot, graceful=True)
         if problems:
             # The earliest chunk's problem, so the error is deterministic.
             raise min(problems, key=lambda p: p[0])[1]
@@ -380,7 +435,7 @@ class Pool:
         deadline = None if timeout is None else now + timeout
         spin_until = now + SPIN
         dead_idle = []
-        while any(inflight.values()):
+        while any(inflight.values()) and not crashed:
             now = time.monotonic()
             if now < spin_until:
                 events = self._poller.poll(0)
@@ -391,10 +446,11 @@ class Pool:
             else:
                 if now >= deadline:
                     busy = [s.pid for s, q in inflight.items() if q]
-                    raise TimeoutError(
+                    raise TaskTimeoutError(
                         f"map did not finish within timeout={timeout} s; the "
                         f"workers still running (pids {sorted(busy)}) have "
-                        f"been replaced.")
+                        f"been replaced. A numba loop cannot be interrupted, "
+                        f"so they were killed.", timeout)
                 events = self._poller.poll(max(1, int((deadline - now) * 1000) + 1))
             for fd, _ in events:
                 entry = self._by_fd.get(fd)
@@ -415,6 +471,7 @@ class Pool:
                 if reply is None:
                     self._unwatch(slot)  # its sentinel is not news any more
                     crashed.append((slot, list(inflight.pop(slot))))
+                    break
                 elif reply.seq != seq:
                     raise AssertionError(
                         f"reply to map {reply.seq} arrived during map {seq}")
@@ -439,7 +496,8 @@ class Pool:
                 pass  # a dead worker holds no mapping
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop every worker: politely, then by force.  Idempotent."""
+        """Stop every worker, politely then by force, then the watchdog.
+        Idempotent."""
         slots, self.slots = self.slots, []
         for slot in slots:
             try:
@@ -449,6 +507,20 @@ class Pool:
         for slot in slots:
             self._unwatch(slot)
             slot.close(timeout)
+        dog, self._watchdog = self._watchdog, None
+        if dog is not None:
+            try:
+                self._lifeline.send(watchdog.BYE)
+            except OSError:
+                pass
+            dog.join(timeout)
+            if dog.exitcode is None:
+                dog.kill()
+                dog.join(1.0)
+            dog.close()
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
 
 def remote_exception(reply: Failed, pid: int, rows: tuple[int, int]) -> BaseException:

@@ -10,6 +10,7 @@ pipe reaches end-of-file because the coordinator is gone.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -17,6 +18,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 
 import numpy as np
 import threadpoolctl
@@ -106,6 +108,28 @@ class _Worker:
             v = self.views[wire] = d.view(self.buffer(d.block))
         return v
 
+    def release(self, names: tuple[str, ...]) -> None:
+        """Unmap blocks the coordinator has unlinked.
+
+        Dropping our arrays drops a mapping, unless something still refers
+        to it.  A reference cycle can: numba's first compile for a new
+        signature leaves its argument frames in a cycle, which kept that
+        call's block mapped (its memory unreturned) until the next full
+        collection, rare in a worker.  So when a mapping outlives our
+        references, collect once.  A view a kernel stored on purpose lives
+        on, harmlessly.
+        """
+        gone = set(names)
+        mappings = []
+        for name in gone:
+            buf = self.buffers.pop(name, None)
+            if buf is not None:
+                mappings.append(weakref.ref(buf.base.obj))
+        self.views = {w: v for w, v in self.views.items() if w[0] not in gone}
+        buf = None
+        if any(m() is not None for m in mappings):
+            gc.collect()
+
     def run(self, msg: Run) -> Done | Failed:
         index = 0
         try:
@@ -131,7 +155,11 @@ class _Worker:
             try:
                 return encode(reply)
             except Exception as exc:  # a kernel returned something unpicklable
-                return encode(failure(msg.seq, len(msg.chunks) - 1, exc))
+                tb = "".join(traceback.format_exception(exc))
+                return encode(Failed(
+                    msg.seq, len(msg.chunks) - 1, b"", type(exc).__name__,
+                    f"the kernel's return value cannot be pickled back to the "
+                    f"caller ({exc}). Return numbers, tuples or NumPy arrays.", tb))
         if kind is Install:
             try:
                 self.kernels[msg.key] = load_kernel(msg.payload)
@@ -140,13 +168,7 @@ class _Worker:
         elif kind is Forget:
             self.kernels.pop(msg.key, None)
         elif kind is Release:
-            # Dropping our array drops the mapping with it, unless a kernel
-            # kept a view somewhere; then it lives on, harmlessly.
-            gone = set(msg.names)
-            for name in gone:
-                self.buffers.pop(name, None)
-            self.views = {w: v for w, v in self.views.items()
-                          if w[0] not in gone}
+            self.release(msg.names)
         return None
 
 
@@ -160,9 +182,16 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
     return Failed(seq, index, error, type(exc).__qualname__, str(exc), tb)
 
 
-def main(tasks, results, owner_pid: int) -> None:
-    """Worker entry point; ``tasks`` and ``results`` are one-way Connections."""
+def main(tasks, results, owner_pid: int, close_fds: tuple[int, ...] = ()) -> None:
+    """Worker entry point; ``tasks`` and ``results`` are one-way Connections.
+    ``close_fds``: descriptors inherited through fork that must not stay open
+    here (the watchdog's lifeline)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     limit_threads()
     worker = _Worker(owner_pid)
     poller = select.poll()

@@ -68,13 +68,13 @@ def test_posix_fallocate_failure_leaves_no_block(engine, monkeypatch):
 
 
 def test_scan_and_gc_touch_only_shmarray_blocks_of_dead_owners():
-    # A block whose owner died without cleaning up: a child that exits
-    # with os._exit, skipping every safety net this issue provides.
+    # A block whose owner died with no safety net at all (not even the
+    # watchdog, which an engine would have started): made directly.
     code = textwrap.dedent("""
-        import os, numpy as np, shmarray
-        eng = shmarray.Engine(workers=1)
-        x = eng.zeros(1000)
-        print(eng.blocks[0].name, flush=True)
+        import os
+        from shmarray import blocks
+        name, mm = blocks.create(4096)
+        print(name, flush=True)
         os._exit(0)
     """)
     proc = run_python(code)

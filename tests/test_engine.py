@@ -492,6 +492,23 @@ def test_every_start_method_works(method):
         del x
 
 
+def test_workers_are_recycled_without_losing_tasks():
+    with shmarray.Engine(workers=2, max_tasks_per_worker=3) as eng:
+        rows = eng.from_numpy(np.arange(40))
+        seen = []
+        for step in range(7):
+            starts = eng.reduce(chunk_start, rows, chunks=8)
+            assert starts == tuple(range(0, 40, 5))      # every chunk ran
+            seen.append(tuple(eng.worker_pids))
+        # static: one task per worker per map, so workers are replaced as
+        # maps 3 and 6 return
+        assert seen[0] == seen[1] != seen[2]
+        assert seen[2] == seen[3] == seen[4] != seen[5] == seen[6]
+        del rows
+    with pytest.raises(ValueError, match="max_tasks_per_worker"):
+        shmarray.Engine(workers=1, max_tasks_per_worker=0)
+
+
 def test_map_timeout_replaces_the_stuck_worker():
     @njit
     def spin_forever(x):
@@ -503,8 +520,9 @@ def test_map_timeout_replaces_the_stuck_worker():
     with shmarray.Engine(workers=2) as eng:
         x = eng.zeros(4)
         before = eng.worker_pids
-        with pytest.raises(TimeoutError, match="timeout=0.5"):
+        with pytest.raises(TimeoutError, match="timeout=0.5") as info:
             eng.map(spin_forever, x, timeout=0.5)
+        assert isinstance(info.value, shmarray.TaskTimeoutError)
         after = eng.worker_pids
         assert after != before
         eng.map(scale, x, x, args=(1.0,))

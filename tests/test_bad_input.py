@@ -1,0 +1,89 @@
+"""Hypothesis-generated bad arguments: every one must raise TypeError or
+ValueError in the caller, send nothing to the workers, leave no block
+behind and keep the engine usable."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+import shmarray
+
+from conftest import shm_entries
+
+
+@njit
+def copy(out, inp):
+    for i in range(inp.shape[0]):
+        out[i] = inp[i]
+
+
+def _positive(v) -> bool:
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool)
+            and not isinstance(v, np.ndarray) and v > 0)
+
+
+junk = st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=5),
+    st.binary(max_size=5), st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.integers(-10**12, -1), st.just(object()), st.just(np.float32(1.5)),
+    st.just(np.zeros((2, 2))), st.just(np.array("text")),
+)
+
+# parameter -> values that are always wrong for a 20-row map
+BAD = {
+    "kernel": junk.filter(lambda v: not callable(v)),
+    "array": junk.filter(lambda v: v is not None),
+    "args": junk.filter(lambda v: not isinstance(v, (tuple, list))),
+    "halo": st.one_of(junk.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool)
+                                                 and 0 <= v <= 10)),
+                      st.integers(11, 10**6)),
+    "chunks": st.one_of(
+        junk.filter(lambda v: v is not None and not isinstance(v, (list, np.ndarray))),
+        st.integers(-10**6, 0),
+        st.lists(st.integers(1, 30), min_size=1, max_size=5).filter(lambda s: sum(s) != 20),
+        st.lists(st.integers(-5, 0), min_size=1, max_size=3)),
+    "timeout": st.one_of(junk.filter(lambda v: v is not None and not _positive(v)),
+                         st.floats(max_value=0.0, allow_nan=False), st.just(float("nan"))),
+    "schedule": junk.filter(lambda v: not isinstance(v, np.ndarray)),
+    "combine": junk.filter(lambda v: not callable(v)),
+}
+
+
+@pytest.fixture(scope="module")
+def eng():
+    with shmarray.Engine(workers=2) as engine:
+        yield engine
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(BAD)).flatmap(lambda p: st.tuples(st.just(p), BAD[p])))
+def test_bad_argument_fails_before_anything_is_sent(eng, bad):
+    param, value = bad
+    out, inp = eng.zeros(20), eng.from_numpy(np.arange(20.0))
+    call = {"kernel": copy, "arrays": (out, inp), "args": (), "halo": 0,
+            "chunks": None, "timeout": None, "schedule": "static"}
+    if param == "array":
+        call["arrays"] = (out, value)
+    elif param != "combine":
+        call[param] = value
+    pool = eng._state.pool
+    sent, blocks = pool._seq, shm_entries()
+    with pytest.raises((TypeError, ValueError)):
+        if param == "combine":
+            eng.reduce(copy, out, inp, combine=value)
+        else:
+            eng.map(call["kernel"], *call["arrays"], args=call["args"], halo=call["halo"],
+                    chunks=call["chunks"], timeout=call["timeout"],
+                    schedule=call["schedule"])
+    assert pool._seq == sent
+    assert shm_entries() == blocks
+    eng.map(copy, out, inp)
+    assert np.array_equal(out, inp)
