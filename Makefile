@@ -5,22 +5,29 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-test
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+# One stamp per set of extras, so `make demo` installs only the core and
+# `make test` adds what the tests need (peers, Dask, Jupyter).
+$(VENV)/.installed-core: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PIP) -e .
 	@touch $@
 
-demo: $(STAMP)
+$(VENV)/.installed-test: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[test]'
+	@touch $@ $(VENV)/.installed-core
+
+demo: $(VENV)/.installed-core
 	$(BIN)/shmarray demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-autosave
 
 clean:

@@ -1,6 +1,7 @@
 """shmarray: NumPy arrays in POSIX shared memory, and a persistent pool of
 worker processes that runs numba kernels on them in place."""
 
+from shmarray.compare import Comparison
 from shmarray.engine import Engine
 from shmarray.errors import (EngineClosedError, KernelError, RemoteTraceback,
                              SharedMemoryFullError, ShmarrayError,
@@ -9,8 +10,12 @@ from shmarray.errors import (EngineClosedError, KernelError, RemoteTraceback,
 
 __version__ = "0.1.0"
 
+from shmarray.progress import steps
+
 __all__ = [
     "Engine",
+    "Comparison",
+    "steps",
     "ShmarrayError",
     "EngineClosedError",
     "SharedMemoryFullError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -63,6 +64,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if identical and not left else 1
 
 
+def info() -> dict:
+    """What ``shmarray info`` reports, as a dict."""
+    import multiprocessing
+
+    import numba
+    import numpy as np
+
+    from shmarray import pool
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:          # not chosen until a parallel kernel first runs
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()
+        layer = numba.threading_layer()
+    space = blocks.free_space()
+    return {
+        "usable_cpus": pool.usable_cpus(),
+        "default_workers": pool.usable_cpus(),
+        "start_method": pool.DEFAULT_START_METHOD,
+        "start_methods_available": multiprocessing.get_all_start_methods(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "numba_threading_layer": layer,
+        "shm_dir": blocks.SHM_DIR,
+        "shm_free_bytes": space[0] if space else None,
+        "shm_total_bytes": space[1] if space else None,
+        "blocks": [{"name": b.name, "size": b.size, "owner_pid": b.owner_pid,
+                    "owner_alive": b.owner_alive} for b in blocks.scan()],
+    }
+
+
+def _info(args: argparse.Namespace) -> int:
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    free = data["shm_free_bytes"]
+    print(f"usable CPUs        : {data['usable_cpus']} (default workers: "
+          f"{data['default_workers']})")
+    print(f"start method       : {data['start_method']} (available: "
+          f"{', '.join(data['start_methods_available'])})")
+    print(f"python / numpy     : {data['python']} / {data['numpy']}")
+    print(f"numba              : {data['numba']}, threading layer "
+          f"{data['numba_threading_layer']}")
+    if free is not None:
+        print(f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
+              f"free of {blocks.format_bytes(data['shm_total_bytes'])}")
+    print(f"live blocks        : {len(data['blocks'])}")
+    for b in data["blocks"]:
+        print(f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
+              f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from shmarray import benchmark
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    return benchmark.main(size, args.out, args.max_workers)
+
+
 def _ls(args: argparse.Namespace) -> int:
     found = blocks.scan()
     if not found:
@@ -97,6 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: usable CPUs)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", help="every workload through every method, with plots")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true",
+                       help="small sizes, few repeats: under 2 minutes on 2 CPUs")
+    group.add_argument("--tiny", action="store_true",
+                       help="smallest sizes: checks every method end to end (tests)")
+    p.add_argument("--out", help="directory for bench.json and the PNG plots")
+    p.add_argument("--max-workers", type=int, default=None,
+                   help="sweep workers from 1 to this (default: usable CPUs)")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("info", help="CPUs, start method, numba, /dev/shm space, live blocks")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_info)
 
     p = sub.add_parser("ls", help="list shmarray blocks: name, size, owner pid, owner alive")
     p.set_defaults(func=_ls)

@@ -20,6 +20,7 @@ from shmarray.descriptors import ArrayDescriptor, describe
 from shmarray.errors import EngineClosedError
 from shmarray.partition import coerce_halo, plan
 from shmarray.pool import Pool, usable_cpus
+from shmarray.progress import ChunkProgress
 
 
 class _State:
@@ -171,7 +172,7 @@ class Engine:
 
     def map(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
             halo: int = 0, chunks=None, timeout: float | None = None,
-            schedule: str = "static") -> None:
+            schedule: str = "static", progress: bool | None = None) -> None:
         """Run ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` in the
         workers for every chunk (lo, hi) of rows; return when all finished.
 
@@ -181,15 +182,16 @@ class Engine:
         stuck workers are replaced.  ``schedule``: "static" sends each worker
         the same rows every call (regular work; pages stay warm); "dynamic"
         hands chunks to whichever worker is free (irregular work, such as
-        Mandelbrot rows).
+        Mandelbrot rows).  ``progress``: a bar of chunks completed; None
+        (the default) shows it only if the map runs longer than a second.
         """
         self._run(kernel, arrays, args, halo, chunks, timeout, schedule,
-                  want_values=False)
+                  progress, want_values=False)
 
     def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
                chunks=None, timeout: float | None = None,
-               schedule: str = "static") -> Any:
+               schedule: str = "static", progress: bool | None = None) -> Any:
         """Like ``map``, but the kernel returns a value per chunk; the values
         are combined in chunk order, so the result is deterministic for a
         given ``chunks`` (with either schedule)."""
@@ -198,11 +200,33 @@ class Engine:
                 f"combine must be a callable taking two partial results "
                 f"(default operator.add); got {combine!r} instead.")
         values = self._run(kernel, arrays, args, halo, chunks, timeout,
-                           schedule, want_values=True)
+                           schedule, progress, want_values=True)
         return functools.reduce(combine, values)
 
+    def compare(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
+                halo: int = 0, chunks=None, schedule: str = "static",
+                repeat: int = 5, reduce: bool = False,
+                combine: Callable[[Any, Any], Any] = operator.add):
+        """Time ``kernel`` sequentially on whole arrays and through this
+        engine, on copies of ``arrays`` (yours are not touched), and check
+        the results are identical.
+
+        Returns a :class:`shmarray.compare.Comparison`: medians, speedup,
+        parallel efficiency, GB/s and the check; it prints as a table,
+        renders as one in a notebook, and has ``.plot()``.  ``reduce=True``
+        for a kernel that returns a per-chunk value (then identical means:
+        equal to the sequential kernel run chunk by chunk and combined in
+        the same order).
+        """
+        from shmarray.compare import compare
+        self._live()
+        check_kernel(kernel)
+        return compare(self, kernel, *arrays, args=args, halo=halo, chunks=chunks,
+                       schedule=schedule, repeat=repeat, reduce=reduce,
+                       combine=combine)
+
     def _run(self, kernel, arrays, args, halo, chunks, timeout, schedule,
-             want_values):
+             progress, want_values):
         state = self._live()
         check_kernel(kernel)
         descriptors = describe_arrays(arrays, state.table)
@@ -210,14 +234,24 @@ class Engine:
         halo = coerce_halo(halo)
         timeout = coerce_timeout(timeout)
         dynamic = coerce_schedule(schedule)
+        if progress not in (None, True, False):
+            raise TypeError(f"progress must be True, False or None (show after "
+                            f"about a second); got {progress!r} instead.")
         with self._lock:
             n_workers = len(state.pool.slots)
             if chunks is None and dynamic:
                 chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
             where = plan(arrays[0].shape[0], chunks, halo, n_workers)
-            return state.pool.run(kernel, descriptors, extra, halo, where,
-                                  want_values, state.table.take_released(),
-                                  timeout, dynamic)
+            bar = (None if progress is False else
+                   ChunkProgress(len(where.chunks), progress,
+                                 getattr(kernel, "__name__", "map")))
+            try:
+                return state.pool.run(kernel, descriptors, extra, halo, where,
+                                      want_values, state.table.take_released(),
+                                      timeout, dynamic, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
 
 
 # Enough chunks that the last one to finish is short, few enough that the

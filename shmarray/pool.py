@@ -53,6 +53,7 @@ from shmarray.descriptors import (Failed, Forget, Install, Ready, Release, Run,
 from shmarray.errors import (KernelError, RemoteTraceback, TaskTimeoutError,
                              WorkerCrashedError, WorkerStartError)
 from shmarray.partition import Plan
+from shmarray.progress import ChunkProgress
 
 DEFAULT_START_METHOD = ("forkserver"
                         if "forkserver" in multiprocessing.get_all_start_methods()
@@ -336,7 +337,8 @@ class Pool:
 
     def run(self, kernel, arrays: tuple, args: tuple, halo: int, plan: Plan,
             want_values: bool, released: tuple[str, ...] = (),
-            timeout: float | None = None, dynamic: bool = False) -> list | None:
+            timeout: float | None = None, dynamic: bool = False,
+            progress: ChunkProgress | None = None) -> list | None:
         """Run ``kernel`` on every chunk of ``plan``.
 
         Static: each worker gets its group of chunks in one message.
@@ -371,6 +373,8 @@ class Pool:
         def on_reply(slot: Slot, reply) -> None:
             idx = inflight[slot].popleft()
             slot.tasks_run += 1
+            if progress is not None:
+                progress.update(len(idx))
             if type(reply) is Failed:
                 i = idx[reply.index]
                 problems.append((i, remote_exception(reply, slot.pid, chunks[i])))
@@ -389,7 +393,7 @@ class Pool:
             else:
                 for w, idx, _ in plan.groups:
                     send(self.slots[w], idx)
-            self._drive(inflight, seq, timeout, on_reply, crashed)
+            self._drive(inflight, seq, timeout, on_reply, crashed, progress)
         except BaseException:
             # Interrupted (Ctrl-C) or timed out: the busy workers may be deep
             # in a kernel.  Kill and replace them so nothing stale survives.
@@ -427,7 +431,8 @@ class Pool:
         return values
 
     def _drive(self, inflight: dict[Slot, collections.deque], seq: int,
-               timeout: float | None, on_reply, crashed: list) -> None:
+               timeout: float | None, on_reply, crashed: list,
+               progress: ChunkProgress | None = None) -> None:
         """Wait until no worker has a message in flight, handing each reply
         to ``on_reply`` (which may send more).  Appends to ``crashed`` each
         worker that died with work in flight, and that work."""
@@ -441,17 +446,22 @@ class Pool:
                 events = self._poller.poll(0)
                 if not events:
                     os.sched_yield()
-            elif deadline is None:
+            elif deadline is None and (progress is None or progress.wait() is None):
                 events = self._poller.poll()
             else:
-                if now >= deadline:
+                if deadline is not None and now >= deadline:
                     busy = [s.pid for s, q in inflight.items() if q]
                     raise TaskTimeoutError(
                         f"map did not finish within timeout={timeout} s; the "
                         f"workers still running (pids {sorted(busy)}) have "
                         f"been replaced. A numba loop cannot be interrupted, "
                         f"so they were killed.", timeout)
-                events = self._poller.poll(max(1, int((deadline - now) * 1000) + 1))
+                waits = [t for t in (None if deadline is None else deadline - now,
+                                     None if progress is None else progress.wait())
+                         if t is not None]
+                events = self._poller.poll(max(1, int(min(waits) * 1000) + 1))
+                if progress is not None:
+                    progress.tick()
             for fd, _ in events:
                 entry = self._by_fd.get(fd)
                 if entry is None:  # unwatched earlier in this batch of events

@@ -1,0 +1,196 @@
+"""``Engine.compare``: your kernel, sequential against the engine.
+
+Both sides run on copies of your arrays (private copies for the sequential
+run, shared copies for the engine), so your data is never touched; before
+each repetition both copies are reset from the originals, so a kernel that
+updates in place (``y += a*x``) does the same work on both sides every time.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import operator
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from shmarray.partition import split_rows
+
+
+@dataclass(repr=False)
+class Comparison:
+    """Timings and the equality check of one kernel, sequential vs engine."""
+    kernel: str
+    workers: int
+    schedule: str
+    chunks: int
+    kind: str                         # "map" or "reduce"
+    sequential_s: list[float]
+    engine_s: list[float]
+    nbytes: int                       # bytes of every array, counted once
+    identical: bool
+    mismatch: str = ""                # where the results first differ
+    max_abs_diff: float | None = None  # reduce: vs the whole-array result
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sequential_median(self) -> float:
+        return statistics.median(self.sequential_s)
+
+    @property
+    def engine_median(self) -> float:
+        return statistics.median(self.engine_s)
+
+    @property
+    def speedup(self) -> float:
+        return self.sequential_median / self.engine_median
+
+    @property
+    def efficiency(self) -> float:
+        """Speedup per worker (1.0 is ideal)."""
+        return self.speedup / self.workers
+
+    @property
+    def sequential_gbps(self) -> float:
+        return self.nbytes / self.sequential_median / 1e9
+
+    @property
+    def engine_gbps(self) -> float:
+        return self.nbytes / self.engine_median / 1e9
+
+    def rows(self) -> list[tuple[str, str]]:
+        check = "identical" if self.identical else f"DIFFERENT: {self.mismatch}"
+        out = [("kernel", f"{self.kernel} ({self.kind}, {self.chunks} chunks, "
+                          f"{self.schedule})"),
+               ("sequential (median)", f"{self.sequential_median * 1e3:.3f} ms"),
+               (f"engine, {self.workers} workers (median)",
+                f"{self.engine_median * 1e3:.3f} ms"),
+               ("speedup", f"{self.speedup:.2f}x"),
+               ("parallel efficiency", f"{self.efficiency:.0%}"),
+               ("GB/s (sequential / engine)",
+                f"{self.sequential_gbps:.2f} / {self.engine_gbps:.2f}"),
+               ("results", check)]
+        if self.max_abs_diff is not None:
+            out.append(("vs whole-array reduce", f"max abs diff {self.max_abs_diff:.3g}"))
+        out += [("note", n) for n in self.notes]
+        return out
+
+    def __str__(self) -> str:
+        width = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows())
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+                       for k, v in self.rows())
+        return f"<table>{body}</table>"
+
+    def plot(self, ax=None):
+        """Bar chart of the median times (matplotlib); returns the Axes."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("plot() needs matplotlib: pip install "
+                              "'shmarray[plot]'") from exc
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        labels = ["sequential", f"engine ({self.workers} workers)"]
+        times = [self.sequential_median * 1e3, self.engine_median * 1e3]
+        bars = ax.bar(labels, times, color=["#999999", "#1f77b4"])
+        ax.bar_label(bars, [f"{t:.2f} ms" for t in times])
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"{self.kernel}: {self.speedup:.2f}x"
+                     + ("" if self.identical else " (RESULTS DIFFER)"))
+        return ax
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
+    if a.shape != b.shape:
+        return f"shapes {a.shape} and {b.shape}"
+    bad = np.argwhere(~((a == b) | (np.isnan(a) & np.isnan(b))
+                        if a.dtype.kind in "fc" else a == b))
+    if not len(bad):
+        return ""
+    rows = np.unique(bad[:, 0]) if bad.ndim == 2 and bad.shape[1] else bad
+    first = tuple(int(i) for i in bad[0])
+    return (f"{len(bad)} element(s) differ, first at index {first} "
+            f"(sequential {a[first].item()!r}, engine {b[first].item()!r}); rows "
+            f"{', '.join(str(int(r)) for r in rows[:8])}"
+            f"{' ...' if len(rows) > 8 else ''}")
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
+
+
+def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
+            chunks=None, schedule: str = "static", repeat: int = 5,
+            reduce: bool = False, combine: Callable = operator.add) -> Comparison:
+    originals = [np.asarray(a) for a in arrays]
+    private = [a.copy() for a in originals]
+    shared = [eng.from_numpy(a) for a in originals]
+    run_args = tuple(args)
+    opts = dict(args=run_args, halo=halo, chunks=chunks, schedule=schedule)
+    seq_t, eng_t = [], []
+    seq_value = eng_value = None
+    try:
+        for r in range(max(int(repeat), 1) + 1):      # the first round warms up
+            for p, s, o in zip(private, shared, originals):
+                np.copyto(p, o)
+                np.copyto(s, o)
+            t0 = time.perf_counter()
+            seq_value = kernel(*private, *run_args)
+            t1 = time.perf_counter()
+            if reduce:
+                eng_value = eng.reduce(kernel, *shared, combine=combine, **opts)
+            else:
+                eng.map(kernel, *shared, **opts)
+            t2 = time.perf_counter()
+            if r:
+                seq_t.append(t1 - t0)
+                eng_t.append(t2 - t1)
+        n = originals[0].shape[0]
+        from shmarray.engine import DYNAMIC_CHUNKS_PER_WORKER
+        per_worker = DYNAMIC_CHUNKS_PER_WORKER if schedule == "dynamic" else 1
+        parts = split_rows(n, chunks, halo, default=per_worker * eng.workers)
+        result = Comparison(
+            kernel=getattr(kernel, "__name__", repr(kernel)), workers=eng.workers,
+            schedule=schedule, chunks=len(parts), kind="reduce" if reduce else "map",
+            sequential_s=seq_t, engine_s=eng_t,
+            nbytes=sum(a.nbytes for a in originals), identical=True)
+        if reduce:
+            # The engine combines per-chunk values in chunk order: the same
+            # computed sequentially, chunk by chunk, must match bit for bit.
+            expected = functools.reduce(combine, [
+                kernel(*[a[lo - halo:hi + halo] for a in originals], *run_args)
+                for lo, hi in parts])
+            result.identical = _equal(expected, eng_value)
+            if not result.identical:
+                result.mismatch = f"sequential by chunks {expected!r}, engine {eng_value!r}"
+            try:
+                result.max_abs_diff = float(np.max(np.abs(
+                    np.asarray(seq_value, dtype=float) - np.asarray(eng_value, dtype=float))))
+            except (TypeError, ValueError):
+                result.max_abs_diff = None
+        else:
+            for i, (p, s) in enumerate(zip(private, shared)):
+                diff = _first_difference(p, np.asarray(s))
+                if diff:
+                    result.identical = False
+                    result.mismatch = f"array {i}: {diff}"
+                    result.notes.append(
+                        "rows that differ at chunk edges usually mean a "
+                        "chunk-boundary bug: a stencil needs halo=, a kernel "
+                        "using its local index as a global one needs a rows array")
+                    break
+        return result
+    finally:
+        del shared
