@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numba
-import numpy as np
 
 import shmarray
 from workloads import TriadPair, interleaved, machine_info, noop, nothing
@@ -166,9 +164,9 @@ def main() -> int:
     fig["memory"] = memory_figure(2**27 if quick else 2**31)
 
     t, r, s, m = fig["triad"], fig["roundtrip"], fig["startup"], fig["memory"]
+    v = fig["machine"]["versions"]
     print(f"machine: {fig['machine']['cpu']}, {fig['machine']['usable_cpus']} CPUs, "
-          f"Python {fig['machine']['python']}, numba {fig['machine']['numba']} "
-          f"({fig['machine']['threading_layer']})")
+          f"Python {v['python']}, numba {v['numba']} ({fig['machine']['threading_layer']})")
     thp = fig["machine"]["transparent_hugepage"]
     print(f"transparent huge pages: anonymous [{thp['enabled']}], shmem [{thp['shmem_enabled']}]")
     print(f"triad {t['n']:,} float64   engine {t['engine_s'] * 1e3:7.2f} ms  "

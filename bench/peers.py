@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.reductions import combine_moments, histogram, moments
+from kernels.reductions import combine_moments, moments
 from kernels.stencils import heat_step, jacobi
+from shmarray.benchmark import bounds_for, histogram_parts, mandelbrot_prange
 
 
 @njit(parallel=True)
@@ -22,28 +23,6 @@ def jacobi_prange(out, inp):
         for j in range(1, m - 1):
             out[i, j] = 0.25 * (inp[i - 1, j] + inp[i + 1, j]
                                 + inp[i, j - 1] + inp[i, j + 1])
-
-
-@njit(parallel=True)
-def mandelbrot_prange(out, x0, dx, y0, dy, max_iter):
-    for i in prange(out.shape[0]):
-        ci = y0 + i * dy
-        for j in range(out.shape[1]):
-            cr = x0 + j * dx
-            zr, zi = 0.0, 0.0
-            k = 0
-            while k < max_iter and zr * zr + zi * zi <= 4.0:
-                zr, zi = zr * zr - zi * zi + cr, 2.0 * zr * zi + ci
-                k += 1
-            out[i, j] = k
-
-
-@njit(parallel=True)
-def _histogram_parts(x, bounds, lo, hi, nbins):
-    parts = np.zeros((bounds.shape[0] - 1, nbins), np.int64)
-    for t in prange(bounds.shape[0] - 1):
-        parts[t] = histogram(x[bounds[t]:bounds[t + 1]], lo, hi, nbins)
-    return parts
 
 
 @njit(parallel=True)
@@ -57,15 +36,13 @@ def _moment_parts(x, bounds):
     return n, mean, m2
 
 
-def bounds_for(n: int, parts: int) -> np.ndarray:
+def edges_for(n: int, parts: int) -> np.ndarray:
     """Row boundaries of ``parts`` equal chunks, as the engine splits them."""
-    base, extra = divmod(n, parts)
-    sizes = [base + (i < extra) for i in range(parts)]
-    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return np.array([lo for lo, _ in bounds_for(n, parts)] + [n], np.int64)
 
 
 def histogram_prange(x, lo, hi, nbins, threads):
-    parts = _histogram_parts(x, bounds_for(len(x), threads), lo, hi, nbins)
+    parts = histogram_parts(x, edges_for(len(x), threads), lo, hi, nbins)
     out = parts[0].copy()
     for p in parts[1:]:
         out = out + p
@@ -73,7 +50,7 @@ def histogram_prange(x, lo, hi, nbins, threads):
 
 
 def moments_prange(x, threads):
-    n, mean, m2 = _moment_parts(x, bounds_for(len(x), threads))
+    n, mean, m2 = _moment_parts(x, edges_for(len(x), threads))
     acc = (int(n[0]), float(mean[0]), float(m2[0]))
     for t in range(1, len(n)):
         acc = combine_moments(acc, (int(n[t]), float(mean[t]), float(m2[t])))

@@ -3,22 +3,17 @@ script, so both measure exactly the same thing."""
 
 from __future__ import annotations
 
-import gc
 import mmap
-import statistics
-import time
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from kernels.elementwise import triad
+from shmarray.benchmark import interleaved, machine, triad_prange
 
-
-@njit(parallel=True, cache=True)
-def triad_prange(a, b, c, s):
-    for i in prange(a.shape[0]):
-        a[i] = b[i] + s * c[i]
+__all__ = ["TriadPair", "interleaved", "machine_info", "noop", "nothing",
+           "small_pages_copy", "triad_prange"]
 
 
 @njit(cache=True)
@@ -89,39 +84,6 @@ class TriadPair:
         return bool(np.array_equal(self.a, self.pa) and np.array_equal(self.a, self.sa))
 
 
-def interleaved(fns: dict, repeat: int, inner: int = 1, pause: float = 0.0) -> dict:
-    """Median seconds per call of each function, measured in alternating
-    order round after round so drift on a shared machine hits all alike."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeat):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            fn = fns[name]
-            gc.disable()
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            elapsed = (time.perf_counter() - t0) / inner
-            gc.enable()
-            times[name].append(elapsed)
-            if pause:
-                time.sleep(pause)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def machine_info() -> dict:
-    """CPU model, usable CPUs, versions and page settings, for reports."""
-    import platform
-
-    import shmarray
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "usable_cpus": shmarray.pool.usable_cpus(),
-            "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "transparent_hugepage": huge_pages()}
+    """The report's machine description, plus the page settings."""
+    return {**machine(), "transparent_hugepage": huge_pages()}

@@ -70,7 +70,8 @@ def _jacobi_ref(out, inp):
                               + inp[1:-1, :-2] + inp[1:-1, 2:])
 
 
-def _heat_ref(out, inp, alpha):
+def heat_numpy(out, inp, alpha):
+    """One 2-D heat step in NumPy, the same arithmetic as ``heat_step``."""
     c = inp[1:-1, 1:-1]
     out[1:-1, 1:-1] = c + alpha * (inp[:-2, 1:-1] + inp[2:, 1:-1]
                                    + inp[1:-1, :-2] + inp[1:-1, 2:] - 4.0 * c)
@@ -104,25 +105,28 @@ def _life_ref(out, inp):
     out[1:-1, 1:-1] = (alive & ((live == 2) | (live == 3))) | (~alive & (live == 3))
 
 
-def _mandelbrot_ref(arrays, args):
-    out, rows = arrays
+def mandelbrot_numpy(shape, rows, args):
+    """Escape-time counts in NumPy, the same arithmetic as ``mandelbrot``."""
     x0, dx, y0, dy, max_iter = args
-    cr = x0 + np.arange(out.shape[1]) * dx
-    ci = y0 + rows.astype(np.float64) * dy
+    cr = x0 + np.arange(shape[1]) * dx
+    ci = y0 + np.asarray(rows).astype(np.float64) * dy
     cr, ci = np.broadcast_arrays(cr[None, :], ci[:, None])
     zr, zi = np.zeros_like(cr), np.zeros_like(cr)
-    counts = np.zeros(cr.shape, np.int64)
+    counts = np.zeros(cr.shape, np.int32)
     active = np.ones(cr.shape, bool)
     for _ in range(max_iter):
         active &= zr * zr + zi * zi <= 4.0
         if not active.any():
             break
-        zr_new = zr * zr - zi * zi + cr
-        zi_new = 2.0 * zr * zi + ci
-        zr = np.where(active, zr_new, zr)
-        zi = np.where(active, zi_new, zi)
+        zr, zi = (np.where(active, zr * zr - zi * zi + cr, zr),
+                  np.where(active, 2.0 * zr * zi + ci, zi))
         counts += active
-    return counts.astype(out.dtype)
+    return counts
+
+
+def _mandelbrot_ref(arrays, args):
+    out, rows = arrays
+    return mandelbrot_numpy(out.shape, rows, args).astype(out.dtype)
 
 
 def _pi_ref(arrays, args):
@@ -220,7 +224,7 @@ TABLE: tuple[KernelSpec, ...] = (
                reference=_stencil_ref(_jacobi_ref)),
     KernelSpec(st.heat_step, "map", arrays=("f2", "f2"), halo=1,
                inputs=lambda rng, n: ((_f64(rng, n, 37), _f64(rng, n, 37)), (0.2,)),
-               reference=_stencil_ref(_heat_ref)),
+               reference=_stencil_ref(heat_numpy)),
     KernelSpec(st.heat3d_step, "map", arrays=("f3", "f3"), halo=1, rtol=1e-14,
                inputs=lambda rng, n: ((_f64(rng, n, 9, 11), _f64(rng, n, 9, 11)), (0.1,)),
                reference=_stencil_ref(_heat3d_ref)),

@@ -2,11 +2,11 @@
 worker processes that runs numba kernels on them in place."""
 
 from shmarray.compare import Comparison
-from shmarray.engine import Engine
-from shmarray.errors import (EngineClosedError, KernelError, RemoteTraceback,
-                             SharedMemoryFullError, ShmarrayError,
-                             TaskTimeoutError, WorkerCrashedError,
-                             WorkerStartError)
+from shmarray.engine import Engine, MapFuture
+from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
+                             RemoteTraceback, SharedMemoryFullError,
+                             ShmarrayError, TaskTimeoutError,
+                             WorkerCrashedError, WorkerStartError)
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ from shmarray.progress import steps
 
 __all__ = [
     "Engine",
+    "MapFuture",
     "Comparison",
     "steps",
     "ShmarrayError",
@@ -21,6 +22,7 @@ __all__ = [
     "SharedMemoryFullError",
     "WorkerCrashedError",
     "TaskTimeoutError",
+    "MapCancelledError",
     "WorkerStartError",
     "KernelError",
     "RemoteTraceback",

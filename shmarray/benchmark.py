@@ -35,6 +35,7 @@ from kernels.elementwise import triad
 from kernels.irregular import mandelbrot
 from kernels.reductions import histogram
 from kernels.stencils import heat_step
+from kernels.table import heat_numpy, mandelbrot_numpy
 
 METHODS = ("numpy", "numba", "prange", "process_pool", "joblib", "dask_threads", "shmarray")
 SEQUENTIAL = ("numpy", "numba")
@@ -62,7 +63,7 @@ def triad_prange(a, b, c, s):
 
 
 @njit(parallel=True)
-def _hist_parts(x, bounds, lo, hi, nbins):
+def histogram_parts(x, bounds, lo, hi, nbins):
     parts = np.zeros((bounds.shape[0] - 1, nbins), np.int64)
     for t in prange(bounds.shape[0] - 1):
         parts[t] = histogram(x[bounds[t]:bounds[t + 1]], lo, hi, nbins)
@@ -158,30 +159,6 @@ def bounds_for(n: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def heat_numpy_step(out, inp, alpha):
-    c = inp[1:-1, 1:-1]
-    out[1:-1, 1:-1] = c + alpha * (inp[:-2, 1:-1] + inp[2:, 1:-1]
-                                   + inp[1:-1, :-2] + inp[1:-1, 2:] - 4.0 * c)
-
-
-def mandelbrot_numpy(height, width, args):
-    x0, dx, y0, dy, max_iter = args
-    cr = (x0 + np.arange(width) * dx)[None, :]
-    ci = (y0 + np.arange(height) * dy)[:, None]
-    cr, ci = np.broadcast_arrays(cr, ci)
-    zr, zi = np.zeros(cr.shape), np.zeros(cr.shape)
-    counts = np.zeros(cr.shape, np.int32)
-    active = np.ones(cr.shape, bool)
-    for _ in range(max_iter):
-        active &= zr * zr + zi * zi <= 4.0
-        if not active.any():
-            break
-        zr, zi = (np.where(active, zr * zr - zi * zi + cr, zr),
-                  np.where(active, 2.0 * zr * zi + ci, zi))
-        counts += active
-    return counts
-
-
 # -- methods -----------------------------------------------------------------
 
 class Pools:
@@ -254,7 +231,7 @@ def histogram_runners(d, pools):
     w = pools.workers
     parts = bounds_for(n, w)
     edges = np.array([p[0] for p in parts] + [n], np.int64)
-    out = {"prange": lambda: _hist_parts(x, edges, lo, hi, nbins).sum(axis=0)}
+    out = {"prange": lambda: histogram_parts(x, edges, lo, hi, nbins).sum(axis=0)}
     out["process_pool"] = lambda: sum(pools.ppe.map(
         hist_chunk, [x[a:b] for a, b in parts], [lo] * w, [hi] * w, [nbins] * w))
     from joblib import delayed
@@ -296,7 +273,7 @@ def heat_runners(d, pools):
         return run
 
     if pools is None:
-        return {"numpy": loop(lambda o, i: heat_numpy_step(o, i, ALPHA), u.copy(), u.copy()),
+        return {"numpy": loop(lambda o, i: heat_numpy(o, i, ALPHA), u.copy(), u.copy()),
                 "numba": loop(lambda o, i: heat_step(o, i, ALPHA), u.copy(), u.copy())}
     w = pools.workers
     parts = bounds_for(n - 2, w)
@@ -342,7 +319,7 @@ def mandelbrot_runners(d, pools):
     if pools is None:
         img = np.zeros((h, w), np.int32)
         rows = np.arange(h)
-        return {"numpy": lambda: mandelbrot_numpy(h, w, args),
+        return {"numpy": lambda: mandelbrot_numpy((h, w), rows, args),
                 "numba": lambda: (mandelbrot(img, rows, *args), img)[1]}
     k = pools.workers
     img2 = np.zeros((h, w), np.int32)
@@ -410,17 +387,21 @@ def nbytes_moved(workload: str, d: dict) -> int | None:
 
 # -- measuring -----------------------------------------------------------------
 
-def interleaved(fns: dict[str, Callable], repeat: int, pause: float = 0.0) -> dict[str, float]:
-    """Median seconds of each function over ``repeat`` rounds in which their
-    order alternates, so drift on a shared machine hits all of them alike."""
+def interleaved(fns: dict[str, Callable], repeat: int, pause: float = 0.0,
+                inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function over ``repeat`` rounds (of
+    ``inner`` calls each) in which their order alternates, so drift on a
+    shared machine hits all of them alike."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeat):
         for name in (names if r % 2 == 0 else names[::-1]):
+            fn = fns[name]
             gc.disable()
             t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner)
             gc.enable()
             if pause:
                 time.sleep(pause)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import cloudpickle
 
-from shmarray.blocks import BlockTable, address_of
+from shmarray.blocks import BlockTable
 
 
 def byte_extent(shape: tuple[int, ...], strides: tuple[int, ...],

@@ -2,36 +2,167 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import math
 import numbers
 import operator
 import os
+import queue
 import threading
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from shmarray.blocks import Block, BlockTable
 from shmarray.descriptors import ArrayDescriptor, describe
-from shmarray.errors import EngineClosedError
+from shmarray.errors import EngineClosedError, MapCancelledError
 from shmarray.partition import coerce_halo, plan
-from shmarray.pool import Pool, usable_cpus
+from shmarray.pool import MapAborted, Pool, usable_cpus
 from shmarray.progress import ChunkProgress
 
 
+class _Job(NamedTuple):
+    """One checked map or reduce, ready to run."""
+    kernel: Callable
+    arrays: tuple            # the caller's arrays: kept alive until the job ends
+    descriptors: tuple
+    args: tuple
+    halo: int
+    chunks: Any
+    timeout: float | None
+    dynamic: bool
+    progress: bool | None
+    want_values: bool
+    combine: Callable | None
+
+
+class MapFuture(concurrent.futures.Future):
+    """The future of a submitted map or reduce.
+
+    ``cancel()`` works while the job is queued, as for any Future, and also
+    while it runs: the workers busy with it (maybe deep in a numba loop) are
+    killed and replaced, and the future ends with ``MapCancelledError`` (a
+    ``concurrent.futures.CancelledError``).
+    """
+
+    def __init__(self, interrupt: Callable[[], None]):
+        super().__init__()
+        self.abort = threading.Event()
+        self._interrupt = interrupt
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        if self.running():
+            self.abort.set()
+            self._interrupt()
+            return True
+        return False
+
+
 class _State:
-    """What the engine's safety nets need, with no reference to the Engine,
-    so a finalizer or atexit hook never keeps the engine alive."""
+    """Everything an engine owns, with no reference to the Engine itself,
+    so a finalizer or atexit hook never keeps the engine alive.
+
+    Maps run one at a time under ``lock``.  Submitted jobs run in submission
+    order on one dispatcher thread, started on first use.
+    """
 
     def __init__(self, pool: Pool, table: BlockTable):
         self.pool = pool
         self.table = table
+        self.lock = threading.Lock()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.dispatcher: threading.Thread | None = None
+        self.current: MapFuture | None = None
+        self.stopping = False
+
+    def execute(self, job: _Job, abort: threading.Event | None = None) -> Any:
+        with self.lock:
+            n_workers = len(self.pool.slots)
+            chunks = job.chunks
+            if chunks is None and job.dynamic:
+                chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
+            where = plan(job.arrays[0].shape[0], chunks, job.halo, n_workers)
+            bar = (None if job.progress is False else
+                   ChunkProgress(len(where.chunks), job.progress,
+                                 getattr(job.kernel, "__name__", "map")))
+            try:
+                values = self.pool.run(
+                    job.kernel, job.descriptors, job.args, job.halo, where,
+                    job.want_values, self.table.take_released(), job.timeout,
+                    job.dynamic, bar, abort)
+            finally:
+                if bar is not None:
+                    bar.close()
+        return None if job.combine is None else functools.reduce(job.combine, values)
+
+    def submit(self, job: _Job) -> MapFuture:
+        future = MapFuture(self.pool.interrupt)
+        with self.lock:
+            if self.stopping:
+                raise EngineClosedError("this Engine is closing; create a new one.")
+            if self.dispatcher is None:
+                self.dispatcher = threading.Thread(
+                    target=self._dispatch, name="shmarray-dispatcher", daemon=True)
+                self.dispatcher.start()
+        self.jobs.put((future, job))
+        return future
+
+    def _dispatch(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            future, job = item
+            del item
+            if not future.set_running_or_notify_cancel():
+                del future, job              # release the caller's arrays now
+                continue
+            self.current = future
+            try:
+                future.set_result(self.execute(job, future.abort))
+            except MapAborted:
+                future.set_exception(MapCancelledError(
+                    "the map was cancelled while running; its workers were "
+                    "replaced"))
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                self.current = None
+                del future, job              # release the caller's arrays now
+
+    def stop_dispatcher(self) -> None:
+        """Cancel queued jobs, abort the running one, end the thread."""
+        self.stopping = True
+        dispatcher, self.dispatcher = self.dispatcher, None
+        if dispatcher is None:
+            return
+        while True:
+            try:
+                item = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        current = self.current
+        if current is not None:
+            current.cancel()
+        self.jobs.put(None)
+        if dispatcher is not threading.current_thread():
+            dispatcher.join(30.0)
 
     def shutdown(self) -> None:
+        try:
+            self.stop_dispatcher()
+        except Exception as exc:
+            warnings.warn(f"shmarray: stopping the dispatcher failed: {exc!r}",
+                          RuntimeWarning, stacklevel=2)
         # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
         try:
             self.table.close()
@@ -62,7 +193,10 @@ class Engine:
     at interpreter exit.  Arrays still held after ``close()`` stay readable;
     their memory is freed with the last reference.
 
-    ``map``/``reduce`` calls from several threads run one at a time.
+    Thread safety: every method may be called from any thread.  Maps and
+    reductions run one at a time per engine; ``submit``/``map_async`` jobs
+    run in submission order, and a blocking ``map`` from another thread
+    waits for the map in progress, so it may run between two submitted ones.
     """
 
     _state: _State | None = None          # close() is safe after a failed __init__
@@ -75,7 +209,6 @@ class Engine:
         n_workers = coerce_workers(workers)
         max_tasks = coerce_max_tasks(max_tasks_per_worker)
         self._owner = os.getpid()
-        self._lock = threading.Lock()
         pool = Pool(n_workers, start_method, startup_timeout, max_tasks)
         self._state = _State(pool, BlockTable())
         self._finalizer = weakref.finalize(self, _State.shutdown, self._state)
@@ -148,7 +281,7 @@ class Engine:
             raise ValueError(f"order must be 'C' or 'F'; got {order!r} instead.")
         released = state.table.take_released()
         if released:  # let workers unmap dead blocks before asking for more
-            with self._lock:
+            with state.lock:
                 state.pool.release(released)
         buf = state.table.allocate(math.prod(shape) * dtype.itemsize)
         return np.ndarray(shape, dtype, buffer=buf, order=order)
@@ -185,8 +318,9 @@ class Engine:
         Mandelbrot rows).  ``progress``: a bar of chunks completed; None
         (the default) shows it only if the map runs longer than a second.
         """
-        self._run(kernel, arrays, args, halo, chunks, timeout, schedule,
-                  progress, want_values=False)
+        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
+                                   schedule, progress, None)
+        state.execute(job)
 
     def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
@@ -195,13 +329,9 @@ class Engine:
         """Like ``map``, but the kernel returns a value per chunk; the values
         are combined in chunk order, so the result is deterministic for a
         given ``chunks`` (with either schedule)."""
-        if not callable(combine):
-            raise TypeError(
-                f"combine must be a callable taking two partial results "
-                f"(default operator.add); got {combine!r} instead.")
-        values = self._run(kernel, arrays, args, halo, chunks, timeout,
-                           schedule, progress, want_values=True)
-        return functools.reduce(combine, values)
+        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
+                                   schedule, progress, check_combine(combine))
+        return state.execute(job)
 
     def compare(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                 halo: int = 0, chunks=None, schedule: str = "static",
@@ -225,8 +355,9 @@ class Engine:
                        schedule=schedule, repeat=repeat, reduce=reduce,
                        combine=combine)
 
-    def _run(self, kernel, arrays, args, halo, chunks, timeout, schedule,
-             progress, want_values):
+    def _prepare(self, kernel, arrays, args, halo, chunks, timeout, schedule,
+                 progress, combine) -> tuple[_State, _Job]:
+        """Check everything in the caller's thread, before anything is sent."""
         state = self._live()
         check_kernel(kernel)
         descriptors = describe_arrays(arrays, state.table)
@@ -237,21 +368,46 @@ class Engine:
         if progress not in (None, True, False):
             raise TypeError(f"progress must be True, False or None (show after "
                             f"about a second); got {progress!r} instead.")
-        with self._lock:
-            n_workers = len(state.pool.slots)
-            if chunks is None and dynamic:
-                chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
-            where = plan(arrays[0].shape[0], chunks, halo, n_workers)
-            bar = (None if progress is False else
-                   ChunkProgress(len(where.chunks), progress,
-                                 getattr(kernel, "__name__", "map")))
-            try:
-                return state.pool.run(kernel, descriptors, extra, halo, where,
-                                      want_values, state.table.take_released(),
-                                      timeout, dynamic, bar)
-            finally:
-                if bar is not None:
-                    bar.close()
+        plan(arrays[0].shape[0], chunks, halo, len(state.pool.slots))  # checks both
+        return state, _Job(kernel, arrays, descriptors, extra, halo, chunks,
+                           timeout, dynamic, progress, combine is not None, combine)
+
+    # -- non-blocking ------------------------------------------------------
+
+    def submit(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
+               halo: int = 0, chunks=None, timeout: float | None = None,
+               schedule: str = "static", progress: bool | None = False) -> MapFuture:
+        """Start ``map(kernel, *arrays, ...)`` and return at once with a
+        ``concurrent.futures.Future`` (result None).
+
+        Arguments are checked here, in the caller.  Submitted maps run one at
+        a time, in submission order, on the engine's dispatcher thread;
+        ``future.cancel()`` also stops a running one (its workers are killed
+        and replaced).  The arrays stay alive until the map ends.
+        """
+        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
+                                   schedule, progress, None)
+        return state.submit(job)
+
+    def submit_reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
+                      combine: Callable[[Any, Any], Any] = operator.add,
+                      halo: int = 0, chunks=None, timeout: float | None = None,
+                      schedule: str = "static",
+                      progress: bool | None = False) -> MapFuture:
+        """``submit`` for ``reduce``: the future's result is the combined value."""
+        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
+                                   schedule, progress, check_combine(combine))
+        return state.submit(job)
+
+    async def map_async(self, kernel: Callable, *arrays: np.ndarray, **options) -> None:
+        """``await eng.map_async(kernel, *arrays, ...)``: ``map`` for asyncio
+        code (same arguments).  The event loop stays free while the workers
+        run; cancelling the task stops the map."""
+        await asyncio.wrap_future(self.submit(kernel, *arrays, **options))
+
+    async def reduce_async(self, kernel: Callable, *arrays: np.ndarray, **options) -> Any:
+        """``reduce`` for asyncio code (same arguments)."""
+        return await asyncio.wrap_future(self.submit_reduce(kernel, *arrays, **options))
 
 
 # Enough chunks that the last one to finish is short, few enough that the
@@ -381,6 +537,14 @@ def coerce_schedule(schedule: object) -> bool:
             f"every call) or 'dynamic' (chunks to whichever worker is free); "
             f"got {schedule!r} instead.")
     return schedule == "dynamic"
+
+
+def check_combine(combine: object) -> Callable:
+    if not callable(combine):
+        raise TypeError(
+            f"combine must be a callable taking two partial results "
+            f"(default operator.add); got {combine!r} instead.")
+    return combine
 
 
 def check_kernel(kernel: object) -> None:

@@ -7,6 +7,8 @@ original type, and the worker's traceback rides along as ``__cause__``
 
 from __future__ import annotations
 
+import concurrent.futures
+
 
 class ShmarrayError(Exception):
     """Base class of every error shmarray raises on its own account."""
@@ -52,6 +54,10 @@ class TaskTimeoutError(ShmarrayError, TimeoutError):
 
     def __reduce__(self):
         return type(self), (str(self), self.timeout)
+
+
+class MapCancelledError(ShmarrayError, concurrent.futures.CancelledError):
+    """A submitted map was cancelled while it ran; its workers were replaced."""
 
 
 class WorkerStartError(ShmarrayError):

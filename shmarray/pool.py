@@ -42,6 +42,7 @@ import os
 import pickle
 import select
 import signal
+import threading
 import time
 from typing import Any
 
@@ -67,6 +68,10 @@ DEFAULT_START_METHOD = ("forkserver"
 # workers, a map of two tiny chunks: 250 us with no polling on either side,
 # 180 us polling without yielding, 105 us with this and worker.SPIN.
 SPIN = 300e-6
+
+
+class MapAborted(Exception):
+    """Raised inside Pool.run when a running map is cancelled."""
 
 
 def usable_cpus() -> int:
@@ -216,6 +221,7 @@ class Pool:
     slots: list[Slot] = []          # so close() works after a failed __init__
     _watchdog = None
     _lifeline = None
+    _wake_r = _wake_w = -1
 
     def __init__(self, n_workers: int, start_method: str | None = None,
                  startup_timeout: float = 120.0, max_tasks: int | None = None):
@@ -229,7 +235,13 @@ class Pool:
         # One poller for every worker's results pipe and process sentinel,
         # kept across calls: building a selector per wait cost 40 us a map.
         self._poller = select.poll()
-        self._by_fd: dict[int, tuple[Slot, bool]] = {}
+        self._by_fd: dict[int, tuple[Slot | None, bool]] = {}
+        # A pipe that interrupt() writes to, to wake a wait from another thread.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._by_fd[self._wake_r] = (None, False)
         self.slots = []
         try:
             self._start_watchdog()
@@ -338,7 +350,8 @@ class Pool:
     def run(self, kernel, arrays: tuple, args: tuple, halo: int, plan: Plan,
             want_values: bool, released: tuple[str, ...] = (),
             timeout: float | None = None, dynamic: bool = False,
-            progress: ChunkProgress | None = None) -> list | None:
+            progress: ChunkProgress | None = None,
+            abort: threading.Event | None = None) -> list | None:
         """Run ``kernel`` on every chunk of ``plan``.
 
         Static: each worker gets its group of chunks in one message.
@@ -393,7 +406,7 @@ class Pool:
             else:
                 for w, idx, _ in plan.groups:
                     send(self.slots[w], idx)
-            self._drive(inflight, seq, timeout, on_reply, crashed, progress)
+            self._drive(inflight, seq, timeout, on_reply, crashed, progress, abort)
         except BaseException:
             # Interrupted (Ctrl-C) or timed out: the busy workers may be deep
             # in a kernel.  Kill and replace them so nothing stale survives.
@@ -432,7 +445,8 @@ class Pool:
 
     def _drive(self, inflight: dict[Slot, collections.deque], seq: int,
                timeout: float | None, on_reply, crashed: list,
-               progress: ChunkProgress | None = None) -> None:
+               progress: ChunkProgress | None = None,
+               abort: threading.Event | None = None) -> None:
         """Wait until no worker has a message in flight, handing each reply
         to ``on_reply`` (which may send more).  Appends to ``crashed`` each
         worker that died with work in flight, and that work."""
@@ -441,6 +455,8 @@ class Pool:
         spin_until = now + SPIN
         dead_idle = []
         while any(inflight.values()) and not crashed:
+            if abort is not None and abort.is_set():
+                raise MapAborted()
             now = time.monotonic()
             if now < spin_until:
                 events = self._poller.poll(0)
@@ -467,6 +483,9 @@ class Pool:
                 if entry is None:  # unwatched earlier in this batch of events
                     continue
                 slot, is_sentinel = entry
+                if slot is None:   # interrupt(): the abort flag is checked above
+                    self._drain_wake()
+                    continue
                 if not inflight.get(slot):
                     if is_sentinel:  # an idle worker died: replace it later
                         self._unwatch(slot)
@@ -489,6 +508,21 @@ class Pool:
                     on_reply(slot, reply)
         for slot in dead_idle:
             self._replace(slot)
+
+    def interrupt(self) -> None:
+        """Wake a map waiting in another thread (it then checks its abort
+        flag).  Safe to call from any thread."""
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass           # already pending, or the pool is closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
 
     def _forget(self, keys: list[int]) -> None:
         for slot in self.slots:
@@ -531,6 +565,12 @@ class Pool:
         if self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
 
 
 def remote_exception(reply: Failed, pid: int, rows: tuple[int, int]) -> BaseException:

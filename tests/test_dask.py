@@ -1,0 +1,135 @@
+"""shmarray.dask: the same kernels on a Dask cluster (a LocalCluster with
+worker processes on loopback), bit-identical to the local engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import shmarray
+import shmarray.dask as sd
+from kernels.elementwise import triad
+from kernels.reductions import combine_moments, histogram, moments, total
+from kernels.stencils import heat_step, jacobi
+
+distributed = pytest.importorskip("distributed")
+
+
+def local_cluster():
+    """Two worker processes on loopback, as on a small cluster."""
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1", dashboard_address=":0",
+                                    silence_logs=50)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_cluster() as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def eng():
+    with shmarray.Engine(workers=2) as engine:
+        yield engine
+
+
+CASES = {   # halo -> (kernel, args, arrays of 101 rows)
+    0: (triad, (3.0,), lambda rng: (np.zeros(101), rng.random(101), rng.random(101))),
+    1: (heat_step, (0.2,), lambda rng: 2 * (rng.random((101, 23)),)),
+}
+
+
+@pytest.mark.parametrize("chunks", [None, 1, 3, "sizes"])
+@pytest.mark.parametrize("halo", [0, 1])
+def test_map_matches_the_local_engine_bit_for_bit(client, eng, chunks, halo):
+    kernel, args, make = CASES[halo]
+    arrays = make(np.random.default_rng(0))
+    if chunks == "sizes":
+        chunks = (10, 40, 51 - 2 * halo)            # the interior rows, split
+    local = [eng.from_numpy(a) for a in arrays]
+    eng.map(kernel, *local, args=args, halo=halo, chunks=chunks)
+    remote = sd.map(kernel, *arrays, args=args, halo=halo, chunks=chunks).compute()
+    assert np.array_equal(remote, local[0])
+    del local
+
+
+def test_map_takes_dask_arrays_and_iterates(client, eng):
+    import dask.array as da
+    u = np.random.default_rng(1).random((64, 64))
+    a, b = eng.from_numpy(u), eng.from_numpy(u)
+    cur = da.from_array(u, chunks=(16, 64))
+    for _ in range(5):
+        eng.map(jacobi, b, a, halo=1, chunks=(15, 16, 16, 15))
+        a, b = b, a
+        cur = sd.map(jacobi, cur, cur, halo=1).persist()
+    assert cur.chunks[0] == (16, 16, 16, 16)
+    assert np.array_equal(cur.compute(), a)
+    del a, b
+
+
+@pytest.mark.parametrize("halo", [0, 2])
+@pytest.mark.parametrize("chunks", [1, 4, 7])
+def test_reduce_matches_the_local_engine_bit_for_bit(client, eng, halo, chunks):
+    x = np.random.default_rng(2).standard_normal(10_001) * 100
+    X = eng.from_numpy(x)
+    assert sd.reduce(total, x, halo=halo, chunks=chunks) == eng.reduce(
+        total, X, halo=halo, chunks=chunks)
+    assert sd.reduce(moments, x, combine=combine_moments, chunks=chunks) == eng.reduce(
+        moments, X, combine=combine_moments, chunks=chunks)
+    assert np.array_equal(sd.reduce(histogram, x, args=(-300.0, 300.0, 32), chunks=chunks),
+                          eng.reduce(histogram, X, args=(-300.0, 300.0, 32), chunks=chunks))
+    del X
+
+
+def test_reduce_combines_in_chunk_order(client):
+    rows = np.arange(20)
+    assert sd.reduce(lambda r: (int(r[0]),), rows, chunks=5) == (0, 4, 8, 12, 16)
+    assert sd.reduce(lambda r: (int(r[0]),), rows, chunks=5,
+                     combine=lambda a, b: b + a) == (16, 12, 8, 4, 0)
+
+
+def test_bad_arguments(client):
+    with pytest.raises(ValueError, match="same length"):
+        sd.map(triad, np.zeros(3), np.zeros(4), np.zeros(3), args=(1.0,))
+    with pytest.raises(TypeError, match="args must be a tuple"):
+        sd.map(triad, np.zeros(3), np.zeros(3), np.zeros(3), args=1.0)
+    with pytest.raises(ValueError, match="halo=3 needs"):
+        sd.map(heat_step, np.zeros((4, 4)), np.zeros((4, 4)), args=(0.1,), halo=3)
+    with pytest.raises(TypeError, match="dask or NumPy"):
+        sd.map(triad, [0.0], [0.0], [0.0], args=(1.0,))
+
+
+def slow_double(out, inp):
+    time.sleep(0.05)
+    out[...] = 2 * inp
+
+
+@pytest.mark.breaks_things
+def test_a_killed_dask_worker_is_retried_or_reported():
+    # A cluster of its own: the nanny restarts the victim, and everything
+    # it starts must be gone when the test ends.
+    with local_cluster() as cluster, distributed.Client(cluster) as client:
+        x = np.arange(400.0).reshape(40, 10)
+        lazy = sd.map(slow_double, np.zeros_like(x), x, chunks=40)
+        future = client.compute(lazy)
+        time.sleep(0.5)
+        victim = next(iter(client.run(os.getpid).values()))
+        os.kill(victim, signal.SIGKILL)
+        try:
+            result = future.result(timeout=120)
+        except distributed.KilledWorker as exc:    # Dask gave up: a clear error
+            assert "slow_double" in str(exc)
+        else:
+            assert np.array_equal(result, 2 * x)     # Dask retried the lost tasks
+
+
+def test_row_chunks_matches_engine_chunks():
+    assert sd.row_chunks(10, 2, 0) == (5, 5)
+    assert sd.row_chunks(10, 2, 1) == (5, 5)
+    assert sd.row_chunks(10, (2, 6), 1) == (3, 7)
+    assert sum(sd.row_chunks(1000, None, 3)) == 1000
