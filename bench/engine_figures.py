@@ -80,6 +80,20 @@ MEMORY = textwrap.dedent("""
 """)
 
 
+def task_bytes_figure() -> dict:
+    """Pickled bytes of one Run message (3 arrays, 2 chunks) by array size."""
+    from shmarray.descriptors import Run, describe, encode
+    out = {}
+    with shmarray.Engine(workers=1) as eng:
+        for n in (10, 10_000_000):
+            arrays = [eng.zeros(n) for _ in range(3)]
+            msg = Run(1, 1, tuple(describe(a, eng._state.table) for a in arrays),
+                      (2.5,), 0, ((0, n // 2), (n // 2, n)), False)
+            out[str(n)] = len(encode(msg))
+            del arrays
+    return out
+
+
 def _wall(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
@@ -162,6 +176,7 @@ def main() -> int:
     fig["roundtrip"] = roundtrip_figure(batches=5 if quick else 21, inner=200)
     fig["startup"] = startup_figure(runs=2 if quick else 5)
     fig["memory"] = memory_figure(2**27 if quick else 2**31)
+    fig["task_bytes"] = task_bytes_figure()
 
     t, r, s, m = fig["triad"], fig["roundtrip"], fig["startup"], fig["memory"]
     v = fig["machine"]["versions"]
@@ -184,6 +199,8 @@ def main() -> int:
           f"{m['coordinator_beyond_array_bytes'] / 1e6:.1f} MB "
           f"({m['coordinator_beyond_array_pct']:.2f}%, target <= 5%)  worker USS "
           f"{', '.join(f'{u:.1f}' for u in m['worker_uss_MB'])} MB (target < 100)")
+    print("bytes per task (3 arrays, 2 chunks): " + ", ".join(
+        f"{int(n):,} elements: {b}" for n, b in fig["task_bytes"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(fig, f, indent=2)
