@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 
-from shmarray.partition import split_rows
 
 
 @dataclass(repr=False)
@@ -157,10 +156,9 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
             if r:
                 seq_t.append(t1 - t0)
                 eng_t.append(t2 - t1)
-        n = originals[0].shape[0]
-        from shmarray.engine import DYNAMIC_CHUNKS_PER_WORKER
-        per_worker = DYNAMIC_CHUNKS_PER_WORKER if schedule == "dynamic" else 1
-        parts = split_rows(n, chunks, halo, default=per_worker * eng.workers)
+        from shmarray.engine import plan_for
+        parts = plan_for(originals[0].shape[0], chunks, halo, eng.workers,
+                         schedule == "dynamic").chunks
         result = Comparison(
             kernel=getattr(kernel, "__name__", repr(kernel)), workers=eng.workers,
             schedule=schedule, chunks=len(parts), kind="reduce" if reduce else "map",

@@ -21,7 +21,7 @@ import numpy as np
 from shmarray.blocks import Block, BlockTable
 from shmarray.descriptors import ArrayDescriptor, describe
 from shmarray.errors import EngineClosedError, MapCancelledError
-from shmarray.partition import coerce_halo, plan
+from shmarray.partition import Plan, coerce_halo, plan
 from shmarray.pool import MapAborted, Pool, usable_cpus
 from shmarray.progress import ChunkProgress
 
@@ -33,7 +33,7 @@ class _Job(NamedTuple):
     descriptors: tuple
     args: tuple
     halo: int
-    chunks: Any
+    plan: Plan               # chunks and the worker of each
     timeout: float | None
     dynamic: bool
     progress: bool | None
@@ -84,17 +84,12 @@ class _State:
 
     def execute(self, job: _Job, abort: threading.Event | None = None) -> Any:
         with self.lock:
-            n_workers = len(self.pool.slots)
-            chunks = job.chunks
-            if chunks is None and job.dynamic:
-                chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
-            where = plan(job.arrays[0].shape[0], chunks, job.halo, n_workers)
             bar = (None if job.progress is False else
-                   ChunkProgress(len(where.chunks), job.progress,
+                   ChunkProgress(len(job.plan.chunks), job.progress,
                                  getattr(job.kernel, "__name__", "map")))
             try:
                 values = self.pool.run(
-                    job.kernel, job.descriptors, job.args, job.halo, where,
+                    job.kernel, job.descriptors, job.args, job.halo, job.plan,
                     job.want_values, self.table.take_released(), job.timeout,
                     job.dynamic, bar, abort)
             finally:
@@ -368,8 +363,9 @@ class Engine:
         if progress not in (None, True, False):
             raise TypeError(f"progress must be True, False or None (show after "
                             f"about a second); got {progress!r} instead.")
-        plan(arrays[0].shape[0], chunks, halo, len(state.pool.slots))  # checks both
-        return state, _Job(kernel, arrays, descriptors, extra, halo, chunks,
+        where = plan_for(arrays[0].shape[0], chunks, halo, len(state.pool.slots),
+                         dynamic)                  # also checks chunks and halo
+        return state, _Job(kernel, arrays, descriptors, extra, halo, where,
                            timeout, dynamic, progress, combine is not None, combine)
 
     # -- non-blocking ------------------------------------------------------
@@ -413,6 +409,15 @@ class Engine:
 # Enough chunks that the last one to finish is short, few enough that the
 # ~70 us per chunk stays small against real work.
 DYNAMIC_CHUNKS_PER_WORKER = 8
+
+
+def plan_for(n_rows: int, chunks: object, halo: int, n_workers: int,
+             dynamic: bool) -> Plan:
+    """The chunks a map will use: ``chunks`` as given, else one per worker
+    (static) or DYNAMIC_CHUNKS_PER_WORKER per worker (dynamic)."""
+    if chunks is None and dynamic:
+        chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
+    return plan(n_rows, chunks, halo, n_workers)
 
 
 # -- argument checks: small, pure, run before anything is sent -------------
