@@ -273,6 +273,9 @@ class BlockTable:
             block = self._blocks[self._starts[i]]
             return block if hi <= block.address + block.size else None
 
+    def has_released(self) -> bool:
+        return bool(self._released)
+
     def take_released(self) -> tuple[str, ...]:
         """Names unlinked since the last call: workers should unmap them."""
         out = []

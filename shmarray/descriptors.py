@@ -140,40 +140,55 @@ def load_kernel(payload: bytes) -> Any:
 
 
 # -- Messages ---------------------------------------------------------------
+# Pipes carry what is rare or large; a map itself is rung through the
+# control block (``shmarray.control``).  Every message to a worker is
+# counted, and a ring names how many came before it, so a worker never runs
+# a job before its definition has arrived.  An empty frame wakes a sleeper
+# and counts for nothing.
+#
 # Coordinator -> worker
 
 class Install(NamedTuple):
-    """Keep this kernel under ``key`` for later Run messages."""
+    """Keep this kernel under ``key`` for later jobs."""
     key: int
     payload: bytes
 
 
-class Forget(NamedTuple):
-    """Drop kernel ``key``."""
-    key: int
-
-
-class Release(NamedTuple):
-    """These blocks were unlinked: unmap them."""
-    names: tuple[str, ...]
-
-
-class Run(NamedTuple):
-    """Run kernel ``key`` on ``chunks``, each a (lo, hi) of interior rows.
+class Define(NamedTuple):
+    """Job ``job``: kernel ``kernel`` over ``arrays`` with ``args``, on
+    ``chunks`` (this worker's, or every chunk for a dynamic job).
 
     Every array in ``arrays`` is passed as rows [lo - halo, hi + halo);
-    descriptors inside ``args`` are passed whole.  ``arrays`` arrive in the
-    worker as ``ArrayDescriptor.wire`` tuples: building six-field frozen
-    dataclasses on every call cost 3 us each, and the worker only needs one
-    on a cache miss.
+    descriptors inside ``args`` are passed whole.  ``indices`` are the
+    chunks' positions in the whole map, for values and errors.  Arrays
+    travel as ``ArrayDescriptor.wire`` tuples.
     """
-    seq: int
-    key: int
-    arrays: tuple[ArrayDescriptor, ...]
+    job: int
+    kernel: int
+    arrays: tuple
     args: tuple
     halo: int
     chunks: tuple[tuple[int, int], ...]
+    indices: tuple[int, ...]
     want_values: bool
+    dynamic: bool
+
+
+class Rebind(NamedTuple):
+    """Job ``job`` keeps everything but takes these ``args`` from now on."""
+    job: int
+    args: tuple
+
+
+class Forget(NamedTuple):
+    """Drop these kernels and jobs."""
+    kernels: tuple[int, ...]
+    jobs: tuple[int, ...]
+
+
+class Release(NamedTuple):
+    """These blocks were unlinked: unmap them, and drop jobs that use them."""
+    names: tuple[str, ...]
 
 
 class Stop(NamedTuple):
@@ -188,15 +203,15 @@ class Ready(NamedTuple):
     pid: int
 
 
-class Done(NamedTuple):
-    """Every chunk of Run ``seq`` finished; ``values`` are the kernel's return
-    values in chunk order when they were asked for."""
+class Values(NamedTuple):
+    """The kernel's return values for chunks ``indices`` of ring ``seq``."""
     seq: int
-    values: tuple | None
+    indices: tuple[int, ...]
+    values: tuple
 
 
 class Failed(NamedTuple):
-    """Chunk ``index`` (within the Run) of Run ``seq`` raised."""
+    """Chunk ``index`` (in the whole map) of ring ``seq`` raised."""
     seq: int
     index: int
     error: bytes            # the pickled exception
@@ -208,14 +223,15 @@ class Failed(NamedTuple):
 # -- Wire format -------------------------------------------------------------
 # A message travels as the plain tuple (tag, *fields).  Pickling the named
 # tuple itself writes a class reference that costs about 3 us to pickle and
-# 2 us to unpickle, per message, each way; a round trip is four messages.
+# 2 us to unpickle, per message.
 
-MESSAGES = (Install, Forget, Release, Run, Stop, Ready, Done, Failed)
+MESSAGES = (Install, Define, Rebind, Forget, Release, Stop, Ready, Values, Failed)
 _TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
+WAKE = b""
 
 
 def encode(msg: tuple) -> bytes:
-    if type(msg) is Run:
+    if type(msg) is Define:
         msg = msg._replace(arrays=tuple(d.wire for d in msg.arrays))
     return pickle.dumps((_TAGS[type(msg)], *msg), pickle.HIGHEST_PROTOCOL)
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import math
 import numbers
 import operator
 import os
-import queue
-import threading
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
@@ -20,155 +15,11 @@ import numpy as np
 
 from shmarray.blocks import Block, BlockTable
 from shmarray.descriptors import ArrayDescriptor, describe
-from shmarray.errors import EngineClosedError, MapCancelledError
+from shmarray.dispatch import Dispatcher, MapFuture
+from shmarray.errors import EngineClosedError
+from shmarray.jobs import Call, Job, JobCache, signature
 from shmarray.partition import Plan, coerce_halo, plan
-from shmarray.pool import MapAborted, Pool, usable_cpus
-from shmarray.progress import ChunkProgress
-
-
-class _Job(NamedTuple):
-    """One checked map or reduce, ready to run."""
-    kernel: Callable
-    arrays: tuple            # the caller's arrays: kept alive until the job ends
-    descriptors: tuple
-    args: tuple
-    halo: int
-    plan: Plan               # chunks and the worker of each
-    timeout: float | None
-    dynamic: bool
-    progress: bool | None
-    want_values: bool
-    combine: Callable | None
-
-
-class MapFuture(concurrent.futures.Future):
-    """The future of a submitted map or reduce.
-
-    ``cancel()`` works while the job is queued, as for any Future, and also
-    while it runs: the workers busy with it (maybe deep in a numba loop) are
-    killed and replaced, and the future ends with ``MapCancelledError`` (a
-    ``concurrent.futures.CancelledError``).
-    """
-
-    def __init__(self, interrupt: Callable[[], None]):
-        super().__init__()
-        self.abort = threading.Event()
-        self._interrupt = interrupt
-
-    def cancel(self) -> bool:
-        if super().cancel():
-            return True
-        if self.running():
-            self.abort.set()
-            self._interrupt()
-            return True
-        return False
-
-
-class _State:
-    """Everything an engine owns, with no reference to the Engine itself,
-    so a finalizer or atexit hook never keeps the engine alive.
-
-    Maps run one at a time under ``lock``.  Submitted jobs run in submission
-    order on one dispatcher thread, started on first use.
-    """
-
-    def __init__(self, pool: Pool, table: BlockTable):
-        self.pool = pool
-        self.table = table
-        self.lock = threading.Lock()
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.dispatcher: threading.Thread | None = None
-        self.current: MapFuture | None = None
-        self.stopping = False
-
-    def execute(self, job: _Job, abort: threading.Event | None = None) -> Any:
-        with self.lock:
-            bar = (None if job.progress is False else
-                   ChunkProgress(len(job.plan.chunks), job.progress,
-                                 getattr(job.kernel, "__name__", "map")))
-            try:
-                values = self.pool.run(
-                    job.kernel, job.descriptors, job.args, job.halo, job.plan,
-                    job.want_values, self.table.take_released(), job.timeout,
-                    job.dynamic, bar, abort)
-            finally:
-                if bar is not None:
-                    bar.close()
-        return None if job.combine is None else functools.reduce(job.combine, values)
-
-    def submit(self, job: _Job) -> MapFuture:
-        future = MapFuture(self.pool.interrupt)
-        with self.lock:
-            if self.stopping:
-                raise EngineClosedError("this Engine is closing; create a new one.")
-            if self.dispatcher is None:
-                self.dispatcher = threading.Thread(
-                    target=self._dispatch, name="shmarray-dispatcher", daemon=True)
-                self.dispatcher.start()
-        self.jobs.put((future, job))
-        return future
-
-    def _dispatch(self) -> None:
-        while True:
-            item = self.jobs.get()
-            if item is None:
-                return
-            future, job = item
-            del item
-            if not future.set_running_or_notify_cancel():
-                del future, job              # release the caller's arrays now
-                continue
-            self.current = future
-            try:
-                future.set_result(self.execute(job, future.abort))
-            except MapAborted:
-                future.set_exception(MapCancelledError(
-                    "the map was cancelled while running; its workers were "
-                    "replaced"))
-            except BaseException as exc:
-                future.set_exception(exc)
-            finally:
-                self.current = None
-                del future, job              # release the caller's arrays now
-
-    def stop_dispatcher(self) -> None:
-        """Cancel queued jobs, abort the running one, end the thread."""
-        self.stopping = True
-        dispatcher, self.dispatcher = self.dispatcher, None
-        if dispatcher is None:
-            return
-        while True:
-            try:
-                item = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].cancel()
-        current = self.current
-        if current is not None:
-            current.cancel()
-        self.jobs.put(None)
-        if dispatcher is not threading.current_thread():
-            dispatcher.join(30.0)
-
-    def shutdown(self) -> None:
-        try:
-            self.stop_dispatcher()
-        except Exception as exc:
-            warnings.warn(f"shmarray: stopping the dispatcher failed: {exc!r}",
-                          RuntimeWarning, stacklevel=2)
-        # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
-        try:
-            self.table.close()
-        except Exception as exc:
-            warnings.warn(f"shmarray: unlinking blocks failed: {exc!r}",
-                          RuntimeWarning, stacklevel=2)
-        try:
-            self.pool.close()
-        except Exception as exc:
-            warnings.warn(f"shmarray: stopping workers failed: {exc!r}",
-                          RuntimeWarning, stacklevel=2)
+from shmarray.pool import Pool, usable_cpus
 
 
 class Engine:
@@ -189,12 +40,13 @@ class Engine:
     their memory is freed with the last reference.
 
     Thread safety: every method may be called from any thread.  Maps and
-    reductions run one at a time per engine; ``submit``/``map_async`` jobs
-    run in submission order, and a blocking ``map`` from another thread
-    waits for the map in progress, so it may run between two submitted ones.
+    reductions run one at a time per engine, in the order they were asked
+    for; ``submit``/``map_async`` return at once whatever is running, and a
+    blocking ``map`` waits its turn.  ``close()`` from another thread ends a
+    running map with EngineClosedError and returns within about a second.
     """
 
-    _state: _State | None = None          # close() is safe after a failed __init__
+    _dispatcher: Dispatcher | None = None   # close() is safe after a failed __init__
     _finalizer: weakref.finalize | None = None
 
     def __init__(self, workers: int | None = None, *,
@@ -204,15 +56,19 @@ class Engine:
         n_workers = coerce_workers(workers)
         max_tasks = coerce_max_tasks(max_tasks_per_worker)
         self._owner = os.getpid()
+        self._cache = JobCache()
         pool = Pool(n_workers, start_method, startup_timeout, max_tasks)
-        self._state = _State(pool, BlockTable())
-        self._finalizer = weakref.finalize(self, _State.shutdown, self._state)
+        self._dispatcher = Dispatcher(pool, BlockTable(), self._cache)
+        self._finalizer = weakref.finalize(self, self._dispatcher.close)
 
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Unlink every block and stop every worker.  Idempotent."""
-        if self._finalizer is not None:
+        """Unlink every block and stop every worker.  Idempotent; from any
+        thread; a running map ends with EngineClosedError, queued ones are
+        cancelled.  In a forked child it does nothing: the parent owns the
+        engine."""
+        if self._finalizer is not None and os.getpid() == self._owner:
             self._finalizer()
 
     @property
@@ -228,13 +84,14 @@ class Engine:
     def __repr__(self) -> str:
         if self.closed:
             return "<shmarray.Engine closed>"
-        state = self._state
-        return (f"<shmarray.Engine workers={len(state.pool.slots)} "
-                f"start_method={state.pool.start_method!r} "
-                f"blocks={len(state.table.live())}>")
+        d = self._dispatcher
+        return (f"<shmarray.Engine workers={d.pool.size} "
+                f"start_method={d.pool.start_method!r} "
+                f"blocks={len(d.table.live())}>")
 
-    def _live(self) -> _State:
-        if self.closed:
+    def _live(self) -> Dispatcher:
+        d = self._dispatcher
+        if d is None or d.closing:
             raise EngineClosedError(
                 "this Engine is closed: its blocks are unlinked and its "
                 "workers stopped. Create a new Engine (preferably in a "
@@ -244,12 +101,12 @@ class Engine:
                 "this Engine belongs to process "
                 f"{self._owner}; a forked child cannot use it. Create an "
                 "Engine in the child instead.")
-        return self._state
+        return d
 
     @property
     def workers(self) -> int:
         """The number of worker processes."""
-        return len(self._live().pool.slots)
+        return self._live().pool.size
 
     @property
     def worker_pids(self) -> list[int]:
@@ -269,16 +126,14 @@ class Engine:
     def empty(self, shape, dtype=np.float64, order: str = "C") -> np.ndarray:
         """A new array in shared memory.  Its contents are zero (the block is
         freshly reserved), but do not rely on that: use ``zeros``."""
-        state = self._live()
+        d = self._live()
         shape = coerce_shape(shape)
         dtype = coerce_dtype(dtype, "dtype")
         if order not in ("C", "F"):
             raise ValueError(f"order must be 'C' or 'F'; got {order!r} instead.")
-        released = state.table.take_released()
-        if released:  # let workers unmap dead blocks before asking for more
-            with state.lock:
-                state.pool.release(released)
-        buf = state.table.allocate(math.prod(shape) * dtype.itemsize)
+        if d.table.has_released():
+            d.tidy()      # let workers unmap dead blocks before asking for more
+        buf = d.table.allocate(math.prod(shape) * dtype.itemsize)
         return np.ndarray(shape, dtype, buffer=buf, order=order)
 
     def zeros(self, shape, dtype=np.float64, order: str = "C") -> np.ndarray:
@@ -313,9 +168,9 @@ class Engine:
         Mandelbrot rows).  ``progress``: a bar of chunks completed; None
         (the default) shows it only if the map runs longer than a second.
         """
-        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
-                                   schedule, progress, None)
-        state.execute(job)
+        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
+                             schedule, progress, None)
+        d.run(call)
 
     def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
@@ -324,9 +179,9 @@ class Engine:
         """Like ``map``, but the kernel returns a value per chunk; the values
         are combined in chunk order, so the result is deterministic for a
         given ``chunks`` (with either schedule)."""
-        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
-                                   schedule, progress, check_combine(combine))
-        return state.execute(job)
+        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
+                             schedule, progress, check_combine(combine))
+        return d.run(call)
 
     def compare(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                 halo: int = 0, chunks=None, schedule: str = "static",
@@ -350,23 +205,43 @@ class Engine:
                        schedule=schedule, repeat=repeat, reduce=reduce,
                        combine=combine)
 
-    def _prepare(self, kernel, arrays, args, halo, chunks, timeout, schedule,
-                 progress, combine) -> tuple[_State, _Job]:
-        """Check everything in the caller's thread, before anything is sent."""
-        state = self._live()
-        check_kernel(kernel)
-        descriptors = describe_arrays(arrays, state.table)
-        extra = describe_args(args, state.table)
-        halo = coerce_halo(halo)
-        timeout = coerce_timeout(timeout)
-        dynamic = coerce_schedule(schedule)
-        if progress not in (None, True, False):
+    def _call(self, kernel, arrays, args, halo, chunks, timeout, schedule,
+              progress, combine) -> tuple[Dispatcher, Call]:
+        """Check everything in the caller's thread, before anything is sent.
+        A repeat of an earlier call is recognised by its signature and
+        skips the checks that cannot have changed."""
+        d = self._dispatcher
+        if d is None or d.closing or os.getpid() != self._owner:
+            d = self._live()                 # raises the right error
+        want_values = combine is not None
+        sig = signature(kernel, arrays, args, halo, chunks, schedule, want_values)
+        job = self._cache.get(sig, kernel, arrays, args)
+        if job is None:
+            job = self._cache.add(sig, self._new_job(
+                d, kernel, arrays, args, halo, chunks, schedule, want_values))
+        if timeout is not None:
+            timeout = coerce_timeout(timeout)
+        if progress is not None and progress is not True and progress is not False:
             raise TypeError(f"progress must be True, False or None (show after "
                             f"about a second); got {progress!r} instead.")
-        where = plan_for(arrays[0].shape[0], chunks, halo, len(state.pool.slots),
-                         dynamic)                  # also checks chunks and halo
-        return state, _Job(kernel, arrays, descriptors, extra, halo, where,
-                           timeout, dynamic, progress, combine is not None, combine)
+        return d, Call(job, args if type(args) is tuple else tuple(args), timeout,
+                       progress, combine)
+
+    def _new_job(self, d: Dispatcher, kernel, arrays, args, halo, chunks,
+                 schedule, want_values) -> Job:
+        check_kernel(kernel)
+        descriptors = describe_arrays(arrays, d.table)
+        described = describe_args(args, d.table)
+        halo = coerce_halo(halo)
+        dynamic = coerce_schedule(schedule)
+        where = plan_for(arrays[0].shape[0], chunks, halo, d.pool.size, dynamic)
+        # The arrays the job describes, including shared ones among the args
+        # (those, and only those, become descriptors in its template).
+        refs = tuple(arrays) + tuple(a for a in args if type(a) is np.ndarray)
+        template = tuple(d if isinstance(a, np.ndarray) and type(d) is ArrayDescriptor
+                         else None for a, d in zip(args, described))
+        return Job(self._cache.new_key(), kernel, refs, descriptors, template,
+                   halo, where, dynamic, want_values)
 
     # -- non-blocking ------------------------------------------------------
 
@@ -374,16 +249,17 @@ class Engine:
                halo: int = 0, chunks=None, timeout: float | None = None,
                schedule: str = "static", progress: bool | None = False) -> MapFuture:
         """Start ``map(kernel, *arrays, ...)`` and return at once with a
-        ``concurrent.futures.Future`` (result None).
+        ``concurrent.futures.Future`` (result None), whatever is running.
 
         Arguments are checked here, in the caller.  Submitted maps run one at
-        a time, in submission order, on the engine's dispatcher thread;
-        ``future.cancel()`` also stops a running one (its workers are killed
-        and replaced).  The arrays stay alive until the map ends.
+        a time, in submission order, on the engine's manager thread;
+        ``future.cancel()`` cancels a queued one, ``future.stop()`` also
+        stops a running one (its workers are killed and replaced).  The
+        arrays stay alive until the map ends.
         """
-        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
-                                   schedule, progress, None)
-        return state.submit(job)
+        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
+                             schedule, progress, None)
+        return d.submit(call)
 
     def submit_reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                       combine: Callable[[Any, Any], Any] = operator.add,
@@ -391,19 +267,27 @@ class Engine:
                       schedule: str = "static",
                       progress: bool | None = False) -> MapFuture:
         """``submit`` for ``reduce``: the future's result is the combined value."""
-        state, job = self._prepare(kernel, arrays, args, halo, chunks, timeout,
-                                   schedule, progress, check_combine(combine))
-        return state.submit(job)
+        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
+                             schedule, progress, check_combine(combine))
+        return d.submit(call)
 
     async def map_async(self, kernel: Callable, *arrays: np.ndarray, **options) -> None:
         """``await eng.map_async(kernel, *arrays, ...)``: ``map`` for asyncio
         code (same arguments).  The event loop stays free while the workers
         run; cancelling the task stops the map."""
-        await asyncio.wrap_future(self.submit(kernel, *arrays, **options))
+        await _awaited(self.submit(kernel, *arrays, **options))
 
     async def reduce_async(self, kernel: Callable, *arrays: np.ndarray, **options) -> Any:
         """``reduce`` for asyncio code (same arguments)."""
-        return await asyncio.wrap_future(self.submit_reduce(kernel, *arrays, **options))
+        return await _awaited(self.submit_reduce(kernel, *arrays, **options))
+
+
+async def _awaited(future: MapFuture) -> Any:
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.stop()            # the task was cancelled: so is the map
+        raise
 
 
 # Enough chunks that the last one to finish is short, few enough that the

@@ -153,6 +153,15 @@ def plan(n_rows: int, chunks: object, halo: int, workers: int) -> Plan:
     """
     if isinstance(chunks, Sequence) and not isinstance(chunks, (str, bytes)):
         chunks = tuple(chunks)
+        # Checked before the cache: 32.0 == 32 and hashes alike, so a cached
+        # answer for (32, 32) would otherwise accept (32.0, 32.0).
+        bad = [s for s in chunks if not _is_int(s) or s < 1]
+        if bad:
+            raise ValueError(
+                f"chunk sizes must be positive ints; got {bad[0]!r} in "
+                f"chunks={chunks!r}.")
+    elif chunks is not None and not _is_int(chunks):
+        split_rows(n_rows, chunks, halo, default=workers)   # raises TypeError
     try:
         return _plan(n_rows, chunks, halo, workers)
     except TypeError as exc:

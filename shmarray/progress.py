@@ -51,6 +51,13 @@ class ChunkProgress:
         else:
             self.tick()
 
+    def update_to(self, done: int) -> None:
+        """``done`` chunks completed in all."""
+        if done > self.done:
+            self.update(done - self.done)
+        else:
+            self.tick()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.refresh()     # show the final count, not a throttled one

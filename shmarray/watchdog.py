@@ -63,3 +63,51 @@ def main(lifeline, owner_pid: int, close_fds: tuple[int, ...] = ()) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class Watchdog:
+    """The coordinator's side: starts the watchdog process, keeps it told of
+    the current workers, and says goodbye at close.
+
+    Created and closed by the Pool, once.
+    """
+
+    process = None
+    _lifeline = None
+
+    def __init__(self, ctx, owner_pid: int, inherited_fds):
+        """``inherited_fds()``: descriptors a forked child must close."""
+        life_r, self._lifeline = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=main, args=(life_r, owner_pid, inherited_fds()),
+            name="shmarray-watchdog", daemon=True)
+        try:
+            self.process.start()
+        finally:
+            life_r.close()
+
+    def fileno(self) -> int:
+        """The lifeline's write end: forked children must not keep it."""
+        return self._lifeline.fileno()
+
+    def tell(self, processes: list[tuple[int, float | None]]) -> None:
+        """The current workers, as (pid, start time) pairs."""
+        self._lifeline.send(Workers(tuple(processes)))
+
+    def close(self, timeout: float) -> None:
+        """Say goodbye and wait for the watchdog to exit.  Idempotent."""
+        dog, self.process = self.process, None
+        if dog is not None:
+            try:
+                self._lifeline.send(BYE)
+            except OSError:
+                pass
+            if dog.pid is not None:
+                dog.join(timeout)
+                if dog.exitcode is None:
+                    dog.kill()
+                    dog.join(1.0)
+            dog.close()
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None

@@ -1,7 +1,10 @@
 """The loop that runs in each worker process.
 
-A worker attaches each block at most once, keeps kernels by key, and runs
-chunks in place.  It never creates or unlinks a block and never registers
+A worker waits for its ring in the control block (``shmarray.control``):
+spinning for a few milliseconds after its last job, so maps that follow
+each other reach it at once, then asleep on its task pipe, costing nothing.
+It keeps kernels and job definitions by key, attaches each block at most
+once, and runs chunks in place.  It never creates or unlinks a block and never registers
 one with the resource tracker; it unmaps a block when told the name is gone.
 It ignores SIGINT: Ctrl-C reaches the whole process group, and only the
 coordinator decides what it means.  It exits when told to, or when its task
@@ -23,10 +26,12 @@ import weakref
 import numpy as np
 import threadpoolctl
 
-from shmarray import blocks
-from shmarray.descriptors import (ArrayDescriptor, Done, Failed, Forget,
-                                  Install, Ready, Release, Run, Stop, decode,
-                                  encode, load_kernel)
+from shmarray import blocks, control
+from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
+                              RING, STARTED, STOP)
+from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
+                                  Install, Ready, Rebind, Release, Stop, Values,
+                                  decode, encode, load_kernel)
 
 # Thread pools a kernel could start.  N workers on N cores must not each
 # start N threads.
@@ -35,15 +40,14 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS")
 _limits = None
 
-# After a reply, poll for the next task this long before sleeping.  Maps
+# After a job, spin this long for the next ring before sleeping.  Maps
 # issued back to back (an iterated stencil, a loop of small maps) then find
-# the worker awake: about 5 us instead of the ~100 us it takes to wake a
-# sleeping process on the reference VM.  sched_yield keeps the spin polite
-# to the coordinator on a machine with as many workers as cores.  1 ms
-# rather than 0.3 ms: a 2-chunk step of an iterated stencil went from 140 us
-# to 105 us of overhead, as the faster worker now waits out the slower one
-# awake.
-SPIN = 1e-3
+# the worker awake, about 1 us away instead of the 10-100 us it takes to
+# wake a sleeping process in a VM; an idle engine sleeps within this long
+# of its last map.  The spin yields its CPU every few rounds, so it does
+# not hold up a process that has work.
+SPIN = 2e-3
+SPIN_ROUNDS = 256          # rounds per call into the spin loop: about 25 us
 
 
 def limit_threads() -> None:
@@ -78,12 +82,34 @@ class _Unloadable:
         raise self.exc
 
 
-class _Worker:
+class _Job:
+    """A defined job: the kernel and, for each chunk, its ready-made
+    arguments (slicing views again on every call cost 1 us an array)."""
+
+    __slots__ = ("kernel", "spec", "calls", "blocks")
+
+    def __init__(self, kernel, spec: Define, views: list, args: tuple):
+        self.kernel = kernel
+        self.spec = spec
+        self.bind(views, args)
+
+    def bind(self, views: list, args: tuple) -> None:
+        h = self.spec.halo
+        self.calls = [tuple(v[lo - h:hi + h] for v in views) + args
+                      for lo, hi in self.spec.chunks]
+
+
+class Mappings:
+    """The blocks this worker has attached, and views over them.
+
+    Attaches each block at most once, only one of its own coordinator, and
+    unmaps it when told the name is gone.
+    """
+
     def __init__(self, owner_pid: int):
         self.owner_pid = owner_pid
-        self.kernels: dict[int, object] = {}
         self.buffers: dict[str, np.ndarray] = {}   # block name -> its bytes
-        # Maps repeat the same arrays; rebuilding and checking a view costs
+        # Jobs repeat the same arrays; rebuilding and checking a view costs
         # 2 us, a lookup 0.2 us.  Keyed by ArrayDescriptor.wire tuples.
         self.views: dict[tuple, np.ndarray] = {}
 
@@ -108,7 +134,12 @@ class _Worker:
             v = self.views[wire] = d.view(self.buffer(d.block))
         return v
 
-    def release(self, names: tuple[str, ...]) -> None:
+    def bind(self, args: tuple) -> tuple:
+        """``args`` with descriptors replaced by their arrays."""
+        return tuple(self.view(a.wire) if isinstance(a, ArrayDescriptor) else a
+                     for a in args)
+
+    def release(self, gone: set[str]) -> None:
         """Unmap blocks the coordinator has unlinked.
 
         Dropping our arrays drops a mapping, unless something still refers
@@ -117,9 +148,8 @@ class _Worker:
         call's block mapped (its memory unreturned) until the next full
         collection, rare in a worker.  So when a mapping outlives our
         references, collect once.  A view a kernel stored on purpose lives
-        on, harmlessly.
+        on, harmlessly.  The caller drops its own references first.
         """
-        gone = set(names)
         mappings = []
         for name in gone:
             buf = self.buffers.pop(name, None)
@@ -130,46 +160,177 @@ class _Worker:
         if any(m() is not None for m in mappings):
             gc.collect()
 
-    def run(self, msg: Run) -> Done | Failed:
-        index = 0
-        try:
-            kernel = self.kernels[msg.key]
-            views = [self.view(d) for d in msg.arrays]
-            args = tuple(self.view(a.wire) if isinstance(a, ArrayDescriptor)
-                         else a for a in msg.args)
-            h = msg.halo
-            values = [] if msg.want_values else None
-            for index, (lo, hi) in enumerate(msg.chunks):
-                value = kernel(*[v[lo - h:hi + h] for v in views], *args)
-                if values is not None:
-                    values.append(value)
-            return Done(msg.seq, None if values is None else tuple(values))
-        except Exception as exc:
-            return failure(msg.seq, index, exc)
 
-    def handle(self, msg) -> bytes | None:
-        """Act on one message; the reply to send, if any."""
+class _Worker:
+    def __init__(self, owner_pid: int, index: int, ctl: np.ndarray, tasks, results):
+        self.index = index
+        self.ctl = ctl
+        self.at = control.slot(index)
+        self.tasks = tasks
+        self.results = results
+        self.received = 0                          # messages, not wake frames
+        self.kernels: dict[int, object] = {}
+        self.jobs: dict[int, _Job] = {}
+        self.maps = Mappings(owner_pid)
+
+    # -- messages ------------------------------------------------------------
+
+    def handle(self, msg) -> bool:
+        """Act on one pipe message; False when told to stop."""
         kind = type(msg)
-        if kind is Run:
-            reply = self.run(msg)
-            try:
-                return encode(reply)
-            except Exception as exc:  # a kernel returned something unpicklable
-                tb = "".join(traceback.format_exception(exc))
-                return encode(Failed(
-                    msg.seq, len(msg.chunks) - 1, b"", type(exc).__name__,
-                    f"the kernel's return value cannot be pickled back to the "
-                    f"caller ({exc}). Return numbers, tuples or NumPy arrays.", tb))
-        if kind is Install:
+        if kind is Define:
+            self.define(msg)
+        elif kind is Rebind:
+            job = self.jobs[msg.job]
+            job.bind([self.maps.view(d) for d in job.spec.arrays],
+                     self.maps.bind(msg.args))
+        elif kind is Install:
             try:
                 self.kernels[msg.key] = load_kernel(msg.payload)
             except Exception as exc:
                 self.kernels[msg.key] = _Unloadable(exc)
         elif kind is Forget:
-            self.kernels.pop(msg.key, None)
+            for key in msg.kernels:
+                self.kernels.pop(key, None)
+            for key in msg.jobs:
+                self.jobs.pop(key, None)
         elif kind is Release:
-            self.release(msg.names)
-        return None
+            gone = set(msg.names)
+            self.jobs = {k: j for k, j in self.jobs.items() if not (j.blocks & gone)}
+            self.maps.release(gone)
+        elif kind is Stop:
+            return False
+        return True
+
+    def define(self, msg: Define) -> None:
+        try:
+            views = [self.maps.view(d) for d in msg.arrays]
+            args = self.maps.bind(msg.args)
+            kernel = self.kernels[msg.kernel]
+        except Exception as exc:     # a bad descriptor: the job fails when run
+            kernel, views, args = _Unloadable(exc), [], ()
+        job = self.jobs[msg.job] = _Job(kernel, msg, views, args)
+        job.blocks = {d[0] for d in msg.arrays} | {
+            a.block for a in msg.args if isinstance(a, ArrayDescriptor)}
+
+    def receive(self, until: int) -> bool:
+        """Handle pipe messages until ``until`` have arrived in all; False
+        when told to stop or the coordinator is gone."""
+        while self.received < until:
+            try:
+                data = self.tasks.recv_bytes()
+            except (EOFError, OSError):
+                return False
+            if data == WAKE:
+                continue
+            self.received += 1
+            if not self.handle(decode(data)):
+                return False
+        return True
+
+    def drain(self) -> bool:
+        """Handle whatever the pipe holds now (woken from sleep)."""
+        try:
+            while self.tasks.poll(0):
+                data = self.tasks.recv_bytes()
+                if data != WAKE:
+                    self.received += 1
+                    if not self.handle(decode(data)):
+                        return False
+        except (EOFError, OSError):
+            return False
+        return True
+
+    # -- jobs ----------------------------------------------------------------
+
+    def run(self, key: int, seq: int) -> None:
+        ctl, at = self.ctl, self.at
+        ctl[at + RAN] = 0
+        ctl[at + STARTED] = seq
+        started = time.perf_counter_ns()
+        sent = ran = 0
+        job = self.jobs.get(key)
+        if job is None:      # cannot happen unless the protocol is broken
+            self.send(failure(seq, -1, RuntimeError(
+                f"worker {os.getpid()} has no job {key}")))
+            sent = 1
+        else:
+            spec, kernel, calls = job.spec, job.kernel, job.calls
+            values = [] if spec.want_values else None
+            done = []
+            n = len(calls)
+            k = -1
+            while True:
+                if spec.dynamic:
+                    k = control.fetch_add(ctl, NEXT, 1)
+                    if k >= n or control.load(ctl, STOP):
+                        break
+                else:
+                    k += 1
+                    if k >= n:
+                        break
+                ctl[at + CHUNK] = spec.indices[k]
+                try:
+                    value = kernel(*calls[k])
+                except Exception as exc:
+                    self.send(failure(seq, spec.indices[k], exc))
+                    sent += 1
+                    if spec.dynamic:
+                        control.store(ctl, STOP, 1)
+                    break
+                ran += 1
+                ctl[at + RAN] = ran
+                if values is not None:
+                    values.append(value)
+                    done.append(spec.indices[k])
+            if values:
+                sent += self.send_values(seq, done, values)
+        if control.finish(ctl, at, seq, sent, ran, time.perf_counter_ns() - started):
+            self.results.send_bytes(WAKE)
+
+    def send(self, msg) -> None:
+        self.results.send_bytes(encode(msg))
+
+    def send_values(self, seq: int, indices: list, values: list) -> int:
+        try:
+            data = encode(Values(seq, tuple(indices), tuple(values)))
+        except Exception as exc:  # a kernel returned something unpicklable
+            tb = "".join(traceback.format_exception(exc))
+            data = encode(Failed(
+                seq, indices[0], b"", type(exc).__name__,
+                f"the kernel's return value cannot be pickled back to the "
+                f"caller ({exc}). Return numbers, tuples or NumPy arrays.", tb))
+        self.results.send_bytes(data)
+        return 1
+
+    def loop(self) -> None:
+        ctl, at = self.ctl, self.at
+        # The last ring answered: a ring given before this loop started
+        # (a fresh worker is rung as soon as it is ready) is not missed.
+        last = control.load(ctl, at + DONE)
+        while True:
+            seq = control.wait_change(ctl, at + RING, last, SPIN_ROUNDS)
+            if seq == last:
+                spin_until = time.monotonic() + SPIN
+                while seq == last and time.monotonic() < spin_until:
+                    seq = control.wait_change(ctl, at + RING, last, SPIN_ROUNDS)
+            if seq == last:
+                if control.announce_sleep(ctl, at + ASLEEP, at + RING, last):
+                    try:
+                        select.select([self.tasks], [], [])
+                    finally:
+                        control.store(ctl, at + ASLEEP, 0)
+                    if not self.drain():
+                        return
+                continue
+            last = seq
+            if not self.receive(int(ctl[at + PIPED])):
+                return
+            job = int(ctl[at + JOB])
+            if job:
+                self.run(job, seq)
+            else:
+                control.store(ctl, at + DONE, seq)
 
 
 def failure(seq: int, index: int, exc: BaseException) -> Failed:
@@ -182,8 +343,10 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
     return Failed(seq, index, error, type(exc).__qualname__, str(exc), tb)
 
 
-def main(tasks, results, owner_pid: int, close_fds: tuple[int, ...] = ()) -> None:
-    """Worker entry point; ``tasks`` and ``results`` are one-way Connections.
+def main(tasks, results, owner_pid: int, index: int, control_block: str,
+         close_fds: tuple[int, ...] = ()) -> None:
+    """Worker entry point; ``tasks`` and ``results`` are one-way Connections,
+    ``control_block`` the name of the engine's control block.
     ``close_fds``: descriptors inherited through fork that must not stay open
     here (the watchdog's lifeline)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -193,24 +356,7 @@ def main(tasks, results, owner_pid: int, close_fds: tuple[int, ...] = ()) -> Non
         except OSError:
             pass
     limit_threads()
-    worker = _Worker(owner_pid)
-    poller = select.poll()
-    poller.register(tasks.fileno(), select.POLLIN)
+    ctl = control.new_words(blocks.attach(control_block))
+    worker = _Worker(owner_pid, index, ctl, tasks, results)
     results.send_bytes(encode(Ready(os.getpid())))
-    while True:
-        if not poller.poll(0):
-            spin_until = time.monotonic() + SPIN
-            while not poller.poll(0):
-                if time.monotonic() > spin_until:
-                    poller.poll()
-                    break
-                os.sched_yield()
-        try:
-            msg = decode(tasks.recv_bytes())
-        except (EOFError, OSError):
-            return  # the coordinator is gone
-        if type(msg) is Stop:
-            return
-        reply = worker.handle(msg)
-        if reply is not None:
-            results.send_bytes(reply)
+    worker.loop()

@@ -36,6 +36,30 @@ def bump(x):
         x[i] += 1.0
 
 
+@njit
+def wait_for_release(flag, limit):
+    """Sets flag[0] when it starts, then runs until flag[1] is set (or for
+    ``limit`` rounds): a kernel the test can see running and let go.  Run
+    it as one chunk (``chunks=1``): it reads both rows."""
+    flag[0] = 1.0
+    acc = 0.0
+    for i in range(limit):
+        if flag[1] != 0.0:
+            break
+        acc = acc * 0.999999 + 1.0
+    return acc
+
+
+def wait_until_set(flag, timeout: float = 30.0) -> bool:
+    """Poll the flag the kernel sets in shared memory."""
+    deadline = time.monotonic() + timeout
+    while flag[0] == 0.0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 FOREVER = 10**15
 
 
@@ -102,22 +126,26 @@ def own_engine():
         yield eng
 
 
-@pytest.mark.breaks_things
-def test_cancel_a_running_map_replaces_its_workers(own_engine):
+def test_cancel_follows_the_future_contract_and_stop_ends_a_running_map(own_engine):
     engine = own_engine
-    x = engine.zeros(4)
+    flag = engine.zeros(2)
     before = engine.worker_pids
-    future = engine.submit(spin, x, args=(FOREVER,))
-    time.sleep(0.3)
+    future = engine.submit(wait_for_release, flag, args=(FOREVER,), chunks=1)
+    assert wait_until_set(flag)               # the kernel is running
     assert future.running()
-    assert future.cancel()
+    assert future.cancel() is False and not future.cancelled()
+    assert future.stop() is True
     with pytest.raises(concurrent.futures.CancelledError) as info:
         future.result(timeout=30)
     assert isinstance(info.value, shmarray.MapCancelledError)
-    assert set(engine.worker_pids).isdisjoint(before)
-    engine.map(bump, x)                                 # usable afterwards
+    assert not future.cancelled()             # it ran: stopped, not cancelled
+    assert before[0] not in engine.worker_pids  # its worker was replaced
+    assert before[1] in engine.worker_pids      # the idle one was not
+    assert future.stop() is False             # already finished
+    x = engine.zeros(4)
+    engine.map(bump, x)                       # usable afterwards
     assert np.all(x == 1.0)
-    del x
+    del x, flag
 
 
 def test_map_async_keeps_the_event_loop_responsive(engine):
@@ -151,35 +179,70 @@ def test_map_async_keeps_the_event_loop_responsive(engine):
 def test_cancelling_the_task_stops_the_map(own_engine):
     engine = own_engine
     x = engine.zeros(4)
+    flag = engine.zeros(2)
     before = engine.worker_pids
 
     async def main():
-        task = asyncio.create_task(engine.map_async(spin, x, args=(FOREVER,)))
-        await asyncio.sleep(0.3)
+        task = asyncio.create_task(engine.map_async(wait_for_release, flag,
+                                                    args=(FOREVER,), chunks=1))
+        while flag[0] == 0.0:                  # until the kernel runs
+            await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await engine.map_async(bump, x)
+        await engine.map_async(bump, x)        # runs after the stopped map
 
     asyncio.run(main())
-    deadline = time.monotonic() + 10
-    while set(engine.worker_pids) & set(before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert set(engine.worker_pids).isdisjoint(before)
+    assert before[0] not in engine.worker_pids
     assert np.all(x == 1.0)
-    del x
+    del x, flag
 
 
-def test_close_cancels_queued_and_running_maps():
+def test_close_cancels_queued_maps_and_ends_the_running_one():
     eng = shmarray.Engine(workers=2)
-    x = eng.zeros(4)
-    running = eng.submit(spin, x, args=(FOREVER,))
-    queued = [eng.submit(bump, x) for _ in range(3)]
-    time.sleep(0.2)
+    flag = eng.zeros(2)
+    running = eng.submit(wait_for_release, flag, args=(FOREVER,), chunks=1)
+    queued = [eng.submit(bump, flag) for _ in range(3)]
+    assert wait_until_set(flag)
+    started = time.monotonic()
     eng.close()
+    assert time.monotonic() - started < 2.0
     assert all(f.cancelled() for f in queued)
-    with pytest.raises(concurrent.futures.CancelledError):
+    with pytest.raises(shmarray.EngineClosedError):
         running.result(timeout=30)
     with pytest.raises(shmarray.EngineClosedError):
-        eng.submit(bump, x)
-    del x
+        eng.submit(bump, flag)
+    del flag
+
+
+def test_submit_returns_at_once_while_a_map_runs(engine):
+    flag = engine.zeros(2)
+    x = engine.zeros(4)
+    first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
+    assert wait_until_set(flag)               # the first map is running
+    started = time.perf_counter()
+    second = engine.submit(bump, x)
+    took = time.perf_counter() - started
+    assert not first.done() and not second.done()
+    flag[1] = 1.0                             # let the first map finish
+    first.result(timeout=60)
+    second.result(timeout=60)
+    assert took < 0.05, took
+    assert np.all(x == 1.0)
+    del flag, x
+
+
+def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
+    flag = engine.zeros(2)
+    x = engine.zeros(4)
+    first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
+    assert wait_until_set(flag)
+    waiter = threading.Thread(target=engine.map, args=(bump, x))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and x[0] == 0.0     # queued behind the first
+    flag[1] = 1.0
+    waiter.join(60)
+    assert not waiter.is_alive() and first.done()
+    assert np.all(x == 1.0)
+    del flag, x

@@ -74,8 +74,8 @@ def test_bad_argument_fails_before_anything_is_sent(eng, bad):
         call["arrays"] = (out, value)
     elif param != "combine":
         call[param] = value
-    pool = eng._state.pool
-    sent, blocks = pool._seq, shm_entries()
+    pool = eng._dispatcher.pool
+    sent, blocks = pool.seq, shm_entries()
     with pytest.raises((TypeError, ValueError)):
         if param == "combine":
             eng.reduce(copy, out, inp, combine=value)
@@ -83,7 +83,7 @@ def test_bad_argument_fails_before_anything_is_sent(eng, bad):
             eng.map(call["kernel"], *call["arrays"], args=call["args"], halo=call["halo"],
                     chunks=call["chunks"], timeout=call["timeout"],
                     schedule=call["schedule"])
-    assert pool._seq == sent
+    assert pool.seq == sent
     assert shm_entries() == blocks
     eng.map(copy, out, inp)
     assert np.array_equal(out, inp)

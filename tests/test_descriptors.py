@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 
 from shmarray.blocks import attach
-from shmarray.descriptors import (ArrayDescriptor, Done, Run, decode, describe,
-                                  encode)
-from shmarray.worker import _Worker
+from shmarray.descriptors import (ArrayDescriptor, Define, Values, decode,
+                                  describe, encode)
+from shmarray.worker import Mappings
 
 
-def _run_bytes(eng, *arrays) -> int:
-    table = eng._state.table
-    msg = Run(1, 1, tuple(describe(a, table) for a in arrays), (2.5,), 1,
-              ((1, 5), (5, 9)), False)
+def _define_bytes(eng, *arrays) -> int:
+    table = eng._dispatcher.table
+    msg = Define(1, 1, tuple(describe(a, table) for a in arrays), (2.5,), 1,
+                 ((1, 5), (5, 9)), (0, 1), False, False)
     return len(encode(msg))
 
 
 def test_task_bytes_do_not_grow_with_array_size(engine):
     small = [engine.zeros(10) for _ in range(3)]
     big = [engine.zeros(10_000_000) for _ in range(3)]
-    n_small, n_big = _run_bytes(engine, *small), _run_bytes(engine, *big)
+    n_small, n_big = _define_bytes(engine, *small), _define_bytes(engine, *big)
     # only the integers for shape and stride widen: a few bytes per array
     assert n_big - n_small <= 3 * 8
     assert n_big < 400, n_big
@@ -32,7 +32,7 @@ def test_task_bytes_do_not_grow_with_array_size(engine):
 
 def test_descriptor_of_views_points_into_the_block(engine):
     base = engine.from_numpy(np.arange(60.0).reshape(6, 10))
-    table = engine._state.table
+    table = engine._dispatcher.table
     for view in (base, base[2:4], base.T, base[::-1, 3], base[1:5, ::-3]):
         d = describe(view, table)
         assert d is not None and d.shape == view.shape and d.strides == view.strides
@@ -45,16 +45,16 @@ def test_descriptor_of_views_points_into_the_block(engine):
 
 
 def test_messages_round_trip(engine):
-    d = describe(engine.zeros(4), engine._state.table)
-    run = Run(3, 7, (d,), (1.5, d), 0, ((0, 4),), True)
-    assert decode(encode(run)) == run._replace(arrays=(d.wire,))
-    assert decode(encode(Done(3, (1.0, 2.0)))) == Done(3, (1.0, 2.0))
+    d = describe(engine.zeros(4), engine._dispatcher.table)
+    define = Define(3, 7, (d,), (1.5, d), 0, ((0, 4),), (0,), True, False)
+    assert decode(encode(define)) == define._replace(arrays=(d.wire,))
+    assert decode(encode(Values(3, (0, 1), (1.0, 2.0)))) == Values(3, (0, 1), (1.0, 2.0))
 
 
 def test_worker_rejects_descriptors_past_the_block_end(engine):
     x = engine.zeros(100)
-    good = describe(x, engine._state.table)
-    worker = _Worker(os.getpid())
+    good = describe(x, engine._dispatcher.table)
+    worker = Mappings(os.getpid())
     assert worker.view(good.wire).shape == (100,)
     size = worker.buffer(good.block).size
     for bad in (
@@ -69,8 +69,8 @@ def test_worker_rejects_descriptors_past_the_block_end(engine):
 
 def test_worker_rejects_blocks_of_another_coordinator(engine):
     x = engine.zeros(10)
-    d = describe(x, engine._state.table)
-    stranger = _Worker(owner_pid=1)          # a worker serving another process
+    d = describe(x, engine._dispatcher.table)
+    stranger = Mappings(owner_pid=1)          # a worker serving another process
     with pytest.raises(PermissionError, match="not created by this worker's coordinator"):
         stranger.view(d.wire)
     del x

@@ -331,9 +331,9 @@ def test_unpicklable_exception_becomes_kernel_error(engine):
 @pytest.fixture
 def sent(engine):
     """The number of Run messages the engine sends during the test."""
-    pool = engine._state.pool
-    start = pool._seq
-    return lambda: pool._seq - start
+    pool = engine._dispatcher.pool
+    start = pool.seq
+    return lambda: pool.seq - start
 
 
 BAD_MAPS = [

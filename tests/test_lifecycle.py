@@ -111,26 +111,32 @@ def test_unguarded_script_gets_a_clear_error(tmp_path):
 @pytest.mark.breaks_things
 def test_killed_worker_leaves_no_tracker_warning_and_no_block():
     code = KERNEL + textwrap.dedent("""
-        import os, signal, threading
+        import os, signal, threading, time
         from numba import njit
 
         @njit
-        def slow(x):
-            total = 0.0
-            for _ in range(200):
-                for i in range(x.shape[0]):
-                    total += x[i] * 1.0000001
-            return total
+        def hold(flag):
+            flag[0] = 1.0             # running: the killer may fire
+            while flag[1] == 0.0:     # never released
+                pass
+            return 0.0
+
+        def kill_when_running(flag, pid):
+            while flag[0] == 0.0:
+                time.sleep(0.001)
+            os.kill(pid, signal.SIGKILL)
 
         with shmarray.Engine(workers=2) as eng:
-            x = eng.from_numpy(np.ones(2_000_000))
-            victim = eng.worker_pids[1]
-            threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
+            flag = eng.zeros(2)
+            victim = eng.worker_pids[0]
+            killer = threading.Thread(target=kill_when_running, args=(flag, victim))
+            killer.start()
             try:
-                eng.reduce(slow, x)
+                eng.reduce(hold, flag, chunks=1)
             except shmarray.WorkerCrashedError as exc:
                 print("crashed:", exc)
-            print("after:", eng.reduce(slow, x[:10]))
+            killer.join()
+            print("after:", eng.reduce(lambda a: float(a.sum()), flag))
             print("pids:", *eng.worker_pids, victim)
             print("blocks:", *[b.name for b in eng.blocks])
     """)

@@ -1,0 +1,703 @@
+"""Running maps: one driver at a time, from any thread, never blocking a
+caller that did not ask to wait.
+
+Who drives.  Every pipe and process of the pool is used by one thread at a
+time, the *driver*.  A blocking ``map`` on an idle engine drives its own map
+in the calling thread: handing it to another thread and back would cost two
+thread wake-ups (tens of microseconds) per map.  Otherwise, and for every
+``submit``, the call is queued and the engine's manager thread drives the
+queue in order; a blocking ``map`` then waits on its own future.  ``close()``
+from any thread cancels what is queued, stops the running map with
+``EngineClosedError``, waits for the driver to let go, and stops the pool.
+
+How a map runs (``Runner.run``): the static schedule gives each worker its
+contiguous group of chunks, the same rows every call; the dynamic schedule
+gives every worker the whole list, and they take chunks one at a time from
+a shared counter.  The driver rings the busy workers, spins briefly on their
+done words, then sleeps on their pipes and process sentinels until the last
+one wakes it, a worker dies, the timeout passes, or somebody interrupts.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import pickle
+import select
+import threading
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+
+from shmarray import control
+from shmarray.control import (ABORT, CHUNK, CHUNKS, COORD_ASLEEP, DONE, NEXT,
+                              RAN, REPLY, STARTED, STOP)
+from shmarray.descriptors import (Define, Failed, Forget, Install, Rebind,
+                                  Release, Values, decode)
+from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
+                             RemoteTraceback, TaskTimeoutError,
+                             WorkerCrashedError)
+from shmarray.jobs import Call, JobCache, KernelTable, same_args
+from shmarray.pool import Pool, WorkerProcess
+from shmarray.progress import ChunkProgress
+
+# How long the driver spins on the done words before it sleeps.  A map
+# shorter than this returns about 10 us sooner (no wake-up); a longer one
+# loses this much CPU to the spin, which yields to the workers meanwhile.
+# Measured on the 2-vCPU reference VM: 50 us kept a 1024-square heat step
+# within 8% of prange, where spinning for the whole map cost 2.5 times.
+SPIN = 50e-6
+SPIN_ROUNDS = 64             # rounds per call into the spin loop: about 6 us
+
+
+class _NeverStarted(Exception):
+    """A worker died before it took its ring."""
+
+    def __init__(self, worker: WorkerProcess):
+        super().__init__(worker.pid)
+        self.worker = worker
+
+
+class MapFuture(concurrent.futures.Future):
+    """The future of a submitted map or reduce.
+
+    ``cancel()`` follows the ``Future`` contract: it succeeds only while the
+    map is queued.  ``stop()`` also ends a running map: the workers busy
+    with it (maybe deep in a numba loop) are killed and replaced, and the
+    future ends with ``MapCancelledError`` (a
+    ``concurrent.futures.CancelledError``).
+    """
+
+    def __init__(self, interrupt: Callable[[], None]):
+        super().__init__()
+        self.stop_requested = False
+        self._interrupt = interrupt
+
+    def stop(self) -> bool:
+        """Cancel the map if queued, stop it if running.  False if it had
+        already finished."""
+        if self.cancel():
+            return True
+        with self._condition:
+            if self.done():
+                return False
+            self.stop_requested = True
+        self._interrupt()
+        return True
+
+
+class Dispatcher:
+    """Runs calls one at a time for every thread of one engine, and closes
+    the engine's pool and blocks once.
+
+    Holds no reference to the Engine, so the engine's finalizer can run.
+    """
+
+    def __init__(self, pool: Pool, table, cache: JobCache):
+        self.pool = pool
+        self.table = table
+        self.runner = Runner(pool, table, cache)
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._queue: collections.deque = collections.deque()
+        self._driver: int | None = None           # ident of the driving thread
+        self._current: MapFuture | None = None    # the queued call now running
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._closed = False
+        self._close_on_release = False
+
+    @property
+    def closing(self) -> bool:
+        """Closed, or being closed: no new calls."""
+        return self._closing
+
+    # -- calls -----------------------------------------------------------------
+
+    def run(self, call: Call) -> Any:
+        """Run ``call`` and return its value; drive it here if idle."""
+        driving = False
+        try:
+            with self._lock:
+                self._check_open()
+                if self._driver is None and not self._queue:
+                    driving = True        # first: _let_go is then harmless
+                    self._driver = threading.get_ident()
+                else:
+                    future = self._enqueue(call)
+            if driving:
+                values = self.runner.run(call, self._should_stop)
+        finally:
+            if driving:
+                self._let_go()
+        if driving:
+            return finish(call, values)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closing and future.cancelled():
+                self._check_open()
+            raise
+        except BaseException:
+            future.stop()          # Ctrl-C while waiting stops it too
+            raise
+
+    def tidy(self) -> None:
+        """Let workers unmap blocks that died, if no map is running (a
+        mapped block still holds its memory)."""
+        with self._lock:
+            if self._closing or self._driver is not None or self._queue:
+                return
+            self._driver = threading.get_ident()
+        try:
+            self.runner.tidy()
+        finally:
+            self._let_go()
+
+    def submit(self, call: Call) -> MapFuture:
+        """Queue ``call``; returns at once."""
+        with self._lock:
+            self._check_open()
+            return self._enqueue(call)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise EngineClosedError(
+                "this Engine is closed (or closing): its blocks are unlinked "
+                "and its workers stopped. Create a new Engine (preferably in "
+                "a `with` block).")
+
+    def _enqueue(self, call: Call) -> MapFuture:
+        future = MapFuture(self.interrupt)
+        self._queue.append((future, call))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._manage,
+                                            name="shmarray-manager", daemon=True)
+            self._thread.start()
+        self._changed.notify_all()
+        return future
+
+    def _manage(self) -> None:
+        """The manager thread: drive queued calls in order."""
+        while True:
+            with self._lock:
+                while not self._closing and (self._driver is not None
+                                             or not self._queue):
+                    self._changed.wait()
+                if self._closing:
+                    return
+                future, call = self._queue.popleft()
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._driver = threading.get_ident()
+                self._current = future
+            # The future is settled after letting go, so its callbacks may
+            # call the engine again.
+            try:
+                values = self.runner.run(call, self._should_stop)
+            except BaseException as exc:
+                self._let_go()
+                future.set_exception(exc)
+                del future, call, exc     # release the caller's arrays now
+                continue
+            self._let_go()
+            try:
+                future.set_result(finish(call, values))
+            except BaseException as exc:  # combine raised
+                future.set_exception(exc)
+            del future, call, values
+
+    def _let_go(self) -> None:
+        with self._lock:
+            self._driver = None
+            self._current = None
+            if self._queue or self._closing:
+                self._changed.notify_all()
+            shutdown = self._close_on_release
+        if shutdown:
+            self._shutdown()
+
+    def _should_stop(self) -> BaseException | None:
+        """Asked by the driver when interrupted: the error to end the map
+        with, or None to go on."""
+        if self._closing:
+            return EngineClosedError(
+                "the engine was closed while this map ran; its workers were "
+                "stopped")
+        current = self._current
+        if current is not None and current.stop_requested:
+            return MapCancelledError(
+                "the map was stopped while running; its workers were replaced")
+        return None
+
+    def interrupt(self) -> None:
+        """Make the driver ask ``_should_stop`` soon.  Any thread."""
+        self.runner.interrupt()
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel queued calls, stop the running one, stop the pool, unlink
+        every block.  Idempotent; from any thread; a no-op in a forked child,
+        whose parent still owns everything."""
+        if os.getpid() != self._owner:
+            return
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._changed.notify_all()
+        for future, _ in queued:
+            future.cancel()
+        del queued
+        self.interrupt()
+        me = threading.get_ident()
+        with self._lock:
+            if self._driver == me:
+                # Closed from inside the driver (a finalizer run by garbage
+                # collection there): finish when it lets go.
+                self._close_on_release = True
+                return
+            deadline = time.monotonic() + timeout
+            while self._driver is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._changed.wait(left):
+                    break
+            stuck = self._driver is not None
+        if stuck:
+            warnings.warn("shmarray: a map did not stop within "
+                          f"{timeout:.0f} s of close(); its workers are killed",
+                          RuntimeWarning, stacklevel=3)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
+        for what, step in (("unlinking blocks", self.table.close),
+                           ("stopping workers", self.pool.close),
+                           ("closing the dispatcher", self.runner.close)):
+            try:
+                step()
+            except Exception as exc:
+                warnings.warn(f"shmarray: {what} failed: {exc!r}",
+                              RuntimeWarning, stacklevel=3)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        self._closed = True
+
+
+def finish(call: Call, values: list | None) -> Any:
+    """The call's result: the values combined in chunk order, for reduce."""
+    if call.combine is None:
+        return None
+    result = values[0]
+    for v in values[1:]:
+        result = call.combine(result, v)
+    return result
+
+
+class Runner:
+    """Runs one call on the pool: sends what each busy worker lacks, rings,
+    waits, collects values and errors.  Called by the driver only, except
+    ``interrupt``."""
+
+    def __init__(self, pool: Pool, table, cache: JobCache):
+        self.pool = pool
+        self.table = table
+        self.cache = cache
+        self.kernels = KernelTable()
+        self.defined: dict[int, frozenset[str]] = {}   # job key -> its blocks
+        self.dirty = False           # a map was abandoned half-way
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- from any thread ---------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Wake the driver wherever it waits: its spin watches ABORT, its
+        sleep the wake pipe."""
+        if self.pool.ctl.size:
+            control.store(self.pool.ctl, ABORT, 1)
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass           # already pending, or closed
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # -- the driver ----------------------------------------------------------------
+
+    def run(self, call: Call, should_stop: Callable[[], BaseException | None]) -> list | None:
+        """Run ``call``; its values in chunk order (reduce) or None.
+
+        Raises the earliest failing chunk's exception, WorkerCrashedError,
+        TaskTimeoutError, or what ``should_stop`` returns when interrupted;
+        every worker is idle or replaced when it returns, except after an
+        interruption of the cleanup itself, which the next run repairs.
+        """
+        job = call.job
+        self._should_stop = should_stop
+        if self.dirty:
+            self.pool.recover(self._wake_r, self._closing)
+            self.dirty = False
+        if self.table.has_released() or self.cache.forgotten:
+            self.tidy()
+        key, payload, evicted = self.kernels.entry(job.kernel)
+        if evicted:
+            self._forget(kernels=evicted)
+        groups = job.groups
+        if groups is None:
+            groups = job.groups = self._groups(job)
+            job.done_at = np.array([control.slot(w) + DONE for w, _, _ in groups],
+                                   np.int64)
+        busy = [self._provide(w, key, payload, job, call.args, indices, chunks)
+                for w, indices, chunks in groups]
+        self.pool.seq += 1
+        seq = self.pool.seq
+        if job.dynamic:
+            self.pool.ctl[NEXT] = 0
+            self.pool.ctl[STOP] = 0
+        self.dirty = True
+        try:
+            for w in busy:
+                self._ring(w, job, seq)
+            while True:
+                try:
+                    values = self._wait(busy, seq, call)
+                    break
+                except _NeverStarted as lost:
+                    # Dead before it took the ring (killed while idle):
+                    # nothing ran, so a fresh worker takes the same chunks.
+                    i = busy.index(lost.worker)
+                    self.pool.replace(lost.worker.index, wake=self._wake_r,
+                                      closing=self._closing)
+                    busy[i] = self._provide(*groups[i][:1], key, payload, job,
+                                            call.args, *groups[i][1:])
+                    self._ring(busy[i], job, seq)
+        except BaseException:
+            self._abandon(busy, seq)
+            raise
+        finally:
+            if not job.cached:
+                self.cache.forgotten.append(job.key)
+        self.dirty = False
+        if self.pool.max_tasks is not None:
+            self._recycle(busy, job.dynamic)
+        return values
+
+    def _groups(self, job) -> tuple:
+        """(worker, chunk indices, chunks) for each worker the job uses:
+        static, each its own group; dynamic, every worker all chunks."""
+        chunks = job.plan.chunks
+        if not job.dynamic:
+            return job.plan.groups
+        indices = tuple(range(len(chunks)))
+        return tuple((w, indices, chunks)
+                     for w in range(min(self.pool.size, len(chunks))))
+
+    def _ring(self, w: WorkerProcess, job, seq: int) -> None:
+        w.rung = seq
+        if control.ring(self.pool.ctl, w.at, job.key, w.sent, seq):
+            w.wake()
+
+    def _closing(self) -> bool:
+        return isinstance(self._should_stop(), EngineClosedError)
+
+    def tidy(self) -> None:
+        """Before a map: tell workers which blocks are gone and which jobs
+        are forgotten."""
+        released = self.table.take_released()
+        if released:
+            gone = set(released)
+            self.cache.drop_blocks(gone)
+            dropped = [k for k, b in self.defined.items() if b & gone]
+            for k in dropped:
+                del self.defined[k]
+            for w in self.pool.workers:
+                for k in dropped:
+                    w.jobs.pop(k, None)
+                self._send(w, Release(released))
+        forgotten = []
+        while self.cache.forgotten:
+            forgotten.append(self.cache.forgotten.popleft())
+        if forgotten:
+            self._forget(jobs=forgotten)
+
+    def _forget(self, kernels=(), jobs=()) -> None:
+        for k in jobs:
+            self.defined.pop(k, None)
+        for w in self.pool.workers:
+            ks = tuple(k for k in kernels if k in w.kernels)
+            js = tuple(k for k in jobs if k in w.jobs)
+            if ks or js:
+                w.kernels.difference_update(ks)
+                for k in js:
+                    del w.jobs[k]
+                self._send(w, Forget(ks, js))
+
+    def _send(self, w: WorkerProcess, msg) -> None:
+        """A message that matters only to a live worker."""
+        try:
+            w.send(msg)
+        except OSError:
+            pass            # dead: replaced before it is given work
+
+    def _provide(self, index: int, key: int, payload: bytes, job, args: tuple,
+                 indices: tuple, chunks: tuple) -> WorkerProcess:
+        """Worker ``index`` with the kernel, the job and ``args``; a worker
+        found dead while idle is replaced (nothing was lost)."""
+        w = self.pool.workers[index]
+        try:
+            if key not in w.kernels:
+                w.send(Install(key, payload))
+                w.kernels.add(key)
+            held = w.jobs.get(job.key)
+            if held is None:
+                bound = job.bind(args)
+                w.send(Define(job.key, key, job.descriptors, bound, job.halo,
+                              chunks, indices, job.want_values, job.dynamic))
+                w.jobs[job.key] = bound
+                self.defined[job.key] = job.blocks
+            elif held is not args and not same_args(held, args):
+                bound = job.bind(args)
+                w.send(Rebind(job.key, bound))
+                w.jobs[job.key] = bound
+            return w
+        except OSError:
+            self.dirty = True
+            self.pool.replace(index, wake=self._wake_r, closing=self._closing)
+            self.dirty = False
+            return self._provide(index, key, payload, job, args, indices, chunks)
+
+    def _wait(self, busy: list[WorkerProcess], seq: int, call: Call) -> list | None:
+        ctl = self.pool.ctl
+        done_at = call.job.done_at
+        now = time.monotonic()
+        deadline = None if call.timeout is None else now + call.timeout
+        spin_until = now + SPIN
+        # Asked-for progress shows even for a quick map: no spin then.
+        while call.progress is not True:
+            left = control.wait_done(ctl, done_at, seq, SPIN_ROUNDS)
+            if left == 0:
+                return self._collect(busy, seq, call)
+            if left < 0:
+                self._check_interrupt()
+            elif time.monotonic() > spin_until:
+                break
+        return self._sleep(busy, seq, call, done_at, deadline)
+
+    def _check_interrupt(self) -> None:
+        control.store(self.pool.ctl, ABORT, 0)
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except OSError:
+            pass
+        exc = self._should_stop()
+        if exc is not None:
+            raise exc
+
+    def _sleep(self, busy, seq, call, done_at, deadline) -> list | None:
+        """Wait asleep: on the busy workers' pipes and sentinels and the
+        wake pipe.  The last worker to finish wakes us."""
+        ctl = self.pool.ctl
+        poller = select.poll()
+        by_fd: dict[int, tuple[WorkerProcess | None, bool]] = {self._wake_r: (None, False)}
+        poller.register(self._wake_r, select.POLLIN)
+        for w in busy:
+            for fd, is_sentinel in ((w.results.fileno(), False), (w.sentinel, True)):
+                poller.register(fd, select.POLLIN)
+                by_fd[fd] = (w, is_sentinel)
+        inbox: dict[WorkerProcess, list] = {}
+        progress = None
+        if call.progress is not False:
+            progress = ChunkProgress(len(call.job.plan.chunks), call.progress,
+                                     getattr(call.job.kernel, "__name__", "map"))
+        try:
+            while True:
+                control.store(ctl, COORD_ASLEEP, 1)
+                left = control.wait_done(ctl, done_at, seq, 1)
+                if left == 0:
+                    break
+                if left < 0:
+                    self._check_interrupt()
+                    continue
+                waits = []
+                if deadline is not None:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise self._timed_out(busy, seq, call.timeout)
+                    waits.append(deadline - now)
+                if progress is not None:
+                    ahead = progress.wait()
+                    waits.append(0.2 if ahead is None else ahead)
+                ms = -1 if not waits else max(1, int(min(waits) * 1000) + 1)
+                events = poller.poll(ms)
+                control.store(ctl, COORD_ASLEEP, 0)
+                for fd, _ in events:
+                    w, is_sentinel = by_fd[fd]
+                    if w is None:
+                        self._check_interrupt()
+                    elif is_sentinel:
+                        poller.unregister(fd)
+                        at = control.slot(w.index)
+                        if ctl[at + DONE] >= seq:
+                            continue              # finished, then died
+                        if ctl[at + STARTED] < seq:
+                            raise _NeverStarted(w)
+                        raise self._crashed(w, busy, seq, call)
+                    else:
+                        self._read_into(w, inbox, poller, fd)
+                if progress is not None:
+                    progress.update_to(self._ran(busy, seq))
+        finally:
+            control.store(ctl, COORD_ASLEEP, 0)
+            if progress is not None:
+                progress.update_to(self._ran(busy, seq))
+                progress.close()
+        return self._collect(busy, seq, call, inbox)
+
+    def _ran(self, busy, seq: int) -> int:
+        """Chunks of ring ``seq`` done so far."""
+        ctl = self.pool.ctl
+        return sum(int(ctl[w.at + RAN]) for w in busy if ctl[w.at + STARTED] == seq)
+
+    @staticmethod
+    def _read_into(w: WorkerProcess, inbox: dict, poller, fd: int) -> None:
+        """Read what woke us: wake frames go, messages wait in ``inbox``."""
+        try:
+            data = w.results.recv_bytes()
+        except (EOFError, OSError):
+            poller.unregister(fd)          # dying: its sentinel will tell
+            return
+        if data:
+            inbox.setdefault(w, []).append(data)
+
+    def _collect(self, busy, seq, call, inbox=None) -> list | None:
+        """Every worker is done: read their replies, raise the earliest
+        failing chunk's error, or return the values in chunk order."""
+        job = call.job
+        ctl = self.pool.ctl
+        if not job.want_values:
+            for w in busy:
+                if ctl[w.at + REPLY]:
+                    break
+            else:
+                return None
+        values = [None] * len(job.plan.chunks) if job.want_values else None
+        problems = []
+        for w in busy:
+            waiting = int(ctl[w.at + REPLY])
+            held = (inbox or {}).get(w, [])
+            for i in range(waiting):
+                try:
+                    msg = decode(held[i]) if i < len(held) else w.recv()
+                except (EOFError, OSError):
+                    raise self._crashed(w, busy, seq, call) from None
+                if type(msg) is Failed:
+                    problems.append((msg.index, remote_exception(
+                        msg, w.pid, job.plan.chunks[msg.index]
+                        if msg.index >= 0 else None)))
+                elif type(msg) is Values and values is not None:
+                    for i_, v in zip(msg.indices, msg.values):
+                        values[i_] = v
+        if problems:
+            raise min(problems, key=lambda p: p[0])[1]
+        return values
+
+    def _timed_out(self, busy, seq, timeout) -> TaskTimeoutError:
+        stuck = self._unfinished(busy, seq)
+        pids = sorted(w.pid for w in stuck)
+        self._replace_all(stuck)
+        return TaskTimeoutError(
+            f"map did not finish within timeout={timeout} s; the workers "
+            f"still running (pids {pids}) have been replaced. A numba loop "
+            f"cannot be interrupted, so they were killed.", timeout)
+
+    def _crashed(self, dead: WorkerProcess, busy, seq, call) -> WorkerCrashedError:
+        """A worker died mid-map: the map fails at once, and the workers
+        still busy with its other chunks (maybe for hours) are replaced too."""
+        chunks = call.job.plan.chunks
+        death, exitcode = dead.describe_death(), dead.process.exitcode
+        k = int(self.pool.ctl[dead.at + CHUNK])
+        k = min(max(k, 0), len(chunks) - 1)
+        rows = chunks[k]
+        self._replace_all(self._unfinished(busy, seq) + [dead])
+        return WorkerCrashedError(
+            f"{death} while running rows {rows[0]}:{rows[1]} (chunk {k}). "
+            f"Likely causes: a segfault in the kernel (out-of-bounds indexing "
+            f"with boundscheck off), the out-of-memory killer, or "
+            f"os._exit/sys.exit in the kernel. The worker was replaced; the "
+            f"engine is usable.", pid=dead.pid, exitcode=exitcode, rows=rows)
+
+    def _unfinished(self, busy, seq) -> list[WorkerProcess]:
+        ctl = self.pool.ctl
+        return [w for w in busy if ctl[w.at + DONE] < seq]
+
+    def _replace_all(self, procs: list[WorkerProcess]) -> None:
+        """Kill ``procs`` and start their replacements (unless closing)."""
+        seen = set()
+        for w in procs:
+            if w.index in seen or self.pool.workers[w.index] is not w:
+                continue
+            seen.add(w.index)
+            w.kill()
+        if self._closing():
+            return
+        for index in seen:
+            self.pool.replace(index, wake=self._wake_r, closing=self._closing)
+
+    def _abandon(self, busy, seq) -> None:
+        """The map ends early (interrupted, timed out, crashed, stopped):
+        nothing of it may survive into the next map."""
+        self.dirty = True
+        stuck = [w for w in self._unfinished(busy, seq)
+                 if self.pool.workers[w.index] is w]
+        if stuck:
+            self._replace_all(stuck)
+        self.dirty = False
+
+    def _recycle(self, busy, dynamic: bool) -> None:
+        limit = self.pool.max_tasks
+        if limit is None:
+            return
+        ctl = self.pool.ctl
+        for w in busy:
+            if dynamic:
+                now = int(ctl[w.at + CHUNKS])
+                w.tasks_run += now - w.chunks_seen
+                w.chunks_seen = now
+            else:
+                w.tasks_run += 1
+            if w.tasks_run >= limit:
+                self.pool.replace(w.index, graceful=True, wake=self._wake_r,
+                                  closing=self._closing)
+
+
+def remote_exception(reply: Failed, pid: int, rows: tuple[int, int] | None) -> BaseException:
+    """The kernel's exception as itself, with the worker traceback as cause."""
+    exc: BaseException | None = None
+    if reply.error:
+        try:
+            exc = pickle.loads(reply.error)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = KernelError(f"{reply.type_name}: {reply.message}", reply.type_name)
+    exc.__cause__ = RemoteTraceback(reply.traceback)
+    where = f" on rows {rows[0]}:{rows[1]}" if rows is not None else ""
+    exc.add_note(f"raised by the kernel in worker {pid}{where}")
+    return exc
