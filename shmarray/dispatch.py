@@ -314,6 +314,7 @@ class Runner:
         self.kernels = KernelTable()
         self.defined: dict[int, frozenset[str]] = {}   # job key -> its blocks
         self.dirty = False           # a map was abandoned half-way
+        self._forgets = 0            # Forget and Release messages sent
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -348,28 +349,22 @@ class Runner:
         every worker is idle or replaced when it returns, except after an
         interruption of the cleanup itself, which the next run repairs.
         """
-        job = call.job
+        job, args = call.job, call.args
         self._should_stop = should_stop
-        if self.dirty:
-            self.pool.recover(self._wake_r, self._closing)
-            self.dirty = False
-        if self.table.has_released() or self.cache.forgotten:
-            self.tidy()
-        key, payload, evicted = self.kernels.entry(job.kernel)
-        if evicted:
-            self._forget(kernels=evicted)
-        groups = job.groups
-        if groups is None:
-            groups = job.groups = self._groups(job)
-            job.done_at = np.array([control.slot(w) + DONE for w, _, _ in groups],
-                                   np.int64)
-        busy = [self._provide(w, key, payload, job, call.args, indices, chunks)
-                for w, indices, chunks in groups]
-        self.pool.seq += 1
-        seq = self.pool.seq
+        # The lean path: this job ran before, every worker it uses still
+        # holds it with these arguments, and nothing is pending.  Then a map
+        # is a ring and a wait.
+        if (job.ready != self.generation or self.dirty or self.table.has_released()
+                or self.cache.forgotten
+                or not (args is job.ready_args or same_args(job.ready_args, args))):
+            self._prepare(job, args)
+        busy = job.busy
+        pool = self.pool
+        pool.seq += 1
+        seq = pool.seq
         if job.dynamic:
-            self.pool.ctl[NEXT] = 0
-            self.pool.ctl[STOP] = 0
+            pool.ctl[NEXT] = 0
+            pool.ctl[STOP] = 0
         self.dirty = True
         try:
             for w in busy:
@@ -382,10 +377,10 @@ class Runner:
                     # Dead before it took the ring (killed while idle):
                     # nothing ran, so a fresh worker takes the same chunks.
                     i = busy.index(lost.worker)
-                    self.pool.replace(lost.worker.index, wake=self._wake_r,
-                                      closing=self._closing)
-                    busy[i] = self._provide(*groups[i][:1], key, payload, job,
-                                            call.args, *groups[i][1:])
+                    self._replace(lost.worker.index)
+                    key, payload, _ = self.kernels.entry(job.kernel)
+                    w, indices, chunks = job.groups[i]
+                    busy[i] = self._provide(w, key, payload, job, args, indices, chunks)
                     self._ring(busy[i], job, seq)
         except BaseException:
             self._abandon(busy, seq)
@@ -394,9 +389,34 @@ class Runner:
             if not job.cached:
                 self.cache.forgotten.append(job.key)
         self.dirty = False
-        if self.pool.max_tasks is not None:
+        if pool.max_tasks is not None:
             self._recycle(busy, job.dynamic)
         return values
+
+    @property
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever a worker may have lost a job: a replacement, or
+        jobs and kernels forgotten."""
+        return (self.pool.generation, self._forgets)
+
+    def _prepare(self, job, args: tuple) -> None:
+        """Make every worker ``job`` uses hold it, its kernel and ``args``."""
+        if self.dirty:
+            self.pool.recover(self._wake_r, self._closing)
+            self.dirty = False
+        if self.table.has_released() or self.cache.forgotten:
+            self.tidy()
+        key, payload, evicted = self.kernels.entry(job.kernel)
+        if evicted:
+            self._forget(kernels=evicted)
+        if job.groups is None:
+            job.groups = self._groups(job)
+            job.done_at = np.array([control.slot(w) + DONE for w, _, _ in job.groups],
+                                   np.int64)
+        job.busy = [self._provide(w, key, payload, job, args, indices, chunks)
+                    for w, indices, chunks in job.groups]
+        job.ready = self.generation
+        job.ready_args = args
 
     def _groups(self, job) -> tuple:
         """(worker, chunk indices, chunks) for each worker the job uses:
@@ -426,6 +446,7 @@ class Runner:
             dropped = [k for k, b in self.defined.items() if b & gone]
             for k in dropped:
                 del self.defined[k]
+            self._forgets += 1
             for w in self.pool.workers:
                 for k in dropped:
                     w.jobs.pop(k, None)
@@ -437,6 +458,7 @@ class Runner:
             self._forget(jobs=forgotten)
 
     def _forget(self, kernels=(), jobs=()) -> None:
+        self._forgets += 1
         for k in jobs:
             self.defined.pop(k, None)
         for w in self.pool.workers:
@@ -477,9 +499,7 @@ class Runner:
                 w.jobs[job.key] = bound
             return w
         except OSError:
-            self.dirty = True
-            self.pool.replace(index, wake=self._wake_r, closing=self._closing)
-            self.dirty = False
+            self._replace(index)
             return self._provide(index, key, payload, job, args, indices, chunks)
 
     def _wait(self, busy: list[WorkerProcess], seq: int, call: Call) -> list | None:
@@ -658,7 +678,12 @@ class Runner:
         if self._closing():
             return
         for index in seen:
-            self.pool.replace(index, wake=self._wake_r, closing=self._closing)
+            self._replace(index)
+
+    def _replace(self, index: int, graceful: bool = False) -> WorkerProcess:
+        """A new worker in place of ``index``; interruptible by close()."""
+        return self.pool.replace(index, graceful, wake=self._wake_r,
+                                 closing=self._closing)
 
     def _abandon(self, busy, seq) -> None:
         """The map ends early (interrupted, timed out, crashed, stopped):
@@ -683,8 +708,7 @@ class Runner:
             else:
                 w.tasks_run += 1
             if w.tasks_run >= limit:
-                self.pool.replace(w.index, graceful=True, wake=self._wake_r,
-                                  closing=self._closing)
+                self._replace(w.index, graceful=True)
 
 
 def remote_exception(reply: Failed, pid: int, rows: tuple[int, int] | None) -> BaseException:

@@ -67,7 +67,8 @@ class Job:
 
     __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
                  "dynamic", "want_values", "blocks", "cached", "_refs",
-                 "groups", "done_at", "args_are_plain")
+                 "groups", "done_at", "args_are_plain", "busy", "ready",
+                 "ready_args")
 
     def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
                  args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool):
@@ -85,8 +86,14 @@ class Job:
         self.cached = False
         self._refs = tuple(weakref.ref(a) for a in arrays)
         self.args_are_plain = all(t is None for t in args)
-        self.groups = None      # the driver's: (worker, indices, chunks) each
-        self.done_at = None     # and the control words it waits on
+        # The driver's: (worker, indices, chunks) for each worker it uses,
+        # the control words it waits on, those workers, and the runner's
+        # generation and the args when they last all held this job.
+        self.groups = None
+        self.done_at = None
+        self.busy: list = []
+        self.ready = None
+        self.ready_args: tuple = ()
 
     def holds(self, arrays: tuple) -> bool:
         """Whether ``arrays`` are the very objects this job describes."""

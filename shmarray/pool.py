@@ -212,6 +212,7 @@ class Pool:
         self.start_method = start_method or DEFAULT_START_METHOD
         self.max_tasks = max_tasks
         self.seq = 0                    # the last ring given
+        self.generation = 0             # replacements so far
         self._ctx = get_context(start_method)
         self._owner = os.getpid()
         self._startup_timeout = startup_timeout
@@ -325,6 +326,7 @@ class Pool:
             old.close(0.0)
         # Installed before it is ready: an interruption now leaves a worker
         # that recover() waits for, never an orphan process.
+        self.generation += 1
         new = self.workers[index] = self._start(index)
         self._tell_watchdog()
         self.await_ready([new], wake, closing)
