@@ -20,14 +20,17 @@ one wakes it, a worker dies, the timeout passes, or somebody interrupts.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
+import multiprocessing.util  # noqa: F401  (its exit hook first: see _OPEN)
 import os
 import pickle
 import select
 import threading
 import time
 import warnings
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -89,6 +92,20 @@ class MapFuture(concurrent.futures.Future):
         return True
 
 
+# Every open dispatcher, closed at interpreter exit by a hook that runs
+# before multiprocessing's own: that one terminates daemonic children, which
+# a running map would take for crashed workers and replace, mid-shutdown.
+# (atexit runs hooks last-registered first, and multiprocessing.util has
+# registered its hook by the time this module is imported.)
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for dispatcher in list(_OPEN):
+        dispatcher.close()
+
+
 class Dispatcher:
     """Runs calls one at a time for every thread of one engine, and closes
     the engine's pool and blocks once.
@@ -110,6 +127,7 @@ class Dispatcher:
         self._closing = False
         self._closed = False
         self._close_on_release = False
+        _OPEN.add(self)
 
     @property
     def closing(self) -> bool:

@@ -94,6 +94,22 @@ def get_context(method: str | None) -> multiprocessing.context.BaseContext:
     return ctx
 
 
+class IgnoreInterrupts:
+    """Passed first among a child's arguments: unpickling it in the child
+    ignores SIGINT there, before the child runs any code of its own.
+
+    Ctrl-C in a terminal reaches the whole process group, children
+    included, and only the coordinator decides what it means.  A child of
+    the fork server starts with Python's default handler, so a Ctrl-C in its
+    first milliseconds would otherwise kill it with a traceback.  (A fork
+    child never unpickles its arguments; its entry point ignores SIGINT
+    first thing.)
+    """
+
+    def __reduce__(self):
+        return signal.signal, (signal.SIGINT, signal.SIG_IGN)
+
+
 class WorkerProcess:
     """One worker process, the coordinator's ends of its two pipes, and what
     the process holds.
@@ -117,9 +133,11 @@ class WorkerProcess:
         self.ready = False
         task_r, self.tasks = ctx.Pipe(duplex=False)
         self.results, result_w = ctx.Pipe(duplex=False)
+        self.closed = False
         self.process = ctx.Process(
             target=worker_module.main,
-            args=(task_r, result_w, owner_pid, index, control_block, close_fds),
+            args=(IgnoreInterrupts(), task_r, result_w, owner_pid, index,
+                  control_block, close_fds),
             name=f"shmarray-worker-{index}", daemon=True)
         try:
             self.process.start()
@@ -153,7 +171,7 @@ class WorkerProcess:
                 return decode(data)
 
     def alive(self) -> bool:
-        return self.process.exitcode is None
+        return not self.closed and self.process.exitcode is None
 
     def describe_death(self) -> str:
         self.process.join(1.0)
@@ -170,6 +188,8 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """End the process now (it may be deep in a numba loop)."""
+        if self.closed:
+            return
         if self.process.exitcode is None:
             try:
                 self.process.kill()
@@ -178,7 +198,10 @@ class WorkerProcess:
         self.process.join(5.0)
 
     def close(self, timeout: float) -> None:
-        """Stop the process (politely if ``timeout``), close the pipes."""
+        """Stop the process (politely if ``timeout``), close the pipes.
+        Idempotent."""
+        if self.closed:
+            return
         if timeout and self.process.exitcode is None:
             self.process.join(timeout)
         if self.process.exitcode is None:
@@ -188,6 +211,7 @@ class WorkerProcess:
         self.tasks.close()
         self.results.close()
         self.process.close()
+        self.closed = True
 
 
 class Pool:
@@ -222,7 +246,7 @@ class Pool:
                 control.words(n_workers) * 8)
             self.ctl = control.new_words(mapping)
             self._watchdog = watchdog.Watchdog(self._ctx, self._owner,
-                                               self._forked_fds)
+                                               self._forked_fds, IgnoreInterrupts())
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)

@@ -36,7 +36,7 @@ class Workers(NamedTuple):
 BYE = "bye"
 
 
-def main(lifeline, owner_pid: int, close_fds: tuple[int, ...] = ()) -> None:
+def main(_ignoring, lifeline, owner_pid: int, close_fds: tuple[int, ...] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the coordinator decides
     for fd in close_fds:                           # our own copy of the write end
         try:
@@ -75,11 +75,12 @@ class Watchdog:
     process = None
     _lifeline = None
 
-    def __init__(self, ctx, owner_pid: int, inherited_fds):
-        """``inherited_fds()``: descriptors a forked child must close."""
+    def __init__(self, ctx, owner_pid: int, inherited_fds, ignore_interrupts):
+        """``inherited_fds()``: descriptors a forked child must close;
+        ``ignore_interrupts``: see ``pool.IgnoreInterrupts``."""
         life_r, self._lifeline = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
-            target=main, args=(life_r, owner_pid, inherited_fds()),
+            target=main, args=(ignore_interrupts, life_r, owner_pid, inherited_fds()),
             name="shmarray-watchdog", daemon=True)
         try:
             self.process.start()

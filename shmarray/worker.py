@@ -343,12 +343,13 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
     return Failed(seq, index, error, type(exc).__qualname__, str(exc), tb)
 
 
-def main(tasks, results, owner_pid: int, index: int, control_block: str,
-         close_fds: tuple[int, ...] = ()) -> None:
+def main(_ignoring, tasks, results, owner_pid: int, index: int,
+         control_block: str, close_fds: tuple[int, ...] = ()) -> None:
     """Worker entry point; ``tasks`` and ``results`` are one-way Connections,
     ``control_block`` the name of the engine's control block.
-    ``close_fds``: descriptors inherited through fork that must not stay open
-    here (the watchdog's lifeline)."""
+    ``_ignoring``: what ``pool.IgnoreInterrupts`` left (SIGINT is already
+    ignored, except under fork).  ``close_fds``: descriptors inherited
+    through fork that must not stay open here (the watchdog's lifeline)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in close_fds:
         try:
@@ -358,5 +359,8 @@ def main(tasks, results, owner_pid: int, index: int, control_block: str,
     limit_threads()
     ctl = control.new_words(blocks.attach(control_block))
     worker = _Worker(owner_pid, index, ctl, tasks, results)
-    results.send_bytes(encode(Ready(os.getpid())))
+    try:
+        results.send_bytes(encode(Ready(os.getpid())))
+    except OSError:
+        return      # the coordinator gave up on us while we started
     worker.loop()

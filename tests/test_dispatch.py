@@ -1,0 +1,185 @@
+"""The dispatch layer under attack, each victim observed from outside in a
+child interpreter: close() from another thread, interpreter exit with a map
+running, a worker killed while idle, two Ctrl-C in a row."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+from numba import njit
+
+import shmarray
+
+from conftest import run_python
+from test_lifecycle import _gone, _report
+
+HOLD = """
+import os, sys, threading, time
+import numpy as np
+import shmarray
+from numba import njit
+
+@njit
+def hold(flag):
+    flag[0] = 1.0                 # running: whoever waits for it may act
+    while flag[1] == 0.0:         # until released (never, in these tests)
+        pass
+
+@njit
+def scale(x, s):
+    for i in range(x.shape[0]):
+        x[i] *= s
+
+def wait_running(flag):
+    while flag[0] == 0.0:
+        time.sleep(0.001)
+"""
+
+
+def test_close_from_another_thread_ends_the_running_map():
+    code = HOLD + textwrap.dedent("""
+        eng = shmarray.Engine(workers=2)
+        flag = eng.zeros(2)
+        print("pids:", *eng.worker_pids)
+        print("blocks:", *[b.name for b in eng.blocks])
+        took = []
+
+        def closer():
+            wait_running(flag)
+            started = time.monotonic()
+            eng.close()
+            took.append(time.monotonic() - started)
+
+        threading.Thread(target=closer).start()
+        started = time.process_time()
+        try:
+            eng.map(hold, flag, chunks=1)
+        except shmarray.EngineClosedError as exc:
+            print("map ended:", type(exc).__name__)
+        while not took:                 # the closer thread is still in close()
+            time.sleep(0.001)
+        print("close took:", took[0])
+        print("cpu:", time.process_time() - started)
+    """)
+    proc = run_python(code, timeout=60)
+    assert "map ended: EngineClosedError" in proc.stdout
+    took = float(proc.stdout.split("close took:")[1].split()[0])
+    assert took < 1.5, proc.stdout
+    pids, names = _report(proc.stdout)
+    assert _gone(pids, names)
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("run", range(8))
+def test_exit_with_a_submitted_map_running_is_clean(run):
+    code = HOLD + textwrap.dedent("""
+        eng = shmarray.Engine(workers=2)
+        flag = eng.zeros(2)
+        future = eng.submit(hold, flag, chunks=1)
+        wait_running(flag)
+        print("pids:", *eng.worker_pids)
+        print("blocks:", *[b.name for b in eng.blocks])
+        # the interpreter exits with the map running and the engine open
+    """)
+    started = time.monotonic()
+    proc = run_python(code, timeout=60)
+    assert time.monotonic() - started < 30
+    pids, names = _report(proc.stdout)
+    assert len(pids) == 2 and names
+    assert _gone(pids, names)
+    assert proc.stderr == ""
+
+
+@njit
+def scale(x, s):
+    for i in range(x.shape[0]):
+        x[i] *= s
+
+
+@pytest.mark.breaks_things
+@pytest.mark.parametrize("same_args", [True, False])
+def test_a_worker_killed_while_idle_is_replaced_without_losing_the_map(same_args):
+    with shmarray.Engine(workers=2) as eng:
+        x = eng.from_numpy(np.ones(10))
+        eng.map(scale, x, args=(2.0,))          # both workers hold the kernel
+        victim = eng.worker_pids[0]
+        os.kill(victim, signal.SIGKILL)
+        psutil.Process(victim).wait(10)         # dead before the next map
+        eng.map(scale, x, args=(2.0 if same_args else 3.0,))
+        assert np.array_equal(x, np.full(10, 4.0 if same_args else 6.0))
+        assert victim not in eng.worker_pids
+        del x
+
+
+TWO_CTRL_C = HOLD + textwrap.dedent("""
+    import signal
+    hits = []
+
+    def ctrl_c(sig, frame):           # Python's own behaviour, counted
+        hits.append(1)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, ctrl_c)
+
+    def cell(code):
+        \"\"\"Run one step as a REPL runs a cell: Ctrl-C ends the cell, not
+        the session.\"\"\"
+        try:
+            try:
+                code()
+            except KeyboardInterrupt:
+                pass
+        except KeyboardInterrupt:
+            pass
+
+    def until_second():
+        while len(hits) < 2:
+            time.sleep(0.001)
+
+    with shmarray.Engine(workers=2) as eng:
+        flag = eng.zeros(2)
+        x = eng.from_numpy(np.ones(10))
+        eng.map(scale, x, args=(2.0,))
+        print("pids:", *eng.worker_pids, flush=True)
+        print("blocks:", *[b.name for b in eng.blocks], flush=True)
+        threading.Thread(target=lambda: (wait_running(flag),
+                                         print("running", flush=True))).start()
+        cell(lambda: eng.map(hold, flag, chunks=1))   # the first lands here,
+        cell(until_second)                            # the second wherever
+        eng.map(scale, x, args=(2.0,))
+        print("after:", x.tolist(), flush=True)
+        print("pids:", *eng.worker_pids, flush=True)
+""")
+
+
+@pytest.mark.breaks_things
+@pytest.mark.parametrize("gap", [0.01, 0.03, 0.05])
+def test_two_quick_ctrl_c_leave_the_engine_usable(gap):
+    proc = subprocess.Popen([sys.executable, "-c", TWO_CTRL_C], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("running") or not line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C, and again soon after
+    time.sleep(gap)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, (out, err)
+    assert "after: " + str([4.0] * 10) in out
+    every_pid = [int(p) for line in out.splitlines() if line.startswith("pids:")
+                 for p in line.split()[1:]]
+    _, names = _report(out)
+    assert _gone(every_pid, names)
+    assert err == ""
