@@ -13,6 +13,7 @@ import pytest
 from numba import njit
 
 import shmarray
+from shmarray import control
 
 
 @njit
@@ -40,20 +41,19 @@ def bump(x):
 def wait_for_release(flag, limit):
     """Sets flag[0] when it starts, then runs until flag[1] is set (or for
     ``limit`` rounds): a kernel the test can see running and let go.  Run
-    it as one chunk (``chunks=1``): it reads both rows."""
-    flag[0] = 1.0
-    acc = 0.0
+    it as one chunk (``chunks=1``): it reads both rows.  ``flag`` holds
+    int64, read with an atomic load so the compiler cannot hoist it."""
+    flag[0] = 1
     for i in range(limit):
-        if flag[1] != 0.0:
+        if control.load(flag, 1) != 0:
             break
-        acc = acc * 0.999999 + 1.0
-    return acc
+    return 0.0
 
 
 def wait_until_set(flag, timeout: float = 30.0) -> bool:
     """Poll the flag the kernel sets in shared memory."""
     deadline = time.monotonic() + timeout
-    while flag[0] == 0.0:
+    while flag[0] == 0:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.001)
@@ -128,7 +128,7 @@ def own_engine():
 
 def test_cancel_follows_the_future_contract_and_stop_ends_a_running_map(own_engine):
     engine = own_engine
-    flag = engine.zeros(2)
+    flag = engine.zeros(2, np.int64)
     before = engine.worker_pids
     future = engine.submit(wait_for_release, flag, args=(FOREVER,), chunks=1)
     assert wait_until_set(flag)               # the kernel is running
@@ -179,13 +179,13 @@ def test_map_async_keeps_the_event_loop_responsive(engine):
 def test_cancelling_the_task_stops_the_map(own_engine):
     engine = own_engine
     x = engine.zeros(4)
-    flag = engine.zeros(2)
+    flag = engine.zeros(2, np.int64)
     before = engine.worker_pids
 
     async def main():
         task = asyncio.create_task(engine.map_async(wait_for_release, flag,
                                                     args=(FOREVER,), chunks=1))
-        while flag[0] == 0.0:                  # until the kernel runs
+        while flag[0] == 0:                    # until the kernel runs
             await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -200,7 +200,7 @@ def test_cancelling_the_task_stops_the_map(own_engine):
 
 def test_close_cancels_queued_maps_and_ends_the_running_one():
     eng = shmarray.Engine(workers=2)
-    flag = eng.zeros(2)
+    flag = eng.zeros(2, np.int64)
     running = eng.submit(wait_for_release, flag, args=(FOREVER,), chunks=1)
     queued = [eng.submit(bump, flag) for _ in range(3)]
     assert wait_until_set(flag)
@@ -216,7 +216,7 @@ def test_close_cancels_queued_maps_and_ends_the_running_one():
 
 
 def test_submit_returns_at_once_while_a_map_runs(engine):
-    flag = engine.zeros(2)
+    flag = engine.zeros(2, np.int64)
     x = engine.zeros(4)
     first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
     assert wait_until_set(flag)               # the first map is running
@@ -224,7 +224,7 @@ def test_submit_returns_at_once_while_a_map_runs(engine):
     second = engine.submit(bump, x)
     took = time.perf_counter() - started
     assert not first.done() and not second.done()
-    flag[1] = 1.0                             # let the first map finish
+    flag[1] = 1                             # let the first map finish
     first.result(timeout=60)
     second.result(timeout=60)
     assert took < 0.05, took
@@ -233,7 +233,7 @@ def test_submit_returns_at_once_while_a_map_runs(engine):
 
 
 def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
-    flag = engine.zeros(2)
+    flag = engine.zeros(2, np.int64)
     x = engine.zeros(4)
     first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
     assert wait_until_set(flag)
@@ -241,7 +241,7 @@ def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
     waiter.start()
     waiter.join(0.2)
     assert waiter.is_alive() and x[0] == 0.0     # queued behind the first
-    flag[1] = 1.0
+    flag[1] = 1
     waiter.join(60)
     assert not waiter.is_alive() and first.done()
     assert np.all(x == 1.0)
