@@ -372,8 +372,8 @@ class Runner:
         # The lean path: this job ran before, every worker it uses still
         # holds it with these arguments, and nothing is pending.  Then a map
         # is a ring and a wait.
-        if (job.ready != self.generation or self.dirty or self.table.has_released()
-                or self.cache.forgotten
+        if (job.ready != self._forgets or job.ready_pool != self.pool.generation
+                or self.dirty or self.table.has_released() or self.cache.forgotten
                 or not (args is job.ready_args or same_args(job.ready_args, args))):
             self._prepare(job, args)
         busy = job.busy
@@ -411,12 +411,6 @@ class Runner:
             self._recycle(busy, job.dynamic)
         return values
 
-    @property
-    def generation(self) -> tuple[int, int]:
-        """Changes whenever a worker may have lost a job: a replacement, or
-        jobs and kernels forgotten."""
-        return (self.pool.generation, self._forgets)
-
     def _prepare(self, job, args: tuple) -> None:
         """Make every worker ``job`` uses hold it, its kernel and ``args``."""
         if self.dirty:
@@ -433,8 +427,8 @@ class Runner:
                                    np.int64)
         job.busy = [self._provide(w, key, payload, job, args, indices, chunks)
                     for w, indices, chunks in job.groups]
-        job.ready = self.generation
-        job.ready_args = args
+        # Valid until a worker is replaced or something is forgotten.
+        job.ready, job.ready_pool, job.ready_args = self._forgets, self.pool.generation, args
 
     def _groups(self, job) -> tuple:
         """(worker, chunk indices, chunks) for each worker the job uses:

@@ -68,7 +68,7 @@ class Job:
     __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
                  "dynamic", "want_values", "blocks", "cached", "_refs",
                  "groups", "done_at", "args_are_plain", "busy", "ready",
-                 "ready_args")
+                 "ready_pool", "ready_args")
 
     def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
                  args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool):
@@ -87,12 +87,12 @@ class Job:
         self._refs = tuple(weakref.ref(a) for a in arrays)
         self.args_are_plain = all(t is None for t in args)
         # The driver's: (worker, indices, chunks) for each worker it uses,
-        # the control words it waits on, those workers, and the runner's
-        # generation and the args when they last all held this job.
+        # the control words it waits on, those workers, and the runner's and
+        # the pool's generations and the args when they last all held it.
         self.groups = None
         self.done_at = None
         self.busy: list = []
-        self.ready = None
+        self.ready = self.ready_pool = -1
         self.ready_args: tuple = ()
 
     def holds(self, arrays: tuple) -> bool:
