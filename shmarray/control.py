@@ -16,9 +16,10 @@ spinning on its ring never shares a line with another worker's writes::
     line 1          NEXT, STOP                   dynamic chunks: workers take
     line 2          ABORT                        coordinator only
     worker i, then:
-      line a        RING, JOB, PIPED             coordinator writes
+      line a        RING, JOB, PIPED, STEPS      coordinator writes
       line b        DONE, REPLY, ASLEEP, CHUNK,  worker writes
-                    CHUNKS, BUSY_NS, STARTED, RAN
+                    CHUNKS, BUSY_NS, STARTED, RAN,
+                    STEP
 
 A worker and the coordinator never sleep on each other by mistake: the
 sleeper stores its ASLEEP flag and then re-reads the word it waits for; the
@@ -49,13 +50,27 @@ ABORT = 2 * LINE                # close() or stop(): the waiting driver returns
 _WORKERS_AT = 3 * LINE
 _PER_WORKER = 2 * LINE
 # offsets in a worker's coordinator line
-RING, JOB, PIPED = 0, 1, 2
+RING, JOB, PIPED, STEPS = 0, 1, 2, 3
 # offsets in a worker's own line
 # DONE: the last ring answered; REPLY: messages sent on the results pipe for
 # it; CHUNK: the chunk running (or last run); CHUNKS, BUSY_NS: totals for the
-# process's life; STARTED: the last ring taken; RAN: chunks done of it.
-DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN = (
-    LINE + k for k in range(8))
+# process's life; STARTED: the last ring taken; RAN: chunks done of it;
+# STEP: steps of an iterated job done, as ``step_word(ring, step)``.
+DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP = (
+    LINE + k for k in range(9))
+
+STEP_BITS = 24
+STEP_LIMIT = (1 << STEP_BITS) - 1   # steps per iterated call: fewer than this
+
+
+def step_word(seq: int, step: int) -> int:
+    """What a worker's STEP word holds once it has done ``step`` steps of
+    ring ``seq``: ordered across rings, so an older ring's count is less.
+
+    >>> step_word(3, 0) < step_word(3, 1) < step_word(4, 0)
+    True
+    """
+    return (seq << STEP_BITS) | step
 
 
 def words(n_workers: int) -> int:
@@ -225,13 +240,29 @@ def new_words(buffer) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.int64)
 
 
-@njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64),
-      **_OPTS)
-def ring(ctl, at, job, piped, seq):
-    """Give the worker whose lines start at ``at`` job ``job``, after
-    ``piped`` pipe messages, as ring ``seq``; returns 1 if it is asleep (wake
-    it through its pipe), else 0."""
+@njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64,
+                  types.int64), **_OPTS)
+def ring(ctl, at, job, piped, steps, seq):
+    """Give the worker whose lines start at ``at`` job ``job`` (``steps``
+    times, for an iterated job), after ``piped`` pipe messages, as ring
+    ``seq``; returns 1 if it is asleep (wake it through its pipe), else 0."""
     _store(ctl, at + JOB, job)
     _store(ctl, at + PIPED, piped)
+    _store(ctl, at + STEPS, steps)
     _store(ctl, at + RING, seq)
     return _load(ctl, at + ASLEEP)
+
+
+@njit(types.void(_words, types.Array(types.int64, 1, "C"), types.int64), **_OPTS)
+def wait_steps(ctl, at, target):
+    """Spin until the STEP word of every worker in ``at`` is at least
+    ``target``: an iterated job's neighbours have finished the step whose
+    rows this worker reads next.  A neighbour that dies makes the
+    coordinator stop this worker too, so the wait needs no way out."""
+    for i in range(at.shape[0]):
+        k = 0
+        while _load(ctl, at[i] + STEP) < target:
+            _relax()
+            k += 1
+            if k % YIELD_EVERY == 0:
+                _sched_yield()

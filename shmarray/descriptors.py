@@ -161,7 +161,10 @@ class Define(NamedTuple):
     Every array in ``arrays`` is passed as rows [lo - halo, hi + halo);
     descriptors inside ``args`` are passed whole.  ``indices`` are the
     chunks' positions in the whole map, for values and errors.  Arrays
-    travel as ``ArrayDescriptor.wire`` tuples.
+    travel as ``ArrayDescriptor.wire`` tuples.  An iterated job swaps its
+    first two arrays after every step and, before each step, waits for the
+    workers whose control lines start at ``neighbours`` (those holding the
+    rows next to its own) to finish the previous one.
     """
     job: int
     kernel: int
@@ -172,6 +175,8 @@ class Define(NamedTuple):
     indices: tuple[int, ...]
     want_values: bool
     dynamic: bool
+    iterated: bool = False
+    neighbours: tuple[int, ...] = ()
 
 
 class Rebind(NamedTuple):

@@ -380,13 +380,13 @@ class Runner:
         pool = self.pool
         pool.seq += 1
         seq = pool.seq
-        if job.dynamic:
+        if job.dynamic or job.iterated:
             pool.ctl[NEXT] = 0
             pool.ctl[STOP] = 0
         self.dirty = True
         try:
             for w in busy:
-                self._ring(w, job, seq)
+                self._ring(w, job, seq, call.steps)
             while True:
                 try:
                     values = self._wait(busy, seq, call)
@@ -399,7 +399,7 @@ class Runner:
                     key, payload, _ = self.kernels.entry(job.kernel)
                     w, indices, chunks = job.groups[i]
                     busy[i] = self._provide(w, key, payload, job, args, indices, chunks)
-                    self._ring(busy[i], job, seq)
+                    self._ring(busy[i], job, seq, call.steps)
         except BaseException:
             self._abandon(busy, seq)
             raise
@@ -428,7 +428,9 @@ class Runner:
         job.busy = [self._provide(w, key, payload, job, args, indices, chunks)
                     for w, indices, chunks in job.groups]
         # Valid until a worker is replaced or something is forgotten.
-        job.ready, job.ready_pool, job.ready_args = self._forgets, self.pool.generation, args
+        # (Bound, so the job holds descriptors, never the caller's arrays.)
+        job.ready, job.ready_pool = self._forgets, self.pool.generation
+        job.ready_args = job.bind(args)
 
     def _groups(self, job) -> tuple:
         """(worker, chunk indices, chunks) for each worker the job uses:
@@ -440,9 +442,21 @@ class Runner:
         return tuple((w, indices, chunks)
                      for w in range(min(self.pool.size, len(chunks))))
 
-    def _ring(self, w: WorkerProcess, job, seq: int) -> None:
+    @staticmethod
+    def _neighbours(job, index: int) -> tuple[int, ...]:
+        """Where the control lines start of the workers holding the rows
+        next to worker ``index``'s in an iterated job with a halo: it reads
+        their rows, and they read its."""
+        if not job.iterated or not job.halo:
+            return ()
+        order = [w for w, _, _ in job.groups]      # groups run in row order
+        i = order.index(index)
+        return tuple(control.slot(w) for w in order[max(i - 1, 0):i + 2]
+                     if w != index)
+
+    def _ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:
         w.rung = seq
-        if control.ring(self.pool.ctl, w.at, job.key, w.sent, seq):
+        if control.ring(self.pool.ctl, w.at, job.key, w.sent, steps, seq):
             w.wake()
 
     def _closing(self) -> bool:
@@ -502,7 +516,8 @@ class Runner:
             if held is None:
                 bound = job.bind(args)
                 w.send(Define(job.key, key, job.descriptors, bound, job.halo,
-                              chunks, indices, job.want_values, job.dynamic))
+                              chunks, indices, job.want_values, job.dynamic,
+                              job.iterated, self._neighbours(job, index)))
                 w.jobs[job.key] = bound
                 self.defined[job.key] = job.blocks
             elif held is not args and not same_args(held, args):
@@ -556,7 +571,7 @@ class Runner:
         inbox: dict[WorkerProcess, list] = {}
         progress = None
         if call.progress is not False:
-            progress = ChunkProgress(len(call.job.plan.chunks), call.progress,
+            progress = ChunkProgress(len(call.job.plan.chunks) * call.steps, call.progress,
                                      getattr(call.job.kernel, "__name__", "map"))
         try:
             while True:

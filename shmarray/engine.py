@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from shmarray.blocks import Block, BlockTable
+from shmarray.control import STEP_LIMIT
 from shmarray.descriptors import ArrayDescriptor, describe
 from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import EngineClosedError
@@ -196,6 +197,34 @@ class Engine:
                              schedule, progress, check_combine(combine))
         return d.run(call)
 
+    def iterate(self, kernel: Callable, out: np.ndarray, inp: np.ndarray,
+                *arrays: np.ndarray, steps: int, args: Sequence = (), halo: int = 0,
+                chunks=None, timeout: float | None = None,
+                progress: bool | None = None) -> np.ndarray:
+        """``steps`` steps of a double-buffered map, run inside the workers:
+        the same as, and bit-identical to, ::
+
+            for _ in range(steps):
+                eng.map(kernel, out, inp, *arrays, args=args, halo=halo, chunks=chunks)
+                out, inp = inp, out
+
+        but with no round trip to this process between steps: before each
+        step a worker waits only for the workers holding the rows next to
+        its own (``halo`` of them) to finish the previous one.  Returns the
+        array holding the last step's output (``out`` after an odd number of
+        steps, ``inp`` after an even one).  The kernel must read no more of
+        ``inp`` than its chunk and halo, as a stencil does; ``timeout``
+        covers all the steps.
+        """
+        steps = coerce_steps(steps)
+        if steps == 0:
+            self._live()
+            return inp
+        d, call = self._call(kernel, (out, inp) + arrays, args, halo, chunks,
+                             timeout, "iterate", progress, None, steps)
+        d.run(call)
+        return out if steps % 2 else inp
+
     def compare(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                 halo: int = 0, chunks=None, schedule: str = "static",
                 repeat: int = 5, reduce: bool = False,
@@ -219,7 +248,7 @@ class Engine:
                        combine=combine)
 
     def _call(self, kernel, arrays, args, halo, chunks, timeout, schedule,
-              progress, combine) -> tuple[Dispatcher, Call]:
+              progress, combine, steps: int = 1) -> tuple[Dispatcher, Call]:
         """Check everything in the caller's thread, before anything is sent.
         A repeat of an earlier call is recognised by its signature and
         skips the checks that cannot have changed."""
@@ -238,7 +267,7 @@ class Engine:
             raise TypeError(f"progress must be True, False or None (show after "
                             f"about a second); got {progress!r} instead.")
         return d, Call(job, args if type(args) is tuple else tuple(args), timeout,
-                       progress, combine)
+                       progress, combine, steps)
 
     def _new_job(self, d: Dispatcher, kernel, arrays, args, halo, chunks,
                  schedule, want_values) -> Job:
@@ -246,15 +275,18 @@ class Engine:
         descriptors = describe_arrays(arrays, d.table)
         described = describe_args(args, d.table)
         halo = coerce_halo(halo)
-        dynamic = coerce_schedule(schedule)
+        iterated = schedule == "iterate"
+        dynamic = not iterated and coerce_schedule(schedule)
         where = plan_for(arrays[0].shape[0], chunks, halo, d.pool.size, dynamic)
         # The arrays the job describes, including shared ones among the args
         # (those, and only those, become descriptors in its template).
         refs = tuple(arrays) + tuple(a for a in args if type(a) is np.ndarray)
         template = tuple(d if isinstance(a, np.ndarray) and type(d) is ArrayDescriptor
                          else None for a, d in zip(args, described))
+        if iterated:
+            check_swappable(arrays[0], arrays[1])
         return Job(self._cache.new_key(), kernel, refs, descriptors, template,
-                   halo, where, dynamic, want_values)
+                   halo, where, dynamic, want_values, iterated)
 
     # -- non-blocking ------------------------------------------------------
 
@@ -425,6 +457,37 @@ def coerce_timeout(timeout: object) -> float | None:
     if not timeout > 0:
         raise ValueError(f"timeout must be positive (seconds); got {timeout!r} instead.")
     return float(timeout)
+
+
+def coerce_steps(steps: object) -> int:
+    """
+    >>> coerce_steps(10)
+    10
+    >>> coerce_steps(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: steps must be a non-negative int below 16777215; got -1 instead.
+    """
+    if not _is_int(steps):
+        raise TypeError(f"steps must be an int (how many steps to run); got "
+                        f"{steps!r} of type {type(steps).__name__} instead.")
+    if not 0 <= steps < STEP_LIMIT:
+        raise ValueError(f"steps must be a non-negative int below {STEP_LIMIT}; "
+                         f"got {steps!r} instead.")
+    return int(steps)
+
+
+def check_swappable(out: np.ndarray, inp: np.ndarray) -> None:
+    """``iterate`` swaps its first two arrays: they must be interchangeable."""
+    if out.shape != inp.shape or out.dtype != inp.dtype:
+        raise ValueError(
+            f"iterate swaps out and inp after every step, so they need the same "
+            f"shape and dtype; got {out.shape} {out.dtype} and {inp.shape} "
+            f"{inp.dtype}.")
+    if np.shares_memory(out, inp):
+        raise ValueError(
+            "iterate needs out and inp to be separate arrays (double "
+            "buffering); they overlap in memory.")
 
 
 def coerce_schedule(schedule: object) -> bool:

@@ -66,13 +66,15 @@ class Job:
     """
 
     __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
-                 "dynamic", "want_values", "blocks", "cached", "_refs",
+                 "dynamic", "iterated", "want_values", "blocks", "cached", "_refs",
                  "groups", "done_at", "args_are_plain", "busy", "ready",
                  "ready_pool", "ready_args")
 
     def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
-                 args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool):
-        """``args``: the template (see above)."""
+                 args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool,
+                 iterated: bool = False):
+        """``args``: the template (see above); ``iterated``: swap the first
+        two arrays after each of several steps (``Engine.iterate``)."""
         self.key = key
         self.kernel = kernel
         self.descriptors = descriptors
@@ -80,6 +82,7 @@ class Job:
         self.halo = halo
         self.plan = plan
         self.dynamic = dynamic
+        self.iterated = iterated
         self.want_values = want_values
         self.blocks = frozenset([d.block for d in descriptors] + [
             a.block for a in self.args if a is not None])
@@ -115,6 +118,7 @@ class Call(NamedTuple):
     timeout: float | None
     progress: bool | None
     combine: Callable | None
+    steps: int = 1            # an iterated job's steps
 
 
 # Plain values that compare cheaply and exactly; anything else (a list, a

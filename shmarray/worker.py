@@ -28,7 +28,7 @@ import threadpoolctl
 
 from shmarray import blocks, control
 from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
-                              RING, STARTED, STOP)
+                              RING, STARTED, STEP, STEPS, STOP, step_word)
 from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
                                   Install, Ready, Rebind, Release, Stop, Values,
                                   decode, encode, load_kernel)
@@ -84,19 +84,22 @@ class _Unloadable:
 
 class _Job:
     """A defined job: the kernel and, for each chunk, its ready-made
-    arguments (slicing views again on every call cost 1 us an array)."""
+    arguments (slicing views again on every call cost 1 us an array); for
+    an iterated job, also with its first two arrays swapped."""
 
-    __slots__ = ("kernel", "spec", "calls", "blocks")
+    __slots__ = ("kernel", "spec", "calls", "swapped", "blocks", "neighbours")
 
     def __init__(self, kernel, spec: Define, views: list, args: tuple):
         self.kernel = kernel
         self.spec = spec
+        self.neighbours = np.array(spec.neighbours, np.int64)
         self.bind(views, args)
 
     def bind(self, views: list, args: tuple) -> None:
         h = self.spec.halo
         self.calls = [tuple(v[lo - h:hi + h] for v in views) + args
                       for lo, hi in self.spec.chunks]
+        self.swapped = [(c[1], c[0]) + c[2:] for c in self.calls] if self.spec.iterated else None
 
 
 class Mappings:
@@ -254,39 +257,66 @@ class _Worker:
             self.send(failure(seq, -1, RuntimeError(
                 f"worker {os.getpid()} has no job {key}")))
             sent = 1
+        elif job.spec.iterated:
+            sent, ran = self.iterate(job, seq, int(ctl[at + STEPS]))
         else:
-            spec, kernel, calls = job.spec, job.kernel, job.calls
-            values = [] if spec.want_values else None
-            done = []
-            n = len(calls)
-            k = -1
-            while True:
-                if spec.dynamic:
-                    k = control.fetch_add(ctl, NEXT, 1)
-                    if k >= n or control.load(ctl, STOP):
-                        break
-                else:
-                    k += 1
-                    if k >= n:
-                        break
-                ctl[at + CHUNK] = spec.indices[k]
-                try:
-                    value = kernel(*calls[k])
-                except Exception as exc:
-                    self.send(failure(seq, spec.indices[k], exc))
-                    sent += 1
-                    if spec.dynamic:
-                        control.store(ctl, STOP, 1)
-                    break
-                ran += 1
-                ctl[at + RAN] = ran
-                if values is not None:
-                    values.append(value)
-                    done.append(spec.indices[k])
-            if values:
-                sent += self.send_values(seq, done, values)
+            sent, ran = self.chunks(job, seq, job.calls)
         if control.finish(ctl, at, seq, sent, ran, time.perf_counter_ns() - started):
             self.results.send_bytes(WAKE)
+
+    def chunks(self, job: _Job, seq: int, calls: list, ran: int = 0) -> tuple[int, int]:
+        """Run this worker's chunks of ``job`` once; (messages sent, chunks
+        run in all).  The first failing chunk ends the job."""
+        ctl, at = self.ctl, self.at
+        spec, kernel = job.spec, job.kernel
+        values = [] if spec.want_values else None
+        done = []
+        n = len(calls)
+        k = -1
+        while True:
+            if spec.dynamic:
+                k = control.fetch_add(ctl, NEXT, 1)
+                if k >= n or control.load(ctl, STOP):
+                    break
+            else:
+                k += 1
+                if k >= n:
+                    break
+            ctl[at + CHUNK] = spec.indices[k]
+            try:
+                value = kernel(*calls[k])
+            except Exception as exc:
+                self.send(failure(seq, spec.indices[k], exc))
+                if spec.dynamic:
+                    control.store(ctl, STOP, 1)
+                return 1, ran
+            ran += 1
+            ctl[at + RAN] = ran
+            if values is not None:
+                values.append(value)
+                done.append(spec.indices[k])
+        if values:
+            return self.send_values(seq, done, values), ran
+        return 0, ran
+
+    def iterate(self, job: _Job, seq: int, steps: int) -> tuple[int, int]:
+        """``steps`` steps of an iterated job, swapping its first two arrays
+        after each, waiting before each for the neighbours' previous one."""
+        ctl, at = self.ctl, self.at
+        ran = 0
+        for step in range(steps):
+            if step and job.neighbours.size:
+                control.wait_steps(ctl, job.neighbours, step_word(seq, step))
+            if control.load(ctl, STOP):
+                break                   # another worker's chunk failed
+            sent, ran = self.chunks(job, seq, job.swapped if step % 2 else job.calls, ran)
+            if sent:
+                # Stop the others, and never keep a neighbour waiting.
+                control.store(ctl, STOP, 1)
+                control.store(ctl, at + STEP, step_word(seq, control.STEP_LIMIT))
+                return sent, ran
+            control.store(ctl, at + STEP, step_word(seq, step + 1))
+        return 0, ran
 
     def send(self, msg) -> None:
         self.results.send_bytes(encode(msg))
