@@ -2,9 +2,10 @@
 process, interleaved round by round, with identical results:
 
 * a no-op map with 2 workers against a no-op prange fork-join (2 threads);
-* an iterated 5-point heat stencil at several grid sizes: engine / prange
-  on private arrays (as a user's prange code has them), and prange on the
-  engine's shared arrays beside it (the floor for processes);
+* an iterated 5-point heat stencil at several grid sizes: the engine as a
+  Python loop of maps and as one ``Engine.iterate`` call, each over numba
+  prange on private arrays (as a user's prange code has them), with prange
+  on the engine's shared arrays beside them (the floor for processes);
 * STREAM triad over 50M float64 and Jacobi 4096^2: engine / prange on the
   same shared arrays;
 * CPU seconds an engine left idle for 10 s costs, coordinator and workers.
@@ -104,7 +105,8 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
     steps = max(20, int(4e7 // (n * n)))
     rng = np.random.default_rng(n)
     u0 = rng.random((n, n))
-    ea, eb = eng.from_numpy(u0), eng.from_numpy(u0)          # engine
+    ea, eb = eng.from_numpy(u0), eng.from_numpy(u0)          # engine, a loop of maps
+    ia, ib = eng.from_numpy(u0), eng.from_numpy(u0)          # engine, iterate
     sa, sb = eng.from_numpy(u0), eng.from_numpy(u0)          # prange on shared
     pa, pb = u0.copy(), u0.copy()                            # prange, private
     qa, qb = u0.copy(), u0.copy()                            # sequential
@@ -126,7 +128,11 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
     def seq_step(out, inp):
         heat_step(out, inp, ALPHA)
 
+    def iterate():
+        eng.iterate(heat_step, ib, ia, steps=steps, args=(ALPHA,), halo=1)
+
     fns = {"engine": (loop(eng_step, ea, eb), steps),
+           "engine_iterate": (iterate, steps),
            "prange": (loop(prange_step, pa, pb), steps),
            "prange_on_shared": (loop(prange_step, sa, sb), steps),
            "sequential": (loop(seq_step, qa, qb), steps)}
@@ -134,14 +140,17 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
         fn()
     t = rounds(fns, repeat)
     # Every side has run the same number of steps from the same grid.
-    identical = all(np.array_equal(ea, other) for other in (pa, sa, qa))
-    del ea, eb, sa, sb
+    identical = all(np.array_equal(ea, other) and np.array_equal(eb, other_b)
+                    for other, other_b in ((ia, ib), (pa, pb), (sa, sb), (qa, qb)))
+    del ea, eb, ia, ib, sa, sb
     per_step = {k: summary([s * 1e6 for s in v]) for k, v in t.items()}
     return {"n": n, "steps_per_round": steps, "identical": identical,
             "per_step_us": per_step,
             "engine_speedup": statistics.median(t["sequential"]) / statistics.median(t["engine"]),
             "prange_speedup": statistics.median(t["sequential"]) / statistics.median(t["prange"]),
             "engine_over_prange": ratios(t["engine"], t["prange"]),
+            "iterate_over_prange": ratios(t["engine_iterate"], t["prange"]),
+            "iterate_over_prange_on_shared": ratios(t["engine_iterate"], t["prange_on_shared"]),
             "engine_over_prange_on_shared": ratios(t["engine"], t["prange_on_shared"]),
             "prange_on_shared_over_prange": ratios(t["prange_on_shared"], t["prange"])}
 
@@ -242,14 +251,18 @@ def main() -> int:
           f"[{r['engine_us']['q1']:.1f}-{r['engine_us']['q3']:.1f}]   prange "
           f"{r['prange_us']['median']:5.1f} us [{r['prange_us']['q1']:.1f}-"
           f"{r['prange_us']['q3']:.1f}]   (target: engine <= 20 us)")
-    print("iterated heat    per step: sequential, prange, engine; "
-          "engine/prange [quartiles]; engine/prange-on-shared; identical")
+    print("iterated heat, us per step: sequential, prange, prange on shared, engine "
+          "loop of maps, engine.iterate;\n  then over prange [quartiles]: loop of "
+          "maps, iterate; and prange on shared over prange; identical")
     for h in fig["heat"]:
         s = h["per_step_us"]
-        e, es = h["engine_over_prange"], h["engine_over_prange_on_shared"]
-        print(f"  {h['n']:>5}^2  {s['sequential']['median']:9.1f} {s['prange']['median']:9.1f} "
-              f"{s['engine']['median']:9.1f} us   {e['median']:.3f} [{e['q1']:.3f}-"
-              f"{e['q3']:.3f}]   {es['median']:.3f}   {h['identical']}")
+        e, i = h["engine_over_prange"], h["iterate_over_prange"]
+        sh = h["prange_on_shared_over_prange"]
+        print(f"  {h['n']:>5}^2  {s['sequential']['median']:8.1f} {s['prange']['median']:8.1f} "
+              f"{s['prange_on_shared']['median']:8.1f} {s['engine']['median']:8.1f} "
+              f"{s['engine_iterate']['median']:8.1f}   loop {e['median']:.3f} [{e['q1']:.3f}-"
+              f"{e['q3']:.3f}]  iterate {i['median']:.3f} [{i['q1']:.3f}-{i['q3']:.3f}]  "
+              f"shared {sh['median']:.3f}  {h['identical']}")
     for name in ("triad", "jacobi"):
         f = fig[name]
         print(f"{name:<8} n={f['n']:<10} engine {f['engine_ms']['median']:7.2f} ms  "

@@ -544,3 +544,56 @@ def test_worker_exit_raises_worker_crashed_and_engine_recovers(schedule):
         eng.map(scale, x, x, args=(2.0,))
         assert np.array_equal(x, np.arange(8.0) * 2.0)
         del x
+
+
+# -- iterate ---------------------------------------------------------------
+
+@njit
+def fails_at_step(out, inp, flag_row):
+    """Counts steps in out; raises once the count in its rows reaches 3."""
+    for i in range(1, inp.shape[0] - 1):
+        out[i] = inp[i] + 1.0
+        if out[i] >= 3.0 and flag_row[0] == 1.0:
+            raise ValueError("step three went wrong")
+
+
+def test_iterate_returns_the_last_output_and_matches_the_loop(engine):
+    u = np.random.default_rng(5).random((64, 16))
+    a, b = engine.from_numpy(u), engine.from_numpy(u)
+    last = engine.iterate(heat_step, b, a, steps=5, args=(0.2,), halo=1, chunks=3)
+    x, y = u.copy(), u.copy()
+    for _ in range(5):
+        heat_step(y, x, 0.2)
+        x, y = y, x
+    assert last is b and np.array_equal(last, x)
+    assert engine.iterate(heat_step, b, a, steps=0, args=(0.2,), halo=1) is a
+    del a, b, last
+
+
+def test_a_failing_step_raises_and_stops_every_worker(engine):
+    a, b = engine.zeros((40, 4)), engine.zeros((40, 4))
+    flag = engine.from_numpy(np.array([1.0]))
+    with pytest.raises(ValueError, match="step three went wrong"):
+        engine.iterate(fails_at_step, b, a, steps=50, args=(flag,), halo=1)
+    flag[0] = 0.0
+    last = engine.iterate(fails_at_step, b, a, steps=2, args=(flag,), halo=1)
+    assert np.all(last[1:-1] >= 2.0)                # usable afterwards
+    del a, b, flag, last
+
+
+@pytest.mark.parametrize("call, exc, text", [
+    (lambda e, a, b: e.iterate(heat_step, b, a, steps=-1, args=(0.2,), halo=1),
+     ValueError, "steps must be a non-negative"),
+    (lambda e, a, b: e.iterate(heat_step, b, a, steps=2.0, args=(0.2,), halo=1),
+     TypeError, "steps must be an int"),
+    (lambda e, a, b: e.iterate(heat_step, b[:, :3], a, steps=2, args=(0.2,), halo=1),
+     ValueError, "same shape and dtype"),
+    (lambda e, a, b: e.iterate(heat_step, a, a, steps=2, args=(0.2,), halo=1),
+     ValueError, "separate arrays"),
+])
+def test_bad_iterate_arguments_fail_before_anything_is_sent(engine, sent, call, exc, text):
+    a, b = engine.zeros((10, 4)), engine.zeros((10, 4))
+    with pytest.raises(exc, match=text):
+        call(engine, a, b)
+    assert sent() == 0
+    del a, b

@@ -136,3 +136,31 @@ def test_reduce_equals_sequential_chunk_by_chunk(eng, case):
              for lo, hi in split_rows(n, chunks, halo, default=eng.workers)]
     expected = functools.reduce(operator.add, parts)
     assert got == expected and type(got) is type(expected)
+
+
+@njit
+def smooth(out, inp, h):
+    for i in range(h, inp.shape[0] - h):
+        out[i] = (inp[i - h] + inp[i] + inp[i + h]) * 0.25
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(row_chunking(), st.integers(0, 7), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from([(), (3,)]), st.sampled_from(["C", "F"]), st.integers(0, 2**32 - 1))
+def test_iterate_equals_the_loop_of_maps_bit_for_bit(eng, case, steps, dtype, tail,
+                                                     order, seed):
+    n, halo, chunks = case
+    values = np.random.default_rng(seed).standard_normal((n, *tail)).astype(dtype)
+    a, b = np.array(values), np.array(values[::-1])
+    for _ in range(steps):                       # what the user's loop does
+        smooth(b, a, halo)
+        a, b = b, a
+    out = eng.from_numpy(np.asarray(values[::-1], order=order))
+    inp = eng.from_numpy(np.asarray(values, order=order))
+    last = eng.iterate(smooth, out, inp, args=(halo,), steps=steps, halo=halo,
+                       chunks=chunks)
+    assert last is (out if steps % 2 else inp)
+    assert np.array_equal(last, a)
+    assert np.array_equal(out if steps % 2 == 0 else inp, b)
