@@ -81,14 +81,16 @@ MEMORY = textwrap.dedent("""
 
 
 def task_bytes_figure() -> dict:
-    """Pickled bytes of one Run message (3 arrays, 2 chunks) by array size."""
-    from shmarray.descriptors import Run, describe, encode
+    """Pickled bytes of one job definition (3 arrays, 2 chunks) by array
+    size.  A repeat of the job sends no message at all: only a ring in the
+    control block."""
+    from shmarray.descriptors import Define, describe, encode
     out = {}
     with shmarray.Engine(workers=1) as eng:
         for n in (10, 10_000_000):
             arrays = [eng.zeros(n) for _ in range(3)]
-            msg = Run(1, 1, tuple(describe(a, eng._state.table) for a in arrays),
-                      (2.5,), 0, ((0, n // 2), (n // 2, n)), False)
+            msg = Define(1, 1, tuple(describe(a, eng._dispatcher.table) for a in arrays),
+                         (2.5,), 0, ((0, n // 2), (n // 2, n)), (0, 1), False, False)
             out[str(n)] = len(encode(msg))
             del arrays
     return out
@@ -199,7 +201,7 @@ def main() -> int:
           f"{m['coordinator_beyond_array_bytes'] / 1e6:.1f} MB "
           f"({m['coordinator_beyond_array_pct']:.2f}%, target <= 5%)  worker USS "
           f"{', '.join(f'{u:.1f}' for u in m['worker_uss_MB'])} MB (target < 100)")
-    print("bytes per task (3 arrays, 2 chunks): " + ", ".join(
+    print("bytes per job definition (3 arrays, 2 chunks): " + ", ".join(
         f"{int(n):,} elements: {b}" for n, b in fig["task_bytes"].items()))
     if args.json:
         with open(args.json, "w") as f:

@@ -210,6 +210,7 @@ class Dispatcher:
                     return
                 future, call = self._queue.popleft()
                 if not future.set_running_or_notify_cancel():
+                    del future, call      # release the caller's arrays now
                     continue
                 self._driver = threading.get_ident()
                 self._current = future

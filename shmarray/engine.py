@@ -267,7 +267,7 @@ class Engine:
             raise TypeError(f"progress must be True, False or None (show after "
                             f"about a second); got {progress!r} instead.")
         return d, Call(job, args if type(args) is tuple else tuple(args), timeout,
-                       progress, combine, steps)
+                       progress, combine, steps, arrays)
 
     def _new_job(self, d: Dispatcher, kernel, arrays, args, halo, chunks,
                  schedule, want_values) -> Job:

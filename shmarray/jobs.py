@@ -119,6 +119,7 @@ class Call(NamedTuple):
     progress: bool | None
     combine: Callable | None
     steps: int = 1            # an iterated job's steps
+    arrays: tuple = ()        # the caller's arrays: alive until the call ends
 
 
 # Plain values that compare cheaply and exactly; anything else (a list, a

@@ -246,3 +246,14 @@ def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
     assert not waiter.is_alive() and first.done()
     assert np.all(x == 1.0)
     del flag, x
+
+
+def test_a_submitted_map_keeps_its_arrays_alive(engine):
+    x = engine.from_numpy(np.arange(8.0))
+    futures = [engine.submit(bump, engine.from_numpy(np.arange(8.0)))
+               for _ in range(20)]                      # temporaries, dropped at once
+    futures.append(engine.submit_reduce(lambda a: float(a.sum()), x))
+    for f in futures[:-1]:
+        assert f.result(timeout=60) is None
+    assert futures[-1].result(timeout=60) == 28.0
+    del x

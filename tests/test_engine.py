@@ -571,7 +571,7 @@ def test_iterate_returns_the_last_output_and_matches_the_loop(engine):
 
 
 def test_a_failing_step_raises_and_stops_every_worker(engine):
-    a, b = engine.zeros((40, 4)), engine.zeros((40, 4))
+    a, b = engine.zeros(40), engine.zeros(40)
     flag = engine.from_numpy(np.array([1.0]))
     with pytest.raises(ValueError, match="step three went wrong"):
         engine.iterate(fails_at_step, b, a, steps=50, args=(flag,), halo=1)
