@@ -208,14 +208,18 @@ class BlockTable:
     The finalizers may run inside garbage collection on any thread, even
     while this thread holds the lock; they therefore only unlink and append
     to deques, and the index is purged under the lock on the next use.
+    CPython unmaps an mmap before it calls the finalizer, without holding
+    the GIL, so a new block can be mapped over a dead one's addresses before
+    the dead one is reported: a new block therefore evicts every entry it
+    overlaps, and a late report removes only the block it names.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._blocks: dict[int, Block] = {}
-        self._finalizers: dict[int, weakref.finalize] = {}
-        self._dead: collections.deque[int] = collections.deque()
+        self._finalizers: dict[str, weakref.finalize] = {}
+        self._dead: collections.deque[tuple[int, str]] = collections.deque()
         self._released: collections.deque[str] = collections.deque()
         self._descriptors: dict = {}
         self.closed = False
@@ -236,32 +240,48 @@ class BlockTable:
         with self._lock:
             if self.closed:
                 raise EngineClosedError("this engine is closed; create a new one")
-            self._purge()
             name, mm = create(nbytes)
             buf = np.frombuffer(mm, dtype=np.uint8)
             start = address_of(buf)
+            self._purge()
+            self._evict(start, start + len(mm))
             bisect.insort(self._starts, start)
             self._blocks[start] = Block(name, len(mm), start)
             fin = weakref.finalize(mm, self._mapping_died, start, name,
-                                   self._dead, self._released)
+                                   self._dead, self._released, os.getpid())
             fin.atexit = False  # Engine.close() covers interpreter exit
-            self._finalizers[start] = fin
+            self._finalizers[name] = fin
         return buf[:nbytes]
 
     @staticmethod
-    def _mapping_died(start, name, dead, released) -> None:
+    def _mapping_died(start, name, dead, released, owner) -> None:
+        if os.getpid() != owner:
+            return           # a forked child's copy: the parent owns the name
         unlink(name)
-        dead.append(start)
+        dead.append((start, name))
         released.append(name)
 
     def _purge(self) -> None:
         if self._dead:
             self._descriptors = {}
         while self._dead:
-            start = self._dead.popleft()
+            start, name = self._dead.popleft()
+            self._finalizers.pop(name, None)
+            block = self._blocks.get(start)
+            if block is None or block.name != name:
+                continue     # that address already holds a newer block
             self._starts.pop(bisect.bisect_left(self._starts, start))
             del self._blocks[start]
-            del self._finalizers[start]
+
+    def _evict(self, lo: int, hi: int) -> None:
+        """Forget blocks over [lo, hi): they are unmapped, whatever their
+        finalizers have said so far."""
+        i = bisect.bisect_right(self._starts, lo) - 1
+        if i < 0 or self._blocks[self._starts[i]].address + self._blocks[self._starts[i]].size <= lo:
+            i += 1                   # the block before lo ends before it
+        while i < len(self._starts) and self._starts[i] < hi:
+            del self._blocks[self._starts.pop(i)]
+            self._descriptors = {}
 
     def locate(self, lo: int, hi: int) -> Block | None:
         """The live block holding bytes [lo, hi), if any."""
@@ -295,8 +315,8 @@ class BlockTable:
             self._purge()
             names = []
             for start in self._starts:
-                if self._finalizers[start].detach() is not None:
-                    name = self._blocks[start].name
+                name = self._blocks[start].name
+                if self._finalizers[name].detach() is not None:
                     unlink(name)
                     names.append(name)
             self._starts.clear()

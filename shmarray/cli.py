@@ -64,27 +64,39 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if identical and not left else 1
 
 
+def threading_layer() -> str:
+    """numba's threading layer, which it picks when a parallel kernel first
+    runs: so run a tiny one (public API only)."""
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        pass
+
+    @numba.njit(parallel=True)
+    def touch(x):
+        for i in numba.prange(x.shape[0]):
+            x[i] = i
+
+    import numpy as np
+    touch(np.zeros(2))
+    return numba.threading_layer()
+
+
 def info() -> dict:
     """What ``shmarray info`` reports, as a dict."""
-    import multiprocessing
-
     import numba
     import numpy as np
 
-    from shmarray import pool
+    from shmarray import launch, pool
 
-    try:
-        layer = numba.threading_layer()
-    except ValueError:          # not chosen until a parallel kernel first runs
-        from numba.np.ufunc import parallel
-        parallel._launch_threads()
-        layer = numba.threading_layer()
+    layer = threading_layer()
     space = blocks.free_space()
     return {
         "usable_cpus": pool.usable_cpus(),
         "default_workers": pool.usable_cpus(),
         "start_method": pool.DEFAULT_START_METHOD,
-        "start_methods_available": multiprocessing.get_all_start_methods(),
+        "start_methods_available": list(launch.METHODS),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
         "numba": numba.__version__,

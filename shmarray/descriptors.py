@@ -208,6 +208,14 @@ class Ready(NamedTuple):
     pid: int
 
 
+class StartFailed(NamedTuple):
+    """The worker could not start: what went wrong, for the coordinator to
+    raise (nothing is printed in the worker)."""
+    type_name: str
+    message: str
+    traceback: str
+
+
 class Values(NamedTuple):
     """The kernel's return values for chunks ``indices`` of ring ``seq``."""
     seq: int
@@ -230,7 +238,8 @@ class Failed(NamedTuple):
 # tuple itself writes a class reference that costs about 3 us to pickle and
 # 2 us to unpickle, per message.
 
-MESSAGES = (Install, Define, Rebind, Forget, Release, Stop, Ready, Values, Failed)
+MESSAGES = (Install, Define, Rebind, Forget, Release, Stop, Ready, StartFailed,
+            Values, Failed)
 _TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
 WAKE = b""
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
-import multiprocessing.util  # noqa: F401  (its exit hook first: see _OPEN)
 import os
 import pickle
 import select
@@ -92,11 +91,10 @@ class MapFuture(concurrent.futures.Future):
         return True
 
 
-# Every open dispatcher, closed at interpreter exit by a hook that runs
-# before multiprocessing's own: that one terminates daemonic children, which
-# a running map would take for crashed workers and replace, mid-shutdown.
-# (atexit runs hooks last-registered first, and multiprocessing.util has
-# registered its hook by the time this module is imported.)
+# Every open dispatcher, closed by one exit hook of our own, registered when
+# this module is imported: a map still running is stopped, and the workers
+# stopped, before hooks registered earlier (by the libraries shmarray
+# imports) tear anything down.
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -679,7 +677,7 @@ class Runner:
         """A worker died mid-map: the map fails at once, and the workers
         still busy with its other chunks (maybe for hours) are replaced too."""
         chunks = call.job.plan.chunks
-        death, exitcode = dead.describe_death(), dead.process.exitcode
+        death, exitcode = dead.describe_death(), dead.exitcode
         k = int(self.pool.ctl[dead.at + CHUNK])
         k = min(max(k, 0), len(chunks) - 1)
         rows = chunks[k]

@@ -20,7 +20,7 @@ from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import EngineClosedError
 from shmarray.jobs import Call, Job, JobCache, signature
 from shmarray.partition import Plan, coerce_halo, plan
-from shmarray.pool import Pool, usable_cpus
+from shmarray.pool import Pool, coerce_start_method, usable_cpus
 
 
 # This process's pid, kept current across fork() without a system call per
@@ -69,6 +69,7 @@ class Engine:
                  startup_timeout: float = 120.0):
         n_workers = coerce_workers(workers)
         max_tasks = coerce_max_tasks(max_tasks_per_worker)
+        start_method = coerce_start_method(start_method)
         self._owner = _pid
         self._cache = JobCache()
         pool = Pool(n_workers, start_method, startup_timeout, max_tasks)

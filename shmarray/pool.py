@@ -36,25 +36,20 @@ How a map flows, and who owns what::
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.connection
-import multiprocessing.forkserver
 import os
 import signal
 import time
+from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-from shmarray import blocks, control
+from shmarray import blocks, control, launch
 from shmarray import watchdog
-from shmarray import worker as worker_module
 from shmarray.control import ASLEEP, DONE, RING
-from shmarray.descriptors import WAKE, Ready, Stop, decode, encode
-from shmarray.errors import EngineClosedError, WorkerStartError
+from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
+from shmarray.errors import EngineClosedError, RemoteTraceback, WorkerStartError
 
-DEFAULT_START_METHOD = ("forkserver"
-                        if "forkserver" in multiprocessing.get_all_start_methods()
-                        else "spawn")
+DEFAULT_START_METHOD = launch.DEFAULT_METHOD
 
 
 def usable_cpus() -> int:
@@ -67,47 +62,21 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def get_context(method: str | None) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context for ``method`` (default: forkserver).
-
-    forkserver is the default on every Python we support (3.14 made it
-    Python's own default on Linux): workers fork from a small, single-purpose
-    server that has imported numpy and numba once, so they start in
-    milliseconds, share those pages, and never inherit the caller's threads
-    or locks.  ``fork`` is offered but unsafe once the caller runs threads
-    (numba's parallel layer, BLAS, Jupyter); ``spawn`` is safe and slow.
+def coerce_start_method(method: object) -> str:
     """
-    method = DEFAULT_START_METHOD if method is None else method
-    available = multiprocessing.get_all_start_methods()
-    if method not in available:
-        raise ValueError(
-            f"start_method must be one of {available}; got {method!r} "
-            f"instead.")
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        # Keep the caller's preload list and add ours; it only takes effect
-        # if the fork server is not running yet.
-        server = multiprocessing.forkserver._forkserver
-        preload = list(getattr(server, "_preload_modules", ["__main__"]))
-        if worker_module.__name__ not in preload:
-            ctx.set_forkserver_preload(preload + [worker_module.__name__])
-    return ctx
-
-
-class IgnoreInterrupts:
-    """Passed first among a child's arguments: unpickling it in the child
-    ignores SIGINT there, before the child runs any code of its own.
-
-    Ctrl-C in a terminal reaches the whole process group, children
-    included, and only the coordinator decides what it means.  A child of
-    the fork server starts with Python's default handler, so a Ctrl-C in its
-    first milliseconds would otherwise kill it with a traceback.  (A fork
-    child never unpickles its arguments; its entry point ignores SIGINT
-    first thing.)
+    >>> coerce_start_method(None)
+    'forkserver'
+    >>> coerce_start_method("teleport")
+    Traceback (most recent call last):
+    ...
+    ValueError: start_method must be one of ['forkserver', 'spawn', 'fork']; got 'teleport' instead.
     """
-
-    def __reduce__(self):
-        return signal.signal, (signal.SIGINT, signal.SIG_IGN)
+    if method is None:
+        return DEFAULT_START_METHOD
+    if method not in launch.METHODS:
+        raise ValueError(f"start_method must be one of {list(launch.METHODS)}; "
+                         f"got {method!r} instead.")
+    return method
 
 
 class WorkerProcess:
@@ -120,8 +89,7 @@ class WorkerProcess:
     task pipe; ``rung`` is the last ring it was given.
     """
 
-    def __init__(self, ctx, index: int, owner_pid: int, control_block: str,
-                 close_fds: tuple = ()):
+    def __init__(self, method: str, index: int, owner_pid: int, control_block: str):
         self.index = index
         self.at = control.slot(index)        # its words in the control block
         self.kernels: set[int] = set()
@@ -131,25 +99,25 @@ class WorkerProcess:
         self.tasks_run = 0
         self.chunks_seen = 0
         self.ready = False
-        task_r, self.tasks = ctx.Pipe(duplex=False)
-        self.results, result_w = ctx.Pipe(duplex=False)
         self.closed = False
-        self.process = ctx.Process(
-            target=worker_module.main,
-            args=(IgnoreInterrupts(), task_r, result_w, owner_pid, index,
-                  control_block, close_fds),
-            name=f"shmarray-worker-{index}", daemon=True)
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
         try:
-            self.process.start()
+            self.child = launch.start(
+                method, "shmarray.worker:main",
+                (launch.Fd(0), launch.Fd(1), owner_pid, index, control_block),
+                [task_r, result_w])
         except BaseException:
-            self.tasks.close()
-            self.results.close()
+            os.close(task_w)
+            os.close(result_r)
             raise
         finally:
-            task_r.close()
-            result_w.close()
-        self.pid = self.process.pid
-        self.sentinel = self.process.sentinel
+            os.close(task_r)
+            os.close(result_w)
+        self.tasks = Connection(task_w, readable=False)
+        self.results = Connection(result_r, writable=False)
+        self.pid = self.child.pid
+        self.sentinel = self.child.sentinel
 
     def send(self, msg) -> None:
         """A counted message on the task pipe (OSError if the worker died)."""
@@ -171,11 +139,14 @@ class WorkerProcess:
                 return decode(data)
 
     def alive(self) -> bool:
-        return not self.closed and self.process.exitcode is None
+        return not self.closed and self.child.exitcode is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.child.exitcode
 
     def describe_death(self) -> str:
-        self.process.join(1.0)
-        code = self.process.exitcode
+        code = self.child.join(1.0)
         if code is None:
             return f"worker {self.pid} stopped answering"
         if code < 0:
@@ -188,29 +159,24 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """End the process now (it may be deep in a numba loop)."""
-        if self.closed:
-            return
-        if self.process.exitcode is None:
-            try:
-                self.process.kill()
-            except OSError:
-                pass
-        self.process.join(5.0)
+        if not self.closed:
+            self.child.kill()
+            self.child.join(5.0)
 
     def close(self, timeout: float) -> None:
         """Stop the process (politely if ``timeout``), close the pipes.
         Idempotent."""
         if self.closed:
             return
-        if timeout and self.process.exitcode is None:
-            self.process.join(timeout)
-        if self.process.exitcode is None:
-            self.process.terminate()
-            self.process.join(1.0)
+        if timeout:
+            self.child.join(timeout)
+        if self.child.exitcode is None:
+            self.child.terminate()
+            self.child.join(1.0)
         self.kill()
         self.tasks.close()
         self.results.close()
-        self.process.close()
+        self.child.close()
         self.closed = True
 
 
@@ -231,13 +197,12 @@ class Pool:
     _control_name: str | None = None
     ctl = np.zeros(0, np.int64)
 
-    def __init__(self, n_workers: int, start_method: str | None = None,
+    def __init__(self, n_workers: int, start_method: str = DEFAULT_START_METHOD,
                  startup_timeout: float = 120.0, max_tasks: int | None = None):
-        self.start_method = start_method or DEFAULT_START_METHOD
+        self.start_method = start_method
         self.max_tasks = max_tasks
         self.seq = 0                    # the last ring given
         self.generation = 0             # replacements so far
-        self._ctx = get_context(start_method)
         self._owner = os.getpid()
         self._startup_timeout = startup_timeout
         self.workers = []
@@ -245,8 +210,7 @@ class Pool:
             self._control_name, mapping = blocks.create(
                 control.words(n_workers) * 8)
             self.ctl = control.new_words(mapping)
-            self._watchdog = watchdog.Watchdog(self._ctx, self._owner,
-                                               self._forked_fds, IgnoreInterrupts())
+            self._watchdog = watchdog.Watchdog(self.start_method, self._owner)
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)
@@ -254,15 +218,6 @@ class Pool:
         except BaseException:
             self.close()
             raise
-
-    def _forked_fds(self) -> tuple[int, ...]:
-        """Descriptors a *forked* child inherits but must not keep: while any
-        process holds the lifeline's write end, the watchdog never sees the
-        coordinator die.  Children of the fork server or spawn inherit
-        nothing."""
-        if self.start_method != "fork" or self._watchdog is None:
-            return ()
-        return (self._watchdog.fileno(),)
 
     def _start(self, index: int) -> WorkerProcess:
         # A new process finds its words as if it had answered every ring its
@@ -272,8 +227,8 @@ class Pool:
         ring = self.ctl[at + DONE]
         self.ctl[at + RING] = ring
         self.ctl[at + ASLEEP] = 0
-        proc = WorkerProcess(self._ctx, index, self._owner, self._control_name,
-                             self._forked_fds())
+        proc = WorkerProcess(self.start_method, index, self._owner,
+                             self._control_name)
         proc.rung = int(ring)
         proc.chunks_seen = int(self.ctl[at + control.CHUNKS])
         return proc
@@ -303,7 +258,7 @@ class Pool:
         while any(not p.ready for p in procs):
             left = deadline - time.monotonic()
             objects = list(waiting) + ([wake] if wake is not None else [])
-            ready = multiprocessing.connection.wait(objects, max(left, 0))
+            ready = wait(objects, max(left, 0))
             if not ready:
                 raise WorkerStartError(
                     f"workers did not start within {self._startup_timeout:.0f} "
@@ -322,14 +277,17 @@ class Pool:
                     msg = proc.recv()
                 except (EOFError, OSError):
                     msg = None
+                if isinstance(msg, StartFailed):
+                    exc = WorkerStartError(
+                        f"worker {proc.pid} could not start: {msg.type_name}: "
+                        f"{msg.message}")
+                    exc.__cause__ = RemoteTraceback(msg.traceback)
+                    raise exc
                 if not isinstance(msg, Ready):
                     raise WorkerStartError(
-                        f"{proc.describe_death()} while starting (its "
-                        f"traceback is on stderr). The usual cause: with the "
-                        f"'{self.start_method}' start method each worker "
-                        f"imports your main script, so a script that creates "
-                        f"an Engine at module level must guard it with "
-                        f"`if __name__ == \"__main__\":`.")
+                        f"{proc.describe_death()} while starting, before it "
+                        f"could say why. Check that `python -c \"import "
+                        f"shmarray.worker\"` works in this environment.")
                 proc.ready = True
 
     def replace(self, index: int, graceful: bool = False, wake=None,

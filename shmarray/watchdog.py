@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import os
 import signal
+from multiprocessing.connection import Connection
 from typing import NamedTuple
 
-from shmarray import blocks
+from shmarray import blocks, launch
 
 
 class Workers(NamedTuple):
@@ -36,13 +37,11 @@ class Workers(NamedTuple):
 BYE = "bye"
 
 
-def main(_ignoring, lifeline, owner_pid: int, close_fds: tuple[int, ...] = ()) -> None:
+def main(lifeline_fd: int, owner_pid: int) -> None:
+    """Watchdog entry point (started by ``shmarray.launch``, in a session of
+    its own: signals to the caller's process group do not reach it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the coordinator decides
-    for fd in close_fds:                           # our own copy of the write end
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    lifeline = Connection(lifeline_fd, writable=False)
     workers: tuple[tuple[int, float | None], ...] = ()
     while True:
         try:
@@ -72,23 +71,23 @@ class Watchdog:
     Created and closed by the Pool, once.
     """
 
-    process = None
+    child = None
     _lifeline = None
 
-    def __init__(self, ctx, owner_pid: int, inherited_fds, ignore_interrupts):
-        """``inherited_fds()``: descriptors a forked child must close;
-        ``ignore_interrupts``: see ``pool.IgnoreInterrupts``."""
-        life_r, self._lifeline = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(
-            target=main, args=(ignore_interrupts, life_r, owner_pid, inherited_fds()),
-            name="shmarray-watchdog", daemon=True)
+    def __init__(self, method: str, owner_pid: int):
+        life_r, life_w = os.pipe()
         try:
-            self.process.start()
+            self.child = launch.start(method, "shmarray.watchdog:main",
+                                      (launch.Fd(0), owner_pid), [life_r])
+        except BaseException:
+            os.close(life_w)
+            raise
         finally:
-            life_r.close()
+            os.close(life_r)
+        self._lifeline = Connection(life_w, readable=False)
 
     def fileno(self) -> int:
-        """The lifeline's write end: forked children must not keep it."""
+        """The lifeline's write end: nobody else may hold it."""
         return self._lifeline.fileno()
 
     def tell(self, processes: list[tuple[int, float | None]]) -> None:
@@ -97,18 +96,16 @@ class Watchdog:
 
     def close(self, timeout: float) -> None:
         """Say goodbye and wait for the watchdog to exit.  Idempotent."""
-        dog, self.process = self.process, None
-        if dog is not None:
+        if self._lifeline is not None:
             try:
                 self._lifeline.send(BYE)
             except OSError:
                 pass
-            if dog.pid is not None:
-                dog.join(timeout)
-                if dog.exitcode is None:
-                    dog.kill()
-                    dog.join(1.0)
-            dog.close()
-        if self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
+        child, self.child = self.child, None
+        if child is not None:
+            if child.join(timeout) is None:
+                child.kill()
+                child.join(1.0)
+            child.close()

@@ -4,11 +4,12 @@ A worker waits for its ring in the control block (``shmarray.control``):
 spinning for a few milliseconds after its last job, so maps that follow
 each other reach it at once, then asleep on its task pipe, costing nothing.
 It keeps kernels and job definitions by key, attaches each block at most
-once, and runs chunks in place.  It never creates or unlinks a block and never registers
-one with the resource tracker; it unmaps a block when told the name is gone.
-It ignores SIGINT: Ctrl-C reaches the whole process group, and only the
-coordinator decides what it means.  It exits when told to, or when its task
-pipe reaches end-of-file because the coordinator is gone.
+once, and runs chunks in place.  It never creates or unlinks a block and
+never registers one with the resource tracker; it unmaps a block when told
+the name is gone.  It runs in a session of its own (under the fork server
+and spawn) and ignores SIGINT anyway: only the coordinator decides what
+Ctrl-C means.  It exits when told to, or when its task pipe reaches
+end-of-file because the coordinator is gone.
 """
 
 from __future__ import annotations
@@ -26,18 +27,15 @@ import weakref
 import numpy as np
 import threadpoolctl
 
-from shmarray import blocks, control
+from multiprocessing.connection import Connection
+
+from shmarray import blocks, control, launch
 from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
                               RING, STARTED, STEP, STEPS, STOP, step_word)
 from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
-                                  Install, Ready, Rebind, Release, Stop, Values,
-                                  decode, encode, load_kernel)
+                                  Install, Ready, Rebind, Release, StartFailed,
+                                  Stop, Values, decode, encode, load_kernel)
 
-# Thread pools a kernel could start.  N workers on N cores must not each
-# start N threads.
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-               "NUMBA_NUM_THREADS")
 _limits = None
 
 # After a job, spin this long for the next ring before sleeping.  Maps
@@ -51,24 +49,15 @@ SPIN_ROUNDS = 256          # rounds per call into the spin loop: about 25 us
 
 
 def limit_threads() -> None:
-    """One thread per worker, for numba's parallel layer and for BLAS."""
+    """One thread per worker for every pool a kernel could start, so N
+    workers never oversubscribe N cores.  Under the fork server and spawn the
+    environment did it before numpy and numba were imported
+    (``launch.THREAD_VARS``); BLAS libraries loaded already are capped in
+    place with threadpoolctl.  Under fork, numba keeps the coordinator's
+    setting: changing it would start its thread pool in a forked child."""
     global _limits
-    for var in THREAD_VARS:
+    for var in launch.THREAD_VARS:
         os.environ[var] = "1"
-    import numba
-    from numba.np.ufunc import parallel
-    # numba read NUMBA_NUM_THREADS when the fork server imported it; its
-    # thread pool starts lazily, so the new value holds if set before then.
-    if not parallel._is_initialized:
-        numba.config.reload_config()
-        parallel.NUM_THREADS = 1
-    # Under a fork-based start method numba guards its thread-pool start with
-    # a multiprocessing RLock: a named semaphore in /dev/shm, registered with
-    # the resource tracker, that a killed worker would leak (with a tracker
-    # warning).  This process is single-threaded; a thread lock is enough.
-    if parallel._backend_init_process_lock is None:
-        parallel._backend_init_process_lock = threading.RLock()
-    # numpy's BLAS is already loaded (by the fork server): cap it in place.
     _limits = threadpoolctl.threadpool_limits(1)
 
 
@@ -373,24 +362,29 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
     return Failed(seq, index, error, type(exc).__qualname__, str(exc), tb)
 
 
-def main(_ignoring, tasks, results, owner_pid: int, index: int,
-         control_block: str, close_fds: tuple[int, ...] = ()) -> None:
-    """Worker entry point; ``tasks`` and ``results`` are one-way Connections,
-    ``control_block`` the name of the engine's control block.
-    ``_ignoring``: what ``pool.IgnoreInterrupts`` left (SIGINT is already
-    ignored, except under fork).  ``close_fds``: descriptors inherited
-    through fork that must not stay open here (the watchdog's lifeline)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for fd in close_fds:
+def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
+         control_block: str) -> None:
+    """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
+    ``results_fd`` are its ends of two pipes, ``control_block`` the name of
+    the engine's control block.  A failure to start is reported to the
+    coordinator as a StartFailed message, never printed here."""
+    tasks = Connection(tasks_fd, writable=False)
+    results = Connection(results_fd, readable=False)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        limit_threads()
+        ctl = control.new_words(blocks.attach(control_block))
+        worker = _Worker(owner_pid, index, ctl, tasks, results)
+        ready = encode(Ready(os.getpid()))
+    except BaseException as exc:
         try:
-            os.close(fd)
+            results.send_bytes(encode(StartFailed(
+                type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc)))))
         except OSError:
             pass
-    limit_threads()
-    ctl = control.new_words(blocks.attach(control_block))
-    worker = _Worker(owner_pid, index, ctl, tasks, results)
+        return
     try:
-        results.send_bytes(encode(Ready(os.getpid())))
+        results.send_bytes(ready)
     except OSError:
         return      # the coordinator gave up on us while we started
     worker.loop()

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from shmarray import blocks
+from shmarray import blocks, launch
 
 SHM_DIR = blocks.SHM_DIR
 
@@ -25,10 +25,11 @@ def shm_entries() -> set[str]:
 
 
 def _helper_pids() -> set[int]:
-    """multiprocessing's own long-lived helpers in this process (the fork
-    server and the resource tracker): started once, shared by every pool,
-    and not ours to stop."""
-    pids = {multiprocessing.forkserver._forkserver._forkserver_pid,
+    """Long-lived helpers of this process, started once and shared: the
+    shmarray fork server, and multiprocessing's fork server and resource
+    tracker (which other libraries' pools start)."""
+    pids = {launch.server_pid(),
+            multiprocessing.forkserver._forkserver._forkserver_pid,
             multiprocessing.resource_tracker._resource_tracker._pid}
     return {p for p in pids if p}
 
