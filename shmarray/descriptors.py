@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import types
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cloudpickle
+import cloudpickle
 
 from shmarray.blocks import BlockTable
 
@@ -68,6 +69,12 @@ class ArrayDescriptor:
         is rejected instead of mapped.
         """
         dtype = np.dtype(self.dtype)
+        # A worker trusts no descriptor: object items would be read as
+        # pointers into another process's heap.
+        if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
+            raise ValueError(
+                f"descriptor of block {self.block!r} has dtype {dtype}; shared "
+                f"arrays hold plain numbers, so refusing to map it")
         lo, hi = byte_extent(self.shape, self.strides, dtype.itemsize)
         if self.offset + lo < 0 or self.offset + hi > buffer.size:
             raise ValueError(
@@ -118,8 +125,8 @@ def kernel_payload(kernel: Any) -> bytes:
     """Pickle a kernel for the workers: by name when importable, else by value.
 
     Kernels from ``__main__``, a notebook cell or a closure go by value
-    (numba's dispatchers carry their Python source; numba's bundled
-    cloudpickle handles plain functions), so they need no importable module.
+    (numba's dispatchers carry their Python source; cloudpickle handles
+    plain functions), so they need no importable module.
     """
     module = getattr(kernel, "__module__", None)
     qualname = getattr(kernel, "__qualname__", None)
@@ -131,11 +138,61 @@ def kernel_payload(kernel: Any) -> bytes:
             same = False
         if same:
             return pickle.dumps(ref, pickle.HIGHEST_PROTOCOL)
-    return cloudpickle.dumps(kernel, pickle.HIGHEST_PROTOCOL)
+    return by_value(kernel)
+
+
+class _Sourced(NamedTuple):
+    """A function sent by value, and the file it came from: cloudpickle
+    renames every file ``<dynamic-code>``, and a worker's traceback should
+    name the caller's file and line."""
+    function: Any
+    filename: str
+
+
+def by_value(obj: Any) -> bytes:
+    """Pickle ``obj`` by value (functions, classes and instances of the
+    caller's ``__main__`` included), keeping a function's file name."""
+    code = getattr(obj, "__code__", None)
+    if isinstance(code, types.CodeType):
+        obj = _Sourced(obj, code.co_filename)
+    return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
+    consts = tuple(_renamed(c, filename) if isinstance(c, types.CodeType) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def load(payload: bytes) -> Any:
+    """What ``by_value`` or plain pickle made, with file names restored."""
+    obj = pickle.loads(payload)
+    if type(obj) is _Sourced:
+        obj.function.__code__ = _renamed(obj.function.__code__, obj.filename)
+        obj = obj.function
+    return obj
+
+
+# Arguments that plain pickle carries faithfully; anything else (an instance
+# of a class defined in the caller's __main__, a function, a closure) goes
+# by value with cloudpickle, since workers never import __main__.
+_PLAIN = (int, float, complex, bool, str, bytes, type(None), np.generic,
+          ArrayDescriptor)
+
+
+def pack_args(args: tuple) -> bytes:
+    """A kernel's extra arguments for the pipe.
+
+    >>> import pickle; pickle.loads(pack_args((1.5, "x")))
+    (1.5, 'x')
+    """
+    if all(isinstance(a, _PLAIN) for a in args):
+        return pickle.dumps(args, pickle.HIGHEST_PROTOCOL)
+    return cloudpickle.dumps(args, pickle.HIGHEST_PROTOCOL)
 
 
 def load_kernel(payload: bytes) -> Any:
-    obj = pickle.loads(payload)
+    obj = load(payload)
     return obj.resolve() if isinstance(obj, KernelRef) else obj
 
 
@@ -169,7 +226,7 @@ class Define(NamedTuple):
     job: int
     kernel: int
     arrays: tuple
-    args: tuple
+    args: bytes               # ``pack_args``
     halo: int
     chunks: tuple[tuple[int, int], ...]
     indices: tuple[int, ...]
@@ -182,7 +239,7 @@ class Define(NamedTuple):
 class Rebind(NamedTuple):
     """Job ``job`` keeps everything but takes these ``args`` from now on."""
     job: int
-    args: tuple
+    args: bytes               # ``pack_args``
 
 
 class Forget(NamedTuple):
@@ -210,7 +267,9 @@ class Ready(NamedTuple):
 
 class StartFailed(NamedTuple):
     """The worker could not start: what went wrong, for the coordinator to
-    raise (nothing is printed in the worker)."""
+    raise (nothing is printed in the worker).  ``stage``: "import",
+    "start" or "initializer"."""
+    stage: str
     type_name: str
     message: str
     traceback: str

@@ -38,7 +38,7 @@ from shmarray import control
 from shmarray.control import (ABORT, CHUNK, CHUNKS, COORD_ASLEEP, DONE, NEXT,
                               RAN, REPLY, STARTED, STOP)
 from shmarray.descriptors import (Define, Failed, Forget, Install, Rebind,
-                                  Release, Values, decode)
+                                  Release, Values, decode, pack_args)
 from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
                              RemoteTraceback, TaskTimeoutError,
                              WorkerCrashedError)
@@ -514,14 +514,15 @@ class Runner:
             held = w.jobs.get(job.key)
             if held is None:
                 bound = job.bind(args)
-                w.send(Define(job.key, key, job.descriptors, bound, job.halo,
-                              chunks, indices, job.want_values, job.dynamic,
-                              job.iterated, self._neighbours(job, index)))
+                w.send(Define(job.key, key, job.descriptors, pack_args(bound),
+                              job.halo, chunks, indices, job.want_values,
+                              job.dynamic, job.iterated,
+                              self._neighbours(job, index)))
                 w.jobs[job.key] = bound
                 self.defined[job.key] = job.blocks
             elif held is not args and not same_args(held, args):
                 bound = job.bind(args)
-                w.send(Rebind(job.key, bound))
+                w.send(Rebind(job.key, pack_args(bound)))
                 w.jobs[job.key] = bound
             return w
         except OSError:

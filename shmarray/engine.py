@@ -15,7 +15,7 @@ import numpy as np
 
 from shmarray.blocks import Block, BlockTable
 from shmarray.control import STEP_LIMIT
-from shmarray.descriptors import ArrayDescriptor, describe
+from shmarray.descriptors import ArrayDescriptor, by_value, describe, pack_args
 from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import EngineClosedError
 from shmarray.jobs import Call, Job, JobCache, signature
@@ -66,13 +66,19 @@ class Engine:
     def __init__(self, workers: int | None = None, *,
                  start_method: str | None = None,
                  max_tasks_per_worker: int | None = None,
-                 startup_timeout: float = 120.0):
+                 startup_timeout: float = 120.0,
+                 initializer: Callable | None = None, initargs: Sequence = ()):
+        """``initializer(*initargs)`` runs once in every worker, replacements
+        included, before its first task; if it raises, the engine does not
+        start and the error says why (WorkerStartError)."""
         n_workers = coerce_workers(workers)
         max_tasks = coerce_max_tasks(max_tasks_per_worker)
         start_method = coerce_start_method(start_method)
+        startup_timeout = coerce_startup_timeout(startup_timeout)
+        init = pack_initializer(initializer, initargs)
         self._owner = _pid
         self._cache = JobCache()
-        pool = Pool(n_workers, start_method, startup_timeout, max_tasks)
+        pool = Pool(n_workers, start_method, startup_timeout, max_tasks, init)
         self._dispatcher = Dispatcher(pool, BlockTable(), self._cache)
         self._finalizer = weakref.finalize(self, self._dispatcher.close)
 
@@ -378,6 +384,45 @@ def coerce_workers(workers: object) -> int:
             f"workers must be at least 1; got {workers!r}. Pass None for one "
             f"worker per usable CPU.")
     return int(workers)
+
+
+def coerce_startup_timeout(value: object) -> float:
+    """
+    >>> coerce_startup_timeout(30)
+    30.0
+    >>> coerce_startup_timeout(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: startup_timeout must be a positive, finite number of seconds; got 0 instead.
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"startup_timeout must be a number of seconds; got "
+                        f"{value!r} of type {type(value).__name__} instead.")
+    if not 0 < value < math.inf:
+        raise ValueError(f"startup_timeout must be a positive, finite number "
+                         f"of seconds; got {value!r} instead.")
+    return float(value)
+
+
+def pack_initializer(initializer: object, initargs: object) -> tuple[bytes, bytes] | None:
+    """The initializer and its arguments, pickled for every worker (by value
+    when they live in ``__main__``)."""
+    if initializer is None:
+        if initargs:
+            raise ValueError("initargs were given without an initializer.")
+        return None
+    if not callable(initializer):
+        raise TypeError(f"initializer must be callable (run once in every "
+                        f"worker) or None; got {initializer!r} instead.")
+    if not isinstance(initargs, (tuple, list)):
+        raise TypeError(f"initargs must be a tuple; got {initargs!r} of type "
+                        f"{type(initargs).__name__}. Write initargs=({initargs!r},) "
+                        f"for one.")
+    try:
+        return by_value(initializer), pack_args(tuple(initargs))
+    except Exception as exc:
+        raise TypeError(f"the initializer and its initargs must be picklable "
+                        f"to reach the workers: {exc}") from None
 
 
 def coerce_max_tasks(value: object) -> int | None:

@@ -83,23 +83,32 @@ class Request(NamedTuple):
     args: tuple
     sys_path: list[str]
     cwd: str
+    report: int | None          # the fd (index) to report a failed import on
 
     @classmethod
-    def make(cls, target: str, args: tuple) -> Request:
-        return cls(target, args, list(sys.path), os.getcwd())
+    def make(cls, target: str, args: tuple, report: int | None) -> Request:
+        return cls(target, args, list(sys.path), os.getcwd(), report)
 
 
 def run_target(request: Request, fds: list[int]) -> int:
     """Run a request in a child; the exit code.  A target reports its own
-    start-up failures to its coordinator; what escapes here is a bug,
-    printed once."""
+    start-up failures to its coordinator, and so does this function when the
+    target cannot even be imported, on the ``report`` descriptor, as a
+    ``descriptors.StartFailed`` frame; what escapes the target afterwards is
+    a bug, printed once."""
+    sys.path[:] = request.sys_path
     try:
-        sys.path[:] = request.sys_path
-        try:
-            os.chdir(request.cwd)
-        except OSError:
-            pass
-        _resolve(request.target)(*_substitute(request.args, fds))
+        os.chdir(request.cwd)
+    except OSError:
+        pass
+    try:
+        target = _resolve(request.target)
+    except BaseException as exc:
+        if request.report is None or not _report(fds[request.report], exc):
+            traceback.print_exc()
+        return 1
+    try:
+        target(*_substitute(request.args, fds))
         return 0
     except SystemExit as exc:
         code = exc.code
@@ -113,6 +122,20 @@ def run_target(request: Request, fds: list[int]) -> int:
                 stream.flush()
             except Exception:
                 pass
+
+
+def _report(fd: int, exc: BaseException) -> bool:
+    """Send ``exc`` as a StartFailed frame on ``fd``; False if that failed."""
+    try:
+        from multiprocessing.connection import Connection
+
+        from shmarray.descriptors import StartFailed, encode
+        Connection(fd, readable=False).send_bytes(encode(StartFailed(
+            "import", type(exc).__qualname__, str(exc),
+            "".join(traceback.format_exception(exc)))))
+        return True
+    except BaseException:
+        return False
 
 
 def describe_status(status: int) -> int:
@@ -235,12 +258,11 @@ class ForkServer:
         self._sock = ours
         return ours
 
-    def start(self, target: str, args: tuple, fds: list[int]) -> Child:
+    def start(self, request: Request, fds: list[int]) -> Child:
         with self._lock:
             sock = self._ensure()
             try:
-                socket.send_fds(sock, [_frame(pickle.dumps(Request.make(target, args)))],
-                                fds)
+                socket.send_fds(sock, [_frame(pickle.dumps(request))], fds)
                 reply, got, _, _ = socket.recv_fds(sock, 16, 1)
             except BaseException:
                 # Interrupted half-way: the conversation is lost, and with
@@ -383,7 +405,7 @@ def spawned() -> None:
     sys.exit(run_target(request, fds))
 
 
-def _spawn(target: str, args: tuple, fds: list[int]) -> Child:
+def _spawn(request: Request, fds: list[int]) -> Child:
     alive_r, alive_w = os.pipe()          # closes, and wakes us, when it exits
     try:
         popen = subprocess.Popen(
@@ -391,7 +413,7 @@ def _spawn(target: str, args: tuple, fds: list[int]) -> Child:
             pass_fds=(*fds, alive_w), stdin=subprocess.PIPE,
             env=child_environment(), start_new_session=True)
         try:
-            pickle.dump((Request.make(target, args), list(fds)), popen.stdin)
+            pickle.dump((request, list(fds)), popen.stdin)
             popen.stdin.close()
         except BaseException:
             popen.kill()
@@ -416,7 +438,7 @@ class _ForkedChild(Child):
         return None if pid == 0 else describe_status(status)
 
 
-def _fork(target: str, args: tuple, fds: list[int]) -> Child:
+def _fork(request: Request, fds: list[int]) -> Child:
     alive_r, alive_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -431,7 +453,7 @@ def _fork(target: str, args: tuple, fds: list[int]) -> Child:
                     os.closerange(lo, fd)
                     lo = fd + 1
             os.closerange(lo, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 4096)
-            code = run_target(Request.make(target, args), list(fds))
+            code = run_target(request, list(fds))
         finally:
             os._exit(code)
     os.close(alive_w)
@@ -441,15 +463,19 @@ def _fork(target: str, args: tuple, fds: list[int]) -> Child:
 _SERVER = ForkServer()
 
 
-def start(method: str, target: str, args: tuple, fds: list[int]) -> Child:
-    """Start ``target(*args)`` in a new process by ``method``; ``fds`` are
-    passed to it (the caller keeps its own copies: close them once sent)."""
+def start(method: str, target: str, args: tuple, fds: list[int],
+          report: int | None = None) -> Child:
+    """Start ``target(*args)`` (``"module:function"``) in a new process by
+    ``method``; ``fds`` are passed to it (the caller keeps its own copies:
+    close them once started), and the target cannot be imported, the error
+    is sent on ``fds[report]``."""
+    request = Request.make(target, args, report)
     if method == "forkserver":
-        return _SERVER.start(target, args, list(fds))
+        return _SERVER.start(request, list(fds))
     if method == "spawn":
-        return _spawn(target, args, list(fds))
+        return _spawn(request, list(fds))
     if method == "fork":
-        return _fork(target, args, list(fds))
+        return _fork(request, list(fds))
     raise ValueError(f"start_method must be one of {list(METHODS)}; got "
                      f"{method!r} instead.")
 

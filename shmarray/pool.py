@@ -37,6 +37,7 @@ How a map flows, and who owns what::
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from multiprocessing.connection import Connection, wait
@@ -47,7 +48,7 @@ from shmarray import blocks, control, launch
 from shmarray import watchdog
 from shmarray.control import ASLEEP, DONE, RING
 from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
-from shmarray.errors import EngineClosedError, RemoteTraceback, WorkerStartError
+from shmarray.errors import EngineClosedError, WorkerStartError
 
 DEFAULT_START_METHOD = launch.DEFAULT_METHOD
 
@@ -79,6 +80,24 @@ def coerce_start_method(method: object) -> str:
     return method
 
 
+def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
+    """One exception that says why a worker could not start, and where: the
+    worker's traceback is kept as ``remote_traceback``, not chained, so an
+    uncaught error prints one traceback, not two."""
+    where = ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', msg.traceback)
+    if frames:
+        path, line, func = frames[-1]
+        where = f" (in {func}, {os.path.basename(path)} line {line})"
+    what = {"initializer": "its initializer raised",
+            "import": "importing the worker code failed with"}.get(msg.stage, "it failed with")
+    exc = WorkerStartError(
+        f"worker {pid} could not start: {what} {msg.type_name}: {msg.message}"
+        f"{where}. The engine was not started.")
+    exc.remote_traceback = msg.traceback
+    return exc
+
+
 class WorkerProcess:
     """One worker process, the coordinator's ends of its two pipes, and what
     the process holds.
@@ -89,7 +108,8 @@ class WorkerProcess:
     task pipe; ``rung`` is the last ring it was given.
     """
 
-    def __init__(self, method: str, index: int, owner_pid: int, control_block: str):
+    def __init__(self, method: str, index: int, owner_pid: int, control_block: str,
+                 initializer: tuple[bytes, bytes] | None = None):
         self.index = index
         self.at = control.slot(index)        # its words in the control block
         self.kernels: set[int] = set()
@@ -105,8 +125,9 @@ class WorkerProcess:
         try:
             self.child = launch.start(
                 method, "shmarray.worker:main",
-                (launch.Fd(0), launch.Fd(1), owner_pid, index, control_block),
-                [task_r, result_w])
+                (launch.Fd(0), launch.Fd(1), owner_pid, index, control_block,
+                 initializer),
+                [task_r, result_w], report=1)
         except BaseException:
             os.close(task_w)
             os.close(result_r)
@@ -198,13 +219,15 @@ class Pool:
     ctl = np.zeros(0, np.int64)
 
     def __init__(self, n_workers: int, start_method: str = DEFAULT_START_METHOD,
-                 startup_timeout: float = 120.0, max_tasks: int | None = None):
+                 startup_timeout: float = 120.0, max_tasks: int | None = None,
+                 initializer: tuple[bytes, bytes] | None = None):
         self.start_method = start_method
         self.max_tasks = max_tasks
         self.seq = 0                    # the last ring given
         self.generation = 0             # replacements so far
         self._owner = os.getpid()
         self._startup_timeout = startup_timeout
+        self._initializer = initializer
         self.workers = []
         try:
             self._control_name, mapping = blocks.create(
@@ -228,7 +251,7 @@ class Pool:
         self.ctl[at + RING] = ring
         self.ctl[at + ASLEEP] = 0
         proc = WorkerProcess(self.start_method, index, self._owner,
-                             self._control_name)
+                             self._control_name, self._initializer)
         proc.rung = int(ring)
         proc.chunks_seen = int(self.ctl[at + control.CHUNKS])
         return proc
@@ -278,11 +301,7 @@ class Pool:
                 except (EOFError, OSError):
                     msg = None
                 if isinstance(msg, StartFailed):
-                    exc = WorkerStartError(
-                        f"worker {proc.pid} could not start: {msg.type_name}: "
-                        f"{msg.message}")
-                    exc.__cause__ = RemoteTraceback(msg.traceback)
-                    raise exc
+                    raise start_failed(proc.pid, msg)
                 if not isinstance(msg, Ready):
                     raise WorkerStartError(
                         f"{proc.describe_death()} while starting, before it "

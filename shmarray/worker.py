@@ -34,7 +34,7 @@ from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
                               RING, STARTED, STEP, STEPS, STOP, step_word)
 from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
                                   Install, Ready, Rebind, Release, StartFailed,
-                                  Stop, Values, decode, encode, load_kernel)
+                                  Stop, Values, decode, encode, load, load_kernel)
 
 _limits = None
 
@@ -88,7 +88,8 @@ class _Job:
         h = self.spec.halo
         self.calls = [tuple(v[lo - h:hi + h] for v in views) + args
                       for lo, hi in self.spec.chunks]
-        self.swapped = [(c[1], c[0]) + c[2:] for c in self.calls] if self.spec.iterated else None
+        self.swapped = ([(c[1], c[0]) + c[2:] for c in self.calls]
+                        if self.spec.iterated and len(views) >= 2 else self.calls)
 
 
 class Mappings:
@@ -175,7 +176,7 @@ class _Worker:
         elif kind is Rebind:
             job = self.jobs[msg.job]
             job.bind([self.maps.view(d) for d in job.spec.arrays],
-                     self.maps.bind(msg.args))
+                     self.maps.bind(pickle.loads(msg.args)))
         elif kind is Install:
             try:
                 self.kernels[msg.key] = load_kernel(msg.payload)
@@ -195,15 +196,17 @@ class _Worker:
         return True
 
     def define(self, msg: Define) -> None:
+        raw: tuple = ()
         try:
+            raw = pickle.loads(msg.args)
             views = [self.maps.view(d) for d in msg.arrays]
-            args = self.maps.bind(msg.args)
+            args = self.maps.bind(raw)
             kernel = self.kernels[msg.kernel]
         except Exception as exc:     # a bad descriptor: the job fails when run
             kernel, views, args = _Unloadable(exc), [], ()
         job = self.jobs[msg.job] = _Job(kernel, msg, views, args)
         job.blocks = {d[0] for d in msg.arrays} | {
-            a.block for a in msg.args if isinstance(a, ArrayDescriptor)}
+            a.block for a in raw if isinstance(a, ArrayDescriptor)}
 
     def receive(self, until: int) -> bool:
         """Handle pipe messages until ``until`` have arrived in all; False
@@ -363,23 +366,31 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
 
 
 def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
-         control_block: str) -> None:
+         control_block: str, initializer: tuple[bytes, bytes] | None = None) -> None:
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
-    the engine's control block.  A failure to start is reported to the
-    coordinator as a StartFailed message, never printed here."""
+    the engine's control block, ``initializer`` the pickled (function,
+    args) to run once before the first task.  A failure to start, the
+    initializer's included, is reported to the coordinator as a StartFailed
+    message, never printed here."""
     tasks = Connection(tasks_fd, writable=False)
     results = Connection(results_fd, readable=False)
+    stage = "start"
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         limit_threads()
         ctl = control.new_words(blocks.attach(control_block))
         worker = _Worker(owner_pid, index, ctl, tasks, results)
+        if initializer is not None:
+            stage = "initializer"
+            function = load(initializer[0])
+            function(*pickle.loads(initializer[1]))
         ready = encode(Ready(os.getpid()))
     except BaseException as exc:
         try:
             results.send_bytes(encode(StartFailed(
-                type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc)))))
+                stage, type(exc).__qualname__, str(exc),
+                "".join(traceback.format_exception(exc)))))
         except OSError:
             pass
         return

@@ -1,0 +1,124 @@
+"""A first run with no ceremony, observed from outside: scripts without a
+main guard (as a file, on stdin, with -c), objects of __main__ in args, one
+clear error when workers cannot start, Ctrl-C while they start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import run_python
+from test_lifecycle import _gone, _report
+
+GUARDLESS = textwrap.dedent("""
+    import dataclasses
+    import numpy as np
+    import shmarray
+    from numba import njit
+
+    print("module level runs")            # must print once, not once per worker
+
+    @njit
+    def scale(out, inp, s):
+        for i in range(inp.shape[0]):
+            out[i] = inp[i] * s
+
+    @dataclasses.dataclass
+    class Params:                          # a class defined in __main__
+        factor: float
+        offset: float
+
+    def affine(out, inp, p, f):            # a plain-Python kernel
+        out[:] = f(inp * p.factor + p.offset)
+
+    with shmarray.Engine(workers=2) as eng:
+        x = eng.from_numpy(np.arange(10.0))
+        y = eng.empty(x.shape, x.dtype)
+        eng.map(scale, y, x, args=(2.5,))
+        print("scale", y.sum())
+        eng.map(affine, y, x, args=(Params(2.0, 1.0), lambda v: v + 1))
+        print("affine", y.sum())
+        print("pids:", *eng.worker_pids)
+        print("blocks:", *[b.name for b in eng.blocks])
+""")
+
+EXPECTED = ["module level runs", "scale 112.5", "affine 110.0"]
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [ln for ln in lines if not ln.startswith(("pids:", "blocks:"))] == EXPECTED
+    pids, names = _report(proc.stdout)
+    assert len(pids) == 2 and _gone(pids, names)
+    assert proc.stderr == ""
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    _check(run_python(GUARDLESS, file=str(tmp_path / "guardless.py"), check=False))
+
+
+def test_a_script_piped_on_stdin_runs():
+    _check(subprocess.run([sys.executable, "-"], input=GUARDLESS, capture_output=True,
+                          text=True, timeout=120))
+
+
+def test_python_dash_c_runs():
+    _check(run_python(GUARDLESS, check=False))
+
+
+def test_a_failing_initializer_is_one_clear_error(tmp_path):
+    code = textwrap.dedent("""
+        import shmarray
+
+        def needs_a_licence():
+            raise ValueError("no licence server")
+
+        eng = shmarray.Engine(workers=2, initializer=needs_a_licence)
+    """)
+    proc = run_python(code, file=str(tmp_path / "start.py"), check=False)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("Traceback (most recent call last)") == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("shmarray.errors.WorkerStartError: worker ")
+    assert "its initializer raised ValueError: no licence server" in last
+    assert "needs_a_licence, start.py line 5" in last
+
+
+def test_ctrl_c_while_workers_start_raises_keyboard_interrupt():
+    code = textwrap.dedent("""
+        import os, time
+        import shmarray
+
+        def slow_start():
+            print("initializing", os.getpid(), flush=True)
+            time.sleep(60)
+
+        try:
+            shmarray.Engine(workers=2, initializer=slow_start)
+            print("started")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"sha-{os.getpid()}-")]
+        print("left:", left)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    while len(workers) < 1:
+        line = proc.stdout.readline()
+        assert line, proc.communicate()
+        if line.startswith("initializing"):
+            workers.append(int(line.split()[1]))
+    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in the terminal
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted" in out and "left: []" in out
+    assert _gone(workers, [])
+    assert err == ""
