@@ -3,10 +3,11 @@ worker processes that runs numba kernels on them in place."""
 
 from shmarray.compare import Comparison
 from shmarray.engine import Engine, MapFuture
-from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
-                             RemoteTraceback, SharedMemoryFullError,
-                             ShmarrayError, TaskTimeoutError,
-                             WorkerCrashedError, WorkerStartError)
+from shmarray.errors import (CopyWarning, EngineClosedError, KernelError,
+                             MapCancelledError, RemoteTraceback,
+                             SharedMemoryFullError, ShmarrayError,
+                             TaskTimeoutError, WorkerCrashedError,
+                             WorkerStartError)
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "WorkerStartError",
     "KernelError",
     "RemoteTraceback",
+    "CopyWarning",
 ]

@@ -197,6 +197,20 @@ class Block:
     address: int
 
 
+_TABLES: weakref.WeakSet = weakref.WeakSet()      # every engine's table
+
+
+def blocks_of_other_engines(array: np.ndarray, mine: BlockTable) -> Block | None:
+    """The block of another live engine that holds ``array``, if any."""
+    data = address_of(array)
+    for table in list(_TABLES):
+        if table is not mine and not table.closed:
+            found = table.locate(data, data + max(array.nbytes, 1))
+            if found is not None:
+                return found
+    return None
+
+
 class BlockTable:
     """The coordinator's live blocks, indexed by the address they map at.
 
@@ -223,6 +237,8 @@ class BlockTable:
         self._released: collections.deque[str] = collections.deque()
         self._descriptors: dict = {}
         self.closed = False
+        self.warned_copy = False        # a CopyWarning was shown for this engine
+        _TABLES.add(self)
 
     @property
     def descriptors(self) -> dict:

@@ -45,6 +45,7 @@ from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
 from shmarray.jobs import Call, JobCache, KernelTable, same_args
 from shmarray.pool import Pool, WorkerProcess
 from shmarray.progress import ChunkProgress
+from shmarray.progress import resolve as resolve_progress
 
 # How long the driver spins on the done words before it sleeps.  A map
 # shorter than this returns about 10 us sooner (no wake-up); a longer one
@@ -570,8 +571,9 @@ class Runner:
                 by_fd[fd] = (w, is_sentinel)
         inbox: dict[WorkerProcess, list] = {}
         progress = None
-        if call.progress is not False:
-            progress = ChunkProgress(len(call.job.plan.chunks) * call.steps, call.progress,
+        mode = resolve_progress(call.progress)
+        if mode is not False:
+            progress = ChunkProgress(len(call.job.plan.chunks) * call.steps, mode,
                                      getattr(call.job.kernel, "__name__", "map"))
         try:
             while True:

@@ -75,6 +75,11 @@ class KernelError(ShmarrayError):
         return type(self), (str(self), self.type_name)
 
 
+class CopyWarning(UserWarning):
+    """An argument is copied to the workers with every call: slow, and the
+    kernel's writes to it are lost."""
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker, as text."""
 

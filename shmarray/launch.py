@@ -29,6 +29,7 @@ descriptors, which stand in the arguments as :class:`Fd` placeholders.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import importlib
 import os
@@ -461,6 +462,9 @@ def _fork(request: Request, fds: list[int]) -> Child:
 
 
 _SERVER = ForkServer()
+# Registered at import, before the engines' own exit hook (shmarray.dispatch
+# imports this module first), so it runs after every engine has closed.
+atexit.register(_SERVER.stop)
 
 
 def start(method: str, target: str, args: tuple, fds: list[int],

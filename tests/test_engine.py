@@ -6,6 +6,7 @@ import functools
 import gc
 import operator
 import os
+import warnings
 import weakref
 
 import numba
@@ -418,12 +419,26 @@ def test_bad_start_method():
         shmarray.Engine(workers=1, start_method="teleport")
 
 
-def test_an_array_of_another_engine_is_private_here(engine):
+def test_an_array_of_another_engine_is_refused(engine):
     with shmarray.Engine(workers=1) as other:
         theirs = other.zeros(4)
-        with pytest.raises(ValueError, match="private array"):
+        with pytest.raises(ValueError, match="another Engine's shared memory"):
             engine.map(scale, engine.zeros(4), theirs, args=(1.0,))
+        with pytest.raises(ValueError, match=r"args\[0\] lives in another Engine"):
+            engine.map(matvec_rows, engine.zeros(4), engine.zeros((4, 4)), args=(theirs,))
         del theirs
+
+
+def test_a_large_private_array_in_args_warns_once():
+    with shmarray.Engine(workers=1) as eng:
+        out, a = eng.zeros(4), eng.zeros((4, 300_000))
+        v = np.ones(300_000)                         # 2.4 MB, private
+        with pytest.warns(shmarray.CopyWarning, match=r"args\[0\] is a private array"):
+            eng.map(matvec_rows, out, a, args=(v,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            eng.map(matvec_rows, out, a, args=(np.ones(300_000),))   # once only
+        del out, a
 
 
 # -- lifecycle -------------------------------------------------------------

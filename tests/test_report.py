@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import textwrap
 
 import numpy as np
 import pytest
@@ -94,41 +100,103 @@ def test_compare_plot(engine, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 5_000
 
 
-def test_progress_bar_reaches_its_total(engine, capsys):
-    x = engine.from_numpy(np.arange(64.0))
-    out = engine.zeros(64)
-    engine.map(slow_rows, out, x, chunks=8, schedule="dynamic", progress=True)
-    err = capsys.readouterr().err
-    assert "8/8" in err and "slow_rows" in err
-    engine.reduce(total, x, chunks=4, progress=True)
-    assert "4/4" in capsys.readouterr().err
-    engine.map(slow_rows, out, x, chunks=8)             # quick: no bar by default
-    assert capsys.readouterr().err == ""
-    del x, out
+PROGRESS = textwrap.dedent("""
+    import numpy as np
+    import shmarray
+    from numba import njit
 
-
-def test_progress_appears_by_itself_for_long_maps(engine, capsys, monkeypatch):
-    monkeypatch.setattr(shmarray.progress, "DELAY", 0.2)
-    x = engine.from_numpy(np.ones(200))
-    out = engine.zeros(200)
+    shmarray.progress.DELAY = 0.2
 
     @njit
-    def slower(out, inp):
+    def slow_rows(out, inp):                    # about 20 ms a row
         for i in range(inp.shape[0]):
             acc = 0.0
-            for _ in range(2_000_000):
+            for _ in range(10_000_000):
                 acc += inp[i] * 1.0000001
             out[i] = acc
 
-    slower(np.zeros(2), np.ones(2))
-    engine.map(slower, out, x, chunks=16, schedule="dynamic")
-    assert "16/16" in capsys.readouterr().err
-    del x, out
+    slow_rows(np.zeros(2), np.ones(2))
+    with shmarray.Engine(workers=2) as eng:
+        x = eng.from_numpy(np.ones(64))
+        out = eng.zeros(64)
+        eng.map(slow_rows, out[:2], x[:2])      # warm: compiles in the workers
+        CASE
+""")
 
 
-def test_steps_helper_counts_iterations(capsys):
-    assert list(shmarray.steps(5, delay=0)) == [0, 1, 2, 3, 4]
-    assert "5/5" in capsys.readouterr().err
+def run_progress(case: str, tty: bool, env: dict | None = None) -> str:
+    """Run PROGRESS with CASE in a child whose stderr is a terminal (a pty)
+    or a pipe; what it wrote to stderr."""
+    code = PROGRESS.replace("CASE", case)
+    environ = {**os.environ, **(env or {})}
+    if not tty:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                              text=True, timeout=120, env=environ)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+    master, slave = pty.openpty()
+    # A terminal 80 columns wide: a fresh pty has none, and tqdm draws
+    # nothing in no columns.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                            stderr=slave, env=environ)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:                          # EIO: the child closed it
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(120) == 0, b"".join(chunks)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_asked_for_bars_reach_their_total_on_a_terminal():
+    err = run_progress('eng.map(slow_rows, out, x, chunks=8, schedule="dynamic", '
+                       'progress=True)', tty=True)
+    assert "8/8" in err and "slow_rows" in err
+
+
+def test_automatic_bars_show_for_long_maps_only():
+    err = run_progress('eng.map(slow_rows, out, x, chunks=32, schedule="dynamic")',
+                       tty=True)
+    assert "32/32" in err
+    quick = run_progress('eng.map(slow_rows, out[:4], x[:4], chunks=2)', tty=True)
+    assert "slow_rows" not in quick
+
+
+def test_no_bar_for_a_first_map_slow_only_from_compiling():
+    case = textwrap.dedent("""
+        @njit
+        def fresh(out, inp):                 # compiled in the workers now
+            for i in range(inp.shape[0]):
+                out[i] = inp[i] * 2.0
+        eng.map(fresh, out, x)
+    """).strip().replace("\n", "\n    ")
+    err = run_progress(case, tty=True, env={"SHMARRAY_PROGRESS": "auto"})
+    assert "fresh" not in err
+
+
+def test_no_bar_is_written_to_a_pipe_or_a_log():
+    case = 'eng.map(slow_rows, out, x, chunks=32, schedule="dynamic", progress=True)'
+    assert run_progress(case, tty=False) == ""
+
+
+def test_the_global_switch():
+    long_map = 'eng.map(slow_rows, out, x, chunks=32, schedule="dynamic")'
+    assert "slow_rows" not in run_progress(long_map, tty=True,
+                                           env={"SHMARRAY_PROGRESS": "0"})
+    quick = 'eng.map(slow_rows, out[:4], x[:4], chunks=2)'
+    assert "2/2" in run_progress(quick, tty=True, env={"SHMARRAY_PROGRESS": "1"})
+
+
+def test_steps_helper_counts_iterations():
+    err = run_progress("print(list(shmarray.steps(5, delay=0)))", tty=True)
+    assert "5/5" in err
 
 
 def test_info_json():
