@@ -22,8 +22,8 @@ import numpy as np
 from numba import njit
 
 import shmarray
-from kernels.elementwise import triad
-from kernels.stencils import jacobi
+from shmarray.kernels.elementwise import triad
+from shmarray.kernels.stencils import jacobi
 from workloads import machine_info
 
 

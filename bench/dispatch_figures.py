@@ -26,12 +26,12 @@ import numpy as np
 import psutil
 
 import shmarray
-from kernels.elementwise import triad
-from kernels.stencils import heat_step, jacobi
+from shmarray.kernels.elementwise import triad
+from shmarray.kernels.stencils import heat_step, jacobi
 from peers import jacobi_prange
 from numba import njit, prange as numba_prange
 
-from shmarray.benchmark import heat_prange, noop_kernel, triad_prange
+from shmarray.report import heat_prange, noop_kernel, triad_prange
 from workloads import machine_info
 
 ALPHA = 0.2

@@ -30,7 +30,7 @@ STARTUP = textwrap.dedent("""
     import time
     t0 = time.perf_counter()
     import shmarray
-    from kernels.elementwise import triad
+    from shmarray.kernels.elementwise import triad
     t1 = time.perf_counter()
     with shmarray.Engine(workers=2) as eng:
         a, b, c = eng.zeros(1000), eng.zeros(1000), eng.zeros(1000)

@@ -20,12 +20,12 @@ import time
 import numba
 import numpy as np
 
-import kernels
 import shmarray
-from kernels import TABLE
-from kernels.irregular import mandelbrot
-from kernels.reductions import combine_moments, histogram, moments, variance
-from kernels.stencils import heat_step, jacobi
+from shmarray import kernels
+from shmarray.kernels import TABLE
+from shmarray.kernels.irregular import mandelbrot
+from shmarray.kernels.reductions import combine_moments, histogram, moments, variance
+from shmarray.kernels.stencils import heat_step, jacobi
 from peers import histogram_prange, jacobi_prange, mandelbrot_prange, moments_prange
 from workloads import TriadPair, interleaved, machine_info, small_pages_copy
 

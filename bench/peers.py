@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.reductions import combine_moments, moments
-from kernels.stencils import heat_step, jacobi
-from shmarray.benchmark import bounds_for, histogram_parts, mandelbrot_prange
+from shmarray.kernels.reductions import combine_moments, moments
+from shmarray.kernels.stencils import heat_step, jacobi
+from shmarray.report import bounds_for, histogram_parts, mandelbrot_prange
 
 
 @njit(parallel=True)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import shmarray
-from kernels.irregular import mandelbrot
-from kernels.reductions import histogram
-from kernels.stencils import jacobi
+from shmarray.kernels.irregular import mandelbrot
+from shmarray.kernels.reductions import histogram
+from shmarray.kernels.stencils import jacobi
 from peers import histogram_prange, jacobi_prange, mandelbrot_prange
 
 H, W, ITER = 1500, 3000, 300

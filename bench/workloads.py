@@ -9,8 +9,8 @@ import numba
 import numpy as np
 from numba import njit
 
-from kernels.elementwise import triad
-from shmarray.benchmark import interleaved, machine, triad_prange
+from shmarray.kernels.elementwise import triad
+from shmarray.report import interleaved, machine, triad_prange
 
 __all__ = ["TriadPair", "interleaved", "machine_info", "noop", "nothing",
            "small_pages_copy", "triad_prange"]

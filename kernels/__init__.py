@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kernels.table import TABLE, KernelSpec, mandelbrot_args, spec_of
+from shmarray.kernels.table import TABLE, KernelSpec, mandelbrot_args, spec_of
 
 __all__ = ["TABLE", "KernelSpec", "run", "standardize", "spec_of", "mandelbrot_args"]
 
@@ -83,8 +83,9 @@ def run(kernel: Callable, *arrays: np.ndarray, args: tuple = (), engine=None,
     Returns None for a map, the finished value for a reduction (for example
     the variance for :func:`kernels.reductions.moments`).
 
-    >>> import numpy as np, kernels
-    >>> from kernels.reductions import moments
+    >>> import numpy as np
+    >>> from shmarray import kernels
+    >>> from shmarray.kernels.reductions import moments
     >>> float(kernels.run(moments, np.array([1.0, 2.0, 3.0, 4.0])))
     1.25
     """
@@ -107,8 +108,8 @@ def run(kernel: Callable, *arrays: np.ndarray, args: tuple = (), engine=None,
 def standardize(out: np.ndarray, x: np.ndarray, engine=None, chunks=None) -> tuple[float, float]:
     """``out = (x - mean) / std`` in two passes: mergeable moments, then the
     fused normalize.  Returns ``(mean, std)``."""
-    from kernels.elementwise import normalize
-    from kernels.reductions import combine_moments, moments
+    from shmarray.kernels.elementwise import normalize
+    from shmarray.kernels.reductions import combine_moments, moments
 
     if engine is None:
         n, mean, m2 = moments(x)

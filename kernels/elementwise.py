@@ -4,7 +4,7 @@ the same element of the inputs, so any chunking gives the same result.
 For contiguous n-d arrays pass ``a.reshape(-1)`` views (free for C order).
 """
 
-from kernels._jit import jit
+from shmarray.kernels._jit import jit
 
 
 @jit

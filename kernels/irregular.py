@@ -1,7 +1,7 @@
 """Kernels whose cost varies from row to row: give them
 ``schedule="dynamic"``."""
 
-from kernels._jit import jit
+from shmarray.kernels._jit import jit
 
 
 @jit

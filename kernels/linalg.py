@@ -1,6 +1,6 @@
 """Dense linear algebra by rows."""
 
-from kernels._jit import jit
+from shmarray.kernels._jit import jit
 
 _BLOCK = 64   # columns of A (rows of B) per pass, so a block of B stays in cache
 

@@ -9,7 +9,7 @@ thread.
 
 import numpy as np
 
-from kernels._jit import jit
+from shmarray.kernels._jit import jit
 
 
 @jit

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from kernels._jit import jit
+from shmarray.kernels._jit import jit
 
 
 @jit

@@ -10,7 +10,7 @@ the same array.
 
 import numpy as np
 
-from kernels._jit import jit
+from shmarray.kernels._jit import jit
 
 # Normalised Gaussian weights (binomial approximations), for convolve().
 GAUSS3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0

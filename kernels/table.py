@@ -1,7 +1,7 @@
 """Every kernel with its NumPy reference, its inputs and its checks.
 
 The tests and the benchmarks both read this table, so neither drifts from
-the other.  :func:`kernels.run` uses it to check arguments.
+the other.  :func:`shmarray.kernels.run` uses it to check arguments.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kernels import elementwise as ew
-from kernels import irregular, linalg, montecarlo
-from kernels import reductions as rd
-from kernels import stencils as st
+from shmarray.kernels import elementwise as ew
+from shmarray.kernels import irregular, linalg, montecarlo
+from shmarray.kernels import reductions as rd
+from shmarray.kernels import stencils as st
 
 
 @dataclass(frozen=True)
@@ -263,4 +263,4 @@ def spec_of(kernel: Callable, notes: str | None = None) -> KernelSpec:
     for spec in TABLE:
         if spec.kernel is kernel and (notes is None or spec.notes == notes):
             return spec
-    raise KeyError(f"{getattr(kernel, '__name__', kernel)!r} is not in kernels.TABLE")
+    raise KeyError(f"{getattr(kernel, '__name__', kernel)!r} is not in shmarray.kernels.TABLE")

@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     import shmarray
-    from kernels.stencils import heat_step
+    from shmarray.kernels.stencils import heat_step
 
     n, steps, alpha = args.size, args.steps, 0.2
     u0 = np.zeros((n, n))
@@ -132,10 +132,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_NEEDS = ("matplotlib", "joblib", "dask", "distributed")
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from shmarray import benchmark
+    import importlib.util
+    missing = [m for m in BENCH_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"shmarray bench compares against peers it cannot find here "
+              f"({', '.join(missing)}). Install them with: "
+              f"pip install 'shmarray[bench]'", file=sys.stderr)
+        return 2
+    from shmarray import report
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
-    return benchmark.main(size, args.out, args.max_workers)
+    return report.main(size, args.out, args.max_workers)
 
 
 def _ls(args: argparse.Namespace) -> int:

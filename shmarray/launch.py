@@ -365,8 +365,12 @@ def serve(fd: int) -> None:
             for own in fds:
                 os.close(own)
             status_pipes[pid] = status_w
-            socket.send_fds(sock, [struct.pack("q", pid)], [status_r])
-            os.close(status_r)
+            try:
+                socket.send_fds(sock, [struct.pack("q", pid)], [status_r])
+            except OSError:
+                return      # the coordinator gave up on this start (Ctrl-C)
+            finally:
+                os.close(status_r)
             _reap(status_pipes)
 
 

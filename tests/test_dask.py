@@ -12,9 +12,9 @@ import pytest
 
 import shmarray
 import shmarray.dask as sd
-from kernels.elementwise import triad
-from kernels.reductions import combine_moments, histogram, moments, total
-from kernels.stencils import heat_step, jacobi
+from shmarray.kernels.elementwise import triad
+from shmarray.kernels.reductions import combine_moments, histogram, moments, total
+from shmarray.kernels.stencils import heat_step, jacobi
 
 distributed = pytest.importorskip("distributed")
 

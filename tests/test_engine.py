@@ -17,7 +17,7 @@ import threadpoolctl
 from numba import njit
 
 import shmarray
-from kernels.stencils import heat_step
+from shmarray.kernels.stencils import heat_step
 from shmarray.partition import split_rows
 
 from conftest import shm_entries

@@ -9,12 +9,12 @@ import operator
 import numpy as np
 import pytest
 
-import kernels
 import shmarray
-from kernels import TABLE
-from kernels.montecarlo import pi_hits
-from kernels.reductions import histogram, moments
-from kernels.stencils import GAUSS3, convolve, jacobi
+from shmarray import kernels
+from shmarray.kernels import TABLE
+from shmarray.kernels.montecarlo import pi_hits
+from shmarray.kernels.reductions import histogram, moments
+from shmarray.kernels.stencils import GAUSS3, convolve, jacobi
 from shmarray.engine import DYNAMIC_CHUNKS_PER_WORKER
 from shmarray.partition import split_rows
 
@@ -142,7 +142,7 @@ BAD = [
      lambda: kernels.run(kernels.stencils.heat_step, np.zeros((5, 5)), np.zeros((5, 5)))),
     ("bad histogram range", ValueError, "need lo < hi",
      lambda: kernels.run(histogram, np.zeros(5), args=(1.0, 0.0, 10))),
-    ("not a table kernel", KeyError, "not in kernels.TABLE",
+    ("not a table kernel", KeyError, "not in shmarray.kernels.TABLE",
      lambda: kernels.run(operator.add, np.zeros(3))),
 ]
 
@@ -155,7 +155,7 @@ def test_bad_input_to_a_kernel_wrapper(case):
 
 
 def test_the_table_covers_every_kernel():
-    from kernels import elementwise, irregular, linalg, montecarlo, reductions, stencils
+    from shmarray.kernels import elementwise, irregular, linalg, montecarlo, reductions, stencils
     listed = {s.kernel for s in TABLE}
     for module in (elementwise, reductions, stencils, irregular, montecarlo, linalg):
         for name, obj in vars(module).items():

@@ -94,20 +94,6 @@ def test_interpreter_exit_without_close_cleans_up():
     assert proc.stderr == ""
 
 
-def test_unguarded_script_gets_a_clear_error(tmp_path):
-    # With a spawn-like start method every worker imports the main script;
-    # an unguarded Engine() there must fail with advice, not hang.
-    code = KERNEL + textwrap.dedent("""
-        eng = shmarray.Engine(workers=1, startup_timeout=60)
-        print("started")
-        eng.close()
-    """)
-    proc = run_python(code, file=str(tmp_path / "unguarded.py"), check=False)
-    assert proc.returncode != 0
-    assert "if __name__ == \"__main__\":" in proc.stderr
-    assert "WorkerStartError" in proc.stderr
-
-
 @pytest.mark.breaks_things
 def test_killed_worker_leaves_no_tracker_warning_and_no_block():
     code = KERNEL + textwrap.dedent("""

@@ -18,9 +18,9 @@ import pytest
 from numba import njit
 
 import shmarray
-from kernels.reductions import total
-from kernels.stencils import heat_step
-from shmarray import benchmark
+from shmarray.kernels.reductions import total
+from shmarray.kernels.stencils import heat_step
+from shmarray import report
 
 
 @njit
@@ -45,16 +45,16 @@ def test_bench_report_has_every_method_and_workload_checked(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "bench.json").read_text())
-    seen = {(r["workload"], r["method"]) for r in report["results"]}
-    for workload in benchmark.WORKLOADS:
+    found = json.loads((tmp_path / "bench.json").read_text())
+    seen = {(r["workload"], r["method"]) for r in found["results"]}
+    for workload in report.WORKLOADS:
         methods = {m for w, m in seen if w == workload}
-        expected = set(benchmark.METHODS) - ({"numpy"} if workload == "noop" else set())
+        expected = set(report.METHODS) - ({"numpy"} if workload == "noop" else set())
         assert methods == expected, (workload, methods)
-    assert all(r["identical"] for r in report["results"])
-    assert report["workers"] == list(range(1, report["machine"]["usable_cpus"] + 1))
-    assert report["ceiling_GBps"] > 0
-    assert {"cpu", "usable_cpus", "versions"} <= set(report["machine"])
+    assert all(r["identical"] for r in found["results"])
+    assert found["workers"] == list(range(1, found["machine"]["usable_cpus"] + 1))
+    assert found["ceiling_GBps"] > 0
+    assert {"cpu", "usable_cpus", "versions"} <= set(found["machine"])
     for png in ("times.png", "speedup.png", "bandwidth.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

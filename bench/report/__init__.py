@@ -31,11 +31,11 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from kernels.elementwise import triad
-from kernels.irregular import mandelbrot
-from kernels.reductions import histogram
-from kernels.stencils import heat_step
-from kernels.table import heat_numpy, mandelbrot_numpy
+from shmarray.kernels.elementwise import triad
+from shmarray.kernels.irregular import mandelbrot
+from shmarray.kernels.reductions import histogram
+from shmarray.kernels.stencils import heat_step
+from shmarray.kernels.table import heat_numpy, mandelbrot_numpy
 
 METHODS = ("numpy", "numba", "prange", "process_pool", "joblib", "dask_threads", "shmarray")
 SEQUENTIAL = ("numpy", "numba")
