@@ -11,55 +11,109 @@ import time
 from shmarray import blocks
 
 
+def _heat_prange():
+    """numba prange running the same 5-point step as the kernel library's
+    heat_step, the same arithmetic in the same order: the ceiling for
+    threads on these cores, and bit-identical."""
+    import numba
+
+    @numba.njit(parallel=True, cache=True)
+    def heat_prange(out, inp, alpha):
+        n, m = inp.shape
+        for i in numba.prange(1, n - 1):
+            for j in range(1, m - 1):
+                out[i, j] = inp[i, j] + alpha * (
+                    inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1]
+                    - 4.0 * inp[i, j])
+    return heat_prange
+
+
 def _demo(args: argparse.Namespace) -> int:
+    import statistics
+
+    import numba
     import numpy as np
 
     import shmarray
     from shmarray.kernels.stencils import heat_step
 
-    n, steps, alpha = args.size, args.steps, 0.2
+    n, steps, alpha, rounds = args.size, args.steps, 0.2, args.rounds
     u0 = np.zeros((n, n))
     yy, xx = np.ogrid[:n, :n]
     u0[(yy - n / 2) ** 2 + (xx - n / 3) ** 2 < (n / 8) ** 2] = 100.0
 
     print(f"shmarray demo: 2-D heat diffusion on a {n} x {n} float64 grid, "
           f"{steps} steps (5-point stencil, halo 1, double buffered)")
-
-    # Sequential numba on private arrays.  Compile first, on a small grid
-    # with the same types, so neither side's timing includes compilation.
-    heat_step(np.zeros((8, 8)), np.zeros((8, 8)), alpha)
-    cur, nxt = u0.copy(), u0.copy()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        heat_step(nxt, cur, alpha)
-        cur, nxt = nxt, cur
-    t_seq = time.perf_counter() - t0
-    expected = cur
-
     with shmarray.Engine(workers=args.workers) as eng:
-        a, b = eng.from_numpy(u0), eng.from_numpy(u0)
-        warm = eng.zeros((8, 8))
-        eng.map(heat_step, warm, eng.zeros((8, 8)), args=(alpha,), halo=1)
+        workers = eng.workers
+        numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
+        heat_prange = _heat_prange()
+        grids = {"sequential": (u0.copy(), u0.copy()), "prange": (u0.copy(), u0.copy()),
+                 "map": (eng.from_numpy(u0), eng.from_numpy(u0)),
+                 "iterate": (eng.from_numpy(u0), eng.from_numpy(u0))}
+
+        def loop(step, name):
+            def run():
+                cur, nxt = grids[name]
+                for _ in range(steps):
+                    step(nxt, cur)
+                    cur, nxt = nxt, cur
+            return run
+
+        def iterate():
+            cur, nxt = grids["iterate"]
+            eng.iterate(heat_step, nxt, cur, steps=steps, args=(alpha,), halo=1)
+
+        methods = {
+            "sequential": loop(lambda o, i: heat_step(o, i, alpha), "sequential"),
+            "prange": loop(lambda o, i: heat_prange(o, i, alpha), "prange"),
+            "map": loop(lambda o, i: eng.map(heat_step, o, i, args=(alpha,), halo=1), "map"),
+            "iterate": iterate,
+        }
+        # Compile everywhere first, on a small grid of the same types.
+        small = np.zeros((8, 8))
+        heat_step(small.copy(), small, alpha)
+        heat_prange(small.copy(), small, alpha)
+        warm = eng.zeros((8, 8)), eng.zeros((8, 8))
+        eng.map(heat_step, *warm, args=(alpha,), halo=1)
+        eng.iterate(heat_step, *warm, steps=2, args=(alpha,), halo=1)
         del warm
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.map(heat_step, b, a, args=(alpha,), halo=1)
-            a, b = b, a
-        t_eng = time.perf_counter() - t0
-        identical = np.array_equal(a, expected)
-        used = [blk for blk in eng.blocks if blk.size >= a.nbytes]
-        print(f"  workers          : {eng.workers} ({eng.start_method})")
-        print(f"  sequential numba : {t_seq:7.3f} s")
-        print(f"  shmarray engine  : {t_eng:7.3f} s")
-        print(f"  speedup          : {t_seq / t_eng:7.2f}x")
-        print(f"  identical result : {'yes, bit for bit' if identical else 'NO'}")
-        print(f"  warm cells (>1)  : {np.count_nonzero(u0 > 1):,} at the start, "
+        # Rounds in alternating order, each starting from the same grid.
+        times: dict[str, list[float]] = {k: [] for k in methods}
+        names = list(methods)
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                for grid in grids[name]:
+                    grid[...] = u0
+                t0 = time.perf_counter()
+                methods[name]()
+                times[name].append(time.perf_counter() - t0)
+        last = steps % 2                       # which buffer holds the result
+        results = {k: v[last] for k, v in grids.items()}
+        identical = all(np.array_equal(results["sequential"], r) for r in results.values())
+        median = {k: statistics.median(v) for k, v in times.items()}
+        seq = median["sequential"]
+        labels = {"sequential": "sequential numba",
+                  "prange": f"numba prange, {numba.get_num_threads()} threads",
+                  "map": "shmarray, a loop of eng.map",
+                  "iterate": "shmarray, eng.iterate"}
+        print(f"  {workers} workers ({eng.start_method}); each time is the median of "
+              f"{rounds} rounds run in alternating order")
+        print(f"  {'':34} {'time':>9} {'speedup':>9}")
+        for name in names:
+            note = "   (threads in one process: the ceiling here)" if name == "prange" else ""
+            print(f"  {labels[name]:<34} {median[name]:8.3f}s {seq / median[name]:8.2f}x{note}")
+        print(f"  identical results : {'yes, all four bit for bit' if identical else 'NO'}")
+        a = results["map"]
+        print(f"  warm cells (>1)   : {np.count_nonzero(u0 > 1):,} at the start, "
               f"{np.count_nonzero(a > 1):,} after {steps} steps")
-        print("  blocks used      :")
+        used = [blk for blk in eng.blocks if blk.size >= a.nbytes]
+        print("  blocks used       :")
         for blk in used:
             print(f"    {blk.name}  {blocks.format_bytes(blk.size)}")
+        del a, results, grids
     left = [blk.name for blk in used if os.path.exists(f"{blocks.SHM_DIR}{blk.name}")]
-    print(f"  after close      : {len(left)} of those blocks left in "
+    print(f"  after close       : {len(left)} of those blocks left in "
           f"{blocks.SHM_DIR}, workers stopped")
     return 0 if identical and not left else 1
 
@@ -181,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="time steps (default 300)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: usable CPUs)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of every method, in alternating order (default 3)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="every workload through every method, with plots")

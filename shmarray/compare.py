@@ -4,6 +4,10 @@ Both sides run on copies of your arrays (private copies for the sequential
 run, shared copies for the engine), so your data is never touched; before
 each repetition both copies are reset from the originals, so a kernel that
 updates in place (``y += a*x``) does the same work on both sides every time.
+
+An array the kernel only writes (an output) is reset to a *poison* value
+instead (NaN, or a sentinel for integers): had it held the answer already,
+a kernel that misses rows through the engine would still have matched.
 """
 
 from __future__ import annotations
@@ -130,6 +134,56 @@ def _equal(a, b) -> bool:
     return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
 
 
+def poison(dtype: np.dtype) -> object:
+    """A value no kernel computes by accident, for ``dtype``.
+
+    >>> poison(np.dtype("f8")), poison(np.dtype("i2")), poison(np.dtype("u1"))
+    (nan, -32768, 255)
+    """
+    kind = dtype.kind
+    if kind in "fc":
+        return np.nan
+    if kind == "i":
+        return int(np.iinfo(dtype).min)
+    if kind == "u":
+        return int(np.iinfo(dtype).max)
+    if kind in "mM":
+        return np.array("NaT", dtype)
+    return True                                    # bool: the best there is
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise equality, NaN equal to NaN."""
+    if a.dtype.kind in "fc":
+        return (a == b) | (np.isnan(a) & np.isnan(b))
+    return a == b
+
+
+def write_only(kernel: Callable, originals: list[np.ndarray], args: tuple) -> list[int]:
+    """The arrays ``kernel`` writes without reading: run it from the
+    originals and again with one array poisoned; if nothing else changes and
+    that array differs only where it was left alone, the kernel never read
+    it.  One extra sequential run per array."""
+    base = [a.copy() for a in originals]
+    kernel(*base, *args)
+    found = []
+    for i, o in enumerate(originals):
+        if o.size == 0 or o.dtype.kind == "b":
+            continue
+        trial = [a.copy() for a in originals]
+        trial[i][...] = poison(o.dtype)
+        try:
+            kernel(*trial, *args)
+        except Exception:
+            continue
+        others = all(np.all(_same(b, t)) for j, (b, t) in enumerate(zip(base, trial))
+                     if j != i)
+        untouched = _same(base[i], o) & _same(trial[i], np.full_like(o, poison(o.dtype)))
+        if others and np.all(_same(base[i], trial[i]) | untouched):
+            found.append(i)
+    return found
+
+
 def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
             chunks=None, schedule: str = "static", repeat: int = 5,
             reduce: bool = False, combine: Callable = operator.add) -> Comparison:
@@ -140,11 +194,16 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
     opts = dict(args=run_args, halo=halo, chunks=chunks, schedule=schedule)
     seq_t, eng_t = [], []
     seq_value = eng_value = None
+    outputs = [] if reduce else write_only(kernel, originals, run_args)
     try:
         for r in range(max(int(repeat), 1) + 1):      # the first round warms up
-            for p, s, o in zip(private, shared, originals):
-                np.copyto(p, o)
-                np.copyto(s, o)
+            for i, (p, s, o) in enumerate(zip(private, shared, originals)):
+                if i in outputs:
+                    p[...] = poison(o.dtype)
+                    s[...] = poison(o.dtype)
+                else:
+                    np.copyto(p, o)
+                    np.copyto(s, o)
             t0 = time.perf_counter()
             seq_value = kernel(*private, *run_args)
             t1 = time.perf_counter()
@@ -164,6 +223,11 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
             schedule=schedule, chunks=len(parts), kind="reduce" if reduce else "map",
             sequential_s=seq_t, engine_s=eng_t,
             nbytes=sum(a.nbytes for a in originals), identical=True)
+        if outputs:
+            result.notes.append(
+                f"array{'s' if len(outputs) > 1 else ''} "
+                f"{', '.join(map(str, outputs))} (only written by the kernel) "
+                f"started from a poison value on both sides")
         if reduce:
             # The engine combines per-chunk values in chunk order: the same
             # computed sequentially, chunk by chunk, must match bit for bit.

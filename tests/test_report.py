@@ -74,6 +74,28 @@ def test_compare_reports_speedup_and_identity(engine):
     assert "<table>" in c._repr_html_() and "speedup" in str(c)
 
 
+@njit
+def skips_the_last_chunk(out, inp, n_total):
+    """A kernel bug: through the engine, the chunk that reaches the end is
+    skipped entirely (it believes the last rows are someone else's)."""
+    if inp.shape[0] < n_total and inp[-1] == 1.0:
+        return
+    for i in range(inp.shape[0]):
+        out[i] = inp[i] * 2.0
+
+
+def test_compare_poisons_outputs_so_missed_rows_show():
+    # The output already holds the right answer: without poison, a kernel
+    # that skips rows through the engine would look identical.
+    x = np.arange(100.0) / 99.0
+    answer = x * 2.0
+    with shmarray.Engine(workers=2) as eng:
+        c = eng.compare(skips_the_last_chunk, answer.copy(), x, args=(100,), repeat=1)
+    assert not c.identical, c
+    assert "poison" in " ".join(c.notes)
+    assert "rows 50" in c.mismatch
+
+
 def test_compare_flags_a_chunk_boundary_bug(engine):
     x = np.random.default_rng(1).random(1000)
     c = engine.compare(edge_bug, np.zeros(1000), x, chunks=4, repeat=1)
