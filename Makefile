@@ -7,7 +7,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test bench clean
+# The suites that also run on Python 3.12 and 3.13 and on the oldest numba
+# allowed (see .ci/other-pythons): the engine's contract and lifecycle.
+CORE := tests/test_engine.py tests/test_first_run.py tests/test_lifecycle.py \
+        tests/test_descriptors.py tests/test_blocks.py tests/test_async.py
+
+.PHONY: demo test test-main test-others bench clean
 
 # One stamp per set of extras, so `make demo` installs only the core and
 # `make test` adds what the tests need (peers, Dask, Jupyter).
@@ -24,11 +29,16 @@ $(VENV)/.installed-test: pyproject.toml
 demo: $(VENV)/.installed-core
 	$(BIN)/shmarray demo
 
-test: $(VENV)/.installed-test
+test: test-main test-others
+
+test-main: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+test-others:
+	.ci/other-pythons $(CORE)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-autosave
 
 clean:
-	rm -rf $(VENV) .benchmarks .hypothesis
+	rm -rf $(VENV) .venv-* .benchmarks .hypothesis
