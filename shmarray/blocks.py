@@ -10,6 +10,9 @@ Who does what, and how many times
   still held after ``Engine.close()`` stays readable.
 * Workers attach a segment at most once each (:func:`attach`) and unmap it
   when the coordinator tells them the name is gone.
+* The coordinator holds a shared ``flock`` on each segment it created, for
+  as long as it maps it: the proof of life ``shmarray gc`` tests, which a
+  pid cannot give across pid namespaces (containers sharing ``/dev/shm``).
 * Nobody registers a segment with multiprocessing's resource tracker.  An
   attaching ``SharedMemory`` registers on 3.11 and 3.12 (cpython #82300) and
   the tracker then unlinks the coordinator's blocks when a worker exits, with
@@ -25,12 +28,14 @@ from __future__ import annotations
 import bisect
 import collections
 import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
 import sys
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -99,14 +104,17 @@ def free_space() -> tuple[int, int] | None:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def _full_error(nbytes: int) -> SharedMemoryFullError:
+def _full_error(nbytes: int, inodes: bool = False) -> SharedMemoryFullError:
     space = free_space()
     free, total = space if space else (0, 0)
     where = SHM_DIR or "shared memory"
+    what = (f"{where} has no free inode left (it holds as many files as its "
+            f"nr_inodes allows), with {format_bytes(free)} free of "
+            f"{format_bytes(total)}" if inodes else
+            f"{where} has {format_bytes(free)} free of {format_bytes(total)}")
     return SharedMemoryFullError(
         f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) of shared "
-        f"memory: {where} has {format_bytes(free)} free of "
-        f"{format_bytes(total)}. Drop arrays you no longer need (their blocks "
+        f"memory: {what}. Drop arrays you no longer need (their blocks "
         f"are freed with the last reference), run `shmarray gc` to remove "
         f"blocks left by dead processes, or make {where} larger "
         f"(Docker: `docker run --shm-size=8g ...`; Linux: "
@@ -114,9 +122,9 @@ def _full_error(nbytes: int) -> SharedMemoryFullError:
         requested=nbytes, free=free, path=SHM_DIR)
 
 
-def _map(fd: int, size: int) -> mmap.mmap:
+def _map(fd: int, size: int, **kwargs) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED,
-                     mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KWARGS)
+                     mmap.PROT_READ | mmap.PROT_WRITE, **kwargs)
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -151,7 +159,15 @@ def create(nbytes: int) -> tuple[str, mmap.mmap]:
             break
         except FileExistsError:  # 64 random bits: never, but be correct
             continue
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:   # no inode left (nr_inodes)
+                raise _full_error(size, inodes=True) from None
+            raise
     try:
+        # The lock belongs to the open file, which the mapping keeps (mmap
+        # holds a duplicate of the descriptor): it lasts as long as the
+        # mapping, and a dead process holds none.
+        fcntl.flock(fd, fcntl.LOCK_SH)
         try:
             _reserve(fd, size)
         except OSError as exc:
@@ -168,10 +184,11 @@ def create(nbytes: int) -> tuple[str, mmap.mmap]:
 
 
 def attach(name: str) -> mmap.mmap:
-    """Map an existing segment read-write (worker side). Registers nothing."""
+    """Map an existing segment read-write (worker side).  Registers nothing,
+    and keeps no descriptor where Python allows (3.13: ``trackfd=False``)."""
     fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
     try:
-        return _map(fd, os.fstat(fd).st_size)
+        return _map(fd, os.fstat(fd).st_size, **_MMAP_KWARGS)
     finally:
         os.close(fd)
 
@@ -238,6 +255,7 @@ class BlockTable:
         self._descriptors: dict = {}
         self.closed = False
         self.warned_copy = False        # a CopyWarning was shown for this engine
+        self.on_create = None           # told each new name (the watchdog)
         _TABLES.add(self)
 
     @property
@@ -257,6 +275,8 @@ class BlockTable:
             if self.closed:
                 raise EngineClosedError("this engine is closed; create a new one")
             name, mm = create(nbytes)
+            if self.on_create is not None:
+                self.on_create(name)
             buf = np.frombuffer(mm, dtype=np.uint8)
             start = address_of(buf)
             self._purge()
@@ -347,12 +367,15 @@ class BlockTable:
 
 @dataclass(frozen=True)
 class BlockInfo:
-    """A shmarray block found in the shared-memory filesystem."""
+    """A shmarray block found in the shared-memory filesystem.
+    ``owner_alive``: True when a live process holds its lock, False when
+    none does, None when this user cannot tell (another user's block)."""
     name: str
     size: int
     owner_pid: int
-    owner_alive: bool
+    owner_alive: bool | None
     uid: int
+    age: float                     # seconds since it was created
 
 
 def _boot_time() -> float:
@@ -375,17 +398,26 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def owner_alive(pid: int, created: float) -> bool:
-    """Whether ``pid`` still runs and is the process that made a block at
-    ``created``: a pid reused by a process started later is not the owner."""
+def lock_held(name: str) -> bool | None:
+    """Whether a live process maps the block ``name`` as its creator (holds
+    its lock); None if this user may not look, or it is gone.  Unlike a pid
+    test this holds across pid namespaces: a container sharing /dev/shm has
+    its own pids, and the pid in a name may belong to anybody here."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(os.path.join(SHM_DIR, name.lstrip("/")), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return False
-    except PermissionError:
-        pass  # another user's live process
-    started = process_start_time(pid)
-    return started is None or started <= created + 1.0
+    finally:
+        os.close(fd)
 
 
 def scan() -> list[BlockInfo]:
@@ -406,15 +438,25 @@ def scan() -> list[BlockInfo]:
         except FileNotFoundError:
             continue
         found.append(BlockInfo("/" + entry.name, st.st_size, pid,
-                               owner_alive(pid, st.st_ctime), st.st_uid))
+                               lock_held(entry.name), st.st_uid,
+                               time.time() - st.st_ctime))
     return sorted(found, key=lambda b: b.name)
 
 
-def collect_orphans() -> list[BlockInfo]:
-    """Unlink shmarray blocks whose owner is dead; returns those removed."""
+# A block is locked a moment after it is created: younger ones are left
+# alone, whatever their lock says.
+GC_MIN_AGE = 5.0
+
+
+def collect_orphans(min_age: float = GC_MIN_AGE) -> list[BlockInfo]:
+    """Unlink this user's shmarray blocks that no live process holds;
+    returns those removed.  In doubt (cannot look, younger than
+    ``min_age`` seconds), leave it."""
     removed = []
     for info in scan():
-        # A dead owner cannot come back, so the scan's verdict still holds.
-        if not info.owner_alive and info.uid == os.getuid() and unlink(info.name):
+        # Nobody holds the lock of a dead creator, and nobody can take it
+        # back: the verdict still holds when we unlink.
+        if (info.owner_alive is False and info.uid == os.getuid()
+                and info.age >= min_age and unlink(info.name)):
             removed.append(info)
     return removed

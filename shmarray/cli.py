@@ -210,15 +210,19 @@ def _ls(args: argparse.Namespace) -> int:
     print(f"{'name':<30} {'size':>10} {'owner pid':>10}  owner")
     for b in found:
         print(f"{b.name:<30} {blocks.format_bytes(b.size):>10} "
-              f"{b.owner_pid:>10}  {'alive' if b.owner_alive else 'dead'}")
+              f"{b.owner_pid:>10}  {_state(b.owner_alive)}")
     return 0
 
 
+def _state(alive: bool | None) -> str:
+    return {True: "alive", False: "dead", None: "unknown"}[alive]
+
+
 def _gc(args: argparse.Namespace) -> int:
-    removed = blocks.collect_orphans()
+    removed = blocks.collect_orphans(args.min_age)
     for b in removed:
-        print(f"unlinked {b.name} ({blocks.format_bytes(b.size)}, owner "
-              f"{b.owner_pid} is dead)")
+        print(f"unlinked {b.name} ({blocks.format_bytes(b.size)}, created by pid "
+              f"{b.owner_pid}; no live process holds it)")
     print(f"{len(removed)} block(s) removed")
     return 0
 
@@ -257,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ls", help="list shmarray blocks: name, size, owner pid, owner alive")
     p.set_defaults(func=_ls)
 
-    p = sub.add_parser("gc", help="unlink shmarray blocks whose owner process is dead")
+    p = sub.add_parser("gc", help="unlink shmarray blocks that no live process "
+                                  "holds (their creator is dead)")
+    p.add_argument("--min-age", type=float, default=blocks.GC_MIN_AGE,
+                   help="leave blocks younger than this many seconds alone "
+                        f"(default {blocks.GC_MIN_AGE:g}: a block is locked a "
+                        f"moment after it is created)")
     p.set_defaults(func=_gc)
 
     args = parser.parse_args(argv)

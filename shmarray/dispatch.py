@@ -105,6 +105,19 @@ def _close_all() -> None:
         dispatcher.close()
 
 
+def _forget_all_in_child() -> None:
+    """In a child forked from this process (by the user, or by a
+    ``multiprocessing`` fork pool), every engine belongs to the parent: drop
+    the child's copies of its pipes, so the parent's watchdog and workers
+    still see the parent die, and make sure nothing here closes anything of
+    the parent's at exit."""
+    for dispatcher in list(_OPEN):
+        dispatcher.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_all_in_child)
+
+
 class Dispatcher:
     """Runs calls one at a time for every thread of one engine, and closes
     the engine's pool and blocks once.
@@ -261,12 +274,11 @@ class Dispatcher:
     def close(self, timeout: float = 5.0) -> None:
         """Cancel queued calls, stop the running one, stop the pool, unlink
         every block.  Idempotent; from any thread; a no-op in a forked child,
-        whose parent still owns everything."""
-        if os.getpid() != self._owner:
+        whose parent still owns everything.  Every step can be taken again,
+        so a close interrupted by Ctrl-C is finished by the next call."""
+        if os.getpid() != self._owner or self._closed:
             return
         with self._lock:
-            if self._closing:
-                return
             self._closing = True
             queued = list(self._queue)
             self._queue.clear()
@@ -293,6 +305,14 @@ class Dispatcher:
                           f"{timeout:.0f} s of close(); its workers are killed",
                           RuntimeWarning, stacklevel=3)
         self._shutdown()
+
+    def forget_in_child(self) -> None:
+        """See ``_forget_all_in_child``.  Takes no lock: another thread of
+        the parent may have held one at the fork."""
+        self._closing = self._closed = True
+        self._thread = None
+        self.pool.forget_in_child()
+        self.runner.forget_in_child()
 
     def _shutdown(self) -> None:
         # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
@@ -356,6 +376,8 @@ class Runner:
             except OSError:
                 pass
         self._wake_r = self._wake_w = -1
+
+    forget_in_child = close          # the wake pipe is this process's own
 
     # -- the driver ----------------------------------------------------------------
 
@@ -467,6 +489,7 @@ class Runner:
         are forgotten."""
         released = self.table.take_released()
         if released:
+            self.pool.watchdog.blocks(gone=released)
             gone = set(released)
             self.cache.drop_blocks(gone)
             dropped = [k for k, b in self.defined.items() if b & gone]
@@ -593,7 +616,10 @@ class Runner:
                 if progress is not None:
                     ahead = progress.wait()
                     waits.append(0.2 if ahead is None else ahead)
-                ms = -1 if not waits else max(1, int(min(waits) * 1000) + 1)
+                # poll() takes at most 2**31-1 ms: a longer timeout is waited
+                # for in slices.
+                ms = -1 if not waits else min(max(1, int(min(waits) * 1000) + 1),
+                                              2**31 - 1)
                 events = poller.poll(ms)
                 control.store(ctl, COORD_ASLEEP, 0)
                 for fd, _ in events:

@@ -80,7 +80,10 @@ class Engine:
         self._owner = _pid
         self._cache = JobCache()
         pool = Pool(n_workers, start_method, startup_timeout, max_tasks, init)
-        self._dispatcher = Dispatcher(pool, BlockTable(), self._cache)
+        table = BlockTable()
+        watchdog = pool.watchdog
+        table.on_create = lambda name: watchdog.blocks(created=(name,))
+        self._dispatcher = Dispatcher(pool, table, self._cache)
         self._finalizer = weakref.finalize(self, self._dispatcher.close)
 
     # -- lifecycle ---------------------------------------------------------
@@ -88,10 +91,14 @@ class Engine:
     def close(self) -> None:
         """Unlink every block and stop every worker.  Idempotent; from any
         thread; a running map ends with EngineClosedError, queued ones are
-        cancelled.  In a forked child it does nothing: the parent owns the
-        engine."""
-        if self._finalizer is not None and os.getpid() == self._owner:
+        cancelled.  Interrupted (Ctrl-C), calling it again finishes the job.
+        In a forked child it does nothing: the parent owns the engine."""
+        if os.getpid() != self._owner:
+            return
+        if self._finalizer is not None and self._finalizer.alive:
             self._finalizer()
+        elif self._dispatcher is not None:
+            self._dispatcher.close()           # finish an interrupted close
 
     @property
     def closed(self) -> bool:
@@ -452,7 +459,8 @@ def coerce_shape(shape: object) -> tuple[int, ...]:
     ValueError: shape must not have negative sizes; got (2, -1) instead.
     """
     dims = (shape,) if _is_int(shape) else shape
-    if not isinstance(dims, Sequence) or not all(_is_int(d) for d in dims):
+    if (not isinstance(dims, Sequence) or isinstance(dims, (str, bytes))
+            or not all(_is_int(d) for d in dims)):
         raise TypeError(
             f"shape must be an int or a tuple of ints; got {shape!r} instead.")
     dims = tuple(int(d) for d in dims)
@@ -489,6 +497,10 @@ def coerce_dtype(dtype: object, what: str) -> np.dtype:
         raise TypeError(
             f"{what} has the structured dtype {dt}; shared arrays hold plain "
             f"numbers. Use one array per field instead.")
+    if dt.itemsize == 0:
+        raise TypeError(
+            f"{what} has the zero-size dtype {dt}; give strings a length "
+            f"(for example 'S8' or 'U8').")
     if isinstance(dtype, np.dtype):
         _PLAIN_DTYPES.add(dtype)
     return dt
@@ -496,16 +508,16 @@ def coerce_dtype(dtype: object, what: str) -> np.dtype:
 
 def coerce_timeout(timeout: object) -> float | None:
     """
-    >>> coerce_timeout(None), coerce_timeout(2)
-    (None, 2.0)
+    >>> coerce_timeout(None), coerce_timeout(2), coerce_timeout(float("inf"))
+    (None, 2.0, None)
     """
     if timeout is None:
         return None
     if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be a number of seconds or None; got {timeout!r} instead.")
-    if not timeout > 0:
+    if not timeout > 0:                  # NaN too
         raise ValueError(f"timeout must be positive (seconds); got {timeout!r} instead.")
-    return float(timeout)
+    return None if timeout == math.inf else float(timeout)
 
 
 def coerce_steps(steps: object) -> int:

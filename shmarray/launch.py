@@ -296,6 +296,15 @@ class ForkServer:
         with self._lock:
             self._stop()
 
+    def forget_in_child(self) -> None:
+        """In a forked child: the server is the parent's; drop our copy of
+        its socket (takes no lock: another thread may have held it)."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._proc = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
 
 def _frame(data: bytes) -> bytes:
     return struct.pack("q", len(data)) + data
@@ -469,6 +478,7 @@ _SERVER = ForkServer()
 # Registered at import, before the engines' own exit hook (shmarray.dispatch
 # imports this module first), so it runs after every engine has closed.
 atexit.register(_SERVER.stop)
+os.register_at_fork(after_in_child=_SERVER.forget_in_child)
 
 
 def start(method: str, target: str, args: tuple, fds: list[int],

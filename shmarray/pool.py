@@ -214,8 +214,9 @@ class Pool:
     """
 
     workers: list[WorkerProcess] = []   # so close() works after a failed __init__
-    _watchdog: watchdog.Watchdog | None = None
+    watchdog: watchdog.Watchdog | None = None
     _control_name: str | None = None
+    _closing = False
     ctl = np.zeros(0, np.int64)
 
     def __init__(self, n_workers: int, start_method: str = DEFAULT_START_METHOD,
@@ -230,10 +231,12 @@ class Pool:
         self._initializer = initializer
         self.workers = []
         try:
+            # The watchdog first: from now on it knows every block to clean.
+            self.watchdog = watchdog.Watchdog(self.start_method)
             self._control_name, mapping = blocks.create(
                 control.words(n_workers) * 8)
+            self.watchdog.blocks(created=(self._control_name,))
             self.ctl = control.new_words(mapping)
-            self._watchdog = watchdog.Watchdog(self.start_method, self._owner)
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)
@@ -257,7 +260,7 @@ class Pool:
         return proc
 
     def _tell_watchdog(self) -> None:
-        self._watchdog.tell([(w.pid, blocks.process_start_time(w.pid))
+        self.watchdog.tell([(w.pid, blocks.process_start_time(w.pid))
                              for w in self.workers])
 
     @property
@@ -345,11 +348,16 @@ class Pool:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker, politely then by force, then the watchdog;
-        unlink the control block.  Idempotent."""
-        workers, self.workers = self.workers, []
+        unlink the control block.  Idempotent, and resumable: interrupted
+        (Ctrl-C), a second call finishes the job, since each worker leaves
+        the list only once it is stopped, and without waiting politely
+        again."""
+        if self._closing:
+            timeout = 0.0
+        self._closing = True
         self.seq += 1
         seq = self.seq
-        for w in workers:
+        for w in list(self.workers):
             try:
                 w.send(Stop())
             except OSError:
@@ -359,10 +367,24 @@ class Pool:
             self.ctl[at + control.PIPED] = w.sent
             control.store(self.ctl, at + RING, seq)
             w.wake()
-        for w in workers:
-            w.close(timeout)
-        if self._watchdog is not None:
-            self._watchdog.close(timeout)
+        while self.workers:
+            self.workers[-1].close(timeout)
+            self.workers.pop()
+        if self.watchdog is not None:
+            self.watchdog.close(timeout)
         name, self._control_name = self._control_name, None
         if name is not None:
             blocks.unlink(name)
+
+    def forget_in_child(self) -> None:
+        """In a child forked from the coordinator: close its copies of the
+        pipes (so a worker still sees end-of-file when the coordinator dies,
+        and the watchdog sees the coordinator die), and touch nothing the
+        parent owns."""
+        for w in self.workers:
+            w.tasks.close()
+            w.results.close()
+        if self.watchdog is not None:
+            self.watchdog.forget_in_child()
+        self.workers = []
+        self._control_name = None

@@ -1,15 +1,20 @@
 """The last safety net: a small process that cleans up after a coordinator
 that died without closing its engine (``kill -9``, a segfault, the OOM
-killer).
+killer, SIGTERM or SIGHUP to its process group).
 
-One watchdog per engine.  It holds the read end of a pipe, the *lifeline*,
-whose write end only the coordinator holds, and learns the workers' pids
-(with their start times, so a recycled pid is never killed) through it.
-When the engine closes, the coordinator says goodbye and the watchdog exits
-quietly.  When the lifeline reaches end-of-file without a goodbye, the
-coordinator is dead: the watchdog unlinks every block whose name carries the
-coordinator's pid, kills the workers that are still running (one may be deep
-in a numba loop and never read its pipe again), and exits.
+One watchdog per engine, started by ``shmarray.launch`` in a session of its
+own, so signals to the caller's process group (Ctrl-C, ``timeout``,
+SLURM's ``scancel``) do not reach it.  It holds the read end of a pipe, the
+*lifeline*, whose write end only the coordinator holds (a child the
+coordinator forks closes its copy at once), and learns through it the
+workers' pids (with their start times, so a recycled pid is never killed)
+and the name of every block the engine creates and unlinks.  When the
+engine closes, the coordinator says goodbye and the watchdog exits quietly.
+When the lifeline reaches end-of-file without a goodbye, the coordinator is
+dead: the watchdog unlinks exactly the blocks it was told about (never
+anything else in ``/dev/shm``, whatever its name), kills the workers that
+are still running (one may be deep in a numba loop and never read its pipe
+again), and exits.
 
 Why not multiprocessing's resource tracker?  It unlinks what was registered
 with it, but (1) it prints a "leaked shared_memory objects" warning for each
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import warnings
 from multiprocessing.connection import Connection
 from typing import NamedTuple
 
@@ -34,15 +41,21 @@ class Workers(NamedTuple):
     processes: tuple[tuple[int, float | None], ...]
 
 
+class Blocks(NamedTuple):
+    """Block names the engine created, and names it has unlinked since."""
+    created: tuple[str, ...]
+    gone: tuple[str, ...]
+
+
 BYE = "bye"
 
 
-def main(lifeline_fd: int, owner_pid: int) -> None:
-    """Watchdog entry point (started by ``shmarray.launch``, in a session of
-    its own: signals to the caller's process group do not reach it)."""
+def main(lifeline_fd: int) -> None:
+    """Watchdog entry point (see the module's docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the coordinator decides
     lifeline = Connection(lifeline_fd, writable=False)
     workers: tuple[tuple[int, float | None], ...] = ()
+    names: set[str] = set()
     while True:
         try:
             msg = lifeline.recv()
@@ -52,33 +65,56 @@ def main(lifeline_fd: int, owner_pid: int) -> None:
             return
         if isinstance(msg, Workers):
             workers = msg.processes
-    for name in (b.name for b in blocks.scan() if b.owner_pid == owner_pid):
-        blocks.unlink(name)
+        elif isinstance(msg, Blocks):
+            names.update(msg.created)
+            names.difference_update(msg.gone)
+    clean_up(names, workers)
+
+
+def clean_up(names: set[str], workers) -> None:
+    """Unlink ``names`` and kill ``workers``; one failure stops nothing."""
+    for name in names:
+        try:
+            blocks.unlink(name)
+        except OSError:
+            pass
     for pid, started in workers:
         # Only a process that is still the one we were told about: a pid the
         # system reused since belongs to someone else.
         if started is not None and blocks.process_start_time(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except OSError:
                 pass
 
 
 class Watchdog:
     """The coordinator's side: starts the watchdog process, keeps it told of
-    the current workers, and says goodbye at close.
+    the workers and the blocks, and says goodbye at close.
 
-    Created and closed by the Pool, once.
+    Created and closed by the Pool, once.  Any thread may report blocks
+    (allocations happen anywhere), so sending takes a lock.  A watchdog that
+    died (killed on its own) is started again, and told everything, the
+    next time there is news; if that fails too, one warning says the safety
+    net is gone, and the engine carries on.
     """
 
     child = None
     _lifeline = None
 
-    def __init__(self, method: str, owner_pid: int):
+    def __init__(self, method: str):
+        self._method = method
+        self._lock = threading.Lock()
+        self._workers: tuple[tuple[int, float | None], ...] = ()
+        self._names: set[str] = set()
+        self._warned = False
+        self._start()
+
+    def _start(self) -> None:
         life_r, life_w = os.pipe()
         try:
-            self.child = launch.start(method, "shmarray.watchdog:main",
-                                      (launch.Fd(0), owner_pid), [life_r])
+            self.child = launch.start(self._method, "shmarray.watchdog:main",
+                                      (launch.Fd(0),), [life_r])
         except BaseException:
             os.close(life_w)
             raise
@@ -86,26 +122,70 @@ class Watchdog:
             os.close(life_r)
         self._lifeline = Connection(life_w, readable=False)
 
-    def fileno(self) -> int:
-        """The lifeline's write end: nobody else may hold it."""
-        return self._lifeline.fileno()
+    def _send(self, msg) -> None:
+        """Send under the lock; restart a dead watchdog and tell it all."""
+        try:
+            self._lifeline.send(msg)
+            return
+        except (OSError, AttributeError):
+            pass
+        try:
+            self._retire()
+            self._start()
+            self._lifeline.send(Workers(self._workers))
+            self._lifeline.send(Blocks(tuple(self._names), ()))
+        except Exception as exc:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"shmarray: the engine's watchdog died and could not "
+                              f"be restarted ({exc!r}); if this process is killed, "
+                              f"`shmarray gc` removes its blocks", RuntimeWarning,
+                              stacklevel=4)
 
     def tell(self, processes: list[tuple[int, float | None]]) -> None:
         """The current workers, as (pid, start time) pairs."""
-        self._lifeline.send(Workers(tuple(processes)))
+        with self._lock:
+            self._workers = tuple(processes)
+            self._send(Workers(self._workers))
 
-    def close(self, timeout: float) -> None:
-        """Say goodbye and wait for the watchdog to exit.  Idempotent."""
+    def blocks(self, created: tuple[str, ...] = (), gone: tuple[str, ...] = ()) -> None:
+        """Blocks created, and blocks unlinked, since the last report."""
+        with self._lock:
+            self._names.update(created)
+            self._names.difference_update(gone)
+            self._send(Blocks(tuple(created), tuple(gone)))
+
+    def _retire(self) -> None:
         if self._lifeline is not None:
-            try:
-                self._lifeline.send(BYE)
-            except OSError:
-                pass
             self._lifeline.close()
             self._lifeline = None
         child, self.child = self.child, None
+        if child is not None:
+            child.kill()
+            child.join(1.0)
+            child.close()
+
+    def close(self, timeout: float) -> None:
+        """Say goodbye and wait for the watchdog to exit.  Idempotent."""
+        with self._lock:
+            if self._lifeline is not None:
+                try:
+                    self._lifeline.send(BYE)
+                except OSError:
+                    pass
+                self._lifeline.close()
+                self._lifeline = None
+            child, self.child = self.child, None
         if child is not None:
             if child.join(timeout) is None:
                 child.kill()
                 child.join(1.0)
             child.close()
+
+    def forget_in_child(self) -> None:
+        """In a forked child: drop the lifeline's write end, which only the
+        coordinator may hold, and touch nothing else."""
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        self.child = None

@@ -37,6 +37,12 @@ from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
                                   Stop, Values, decode, encode, load, load_kernel)
 
 _limits = None
+_forked = False          # set in a child a kernel forked off this worker
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
 
 # After a job, spin this long for the next ring before sleeping.  Maps
 # issued back to back (an iterated stencil, a loop of small maps) then find
@@ -277,11 +283,17 @@ class _Worker:
             ctl[at + CHUNK] = spec.indices[k]
             try:
                 value = kernel(*calls[k])
-            except Exception as exc:
+            except SystemExit:
+                raise             # sys.exit() in a kernel ends the worker, as it says
+            except BaseException as exc:   # KeyboardInterrupt too: the kernel's own
+                if _forked:
+                    os._exit(1)
                 self.send(failure(seq, spec.indices[k], exc))
                 if spec.dynamic:
                     control.store(ctl, STOP, 1)
                 return 1, ran
+            if _forked:           # the kernel forked, and this is the child
+                os._exit(0)
             ran += 1
             ctl[at + RAN] = ran
             if values is not None:
@@ -378,6 +390,9 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
     stage = "start"
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A kernel that calls os.fork() returns twice; the child must not go
+        # on as this worker (it shares its pipes and control words).
+        os.register_at_fork(after_in_child=_after_fork_in_child)
         limit_threads()
         ctl = control.new_words(blocks.attach(control_block))
         worker = _Worker(owner_pid, index, ctl, tasks, results)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import shmarray
+from numba import njit
 from shmarray import blocks
 
 from conftest import run_python, shm_entries
@@ -94,7 +95,7 @@ def test_scan_and_gc_touch_only_shmarray_blocks_of_dead_owners():
             ls = subprocess.run([sys.executable, "-m", "shmarray", "ls"],
                                 capture_output=True, text=True, check=True)
             assert orphan in ls.stdout and "dead" in ls.stdout
-            gc = subprocess.run([sys.executable, "-m", "shmarray", "gc"],
+            gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
                                 capture_output=True, text=True, check=True)
             assert f"unlinked {orphan}" in gc.stdout
             assert gc.stderr == ""
@@ -107,19 +108,86 @@ def test_scan_and_gc_touch_only_shmarray_blocks_of_dead_owners():
         blocks.unlink(orphan)
 
 
-def test_owner_alive_rejects_a_reused_pid():
-    # Our own pid, but "created" before this process started: not the owner.
-    assert blocks.owner_alive(os.getpid(), created=1e9) is False
-    assert blocks.owner_alive(os.getpid(), created=2e9) is True
+HOLDER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    from shmarray import blocks
+    # A block whose name claims a pid that is dead here, held by a live
+    # process: what another pid namespace sharing /dev/shm looks like.
+    name = f"/sha-{sys.argv[1]}-{os.urandom(8).hex()}"
+    import _posixshmem
+    fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_RDWR, mode=0o600)
+    os.ftruncate(fd, 4096)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    print(name, flush=True)
+    sys.stdin.read()              # hold the lock until told to go
+""")
 
 
-def test_live_blocks_hold_a_file_descriptor_only_before_313(engine):
-    # mmap keeps a duplicate descriptor unless trackfd=False (3.13+): the
-    # branch blocks.py picks at import.  This checks whichever one runs.
+def test_gc_keeps_a_block_whose_pid_looks_dead_but_whose_owner_lives():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, dead], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    name = holder.stdout.readline().strip()
+    try:
+        assert blocks.owner_of(name) == int(dead)
+        info = {b.name: b for b in blocks.scan()}[name]
+        assert info.owner_alive is True
+        gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
+                            capture_output=True, text=True, check=True)
+        assert name not in gc.stdout
+        assert name.lstrip("/") in shm_entries()
+        holder.stdin.close()                 # the owner exits: now it is dead
+        holder.wait(30)
+        assert {b.name: b for b in blocks.scan()}[name].owner_alive is False
+        gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
+                            capture_output=True, text=True, check=True)
+        assert f"unlinked {name}" in gc.stdout
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        blocks.unlink(name)
+
+
+def test_gc_leaves_young_blocks_alone():
+    name, mm = blocks.create(4096)
+    assert {b.name: b for b in blocks.scan()}[name].owner_alive is True
+    del mm                                   # unmapped: nobody holds it now
+    try:
+        assert {b.name: b for b in blocks.scan()}[name].owner_alive is False
+        assert name not in [b.name for b in blocks.collect_orphans(min_age=60)]
+        assert name in [b.name for b in blocks.collect_orphans(min_age=0)]
+    finally:
+        blocks.unlink(name)
+
+
+def test_a_live_block_holds_one_descriptor_in_the_coordinator(engine):
+    # mmap keeps a duplicate descriptor, which holds the block's lock (the
+    # proof of life for `shmarray gc`) on every Python version.
     import psutil
     me = psutil.Process()
     before = me.num_fds()
     arrays = [engine.zeros(10) for _ in range(20)]
-    grown = me.num_fds() - before
-    assert grown == (0 if sys.version_info >= (3, 13) else 20)
+    assert me.num_fds() - before == 20
+    del arrays
+
+
+def test_workers_keep_no_descriptor_per_block_from_313(engine):
+    # Workers map with trackfd=False where Python has it (3.13+): the branch
+    # blocks.py picks at import.  This checks whichever one runs.
+    import psutil
+    worker = psutil.Process(engine.worker_pids[0])
+
+    @njit
+    def touch(x):
+        x[0] = 1.0
+
+    arrays = [engine.zeros(10) for _ in range(20)]
+    engine.map(touch, arrays[0], chunks=1)
+    before = worker.num_fds()
+    for a in arrays[1:]:
+        engine.map(touch, a, chunks=1)
+    grown = worker.num_fds() - before
+    assert grown == (0 if sys.version_info >= (3, 13) else 19)
     del arrays

@@ -12,14 +12,16 @@ def shmarray(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_demo_runs_the_real_job_and_leaves_nothing():
-    proc = shmarray("demo", "--size", "400", "--steps", "20", "--workers", "2")
+    proc = shmarray("demo", "--size", "400", "--steps", "20", "--workers", "2",
+                    "--rounds", "1")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for line in ("sequential numba :", "shmarray engine  :", "speedup          :",
-                 "identical result : yes, bit for bit", "blocks used      :",
-                 "after close      : 0 of those blocks left"):
+    for line in ("sequential numba ", "numba prange, 2 threads ",
+                 "shmarray, a loop of eng.map ", "shmarray, eng.iterate ",
+                 "identical results : yes, all four bit for bit", "blocks used       :",
+                 "after close       : 0 of those blocks left"):
         assert line in out, out
-    assert out.count("/sha-") == 2
+    assert out.count("/sha-") == 4
     assert proc.stderr == ""
 
 
