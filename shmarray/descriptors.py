@@ -303,10 +303,13 @@ _TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
 WAKE = b""
 
 
-def encode(msg: tuple) -> bytes:
+def encode(msg: tuple, by_value: bool = False) -> bytes:
+    """``by_value``: with cloudpickle, for values that hold functions or
+    classes of the caller's ``__main__`` (plain pickle loads it back)."""
     if type(msg) is Define:
         msg = msg._replace(arrays=tuple(d.wire for d in msg.arrays))
-    return pickle.dumps((_TAGS[type(msg)], *msg), pickle.HIGHEST_PROTOCOL)
+    dumps = cloudpickle.dumps if by_value else pickle.dumps
+    return dumps((_TAGS[type(msg)], *msg), pickle.HIGHEST_PROTOCOL)
 
 
 def decode(data: bytes) -> tuple:

@@ -679,9 +679,19 @@ class Runner:
             held = (inbox or {}).get(w, [])
             for i in range(waiting):
                 try:
-                    msg = decode(held[i]) if i < len(held) else w.recv()
+                    data = held[i] if i < len(held) else w.recv_bytes()
                 except (EOFError, OSError):
                     raise self._crashed(w, busy, seq, call) from None
+                try:
+                    msg = decode(data)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:   # SystemExit too: it is the value's
+                    problems.append((-1, KernelError(
+                        f"a value the kernel returned in worker {w.pid} could not "
+                        f"be unpickled here ({type(exc).__name__}: {exc}). Return "
+                        f"numbers, tuples or NumPy arrays.", type(exc).__name__)))
+                    continue
                 if type(msg) is Failed:
                     problems.append((msg.index, remote_exception(
                         msg, w.pid, job.plan.chunks[msg.index]
@@ -708,15 +718,23 @@ class Runner:
         chunks = call.job.plan.chunks
         death, exitcode = dead.describe_death(), dead.exitcode
         k = int(self.pool.ctl[dead.at + CHUNK])
-        k = min(max(k, 0), len(chunks) - 1)
-        rows = chunks[k]
         self._replace_all(self._unfinished(busy, seq) + [dead])
+        if k < 0:                 # took the ring, died before its first chunk
+            group = call.job.groups[[w for w, _, _ in call.job.groups].index(dead.index)]
+            rows = (group[2][0][0], group[2][-1][1])
+            what = (f"while loading the kernel or the arguments for rows "
+                    f"{rows[0]}:{rows[1]}. Likely causes: unpickling the kernel "
+                    f"or an argument in the worker failed hard (it segfaulted, or "
+                    f"called sys.exit)")
+        else:
+            rows = chunks[min(k, len(chunks) - 1)]
+            what = (f"while running rows {rows[0]}:{rows[1]} (chunk {k}). Likely "
+                    f"causes: a segfault in the kernel (out-of-bounds indexing with "
+                    f"boundscheck off), the out-of-memory killer, or "
+                    f"os._exit/sys.exit in the kernel")
         return WorkerCrashedError(
-            f"{death} while running rows {rows[0]}:{rows[1]} (chunk {k}). "
-            f"Likely causes: a segfault in the kernel (out-of-bounds indexing "
-            f"with boundscheck off), the out-of-memory killer, or "
-            f"os._exit/sys.exit in the kernel. The worker was replaced; the "
-            f"engine is usable.", pid=dead.pid, exitcode=exitcode, rows=rows)
+            f"{death} {what}. The worker was replaced; the engine is usable.",
+            pid=dead.pid, exitcode=exitcode, rows=rows)
 
     def _unfinished(self, busy, seq) -> list[WorkerProcess]:
         ctl = self.pool.ctl

@@ -151,13 +151,16 @@ class WorkerProcess:
         except OSError:
             pass         # dead: the sentinel reports it
 
-    def recv(self):
-        """The next message from the results pipe, skipping wake frames
-        (blocks; EOFError/OSError if the worker died)."""
+    def recv_bytes(self) -> bytes:
+        """The next message from the results pipe, undecoded, skipping wake
+        frames (blocks; EOFError/OSError if the worker died)."""
         while True:
             data = self.results.recv_bytes()
             if data != WAKE:
-                return decode(data)
+                return data
+
+    def recv(self):
+        return decode(self.recv_bytes())
 
     def alive(self) -> bool:
         return not self.closed and self.child.exitcode is None

@@ -24,6 +24,7 @@ import time
 import traceback
 import weakref
 
+import cloudpickle
 import numpy as np
 import threadpoolctl
 
@@ -246,8 +247,6 @@ class _Worker:
 
     def run(self, key: int, seq: int) -> None:
         ctl, at = self.ctl, self.at
-        ctl[at + RAN] = 0
-        ctl[at + STARTED] = seq
         started = time.perf_counter_ns()
         sent = ran = 0
         job = self.jobs.get(key)
@@ -326,8 +325,12 @@ class _Worker:
         self.results.send_bytes(encode(msg))
 
     def send_values(self, seq: int, indices: list, values: list) -> int:
+        msg = Values(seq, tuple(indices), tuple(values))
         try:
-            data = encode(Values(seq, tuple(indices), tuple(values)))
+            try:
+                data = encode(msg)
+            except Exception:     # something of the caller's __main__: by value
+                data = encode(msg, by_value=True)
         except Exception as exc:  # a kernel returned something unpicklable
             tb = "".join(traceback.format_exception(exc))
             data = encode(Failed(
@@ -358,6 +361,11 @@ class _Worker:
                         return
                 continue
             last = seq
+            # Taken: from here a death is a crash of this map, not an idle
+            # worker's (CHUNK -1: before its first chunk, while loading).
+            ctl[at + RAN] = 0
+            ctl[at + CHUNK] = -1
+            ctl[at + STARTED] = seq
             if not self.receive(int(ctl[at + PIPED])):
                 return
             job = int(ctl[at + JOB])
@@ -368,9 +376,12 @@ class _Worker:
 
 
 def failure(seq: int, index: int, exc: BaseException) -> Failed:
+    """A kernel's exception for the caller.  By value (cloudpickle) when its
+    class came by value from the caller's __main__: cloudpickle gives the
+    caller back its own class object, so ``except Boom:`` still works there."""
     tb = "".join(traceback.format_exception(exc))
     try:
-        error = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+        error = cloudpickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
         pickle.loads(error)
     except Exception:
         error = b""

@@ -46,3 +46,66 @@ def test_killed_coordinator_is_cleaned_up_by_the_watchdog():
     assert r["workers_left"] == [] and r["blocks_left"] == [], r
     assert r["seconds"] < 5, r
     assert r["stderr"] == "", r["stderr"]
+
+
+# stage, how -> (exception the caller sees, text in its message)
+CRASH_CASES = {
+    ("kernel_unpickling", "error"): ("Boom", "error on purpose"),
+    ("kernel_unpickling", "exit"): ("WorkerCrashedError", "while loading the kernel"),
+    ("kernel_unpickling", "segfault"): ("WorkerCrashedError", "SIGSEGV while loading"),
+    ("run", "error"): ("Boom", "error on purpose"),
+    ("run", "exit"): ("WorkerCrashedError", "exited with code 5 while running rows"),
+    ("run", "segfault"): ("WorkerCrashedError", "SIGSEGV while running rows"),
+    ("result_pickling", "error"): ("KernelError", "cannot be pickled back"),
+    ("result_pickling", "exit"): ("WorkerCrashedError", "exited with code 5"),
+    ("result_pickling", "segfault"): ("WorkerCrashedError", "SIGSEGV"),
+    ("result_unpickling", "error"): ("KernelError", "could not be unpickled here"),
+    ("result_unpickling", "exit"): ("KernelError", "could not be unpickled here"),
+    ("result_unpickling", "segfault"): (None, None),   # the caller itself crashes
+}
+
+
+def run_crash_case(stage: str, how: str) -> dict:
+    """One case in a child interpreter, observed from outside."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    path = os.path.join(os.path.dirname(__file__), "crash_cases.py")
+    proc = subprocess.run([sys.executable, path, stage, how], capture_output=True,
+                          text=True, timeout=120)
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    report = dict(lines[-1], returncode=proc.returncode, stderr=proc.stderr)
+    pids = set(report["pids"])
+    names = [n.lstrip("/") for n in report["blocks"]]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        left = [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+        if not alive and not left:
+            break
+        time.sleep(0.02)
+    report.update(workers_left=alive, blocks_left=left)
+    return report
+
+
+@pytest.mark.breaks_things
+@pytest.mark.parametrize("case", list(CRASH_CASES), ids=lambda c: "-".join(c))
+def test_crash_case(case):
+    error, text = CRASH_CASES[case]
+    r = run_crash_case(*case)
+    assert r["workers_left"] == [] and r["blocks_left"] == [], r
+    if error is None:
+        # A segfault in the caller's own unpickling kills the caller (pickle
+        # runs what the value says); the watchdog still cleans up.
+        assert r["returncode"] == -11, r
+        return
+    assert r["returncode"] == 0, r
+    assert r["error"] == error, r
+    assert text in r["message"], r
+    assert r["usable"] is True, r
+    assert r["stderr"] == "", r["stderr"]
