@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import sys
+import time
 
 STAGES = ("kernel_unpickling", "run", "result_pickling", "result_unpickling")
 HOWS = ("error", "exit", "segfault")
@@ -81,12 +82,14 @@ def run_case(stage: str, how: str) -> dict:
         report["pids"] = eng.worker_pids + [eng._dispatcher.pool.watchdog.child.pid]
         report["blocks"] = [b.name for b in eng.blocks] + [eng._dispatcher.pool._control_name]
         print(json.dumps(report), flush=True)    # before a coordinator crash
+        started = time.monotonic()
         try:
             eng.reduce(kernel_for(stage, how), x)
             report["error"] = None
         except BaseException as exc:             # what the user sees
             report["error"] = type(exc).__name__
             report["message"] = (str(exc).splitlines() or [""])[0][:200]
+        report["seconds"] = time.monotonic() - started
         y = eng.from_numpy(np.arange(10.0))
         eng.map(lambda a: a.__imul__(3.0), y)
         report["usable"] = bool(np.array_equal(y, np.arange(10.0) * 3.0))

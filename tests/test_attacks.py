@@ -332,8 +332,9 @@ def test_ctrl_c_during_a_slow_close_then_close_again_finishes():
         os.kill(eng.worker_pids[1], signal.SIGSTOP)     # will not answer Stop
         print("pids:", *eng.worker_pids, eng._dispatcher.pool.watchdog.child.pid)
         print("blocks:", *[b.name for b in eng.blocks], eng._dispatcher.pool._control_name)
-        print("ready", flush=True)
         try:
+            # close() waits seconds for the stopped worker: Ctrl-C lands there
+            print("ready", flush=True)
             eng.close()
         except KeyboardInterrupt:
             print("interrupted", flush=True)
@@ -342,7 +343,6 @@ def test_ctrl_c_during_a_slow_close_then_close_again_finishes():
     """)
     proc = start(code)
     pids, names, _ = read_report(proc)
-    time.sleep(0.5)                     # inside close(), waiting for the worker
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "interrupted" in out and "closed again True" in out, (out, err)
