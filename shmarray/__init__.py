@@ -2,6 +2,7 @@
 worker processes that runs numba kernels on them in place."""
 
 from shmarray.compare import Comparison
+from shmarray.descriptors import row_offset, worker_id
 from shmarray.engine import Engine, MapFuture
 from shmarray.errors import (CopyWarning, EngineClosedError, KernelError,
                              MapCancelledError, RemoteTraceback,
@@ -16,6 +17,8 @@ from shmarray.progress import steps
 __all__ = [
     "Engine",
     "MapFuture",
+    "row_offset",
+    "worker_id",
     "Comparison",
     "steps",
     "ShmarrayError",

@@ -60,7 +60,7 @@ DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP = (
     LINE + k for k in range(9))
 
 STEP_BITS = 24
-STEP_LIMIT = (1 << STEP_BITS) - 1   # steps per iterated call: fewer than this
+STEP_LIMIT = (1 << STEP_BITS) - 1   # stages (3 a step) per call: fewer than this
 
 
 def step_word(seq: int, step: int) -> int:

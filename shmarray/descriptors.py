@@ -106,6 +106,31 @@ def describe(array: np.ndarray, table: BlockTable) -> ArrayDescriptor | None:
     return found
 
 
+# -- Placeholders --------------------------------------------------------------
+
+class Placeholder:
+    """Stands in ``args`` for a value only the worker knows, filled in for
+    each call of the kernel: ``shmarray.row_offset`` (the global index,
+    along the split axis, of the first row the kernel gets: ``lo - halo``)
+    and ``shmarray.worker_id`` (the worker's index, 0 to workers - 1, kept
+    by a replacement).  Called sequentially, a kernel gets 0 for both."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"shmarray.{self.name}"
+
+    def __reduce__(self):
+        return self.name          # pickled as this module's global of that name
+
+
+row_offset = Placeholder("row_offset")
+worker_id = Placeholder("worker_id")
+
+
 # -- Kernels ---------------------------------------------------------------
 
 class KernelRef(NamedTuple):
@@ -177,7 +202,7 @@ def load(payload: bytes) -> Any:
 # of a class defined in the caller's __main__, a function, a closure) goes
 # by value with cloudpickle, since workers never import __main__.
 _PLAIN = (int, float, complex, bool, str, bytes, type(None), np.generic,
-          ArrayDescriptor)
+          ArrayDescriptor, Placeholder)
 
 
 def pack_args(args: tuple) -> bytes:
@@ -218,10 +243,12 @@ class Define(NamedTuple):
     Every array in ``arrays`` is passed as rows [lo - halo, hi + halo);
     descriptors inside ``args`` are passed whole.  ``indices`` are the
     chunks' positions in the whole map, for values and errors.  Arrays
-    travel as ``ArrayDescriptor.wire`` tuples.  An iterated job swaps its
-    first two arrays after every step and, before each step, waits for the
-    workers whose control lines start at ``neighbours`` (those holding the
-    rows next to its own) to finish the previous one.
+    travel as ``ArrayDescriptor.wire`` tuples.  Rows are counted along
+    ``axis``.  An iterated job swaps its first two arrays after every step
+    and, before each step, waits for the workers whose control lines start
+    at ``neighbours`` (those holding the rows next to its own) to finish the
+    previous one; with a ``boundary``, the workers also fill the ghost cells
+    next to their rows, in stages with the same waits.
     """
     job: int
     kernel: int
@@ -234,6 +261,8 @@ class Define(NamedTuple):
     dynamic: bool
     iterated: bool = False
     neighbours: tuple[int, ...] = ()
+    axis: int = 0
+    boundary: tuple | None = None   # boundary.Boundary: the workers fill ghosts
 
 
 class Rebind(NamedTuple):

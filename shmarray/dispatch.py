@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shmarray import control
+from shmarray import boundary, control
 from shmarray.control import (ABORT, CHUNK, CHUNKS, COORD_ASLEEP, DONE, NEXT,
                               RAN, REPLY, STARTED, STOP)
 from shmarray.descriptors import (Define, Failed, Forget, Install, Rebind,
@@ -402,7 +402,12 @@ class Runner:
         pool = self.pool
         pool.seq += 1
         seq = pool.seq
-        if job.dynamic or job.iterated:
+        if job.dynamic and job.boundary is not None:
+            # Dynamic chunks have no fixed owners to fill ghosts next to:
+            # the caller fills them (copies of the surface only).
+            for a in call.arrays:
+                boundary.fill(a, job.halo, job.boundary, job.axis)
+        if job.dynamic or job.iterated or job.boundary is not None:
             pool.ctl[NEXT] = 0
             pool.ctl[STOP] = 0
         self.dirty = True
@@ -466,15 +471,17 @@ class Runner:
 
     @staticmethod
     def _neighbours(job, index: int) -> tuple[int, ...]:
-        """Where the control lines start of the workers holding the rows
-        next to worker ``index``'s in an iterated job with a halo: it reads
-        their rows, and they read its."""
-        if not job.iterated or not job.halo:
+        """Where the control lines start of the workers that worker
+        ``index`` waits for between the stages of a staged job (iterated, or
+        with ghost cells to fill): those whose rows it reads, and those that
+        read its rows (see ``boundary.readers``)."""
+        if job.dynamic or not (job.iterated or job.boundary is not None):
             return ()
         order = [w for w, _, _ in job.groups]      # groups run in row order
-        i = order.index(index)
-        return tuple(control.slot(w) for w in order[max(i - 1, 0):i + 2]
-                     if w != index)
+        rows = [(chunks[0][0], chunks[-1][1]) for _, _, chunks in job.groups]
+        n = job.plan.chunks[-1][1] + job.halo
+        waits = boundary.readers(rows, n, job.halo, job.boundary)[order.index(index)]
+        return tuple(control.slot(order[g]) for g in sorted(waits))
 
     def _ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:
         w.rung = seq
@@ -541,7 +548,9 @@ class Runner:
                 w.send(Define(job.key, key, job.descriptors, pack_args(bound),
                               job.halo, chunks, indices, job.want_values,
                               job.dynamic, job.iterated,
-                              self._neighbours(job, index)))
+                              self._neighbours(job, index), job.axis,
+                              None if job.dynamic or job.boundary is None
+                              else tuple(job.boundary)))
                 w.jobs[job.key] = bound
                 self.defined[job.key] = job.blocks
             elif held is not args and not same_args(held, args):

@@ -19,7 +19,9 @@ from shmarray.control import STEP_LIMIT
 from shmarray.descriptors import ArrayDescriptor, by_value, describe, pack_args
 from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import CopyWarning, EngineClosedError
-from shmarray.jobs import Call, Job, JobCache, signature
+from shmarray.boundary import check_ghosts, coerce_boundary
+from shmarray.descriptors import row_offset, worker_id
+from shmarray.jobs import Call, Job, JobCache, Layout, signature
 from shmarray.partition import Plan, coerce_halo, plan
 from shmarray.pool import Pool, coerce_start_method, usable_cpus
 
@@ -184,7 +186,8 @@ class Engine:
 
     def map(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
             halo: int = 0, chunks=None, timeout: float | None = None,
-            schedule: str = "static", progress: bool | None = None) -> None:
+            schedule: str = "static", progress: bool | None = None,
+            boundary=None, axis: int = 0) -> None:
         """Run ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` in the
         workers for every chunk (lo, hi) of rows; return when all finished.
 
@@ -198,26 +201,35 @@ class Engine:
         terminal or in a notebook; None (the default) follows the global
         setting (``SHMARRAY_PROGRESS``), automatic unless it says otherwise:
         a bar only for a map that runs longer than a second.
+        ``axis``: the axis split into chunks (rows are counted along it).
+        ``boundary``: None, "wrap", "reflect", "symmetric", "edge" or a
+        number: every array carries ``halo`` ghost cells on each side of
+        every axis, and the engine fills them first, as ``numpy.pad`` would
+        from the cells inside.  ``shmarray.row_offset`` and
+        ``shmarray.worker_id`` in ``args`` become, in each call, the index
+        of the first row passed and the worker's index.
         """
-        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
-                             schedule, progress, None)
+        d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
+                                                          boundary), timeout, progress, None)
         d.run(call)
 
     def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
                chunks=None, timeout: float | None = None,
-               schedule: str = "static", progress: bool | None = None) -> Any:
+               schedule: str = "static", progress: bool | None = None,
+               boundary=None, axis: int = 0) -> Any:
         """Like ``map``, but the kernel returns a value per chunk; the values
         are combined in chunk order, so the result is deterministic for a
         given ``chunks`` (with either schedule)."""
-        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
-                             schedule, progress, check_combine(combine))
+        d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
+                                                          boundary),
+                             timeout, progress, check_combine(combine))
         return d.run(call)
 
     def iterate(self, kernel: Callable, out: np.ndarray, inp: np.ndarray,
                 *arrays: np.ndarray, steps: int, args: Sequence = (), halo: int = 0,
                 chunks=None, timeout: float | None = None,
-                progress: bool | None = None) -> np.ndarray:
+                progress: bool | None = None, boundary=None, axis: int = 0) -> np.ndarray:
         """``steps`` steps of a double-buffered map, run inside the workers:
         the same as, and bit-identical to, ::
 
@@ -231,14 +243,16 @@ class Engine:
         array holding the last step's output (``out`` after an odd number of
         steps, ``inp`` after an even one).  The kernel must read no more of
         ``inp`` than its chunk and halo, as a stencil does; ``timeout``
-        covers all the steps.
+        covers all the steps.  With a ``boundary``, the ghost cells of every
+        array are filled again before each step, by the workers.
         """
         steps = coerce_steps(steps)
         if steps == 0:
             self._live()
             return inp
-        d, call = self._call(kernel, (out, inp) + arrays, args, halo, chunks,
-                             timeout, "iterate", progress, None, steps)
+        d, call = self._call(kernel, (out, inp) + arrays, args,
+                             Layout(halo, chunks, "iterate", axis, boundary),
+                             timeout, progress, None, steps)
         d.run(call)
         return out if steps % 2 else inp
 
@@ -264,8 +278,8 @@ class Engine:
                        schedule=schedule, repeat=repeat, reduce=reduce,
                        combine=combine)
 
-    def _call(self, kernel, arrays, args, halo, chunks, timeout, schedule,
-              progress, combine, steps: int = 1) -> tuple[Dispatcher, Call]:
+    def _call(self, kernel, arrays, args, layout: Layout, timeout, progress,
+              combine, steps: int = 1) -> tuple[Dispatcher, Call]:
         """Check everything in the caller's thread, before anything is sent.
         A repeat of an earlier call is recognised by its signature and
         skips the checks that cannot have changed."""
@@ -273,11 +287,11 @@ class Engine:
         if d is None or d.closing or _pid != self._owner:
             d = self._live()                 # raises the right error
         want_values = combine is not None
-        sig = signature(kernel, arrays, args, halo, chunks, schedule, want_values)
+        sig = signature(kernel, arrays, args, layout, want_values)
         job = self._cache.get(sig, kernel, arrays, args)
         if job is None:
-            job = self._cache.add(sig, self._new_job(
-                d, kernel, arrays, args, halo, chunks, schedule, want_values))
+            job = self._cache.add(sig, self._new_job(d, kernel, arrays, args, layout,
+                                                     want_values))
         if timeout is not None:
             timeout = coerce_timeout(timeout)
         if progress is not None and progress is not True and progress is not False:
@@ -286,15 +300,21 @@ class Engine:
         return d, Call(job, args if type(args) is tuple else tuple(args), timeout,
                        progress, combine, steps, arrays)
 
-    def _new_job(self, d: Dispatcher, kernel, arrays, args, halo, chunks,
-                 schedule, want_values) -> Job:
+    def _new_job(self, d: Dispatcher, kernel, arrays, args, layout: Layout,
+                 want_values) -> Job:
         check_kernel(kernel)
-        descriptors = describe_arrays(arrays, d.table)
+        halo = coerce_halo(layout.halo)
+        axis = coerce_axis(layout.axis, arrays)
+        descriptors = describe_arrays(arrays, d.table, axis)
         described = describe_args(args, d.table)
-        halo = coerce_halo(halo)
-        iterated = schedule == "iterate"
-        dynamic = not iterated and coerce_schedule(schedule)
-        where = plan_for(arrays[0].shape[0], chunks, halo, d.pool.size, dynamic)
+        check_placeholders(args)
+        iterated = layout.schedule == "iterate"
+        dynamic = not iterated and coerce_schedule(layout.schedule)
+        bound = coerce_boundary(layout.boundary)
+        if bound is not None:
+            for i, a in enumerate(arrays):
+                check_ghosts(a.shape, halo, bound, _where(i))
+        where = plan_for(arrays[0].shape[axis], layout.chunks, halo, d.pool.size, dynamic)
         # The arrays the job describes, including shared ones among the args
         # (those, and only those, become descriptors in its template).
         refs = tuple(arrays) + tuple(a for a in args if type(a) is np.ndarray)
@@ -303,13 +323,14 @@ class Engine:
         if iterated:
             check_swappable(arrays[0], arrays[1])
         return Job(self._cache.new_key(), kernel, refs, descriptors, template,
-                   halo, where, dynamic, want_values, iterated)
+                   halo, where, dynamic, want_values, iterated, axis, bound)
 
     # -- non-blocking ------------------------------------------------------
 
     def submit(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                halo: int = 0, chunks=None, timeout: float | None = None,
-               schedule: str = "static", progress: bool | None = None) -> MapFuture:
+               schedule: str = "static", progress: bool | None = None,
+               boundary=None, axis: int = 0) -> MapFuture:
         """Start ``map(kernel, *arrays, ...)`` and return at once with a
         ``concurrent.futures.Future`` (result None), whatever is running.
 
@@ -319,18 +340,19 @@ class Engine:
         stops a running one (its workers are killed and replaced).  The
         arrays stay alive until the map ends.
         """
-        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
-                             schedule, progress, None)
+        d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
+                                                          boundary), timeout, progress, None)
         return d.submit(call)
 
     def submit_reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                       combine: Callable[[Any, Any], Any] = operator.add,
                       halo: int = 0, chunks=None, timeout: float | None = None,
-                      schedule: str = "static",
-                      progress: bool | None = None) -> MapFuture:
+                      schedule: str = "static", progress: bool | None = None,
+                      boundary=None, axis: int = 0) -> MapFuture:
         """``submit`` for ``reduce``: the future's result is the combined value."""
-        d, call = self._call(kernel, arrays, args, halo, chunks, timeout,
-                             schedule, progress, check_combine(combine))
+        d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
+                                                          boundary),
+                             timeout, progress, check_combine(combine))
         return d.submit(call)
 
     async def map_async(self, kernel: Callable, *arrays: np.ndarray, **options) -> None:
@@ -428,6 +450,10 @@ def pack_initializer(initializer: object, initargs: object) -> tuple[bytes, byte
         raise TypeError(f"initargs must be a tuple; got {initargs!r} of type "
                         f"{type(initargs).__name__}. Write initargs=({initargs!r},) "
                         f"for one.")
+    if any(a is row_offset for a in initargs):
+        raise ValueError("shmarray.row_offset has no meaning in initargs (an "
+                         "initializer runs once per worker, not per chunk); "
+                         "shmarray.worker_id does.")
     try:
         return by_value(initializer), pack_args(tuple(initargs))
     except Exception as exc:
@@ -520,6 +546,37 @@ def coerce_timeout(timeout: object) -> float | None:
     return None if timeout == math.inf else float(timeout)
 
 
+def coerce_axis(axis: object, arrays: tuple) -> int:
+    """The split axis, counted from the end when negative (by the first
+    array's dimensions).
+
+    >>> import numpy as np
+    >>> coerce_axis(-1, (np.zeros((2, 3)),))
+    1
+    """
+    if not _is_int(axis):
+        raise TypeError(f"axis must be an int; got {axis!r} of type "
+                        f"{type(axis).__name__} instead.")
+    ndim = arrays[0].ndim if arrays and isinstance(arrays[0], np.ndarray) else 1
+    if not -ndim <= axis < max(ndim, 1):
+        raise ValueError(f"axis {axis} is out of range for an array of {ndim} "
+                         f"dimension(s); use 0 to {ndim - 1} (or -{ndim} to -1).")
+    return int(axis) % max(ndim, 1)
+
+
+def check_placeholders(args: tuple) -> None:
+    """``shmarray.row_offset`` and ``worker_id`` are filled in only where
+    they stand directly in ``args``."""
+    for i, a in enumerate(args):
+        if isinstance(a, (tuple, list, dict, set)) and any(
+                v is row_offset or v is worker_id
+                for v in (a.values() if isinstance(a, dict) else a)):
+            raise ValueError(
+                f"args[{i}] holds shmarray.row_offset or shmarray.worker_id "
+                f"inside a container, where it cannot be filled in; pass it "
+                f"directly in args.")
+
+
 def coerce_steps(steps: object) -> int:
     """
     >>> coerce_steps(10)
@@ -527,13 +584,13 @@ def coerce_steps(steps: object) -> int:
     >>> coerce_steps(-1)
     Traceback (most recent call last):
     ...
-    ValueError: steps must be a non-negative int below 16777215; got -1 instead.
+    ValueError: steps must be a non-negative int below 5592405; got -1 instead.
     """
     if not _is_int(steps):
         raise TypeError(f"steps must be an int (how many steps to run); got "
                         f"{steps!r} of type {type(steps).__name__} instead.")
-    if not 0 <= steps < STEP_LIMIT:
-        raise ValueError(f"steps must be a non-negative int below {STEP_LIMIT}; "
+    if not 0 <= steps < STEP_LIMIT // 3:
+        raise ValueError(f"steps must be a non-negative int below {STEP_LIMIT // 3}; "
                          f"got {steps!r} instead.")
     return int(steps)
 
@@ -586,7 +643,7 @@ def _where(i: int) -> str:
             else "array 0 (the first after the kernel)")
 
 
-def describe_arrays(arrays: tuple, table: BlockTable) -> tuple[ArrayDescriptor, ...]:
+def describe_arrays(arrays: tuple, table: BlockTable, axis: int = 0) -> tuple[ArrayDescriptor, ...]:
     if not arrays:
         raise TypeError("map/reduce needs at least one array after the kernel.")
     out = []
@@ -596,10 +653,11 @@ def describe_arrays(arrays: tuple, table: BlockTable) -> tuple[ArrayDescriptor, 
                 f"{_where(i)} is a {type(a).__name__}; pass NumPy arrays made "
                 f"by this engine (eng.empty, eng.zeros, eng.from_numpy). Extra "
                 f"scalar arguments go in args=(...).")
-        if a.ndim == 0:
+        if a.ndim <= axis:
             raise ValueError(
-                f"{_where(i)} is 0-dimensional; map splits axis 0, so arrays "
-                f"need at least one dimension. Pass scalars in args=(...).")
+                f"{_where(i)} has {a.ndim} dimension(s); map splits axis "
+                f"{axis}, so every array needs at least {axis + 1}. Pass "
+                f"scalars in args=(...).")
         if a.dtype not in _PLAIN_DTYPES:
             coerce_dtype(a.dtype, _where(i))
         d = describe(a, table)
@@ -611,11 +669,11 @@ def describe_arrays(arrays: tuple, table: BlockTable) -> tuple[ArrayDescriptor, 
                 f"in with eng.from_numpy(a), or allocate with eng.empty / "
                 f"eng.zeros.")
         out.append(d)
-    n = arrays[0].shape[0]
-    if any(a.shape[0] != n for a in arrays):
+    n = arrays[0].shape[axis]
+    if any(a.shape[axis] != n for a in arrays):
         raise ValueError(
-            f"all arrays must have the same length along axis 0 (map splits "
-            f"rows); got lengths {[a.shape[0] for a in arrays]}.")
+            f"all arrays must have the same length along axis {axis} (map "
+            f"splits it); got lengths {[a.shape[axis] for a in arrays]}.")
     return tuple(out)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from shmarray.descriptors import ArrayDescriptor, kernel_payload
+from shmarray.descriptors import ArrayDescriptor, Placeholder, kernel_payload
 from shmarray.partition import Plan
 
 
@@ -66,15 +66,16 @@ class Job:
     """
 
     __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
-                 "dynamic", "iterated", "want_values", "blocks", "cached", "_refs",
+                 "dynamic", "iterated", "want_values", "axis", "boundary", "blocks", "cached", "_refs",
                  "groups", "done_at", "args_are_plain", "busy", "ready",
                  "ready_pool", "ready_args")
 
     def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
                  args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool,
-                 iterated: bool = False):
+                 iterated: bool = False, axis: int = 0, boundary=None):
         """``args``: the template (see above); ``iterated``: swap the first
-        two arrays after each of several steps (``Engine.iterate``)."""
+        two arrays after each of several steps (``Engine.iterate``);
+        ``axis``: the split axis; ``boundary``: a ``boundary.Boundary``."""
         self.key = key
         self.kernel = kernel
         self.descriptors = descriptors
@@ -84,6 +85,8 @@ class Job:
         self.dynamic = dynamic
         self.iterated = iterated
         self.want_values = want_values
+        self.axis = axis
+        self.boundary = boundary
         self.blocks = frozenset([d.block for d in descriptors] + [
             a.block for a in self.args if a is not None])
         self.cached = False
@@ -111,6 +114,15 @@ class Job:
         return tuple(a if t is None else t for t, a in zip(self.args, args))
 
 
+class Layout(NamedTuple):
+    """How a call lays its arrays out: part of what defines a job."""
+    halo: int
+    chunks: object
+    schedule: str
+    axis: int
+    boundary: object
+
+
 class Call(NamedTuple):
     """One map or reduce to run: a job and what varies per call."""
     job: Job
@@ -124,7 +136,7 @@ class Call(NamedTuple):
 
 # Plain values that compare cheaply and exactly; anything else (a list, a
 # private array, an object) may have changed in place and is sent again.
-_PLAIN = (int, float, complex, bool, str, bytes, type(None), np.generic)
+_PLAIN = (int, float, complex, bool, str, bytes, type(None), np.generic, Placeholder)
 
 
 def same_args(held: tuple, args: tuple) -> bool:
@@ -159,7 +171,7 @@ def same_args(held: tuple, args: tuple) -> bool:
     return True
 
 
-def signature(kernel, arrays: tuple, args, halo, chunks, schedule,
+def signature(kernel, arrays: tuple, args, layout: Layout,
               want_values: bool) -> tuple | None:
     """A cheap key for a call, or None when the call must be checked in full
     (anything unusual: the full check then explains what is wrong).
@@ -167,11 +179,15 @@ def signature(kernel, arrays: tuple, args, halo, chunks, schedule,
     Arrays count by identity, shape, strides and dtype: an ndarray's data
     pointer cannot be reassigned (NumPy 2), its shape, strides and dtype can.
     """
-    if type(args) is not tuple or type(halo) is not int:
+    halo, chunks, schedule, axis, boundary = layout
+    if type(args) is not tuple or type(halo) is not int or type(axis) is not int:
         return None
     if not (chunks is None or type(chunks) is int):
         return None
-    key = [id(kernel), halo, chunks, schedule, want_values, len(args)]
+    if not (boundary is None or type(boundary) in (str, float, int)):
+        return None
+    key = [id(kernel), halo, chunks, schedule, want_values, len(args), axis,
+           type(boundary), boundary]
     for a in arrays:
         if type(a) is not np.ndarray:
             return None

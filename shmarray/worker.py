@@ -30,12 +30,13 @@ import threadpoolctl
 
 from multiprocessing.connection import Connection
 
-from shmarray import blocks, control, launch
+from shmarray import blocks, boundary, control, launch
 from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
                               RING, STARTED, STEP, STEPS, STOP, step_word)
 from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
                                   Install, Ready, Rebind, Release, StartFailed,
-                                  Stop, Values, decode, encode, load, load_kernel)
+                                  Stop, Values, decode, encode, load, load_kernel,
+                                  row_offset, worker_id)
 
 _limits = None
 _forked = False          # set in a child a kernel forked off this worker
@@ -80,23 +81,49 @@ class _Unloadable:
 
 class _Job:
     """A defined job: the kernel and, for each chunk, its ready-made
-    arguments (slicing views again on every call cost 1 us an array); for
-    an iterated job, also with its first two arrays swapped."""
+    arguments (slicing views again on every call cost 1 us an array), with
+    its placeholders filled in; for an iterated job, also with its first two
+    arrays swapped; with a boundary, the ghost-cell copies of this worker's
+    part, in two stages."""
 
-    __slots__ = ("kernel", "spec", "calls", "swapped", "blocks", "neighbours")
+    __slots__ = ("kernel", "spec", "calls", "swapped", "blocks", "neighbours",
+                 "staged", "fills")
 
-    def __init__(self, kernel, spec: Define, views: list, args: tuple):
+    def __init__(self, kernel, spec: Define, views: list, args: tuple, index: int):
         self.kernel = kernel
         self.spec = spec
         self.neighbours = np.array(spec.neighbours, np.int64)
-        self.bind(views, args)
+        self.staged = spec.iterated or spec.boundary is not None
+        self.bind(views, args, index)
 
-    def bind(self, views: list, args: tuple) -> None:
-        h = self.spec.halo
-        self.calls = [tuple(v[lo - h:hi + h] for v in views) + args
-                      for lo, hi in self.spec.chunks]
+    def bind(self, views: list, args: tuple, index: int) -> None:
+        spec = self.spec
+        h, axis = spec.halo, spec.axis
+        lead = (slice(None),) * axis
+        offsets = [i for i, a in enumerate(args) if a is row_offset]
+        args = tuple(index if a is worker_id else a for a in args)
+        self.calls = []
+        for lo, hi in spec.chunks:
+            these = list(args)
+            for i in offsets:
+                these[i] = lo - h
+            self.calls.append(tuple(v[lead + (slice(lo - h, hi + h),)] for v in views)
+                              + tuple(these))
         self.swapped = ([(c[1], c[0]) + c[2:] for c in self.calls]
-                        if self.spec.iterated and len(views) >= 2 else self.calls)
+                        if spec.iterated and len(views) >= 2 else self.calls)
+        self.fills = []
+        if spec.boundary is not None and spec.chunks:
+            b = boundary.Boundary(*spec.boundary)
+            rows = (spec.chunks[0][0], spec.chunks[-1][1])
+            for v in views:
+                n = v.shape[axis]
+                before, after = boundary.ghost_copies(
+                    v.shape, h, b, axis, rows, rows[0] == h, rows[1] == n - h)
+                self.fills.append((v, before, after))
+
+    def fill(self, stage: int) -> None:
+        for v, *stages in self.fills:
+            boundary.apply(v, stages[stage])
 
 
 class Mappings:
@@ -183,7 +210,7 @@ class _Worker:
         elif kind is Rebind:
             job = self.jobs[msg.job]
             job.bind([self.maps.view(d) for d in job.spec.arrays],
-                     self.maps.bind(pickle.loads(msg.args)))
+                     self.maps.bind(pickle.loads(msg.args)), self.index)
         elif kind is Install:
             try:
                 self.kernels[msg.key] = load_kernel(msg.payload)
@@ -211,7 +238,7 @@ class _Worker:
             kernel = self.kernels[msg.kernel]
         except Exception as exc:     # a bad descriptor: the job fails when run
             kernel, views, args = _Unloadable(exc), [], ()
-        job = self.jobs[msg.job] = _Job(kernel, msg, views, args)
+        job = self.jobs[msg.job] = _Job(kernel, msg, views, args, self.index)
         job.blocks = {d[0] for d in msg.arrays} | {
             a.block for a in raw if isinstance(a, ArrayDescriptor)}
 
@@ -254,8 +281,8 @@ class _Worker:
             self.send(failure(seq, -1, RuntimeError(
                 f"worker {os.getpid()} has no job {key}")))
             sent = 1
-        elif job.spec.iterated:
-            sent, ran = self.iterate(job, seq, int(ctl[at + STEPS]))
+        elif job.staged:
+            sent, ran = self.staged(job, seq, int(ctl[at + STEPS]))
         else:
             sent, ran = self.chunks(job, seq, job.calls)
         if control.finish(ctl, at, seq, sent, ran, time.perf_counter_ns() - started):
@@ -302,23 +329,38 @@ class _Worker:
             return self.send_values(seq, done, values), ran
         return 0, ran
 
-    def iterate(self, job: _Job, seq: int, steps: int) -> tuple[int, int]:
-        """``steps`` steps of an iterated job, swapping its first two arrays
-        after each, waiting before each for the neighbours' previous one."""
+    def staged(self, job: _Job, seq: int, steps: int) -> tuple[int, int]:
+        """``steps`` steps of a job that needs its neighbours between stages:
+        iterated (the first two arrays swap after each step), or with ghost
+        cells to fill.  Each step: wait for the neighbours' previous step;
+        fill the ghosts before the split axis; wait (if there were any);
+        fill the rest; wait; run the chunks.  Every stage done is published
+        as this worker's STEP word, ``step_word(seq, 3 * step + stage)``."""
         ctl, at = self.ctl, self.at
+        wait = job.neighbours.size > 0
         ran = 0
         for step in range(steps):
-            if step and job.neighbours.size:
-                control.wait_steps(ctl, job.neighbours, step_word(seq, step))
+            base = 3 * step
+            if step and wait:
+                control.wait_steps(ctl, job.neighbours, step_word(seq, base))
             if control.load(ctl, STOP):
                 break                   # another worker's chunk failed
+            if job.fills:
+                job.fill(0)
+                control.store(ctl, at + STEP, step_word(seq, base + 1))
+                if wait and job.spec.axis > 0:
+                    control.wait_steps(ctl, job.neighbours, step_word(seq, base + 1))
+                job.fill(1)
+                control.store(ctl, at + STEP, step_word(seq, base + 2))
+                if wait:
+                    control.wait_steps(ctl, job.neighbours, step_word(seq, base + 2))
             sent, ran = self.chunks(job, seq, job.swapped if step % 2 else job.calls, ran)
             if sent:
                 # Stop the others, and never keep a neighbour waiting.
                 control.store(ctl, STOP, 1)
                 control.store(ctl, at + STEP, step_word(seq, control.STEP_LIMIT))
                 return sent, ran
-            control.store(ctl, at + STEP, step_word(seq, step + 1))
+            control.store(ctl, at + STEP, step_word(seq, base + 3))
         return 0, ran
 
     def send(self, msg) -> None:
@@ -393,7 +435,8 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
     the engine's control block, ``initializer`` the pickled (function,
-    args) to run once before the first task.  A failure to start, the
+    args) to run once before the first task (``shmarray.worker_id`` among
+    the args becomes this worker's index).  A failure to start, the
     initializer's included, is reported to the coordinator as a StartFailed
     message, never printed here."""
     tasks = Connection(tasks_fd, writable=False)
@@ -410,7 +453,8 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
         if initializer is not None:
             stage = "initializer"
             function = load(initializer[0])
-            function(*pickle.loads(initializer[1]))
+            function(*[index if a is worker_id else a
+                       for a in pickle.loads(initializer[1])])
         ready = encode(Ready(os.getpid()))
     except BaseException as exc:
         try:

@@ -344,7 +344,7 @@ BAD_MAPS = [
      lambda e, x: e.map(scale, x, np.zeros(10), args=(1.0,))),
     ("list instead of array", TypeError, "NumPy arrays made by this engine",
      lambda e, x: e.map(scale, x, [0.0] * 10, args=(1.0,))),
-    ("0-d array", ValueError, "0-dimensional",
+    ("0-d array", ValueError, "has 0 dimension",
      lambda e, x: e.map(scale, x[0:1].reshape(()), x, args=(1.0,))),
     ("no arrays", TypeError, "at least one array",
      lambda e, x: e.map(scale)),
