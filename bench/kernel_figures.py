@@ -34,7 +34,6 @@ WORKERS = 2
 
 def mandelbrot_figure(eng, height, width, max_iter, repeat):
     out = {}
-    rows = eng.from_numpy(np.arange(height))
     views = {"symmetric": (-2.0, 3.0 / width, -0.75, 1.5 / height),
              "lopsided": (-2.0, 3.0 / width, -0.2, 1.0 / height)}
     for view, (x0, dx, y0, dy) in views.items():
@@ -43,11 +42,10 @@ def mandelbrot_figure(eng, height, width, max_iter, repeat):
         stat_img = eng.zeros((height, width), np.int32)
         dyn_img = eng.zeros((height, width), np.int32)
         par_img = np.zeros((height, width), np.int32)
-        private_rows = np.arange(height)
         fns = {
-            "sequential": lambda: mandelbrot(seq_img, private_rows, *args),
-            "static": lambda: eng.map(mandelbrot, stat_img, rows, args=args),
-            "dynamic": lambda: eng.map(mandelbrot, dyn_img, rows, args=args,
+            "sequential": lambda: mandelbrot(seq_img, 0, *args),
+            "static": lambda: eng.map(mandelbrot, stat_img, args=(shmarray.row_offset, *args)),
+            "dynamic": lambda: eng.map(mandelbrot, dyn_img, args=(shmarray.row_offset, *args),
                                        schedule="dynamic"),
             "prange": lambda: mandelbrot_prange(par_img, *args),
         }
@@ -60,7 +58,6 @@ def mandelbrot_figure(eng, height, width, max_iter, repeat):
                      "speedup_dynamic": med["sequential"] / med["dynamic"],
                      "speedup_prange": med["sequential"] / med["prange"]}
         del stat_img, dyn_img
-    del rows
     return out
 
 

@@ -29,33 +29,31 @@ def eng():
 @pytest.fixture(scope="module")
 def images(eng):
     shared = eng.zeros((H, W), np.int32)
-    rows = eng.from_numpy(np.arange(H))
     private = np.zeros((H, W), np.int32)
-    yield shared, rows, private
+    yield shared, private
     expected = np.zeros((H, W), np.int32)
-    mandelbrot(expected, np.arange(H), *ARGS)
+    mandelbrot(expected, 0, *ARGS)
     assert np.array_equal(shared, expected) and np.array_equal(private, expected)
 
 
 @pytest.mark.benchmark(group="mandelbrot 3000x1500x300")
 def test_mandelbrot_shmarray_dynamic(benchmark, record, eng, images):
-    shared, rows, _ = images
-    benchmark.pedantic(lambda: eng.map(mandelbrot, shared, rows, args=ARGS,
+    shared, _ = images
+    benchmark.pedantic(lambda: eng.map(mandelbrot, shared, args=(shmarray.row_offset, *ARGS),
                                        schedule="dynamic"), rounds=5, warmup_rounds=1)
     record("shmarray")
 
 
 @pytest.mark.benchmark(group="mandelbrot 3000x1500x300")
 def test_mandelbrot_sequential(benchmark, record, images):
-    _, _, private = images
-    rows = np.arange(H)
-    benchmark.pedantic(lambda: mandelbrot(private, rows, *ARGS), rounds=3, warmup_rounds=1)
+    _, private = images
+    benchmark.pedantic(lambda: mandelbrot(private, 0, *ARGS), rounds=3, warmup_rounds=1)
     record("sequential numba")
 
 
 @pytest.mark.benchmark(group="mandelbrot 3000x1500x300")
 def test_mandelbrot_prange(benchmark, record, images):
-    _, _, private = images
+    _, private = images
     benchmark.pedantic(lambda: mandelbrot_prange(private, *ARGS), rounds=5, warmup_rounds=1)
     record("numba prange")
 

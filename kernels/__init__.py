@@ -8,9 +8,11 @@ sequentially on whole arrays and, through ``Engine.map`` /
 applies each reduction's combine and finish steps.
 
 Kernels that need their global position (Mandelbrot rows, Monte Carlo
-streams, the index of a minimum) take ``rows``: the global index of each
-row, ``np.arange(n)`` sequentially and a shared copy through the engine,
-chunked like the data.
+streams, the index of a minimum, a transpose) take ``row_offset``: 0
+sequentially, ``shmarray.row_offset`` through the engine, which fills in
+the global index of the chunk's first row.  Table entries with a
+``boundary`` run on arrays that carry ghost cells, filled first as
+``numpy.pad`` would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shmarray import boundary
+from shmarray.descriptors import row_offset, worker_id
 from shmarray.kernels.table import TABLE, KernelSpec, mandelbrot_args, spec_of
 
 __all__ = ["TABLE", "KernelSpec", "run", "standardize", "spec_of", "mandelbrot_args"]
@@ -92,16 +96,23 @@ def run(kernel: Callable, *arrays: np.ndarray, args: tuple = (), engine=None,
     spec = spec_of(kernel, notes)
     args = tuple(args)
     check_arguments(spec, arrays, args)
+    halo = spec.halo_for(args)
     if engine is None:
-        result = kernel(*arrays, *args)
+        # What the engine does first, and what it fills in for each chunk.
+        if spec.boundary is not None:
+            for a in arrays:
+                boundary.fill(a, halo, spec.boundary)
+        result = kernel(*arrays, *[0 if a is row_offset or a is worker_id else a
+                                   for a in args])
     elif spec.kind == "map":
-        engine.map(kernel, *arrays, args=args, halo=spec.halo_for(args),
-                   chunks=chunks, schedule=schedule or spec.schedule)
+        engine.map(kernel, *arrays, args=args, halo=halo, chunks=chunks,
+                   schedule=schedule or spec.schedule, boundary=spec.boundary)
         return None
     else:
         result = engine.reduce(kernel, *arrays, args=args, combine=spec.combine,
-                               halo=spec.halo_for(args), chunks=chunks,
-                               schedule=schedule or spec.schedule)
+                               halo=halo, chunks=chunks,
+                               schedule=schedule or spec.schedule,
+                               boundary=spec.boundary)
     return spec.finish(result) if spec.kind == "reduce" else None
 
 

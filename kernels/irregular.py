@@ -5,21 +5,21 @@ from shmarray.kernels._jit import jit
 
 
 @jit
-def mandelbrot(out, rows, x0, dx, y0, dy, max_iter):
+def mandelbrot(out, row_offset, x0, dx, y0, dy, max_iter):
     """Escape-time Mandelbrot: ``out[i, j]`` is the number of iterations
     (up to ``max_iter``) before ``z -> z*z + c`` leaves the radius-2 disk,
-    with ``c = (x0 + j*dx) + 1j*(y0 + rows[i]*dy)``.
+    with ``c = (x0 + j*dx) + 1j*(y0 + (row_offset + i)*dy)``.
 
-    ``rows`` holds each row's global index, so the kernel knows where its
-    chunk lies: ``np.arange(height)`` sequentially, a shared copy through
-    the engine.
+    ``row_offset`` is the global index of ``out``'s first row, so the
+    kernel knows where its chunk lies: 0 sequentially,
+    ``shmarray.row_offset`` through the engine.
 
-    Sequential: ``mandelbrot(img, np.arange(h), -2.0, 3/w, -1.5, 3/h, 300)``.
-    Engine:     ``eng.map(mandelbrot, img, rows, args=(-2.0, 3/w, -1.5, 3/h, 300),
-                schedule="dynamic")``.
+    Sequential: ``mandelbrot(img, 0, -2.0, 3/w, -1.5, 3/h, 300)``.
+    Engine:     ``eng.map(mandelbrot, img, args=(shmarray.row_offset, -2.0, 3/w,
+                -1.5, 3/h, 300), schedule="dynamic")``.
     """
     for i in range(out.shape[0]):
-        ci = y0 + rows[i] * dy
+        ci = y0 + (row_offset + i) * dy
         for j in range(out.shape[1]):
             cr = x0 + j * dx
             zr, zi = 0.0, 0.0

@@ -3,6 +3,7 @@
 from shmarray.kernels._jit import jit
 
 _BLOCK = 64   # columns of A (rows of B) per pass, so a block of B stays in cache
+_TILE = 32    # a transpose moves 32 x 32 tiles
 
 
 @jit
@@ -26,3 +27,22 @@ def matmul_rows(c, a, b):
                 aip = a[i, p]
                 for j in range(m):
                     c[i, j] += aip * b[p, j]
+
+
+@jit
+def transpose_rows(inp, out, row_offset):
+    """``out = inp.T`` by blocks of rows: the rows of ``inp`` given become
+    the same columns of ``out`` (pass ``out`` whole in ``args``; chunks
+    write disjoint columns).  Tiled so both sides stay in cache.
+
+    Sequential: ``transpose_rows(a, at, 0)``.
+    Engine:     ``eng.map(transpose_rows, a, args=(at, shmarray.row_offset))``.
+    """
+    n, m = inp.shape
+    for jj in range(0, m, _TILE):
+        jend = min(jj + _TILE, m)
+        for ii in range(0, n, _TILE):
+            iend = min(ii + _TILE, n)
+            for i in range(ii, iend):
+                for j in range(jj, jend):
+                    out[j, row_offset + i] = inp[i, j]

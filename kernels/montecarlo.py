@@ -1,8 +1,9 @@
 """Monte Carlo with reproducible random streams.
 
 Every *row* draws from its own stream, seeded from ``(seed, global row
-index)``; chunks, workers and scheduling decide only who computes a row,
-never what it draws.  Integer results therefore match for any worker count
+index)`` (``row_offset + i``: ``shmarray.row_offset`` through the engine, 0
+sequentially); chunks, workers and scheduling decide only who computes a
+row, never what it draws.  Integer results therefore match for any worker count
 and any ``chunks``.  The kernels reseed numba's generator of the calling
 thread.
 """
@@ -24,35 +25,39 @@ def row_seed(seed, row):
 
 
 @jit
-def pi_hits(rows, samples, seed):
+def pi_hits(counts, row_offset, samples, seed):
     """Points inside the quarter unit circle out of ``samples`` uniform
-    points per row.  ``4 * hits / (len(rows) * samples)`` estimates pi.
+    points per row: each row's count in ``counts`` (int64), the chunk's
+    total returned.  ``4 * hits / (len(counts) * samples)`` estimates pi.
     Combine with ``operator.add`` (integers: exact in any order).
 
-    Sequential: ``pi_hits(np.arange(n), 10_000, 42)``.
-    Engine:     ``eng.reduce(pi_hits, rows, args=(10_000, 42))``.
+    Sequential: ``pi_hits(np.zeros(n, np.int64), 0, 10_000, 42)``.
+    Engine:     ``eng.reduce(pi_hits, counts, args=(shmarray.row_offset, 10_000, 42))``.
     """
-    hits = 0
-    for i in range(rows.shape[0]):
-        np.random.seed(row_seed(seed, rows[i]))
+    total = 0
+    for i in range(counts.shape[0]):
+        np.random.seed(row_seed(seed, row_offset + i))
+        hits = 0
         for _ in range(samples):
             x = np.random.random()
             y = np.random.random()
             if x * x + y * y <= 1.0:
                 hits += 1
-    return hits
+        counts[i] = hits
+        total += hits
+    return total
 
 
 @jit
-def random_walks(out, rows, seed):
+def random_walks(out, row_offset, seed):
     """Fill each row of ``out`` (2-D float64) with a Gaussian random walk
     drawn from that row's own stream.
 
-    Sequential: ``random_walks(paths, np.arange(n), 42)``.
-    Engine:     ``eng.map(random_walks, paths, rows, args=(42,))``.
+    Sequential: ``random_walks(paths, 0, 42)``.
+    Engine:     ``eng.map(random_walks, paths, args=(shmarray.row_offset, 42))``.
     """
     for i in range(out.shape[0]):
-        np.random.seed(row_seed(seed, rows[i]))
+        np.random.seed(row_seed(seed, row_offset + i))
         acc = 0.0
         for j in range(out.shape[1]):
             acc += np.random.standard_normal()

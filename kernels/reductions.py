@@ -2,9 +2,9 @@
 ``combine_*`` function merges two partials.  ``Engine.reduce`` merges them in
 chunk order, so a result is deterministic for a given ``chunks``.
 
-Kernels that report a position take ``rows``, the global index of each row
-(``np.arange(n)`` sequentially; a shared ``eng.from_numpy(np.arange(n))``
-through the engine, chunked like the data).
+Kernels that report a position take ``row_offset``, the global index of
+their first row (0 sequentially, ``shmarray.row_offset`` through the
+engine).
 """
 
 import math
@@ -68,40 +68,42 @@ def dot(x, y):
 
 
 @jit
-def min_index(x, rows):
+def min_index(x, row_offset):
     """``(minimum, global index of its first occurrence)`` of a 1-D chunk;
     a NaN wins, as in ``np.min`` / ``np.argmin``.  Empty: ``(inf, -1)``.
     Combine with :func:`combine_min`.
 
-    Sequential: ``min_index(x, np.arange(len(x)))``.
-    Engine:     ``eng.reduce(min_index, x, rows, combine=combine_min)``.
+    Sequential: ``min_index(x, 0)``.
+    Engine:     ``eng.reduce(min_index, x, args=(shmarray.row_offset,),
+                combine=combine_min)``.
     """
     best, where = np.inf, -1
     for i in range(x.shape[0]):
         v = x[i]
         if np.isnan(v):
-            return v, rows[i]
+            return v, row_offset + i
         if v < best or where == -1:
-            best, where = v, rows[i]
+            best, where = v, row_offset + i
     return best, where
 
 
 @jit
-def max_index(x, rows):
+def max_index(x, row_offset):
     """``(maximum, global index of its first occurrence)``; see
     :func:`min_index`.  Empty: ``(-inf, -1)``.  Combine with
     :func:`combine_max`.
 
-    Sequential: ``max_index(x, np.arange(len(x)))``.
-    Engine:     ``eng.reduce(max_index, x, rows, combine=combine_max)``.
+    Sequential: ``max_index(x, 0)``.
+    Engine:     ``eng.reduce(max_index, x, args=(shmarray.row_offset,),
+                combine=combine_max)``.
     """
     best, where = -np.inf, -1
     for i in range(x.shape[0]):
         v = x[i]
         if np.isnan(v):
-            return v, rows[i]
+            return v, row_offset + i
         if v > best or where == -1:
-            best, where = v, rows[i]
+            best, where = v, row_offset + i
     return best, where
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from shmarray.descriptors import row_offset
 from shmarray.kernels import elementwise as ew
 from shmarray.kernels import irregular, linalg, montecarlo
 from shmarray.kernels import reductions as rd
@@ -36,6 +37,8 @@ class KernelSpec:
     check: Callable[[tuple, tuple], None] | None = None   # extra argument checks
     same_shape: bool = True                     # arrays of the top ndim share a shape
     out: int | None = 0                         # the array a map writes
+    out_arg: int | None = None                  # or the argument (a whole array) it writes
+    boundary: str | float | None = None         # ghost cells filled as numpy.pad would
     notes: str = ""
 
     @property
@@ -125,25 +128,44 @@ def mandelbrot_numpy(shape, rows, args):
 
 
 def _mandelbrot_ref(arrays, args):
-    out, rows = arrays
-    return mandelbrot_numpy(out.shape, rows, args).astype(out.dtype)
+    (out,) = arrays
+    return mandelbrot_numpy(out.shape, np.arange(out.shape[0]), args[1:]).astype(out.dtype)
 
 
 def _pi_ref(arrays, args):
-    (rows,) = arrays
-    samples, seed = args
+    (counts,) = arrays
+    _, samples, seed = args
     hits = 0
-    for r in rows:
+    for r in range(counts.shape[0]):
         u = np.random.RandomState(int(montecarlo.row_seed(seed, r))).random_sample(2 * samples)
         hits += int(np.count_nonzero(u[0::2] ** 2 + u[1::2] ** 2 <= 1.0))
     return hits
 
 
 def _walks_ref(arrays, args):
-    out, rows = arrays
-    (seed,) = args
+    (out,) = arrays
+    _, seed = args
     return np.stack([np.cumsum(np.random.RandomState(int(montecarlo.row_seed(seed, r)))
-                               .standard_normal(out.shape[1])) for r in rows])
+                               .standard_normal(out.shape[1])) for r in range(out.shape[0])])
+
+
+def _ghosted(rng, n, m, h=1):
+    """A (n, m) array whose ghost cells (h on each side) hold garbage: the
+    boundary fill must overwrite them."""
+    a = rng.standard_normal((n, m))
+    a[:h], a[-h:], a[:, :h], a[:, -h:] = 1e300, -1e300, 7e299, -7e299
+    return a
+
+
+def _padded_ref(core, mode, h=1):
+    """Fill the ghosts as numpy.pad would, then run ``core``."""
+    def ref(arrays, args):
+        out, inp = (a.copy() for a in arrays)
+        inner = inp[h:-h, h:-h]
+        inp = np.pad(inner, h, mode)
+        core(out, inp, *args)
+        return out
+    return ref
 
 
 def _check_weights(arrays, args):
@@ -176,8 +198,9 @@ def _check_histogram(arrays, args):
 
 
 def mandelbrot_args(height: int, width: int, max_iter: int = 300) -> tuple:
-    """The ``args`` of :func:`kernels.irregular.mandelbrot` for the usual
-    view of the set ([-2, 1] x [-1.5, 1.5]) on a ``height`` x ``width`` image."""
+    """The view arguments of :func:`kernels.irregular.mandelbrot` (after its
+    ``row_offset``) for the usual view of the set ([-2, 1] x [-1.5, 1.5]) on
+    a ``height`` x ``width`` image."""
     return (-2.0, 3.0 / width, -1.5, 3.0 / height, max_iter)
 
 
@@ -203,13 +226,13 @@ TABLE: tuple[KernelSpec, ...] = (
     KernelSpec(rd.dot, "reduce", arrays=("f1", "f1"), rtol=1e-9, out=None,
                inputs=lambda rng, n: ((_f64(rng, n), _f64(rng, n)), ()),
                reference=lambda a, p: np.dot(a[0], a[1])),
-    KernelSpec(rd.min_index, "reduce", arrays=("f1", "i1"), out=None,
+    KernelSpec(rd.min_index, "reduce", arrays=("f1",), out=None,
                combine=rd.combine_min,
-               inputs=lambda rng, n: ((np.round(_f64(rng, n), 1), _rows(n)), ()),
+               inputs=lambda rng, n: ((np.round(_f64(rng, n), 1),), (row_offset,)),
                reference=lambda a, p: (a[0].min(), int(np.argmin(a[0]))) if len(a[0]) else (np.inf, -1)),
-    KernelSpec(rd.max_index, "reduce", arrays=("f1", "i1"), out=None,
+    KernelSpec(rd.max_index, "reduce", arrays=("f1",), out=None,
                combine=rd.combine_max,
-               inputs=lambda rng, n: ((np.round(_f64(rng, n), 1), _rows(n)), ()),
+               inputs=lambda rng, n: ((np.round(_f64(rng, n), 1),), (row_offset,)),
                reference=lambda a, p: (a[0].max(), int(np.argmax(a[0]))) if len(a[0]) else (-np.inf, -1)),
     KernelSpec(rd.moments, "reduce", arrays=("f1",), rtol=1e-9, out=None,
                combine=rd.combine_moments, finish=rd.variance,
@@ -225,6 +248,10 @@ TABLE: tuple[KernelSpec, ...] = (
     KernelSpec(st.heat_step, "map", arrays=("f2", "f2"), halo=1,
                inputs=lambda rng, n: ((_f64(rng, n, 37), _f64(rng, n, 37)), (0.2,)),
                reference=_stencil_ref(heat_numpy)),
+    KernelSpec(st.heat_step, "map", arrays=("f2", "f2"), halo=1, boundary="wrap",
+               notes="periodic heat step",
+               inputs=lambda rng, n: ((np.zeros((n, 39)), _ghosted(rng, n, 39)), (0.2,)),
+               reference=_padded_ref(heat_numpy, "wrap")),
     KernelSpec(st.heat3d_step, "map", arrays=("f3", "f3"), halo=1, rtol=1e-14,
                inputs=lambda rng, n: ((_f64(rng, n, 9, 11), _f64(rng, n, 9, 11)), (0.1,)),
                reference=_stencil_ref(_heat3d_ref)),
@@ -236,20 +263,27 @@ TABLE: tuple[KernelSpec, ...] = (
                check=_check_weights, notes="5x5 Gaussian blur",
                inputs=lambda rng, n: ((np.zeros((n, 41)), _f64(rng, n, 41)), (st.GAUSS5,)),
                reference=_stencil_ref(_convolve_ref)),
+    KernelSpec(st.convolve, "map", arrays=("f2", "f2"), halo=_radius, rtol=1e-14,
+               check=_check_weights, boundary="reflect", notes="reflecting 3x3 blur",
+               inputs=lambda rng, n: ((np.zeros((n, 41)), _ghosted(rng, n, 41)), (st.GAUSS3,)),
+               reference=_padded_ref(lambda o, i, w: _convolve_ref(o, i, w), "reflect")),
     KernelSpec(st.life_step, "map", arrays=("u2", "u2"), halo=1,
                inputs=lambda rng, n: ((np.zeros((n, 43), np.uint8),
                                        (rng.random((n, 43)) < 0.35).astype(np.uint8)), ()),
                reference=_stencil_ref(_life_ref)),
-    KernelSpec(irregular.mandelbrot, "map", arrays=("i2", "i1"), schedule="dynamic",
-               inputs=lambda rng, n: ((np.zeros((n, 64), np.int32), _rows(n)),
-                                      mandelbrot_args(n, 64, 200)),
+    KernelSpec(irregular.mandelbrot, "map", arrays=("i2",), schedule="dynamic",
+               inputs=lambda rng, n: ((np.zeros((n, 64), np.int32),),
+                                      (row_offset, *mandelbrot_args(n, 64, 200))),
                reference=_mandelbrot_ref),
     KernelSpec(montecarlo.pi_hits, "reduce", arrays=("i1",), out=None,
-               inputs=lambda rng, n: ((_rows(n),), (200, 42)),
+               inputs=lambda rng, n: ((np.zeros(n, np.int64),), (row_offset, 200, 42)),
                reference=_pi_ref),
-    KernelSpec(montecarlo.random_walks, "map", arrays=("f2", "i1"), rtol=1e-12,
-               inputs=lambda rng, n: ((np.zeros((n, 50)), _rows(n)), (7,)),
+    KernelSpec(montecarlo.random_walks, "map", arrays=("f2",), rtol=1e-12,
+               inputs=lambda rng, n: ((np.zeros((n, 50)),), (row_offset, 7)),
                reference=_walks_ref),
+    KernelSpec(linalg.transpose_rows, "map", arrays=("f2",), out=None, out_arg=0,
+               inputs=lambda rng, n: ((_f64(rng, n, 70),), (np.zeros((70, n)), row_offset)),
+               reference=lambda a, p: a[0].T),
     KernelSpec(linalg.matmul_rows, "map", arrays=("f2", "f2"), rtol=1e-12, atol=1e-12,
                check=_check_matmul, same_shape=False,
                inputs=lambda rng, n: ((np.zeros((n, 29)), _f64(rng, n, 150)),

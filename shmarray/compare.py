@@ -251,7 +251,8 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
                     result.notes.append(
                         "rows that differ at chunk edges usually mean a "
                         "chunk-boundary bug: a stencil needs halo=, a kernel "
-                        "using its local index as a global one needs a rows array")
+                        "using its local index as a global one needs "
+                        "shmarray.row_offset in args")
                     break
         return result
     finally:

@@ -48,16 +48,30 @@ def eng():
         yield engine
 
 
+def _copies(values):
+    return tuple(v.copy() if isinstance(v, np.ndarray) else v for v in values)
+
+
+def _output(spec, arrays, args):
+    """What a map writes: one of its arrays, or an array in its args."""
+    return args[spec.out_arg] if spec.out_arg is not None else arrays[spec.out]
+
+
 def _sequential(spec, arrays, args):
-    arrays = tuple(a.copy() for a in arrays)
+    arrays, args = _copies(arrays), _copies(args)
     value = kernels.run(spec.kernel, *arrays, args=args, notes=spec.notes or None)
-    return arrays[spec.out] if spec.kind == "map" else value
+    return _output(spec, arrays, args) if spec.kind == "map" else value
+
+
+def _chunk_args(args, lo, halo):
+    """The arguments a chunk's call gets: row_offset filled in."""
+    return tuple(lo - halo if a is shmarray.row_offset else a for a in args)
 
 
 @pytest.mark.parametrize("spec", TABLE, ids=IDS)
 def test_kernel_matches_numpy_reference(spec):
     arrays, args = spec.inputs(np.random.default_rng(0), ROWS)
-    expected = spec.reference(tuple(a.copy() for a in arrays), args)
+    expected = spec.reference(_copies(arrays), args)
     _close(_sequential(spec, arrays, args), expected, spec)
 
 
@@ -73,19 +87,22 @@ def test_engine_equals_sequential(eng, spec, chunks, schedule):
                         chunks=chunks, schedule=schedule, notes=spec.notes or None)
     if spec.kind == "map":
         expected = _sequential(spec, arrays, args)
-        assert np.array_equal(shared[spec.out], expected)
-        assert shared[spec.out].dtype == expected.dtype
+        got = _output(spec, shared, shared_args)
+        assert np.array_equal(got, expected)
+        assert got.dtype == expected.dtype
     else:
         # the sequential kernel on the same chunks, combined in the same order
         per_worker = DYNAMIC_CHUNKS_PER_WORKER if schedule == "dynamic" else 1
-        parts = [spec.kernel(*[a[lo - halo:hi + halo] for a in arrays], *args)
+        parts = [spec.kernel(*[a[lo - halo:hi + halo] for a in _copies(arrays)],
+                             *_chunk_args(args, lo, halo))
                  for lo, hi in split_rows(ROWS, chunks, halo,
                                           default=per_worker * eng.workers)]
         combined = parts[0]
         for p in parts[1:]:
             combined = spec.combine(combined, p)
         _identical(value, spec.finish(combined))
-        _close(value, spec.finish(spec.kernel(*arrays, *args)), spec)
+        _close(value, spec.finish(spec.kernel(*_copies(arrays), *_chunk_args(args, 0, 0))),
+               spec)
     del shared, shared_args
 
 
@@ -101,13 +118,15 @@ def test_reductions_are_deterministic_for_fixed_chunks(eng):
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_monte_carlo_is_the_same_for_any_worker_count(workers):
-    rows = np.arange(300)
-    expected = pi_hits(rows, 500, 2024)
+    counts = np.zeros(300, np.int64)
+    expected = pi_hits(counts, 0, 500, 2024)
+    args = (shmarray.row_offset, 500, 2024)
     with shmarray.Engine(workers=workers) as e:
-        shared = e.from_numpy(rows)
+        shared = e.zeros(300, np.int64)
         for chunks in (None, 1, 7, 300):
-            assert e.reduce(pi_hits, shared, args=(500, 2024), chunks=chunks) == expected
-        assert e.reduce(pi_hits, shared, args=(500, 2024), schedule="dynamic") == expected
+            assert e.reduce(pi_hits, shared, args=args, chunks=chunks) == expected
+            assert np.array_equal(shared, counts)          # every row, the same draw
+        assert e.reduce(pi_hits, shared, args=args, schedule="dynamic") == expected
         del shared
     assert abs(4 * expected / (300 * 500) - np.pi) < 0.05
 

@@ -31,6 +31,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from shmarray import row_offset
 from shmarray.kernels.elementwise import triad
 from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.reductions import histogram
@@ -128,7 +129,7 @@ def heat_chunk(inp):
 
 def mandel_chunk(lo, hi, width, args):
     out = np.zeros((hi - lo, width), np.int32)
-    mandelbrot(out, np.arange(lo, hi), *args)
+    mandelbrot(out, lo, *args)
     return out
 
 
@@ -139,9 +140,9 @@ def _heat_block(block):
 
 
 def _mandel_block(block, args, block_info=None):
-    lo, hi = block_info[None]["array-location"][0]
+    lo, _ = block_info[None]["array-location"][0]
     out = np.zeros(block.shape, np.int32)
-    mandelbrot(out, np.arange(lo, hi), *args)
+    mandelbrot(out, lo, *args)
     return out
 
 
@@ -318,9 +319,8 @@ def mandelbrot_runners(d, pools):
     h, w, args = d["h"], d["w"], d["args"]
     if pools is None:
         img = np.zeros((h, w), np.int32)
-        rows = np.arange(h)
-        return {"numpy": lambda: mandelbrot_numpy((h, w), rows, args),
-                "numba": lambda: (mandelbrot(img, rows, *args), img)[1]}
+        return {"numpy": lambda: mandelbrot_numpy((h, w), np.arange(h), args),
+                "numba": lambda: (mandelbrot(img, 0, *args), img)[1]}
     k = pools.workers
     img2 = np.zeros((h, w), np.int32)
     parts = bounds_for(h, 8 * k)            # irregular: more chunks than workers
@@ -335,8 +335,8 @@ def mandelbrot_runners(d, pools):
     out["dask_threads"] = lambda: pools.dask(blank.map_blocks(_mandel_block, args,
                                                               dtype=np.int32))
     eng = pools.engine
-    IMG, ROWS = eng.zeros((h, w), np.int32), eng.from_numpy(np.arange(h))
-    out["shmarray"] = lambda: (eng.map(mandelbrot, IMG, ROWS, args=args,
+    IMG = eng.zeros((h, w), np.int32)
+    out["shmarray"] = lambda: (eng.map(mandelbrot, IMG, args=(row_offset, *args),
                                        schedule="dynamic"), IMG)[1]
     return out
 
