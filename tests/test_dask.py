@@ -7,12 +7,20 @@ import os
 import signal
 import time
 
+import dask
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
 
 import shmarray
 import shmarray.dask as sd
 from shmarray.kernels.elementwise import triad
+from shmarray.kernels.irregular import mandelbrot
+from shmarray.kernels.montecarlo import pi_hits
+from shmarray.kernels.reductions import min_index, combine_min
+from shmarray.kernels.table import mandelbrot_args
+from shmarray.partition import split_rows
+from test_kernel_model import box, layouts, padded
 from shmarray.kernels.reductions import combine_moments, histogram, moments, total
 from shmarray.kernels.stencils import heat_step, jacobi
 
@@ -93,6 +101,66 @@ def test_reduce_combines_in_chunk_order(client):
                      combine=lambda a, b: b + a) == (16, 12, 8, 4, 0)
 
 
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(layouts())
+def test_boundary_and_axis_match_the_engine_and_numpy_pad(eng, case):
+    # Dask's own overlap fills "wrap", "symmetric", "edge" and constants;
+    # dask.array.pad fills numpy's "reflect": both must give pad's bits.
+    interior, h, mode, axis, chunks, dtype, order, seed = case
+    shape = tuple(s + 2 * h for s in interior)
+    parts = split_rows(shape[axis], chunks, h, default=2)
+    assume(len(parts) == 1 or min(hi - lo for lo, hi in parts) >= h)
+    values = np.random.default_rng(seed).standard_normal(interior).astype(dtype)
+    core = tuple(slice(h, s - h) for s in shape)
+    inp = np.full(shape, np.nan, dtype, order=order)        # garbage ghosts
+    inp[core] = values
+    out = np.zeros(shape, dtype, order=order)
+    local_in, local_out = eng.from_numpy(inp), eng.from_numpy(out)
+    eng.map(box, local_out, local_in, args=(h,), halo=h, boundary=mode, axis=axis,
+            chunks=chunks)
+    with dask.config.set(scheduler="sync"):
+        remote = sd.map(box, out, inp, args=(h,), halo=h, boundary=mode, axis=axis,
+                        chunks=chunks).compute()
+        filled = sd.map(lambda a: None, inp, halo=h, boundary=mode, axis=axis,
+                        chunks=chunks).compute()
+    assert np.array_equal(remote, local_out)
+    assert np.array_equal(filled, padded(values, h, mode))
+    assert np.array_equal(filled, local_in)
+    del local_in, local_out
+
+
+def test_row_offset_kernels_match_on_a_cluster(client, eng):
+    args = (shmarray.row_offset, *mandelbrot_args(90, 64, 100))
+    local = eng.zeros((90, 64), np.int32)
+    eng.map(mandelbrot, local, args=args, chunks=7, schedule="dynamic")
+    remote = sd.map(mandelbrot, np.zeros((90, 64), np.int32), args=args, chunks=5)
+    assert np.array_equal(remote.compute(), local)
+    expected = np.zeros((90, 64), np.int32)
+    mandelbrot(expected, 0, *args[1:])
+    assert np.array_equal(local, expected)
+
+    counts = eng.zeros(300, np.int64)
+    hits = eng.reduce(pi_hits, counts, args=(shmarray.row_offset, 50, 3), chunks=4)
+    assert sd.reduce(pi_hits, np.zeros(300, np.int64), args=(shmarray.row_offset, 50, 3),
+                     chunks=7) == hits == pi_hits(np.zeros(300, np.int64), 0, 50, 3)
+    x = np.round(np.random.default_rng(5).standard_normal(1000), 1)
+    assert sd.reduce(min_index, x, args=(shmarray.row_offset,), combine=combine_min,
+                     chunks=6) == (x.min(), int(np.argmin(x)))
+    del local, counts
+
+
+def test_any_axis_on_a_cluster(client, eng):
+    # An RGB stack split along its last axis, as a Fortran-ordered array wants.
+    rgb = np.asfortranarray(np.random.default_rng(4).random((3, 40, 50)))
+    local_in, local_out = eng.from_numpy(rgb), eng.zeros(rgb.shape, order="F")
+    eng.map(box, local_out, local_in, args=(1,), halo=1, boundary="wrap", axis=-1)
+    remote = sd.map(box, np.zeros_like(rgb), rgb, args=(1,), halo=1, boundary="wrap",
+                    axis=-1).compute()
+    assert np.array_equal(remote, local_out)
+    del local_in, local_out
+
+
 def test_bad_arguments(client):
     with pytest.raises(ValueError, match="same length"):
         sd.map(triad, np.zeros(3), np.zeros(4), np.zeros(3), args=(1.0,))
@@ -102,6 +170,20 @@ def test_bad_arguments(client):
         sd.map(heat_step, np.zeros((4, 4)), np.zeros((4, 4)), args=(0.1,), halo=3)
     with pytest.raises(TypeError, match="dask or NumPy"):
         sd.map(triad, [0.0], [0.0], [0.0], args=(1.0,))
+    with pytest.raises(ValueError, match="worker_id has no meaning on Dask"):
+        sd.map(triad, np.zeros(3), np.zeros(3), np.zeros(3), args=(shmarray.worker_id,))
+    with pytest.raises(ValueError, match="inside a container"):
+        sd.map(triad, np.zeros(3), np.zeros(3), np.zeros(3), args=((shmarray.row_offset,),))
+    with pytest.raises(ValueError, match="every chunk needs at least halo=2 rows"):
+        sd.map(heat_step, np.zeros((20, 4)), np.zeros((20, 4)), args=(0.1,), halo=2,
+               chunks=(1, 15))
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        sd.map(heat_step, np.zeros((20, 4)), np.zeros((20, 4)), args=(0.1,), axis=2)
+    with pytest.raises(ValueError, match="boundary='reflect' needs at least 2"):
+        sd.map(heat_step, np.zeros((20, 3)), np.zeros((20, 3)), args=(0.1,), halo=1,
+               boundary="reflect")
+    with pytest.raises(ValueError, match="boundary must be None"):
+        sd.reduce(total, np.zeros(20), halo=1, boundary="periodic")
 
 
 def slow_double(out, inp):
