@@ -32,7 +32,7 @@ from peers import jacobi_prange
 from numba import njit, prange as numba_prange
 
 from shmarray.report import heat_prange, noop_kernel, triad_prange
-from workloads import machine_info
+from workloads import machine_info, ratios, rounds, summary
 
 ALPHA = 0.2
 WORKERS = 2
@@ -49,33 +49,6 @@ def touch(x):
 def touch_prange(x):
     for i in numba_prange(x.shape[0]):
         x[i] += 1.0
-
-
-def rounds(fns: dict, repeat: int, pause: float = 0.02) -> dict[str, list[float]]:
-    """Seconds per call of each function, one entry per round; the order
-    alternates between rounds.  ``pause`` lets spinning threads and workers
-    of the side that just ran go to sleep before the other side runs."""
-    names = list(fns)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeat):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            fn, count = fns[name]
-            t0 = time.perf_counter()
-            fn()
-            out[name].append((time.perf_counter() - t0) / count)
-            time.sleep(pause)
-    return out
-
-
-def summary(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2],
-            "min": min(times), "max": max(times)}
-
-
-def ratios(a: list[float], b: list[float]) -> dict:
-    """The per-round ratio a/b: its median and quartiles."""
-    return summary([x / y for x, y in zip(a, b)])
 
 
 def noop_figure(eng, repeat: int, inner: int) -> dict:

@@ -4,6 +4,8 @@ script, so both measure exactly the same thing."""
 from __future__ import annotations
 
 import mmap
+import statistics
+import time
 
 import numba
 import numpy as np
@@ -12,8 +14,8 @@ from numba import njit
 from shmarray.kernels.elementwise import triad
 from shmarray.report import interleaved, machine, triad_prange
 
-__all__ = ["TriadPair", "interleaved", "machine_info", "noop", "nothing",
-           "small_pages_copy", "triad_prange"]
+__all__ = ["TriadPair", "interleaved", "machine_info", "noop", "nothing", "ratios", "rounds",
+           "small_pages_copy", "summary", "triad_prange"]
 
 
 @njit(cache=True)
@@ -87,3 +89,30 @@ class TriadPair:
 def machine_info() -> dict:
     """The report's machine description, plus the page settings."""
     return {**machine(), "transparent_hugepage": huge_pages()}
+
+
+def rounds(fns: dict, repeat: int, pause: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each function, one entry per round; the order
+    alternates between rounds.  ``pause`` lets spinning threads and workers
+    of the side that just ran go to sleep before the other side runs."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeat):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, count = fns[name]
+            t0 = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - t0) / count)
+            time.sleep(pause)
+    return out
+
+
+def summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2],
+            "min": min(times), "max": max(times)}
+
+
+def ratios(a: list[float], b: list[float]) -> dict:
+    """The per-round ratio a/b: its median and quartiles."""
+    return summary([x / y for x, y in zip(a, b)])
