@@ -1,11 +1,12 @@
 """shmarray: NumPy arrays in POSIX shared memory, and a persistent pool of
 worker processes that runs numba kernels on them in place."""
 
+from shmarray.batch import ChunkStream, WorkerStats
 from shmarray.compare import Comparison
 from shmarray.descriptors import row_offset, worker_id
 from shmarray.engine import Engine, MapFuture
 from shmarray.errors import (CopyWarning, EngineClosedError, KernelError,
-                             MapCancelledError, RemoteTraceback,
+                             MapCancelledError, MapReport, RemoteTraceback,
                              SharedMemoryFullError, ShmarrayError,
                              TaskTimeoutError, WorkerCrashedError,
                              WorkerStartError)
@@ -17,6 +18,9 @@ from shmarray.progress import steps
 __all__ = [
     "Engine",
     "MapFuture",
+    "MapReport",
+    "ChunkStream",
+    "WorkerStats",
     "row_offset",
     "worker_id",
     "Comparison",

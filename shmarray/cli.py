@@ -160,7 +160,28 @@ def info() -> dict:
         "shm_total_bytes": space[1] if space else None,
         "blocks": [{"name": b.name, "size": b.size, "owner_pid": b.owner_pid,
                     "owner_alive": b.owner_alive} for b in blocks.scan()],
+        "fresh_workers": fresh_workers(),
     }
+
+
+def fresh_workers() -> dict:
+    """What a fresh engine's workers cost here: start-up time, and each
+    worker's ``Engine.stats()`` record after one small map."""
+    import time
+
+    import numpy as np
+
+    from shmarray import Engine
+    from shmarray.kernels.elementwise import scale
+
+    t0 = time.perf_counter()
+    with Engine() as eng:
+        started = time.perf_counter() - t0
+        x = eng.zeros(1024)
+        eng.map(scale, x, x, args=(2.0,))
+        stats = [s._asdict() for s in eng.stats()]
+        del x
+    return {"start_s": started, "workers": stats}
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -179,11 +200,25 @@ def _info(args: argparse.Namespace) -> int:
     if free is not None:
         print(f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
               f"free of {blocks.format_bytes(data['shm_total_bytes'])}")
+    fresh = data["fresh_workers"]
+    stats = fresh["workers"]
+    print(f"a fresh engine     : {len(stats)} workers started in {fresh['start_s']:.2f} s; "
+          f"each holds {_mib(min(s['uss'] for s in stats))}-"
+          f"{_mib(max(s['uss'] for s in stats))} of its own memory (USS), "
+          f"{_mib(max(s['rss'] for s in stats))} resident")
+    for s in stats:
+        print(f"  worker {s['worker']}: pid {s['pid']}, RSS {_mib(s['rss'])}, "
+              f"USS {_mib(s['uss'])}, {s['tasks']} tasks, {s['kernels']} kernels, "
+              f"busy {s['busy'] * 1e3:.1f} ms, replaced {s['replaced']} times")
     print(f"live blocks        : {len(data['blocks'])}")
     for b in data["blocks"]:
         print(f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
               f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}")
     return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
 
 
 BENCH_NEEDS = ("matplotlib", "joblib", "dask", "distributed")

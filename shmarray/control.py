@@ -20,6 +20,8 @@ spinning on its ring never shares a line with another worker's writes::
       line b        DONE, REPLY, ASLEEP, CHUNK,  worker writes
                     CHUNKS, BUSY_NS, STARTED, RAN,
                     STEP
+    board           one byte per chunk of a       workers write
+                    tracked map (``board``)
 
 A worker and the coordinator never sleep on each other by mistake: the
 sleeper stores its ASLEEP flag and then re-reads the word it waits for; the
@@ -73,9 +75,27 @@ def step_word(seq: int, step: int) -> int:
     return (seq << STEP_BITS) | step
 
 
+# A tracked map (``errors="collect"``, ``retries``, ``imap``) has each chunk's
+# state on the board, one byte a chunk, indexed by its place in the map: what
+# the coordinator reads after a worker died or timed out to know which
+# chunks finished, which one it was running, and which it never took.
+BOARD_CHUNKS = 1 << 16
+PENDING, RUNNING, FINISHED, FAILED = 0, 1, 2, 3
+
+# A job's mode bits (``Define.mode``).  COLLECT: a chunk's exception does not
+# stop the others; TRACK: keep the board, and stop between chunks when told
+# to; STREAM: send each chunk's value as soon as it is computed.
+COLLECT, TRACK, STREAM = 1, 2, 4
+
+
 def words(n_workers: int) -> int:
-    """Words in a control block for ``n_workers``."""
-    return _WORKERS_AT + n_workers * _PER_WORKER
+    """Words in a control block for ``n_workers``, the board included."""
+    return _WORKERS_AT + n_workers * _PER_WORKER + BOARD_CHUNKS // 8
+
+
+def board(ctl: np.ndarray) -> np.ndarray:
+    """The board: the control block's last ``BOARD_CHUNKS`` bytes."""
+    return ctl[ctl.size - BOARD_CHUNKS // 8:].view(np.uint8)
 
 
 def slot(index: int) -> int:

@@ -263,6 +263,7 @@ class Define(NamedTuple):
     neighbours: tuple[int, ...] = ()
     axis: int = 0
     boundary: tuple | None = None   # boundary.Boundary: the workers fill ghosts
+    mode: int = 0                   # control.COLLECT | TRACK | STREAM
 
 
 class Rebind(NamedTuple):

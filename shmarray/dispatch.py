@@ -37,10 +37,10 @@ import numpy as np
 from shmarray import boundary, control
 from shmarray.control import (ABORT, CHUNK, CHUNKS, COORD_ASLEEP, DONE, NEXT,
                               RAN, REPLY, STARTED, STOP)
-from shmarray.descriptors import (Define, Failed, Forget, Install, Rebind,
+from shmarray.descriptors import (WAKE, Define, Failed, Forget, Install, Rebind,
                                   Release, Values, decode, pack_args)
 from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
-                             RemoteTraceback, TaskTimeoutError,
+                             MapReport, RemoteTraceback, TaskTimeoutError,
                              WorkerCrashedError)
 from shmarray.jobs import Call, JobCache, KernelTable, same_args
 from shmarray.pool import Pool, WorkerProcess
@@ -330,14 +330,56 @@ class Dispatcher:
         self._closed = True
 
 
-def finish(call: Call, values: list | None) -> Any:
-    """The call's result: the values combined in chunk order, for reduce."""
+def finish(call: Call, values) -> Any:
+    """The call's result: the values combined in chunk order, for reduce;
+    for a tracked call (``values`` is its Tally), a MapReport with
+    ``errors="collect"``, else the value, or the earliest failure raised."""
+    if type(values) is Tally:
+        return values.finish(call)
     if call.combine is None:
         return None
+    return combined(call.combine, values)
+
+
+def combined(combine: Callable, values: list) -> Any:
     result = values[0]
     for v in values[1:]:
-        result = call.combine(result, v)
+        result = combine(result, v)
     return result
+
+
+class Tally:
+    """A tracked call's chunks, across the rounds that run them: values and
+    failures by chunk index, attempts of the chunks whose worker died or
+    timed out, and, for the round running, the workers lost in it."""
+
+    def __init__(self, call: Call):
+        self.chunks = call.job.plan.chunks
+        self.values: dict[int, Any] = {}
+        self.failed: dict[int, BaseException] = {}
+        self.attempts: dict[int, int] = {}
+        self.retried: set[int] = set()
+        self.lost: list[tuple[WorkerProcess, BaseException]] = []
+        self.stream = call.stream
+
+    def take(self, msg: Values) -> None:
+        for i, v in zip(msg.indices, msg.values):
+            if i not in self.values:
+                self.values[i] = v
+                if self.stream is not None:
+                    self.stream.put(self.chunks[i], v)
+
+    def finish(self, call: Call) -> Any:
+        failed = [(self.chunks[i], self.failed[i]) for i in sorted(self.failed)]
+        value = None
+        if call.combine is not None and self.values:
+            value = combined(call.combine, [self.values[i] for i in sorted(self.values)])
+        if not call.collect:
+            if failed:
+                raise failed[0][1]
+            return value
+        return MapReport(failed, [self.chunks[i] for i in sorted(self.retried)],
+                         value, len(self.chunks))
 
 
 class Runner:
@@ -352,6 +394,7 @@ class Runner:
         self.kernels = KernelTable()
         self.defined: dict[int, frozenset[str]] = {}   # job key -> its blocks
         self.dirty = False           # a map was abandoned half-way
+        self._tally: Tally | None = None  # the tracked call running
         self._forgets = 0            # Forget and Release messages sent
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -381,16 +424,28 @@ class Runner:
 
     # -- the driver ----------------------------------------------------------------
 
-    def run(self, call: Call, should_stop: Callable[[], BaseException | None]) -> list | None:
-        """Run ``call``; its values in chunk order (reduce) or None.
+    def run(self, call: Call, should_stop: Callable[[], BaseException | None]) -> Any:
+        """Run ``call``: its values in chunk order (reduce) or None; for a
+        tracked call, its Tally.
 
         Raises the earliest failing chunk's exception, WorkerCrashedError,
         TaskTimeoutError, or what ``should_stop`` returns when interrupted;
         every worker is idle or replaced when it returns, except after an
         interruption of the cleanup itself, which the next run repairs.
+        What the workers printed is forwarded before it returns.
         """
-        job, args = call.job, call.args
         self._should_stop = should_stop
+        try:
+            if call.job.tracked:
+                return self._tracked(call)
+            return self._round(call, call.job)
+        finally:
+            if self.pool.forwarder.pending():
+                self.pool.forwarder.drain()
+
+    def _round(self, call: Call, job) -> list | None:
+        """One ring of ``job`` on its workers; see ``run``."""
+        args = call.args
         # The lean path: this job ran before, every worker it uses still
         # holds it with these arguments, and nothing is pending.  Then a map
         # is a ring and a wait.
@@ -402,21 +457,24 @@ class Runner:
         pool = self.pool
         pool.seq += 1
         seq = pool.seq
-        if job.dynamic and job.boundary is not None:
-            # Dynamic chunks have no fixed owners to fill ghosts next to:
-            # the caller fills them (copies of the surface only).
+        if (job.dynamic or job.tracked) and job.boundary is not None and job.indices is None:
+            # Chunks with no fixed owners to fill ghosts next to (or that
+            # may run again elsewhere): the caller fills them (copies of the
+            # surface only).
             for a in call.arrays:
                 boundary.fill(a, job.halo, job.boundary, job.axis)
-        if job.dynamic or job.iterated or job.boundary is not None:
+        if job.dynamic or job.iterated or job.boundary is not None or job.tracked:
             pool.ctl[NEXT] = 0
             pool.ctl[STOP] = 0
+            if call.stream is not None and call.stream.halted:
+                pool.ctl[STOP] = 1
         self.dirty = True
         try:
             for w in busy:
                 self._ring(w, job, seq, call.steps)
             while True:
                 try:
-                    values = self._wait(busy, seq, call)
+                    values = self._wait(busy, seq, call, job)
                     break
                 except _NeverStarted as lost:
                     # Dead before it took the ring (killed while idle):
@@ -434,9 +492,70 @@ class Runner:
             if not job.cached:
                 self.cache.forgotten.append(job.key)
         self.dirty = False
-        if pool.max_tasks is not None:
+        if pool.max_tasks is not None or pool.max_memory is not None:
             self._recycle(busy, job.dynamic)
         return values
+
+    def _tracked(self, call: Call) -> Tally:
+        """Run a tracked call in rounds: the first as planned, then, while
+        chunks are left that never ran or whose worker died or timed out
+        (fewer than ``retries`` times), a dynamic round of just those on
+        fresh workers.  A kernel's exception is final.  Stops early when
+        failures are not collected and one is final, or when the imap
+        stream is closed."""
+        job = call.job
+        tally = Tally(call)
+        board = control.board(self.pool.ctl)
+        todo = list(range(len(job.plan.chunks)))
+        round_job = job
+        while todo:
+            board[todo] = control.PENDING
+            tally.lost = []
+            self._tally = tally
+            try:
+                self._round(call, round_job)
+            finally:
+                self._tally = None
+            lost_on = {int(self.pool.ctl[w.at + CHUNK]): exc for w, exc in tally.lost}
+            self._replace_all([w for w, _ in tally.lost])
+            again, progress = [], False
+            for i in todo:
+                state = board[i]
+                if state == control.FINISHED and (not job.want_values or i in tally.values):
+                    progress = True
+                    if i in tally.attempts:
+                        tally.retried.add(i)
+                elif state == control.FAILED and i in tally.failed:
+                    progress = True
+                elif state == control.RUNNING:
+                    progress = True
+                    tally.attempts[i] = tally.attempts.get(i, 0) + 1
+                    if tally.attempts[i] > call.retries:
+                        tally.failed[i] = lost_on.get(i) or WorkerCrashedError(
+                            f"the worker running rows {tally.chunks[i][0]}:"
+                            f"{tally.chunks[i][1]} was lost", pid=0, exitcode=None,
+                            rows=tally.chunks[i])
+                    else:
+                        again.append(i)
+                else:
+                    again.append(i)          # never taken, or its value lost
+            if call.stream is not None and call.stream.halted:
+                break
+            if tally.failed and not call.collect:
+                break
+            if again and not progress:
+                # Nothing ran: every worker died before its first chunk
+                # (loading the kernel or the arguments).  Trying again would
+                # do the same.
+                exc = tally.lost[0][1] if tally.lost else WorkerCrashedError(
+                    "no chunk could run", pid=0, exitcode=None, rows=None)
+                for i in again:
+                    tally.failed[i] = exc
+                break
+            todo = again
+            if todo:
+                round_job = job.retry(self.cache.new_key(), todo)
+        return tally
 
     def _prepare(self, job, args: tuple) -> None:
         """Make every worker ``job`` uses hold it, its kernel and ``args``."""
@@ -465,7 +584,7 @@ class Runner:
         chunks = job.plan.chunks
         if not job.dynamic:
             return job.plan.groups
-        indices = tuple(range(len(chunks)))
+        indices = job.indices or tuple(range(len(chunks)))
         return tuple((w, indices, chunks)
                      for w in range(min(self.pool.size, len(chunks))))
 
@@ -475,7 +594,7 @@ class Runner:
         ``index`` waits for between the stages of a staged job (iterated, or
         with ghost cells to fill): those whose rows it reads, and those that
         read its rows (see ``boundary.readers``)."""
-        if job.dynamic or not (job.iterated or job.boundary is not None):
+        if job.dynamic or job.tracked or not (job.iterated or job.boundary is not None):
             return ()
         order = [w for w, _, _ in job.groups]      # groups run in row order
         rows = [(chunks[0][0], chunks[-1][1]) for _, _, chunks in job.groups]
@@ -549,8 +668,8 @@ class Runner:
                               job.halo, chunks, indices, job.want_values,
                               job.dynamic, job.iterated,
                               self._neighbours(job, index), job.axis,
-                              None if job.dynamic or job.boundary is None
-                              else tuple(job.boundary)))
+                              None if job.dynamic or job.tracked or job.boundary is None
+                              else tuple(job.boundary), job.mode))
                 w.jobs[job.key] = bound
                 self.defined[job.key] = job.blocks
             elif held is not args and not same_args(held, args):
@@ -562,22 +681,23 @@ class Runner:
             self._replace(index)
             return self._provide(index, key, payload, job, args, indices, chunks)
 
-    def _wait(self, busy: list[WorkerProcess], seq: int, call: Call) -> list | None:
+    def _wait(self, busy: list[WorkerProcess], seq: int, call: Call, job) -> list | None:
         ctl = self.pool.ctl
-        done_at = call.job.done_at
+        done_at = job.done_at
         now = time.monotonic()
         deadline = None if call.timeout is None else now + call.timeout
         spin_until = now + SPIN
-        # Asked-for progress shows even for a quick map: no spin then.
-        while call.progress is not True:
+        # Asked-for progress shows even for a quick map, and streamed values
+        # as they come: no spin then.
+        while call.progress is not True and call.stream is None:
             left = control.wait_done(ctl, done_at, seq, SPIN_ROUNDS)
             if left == 0:
-                return self._collect(busy, seq, call)
+                return self._collect(busy, seq, call, job)
             if left < 0:
                 self._check_interrupt()
             elif time.monotonic() > spin_until:
                 break
-        return self._sleep(busy, seq, call, done_at, deadline)
+        return self._sleep(busy, seq, call, job, done_at, deadline)
 
     def _check_interrupt(self) -> None:
         control.store(self.pool.ctl, ABORT, 0)
@@ -589,11 +709,17 @@ class Runner:
         exc = self._should_stop()
         if exc is not None:
             raise exc
+        tally = self._tally
+        if tally is not None and tally.stream is not None and tally.stream.halted:
+            control.store(self.pool.ctl, STOP, 1)    # imap closed: no new chunks
 
-    def _sleep(self, busy, seq, call, done_at, deadline) -> list | None:
+    def _sleep(self, busy, seq, call, job, done_at, deadline) -> list | None:
         """Wait asleep: on the busy workers' pipes and sentinels and the
-        wake pipe.  The last worker to finish wakes us."""
+        wake pipe.  The last worker to finish wakes us.  In a tracked call,
+        a worker that dies or times out is set aside (``_lose``) and the
+        others go on."""
         ctl = self.pool.ctl
+        tally = self._tally
         poller = select.poll()
         by_fd: dict[int, tuple[WorkerProcess | None, bool]] = {self._wake_r: (None, False)}
         poller.register(self._wake_r, select.POLLIN)
@@ -605,8 +731,8 @@ class Runner:
         progress = None
         mode = resolve_progress(call.progress)
         if mode is not False:
-            progress = ChunkProgress(len(call.job.plan.chunks) * call.steps, mode,
-                                     getattr(call.job.kernel, "__name__", "map"))
+            progress = ChunkProgress(len(job.plan.chunks) * call.steps, mode,
+                                     getattr(job.kernel, "__name__", "map"))
         try:
             while True:
                 control.store(ctl, COORD_ASLEEP, 1)
@@ -620,7 +746,13 @@ class Runner:
                 if deadline is not None:
                     now = time.monotonic()
                     if now >= deadline:
-                        raise self._timed_out(busy, seq, call.timeout)
+                        if tally is None:
+                            raise self._timed_out(busy, seq, call.timeout)
+                        for w in self._unfinished(busy, seq):
+                            w.kill()
+                            self._lose(w, seq, poller, by_fd, self._timeout_error(
+                                w, call.timeout, tally.chunks))
+                        continue
                     waits.append(deadline - now)
                 if progress is not None:
                     ahead = progress.wait()
@@ -632,17 +764,23 @@ class Runner:
                 events = poller.poll(ms)
                 control.store(ctl, COORD_ASLEEP, 0)
                 for fd, _ in events:
+                    if fd not in by_fd:
+                        continue                  # set aside in this loop
                     w, is_sentinel = by_fd[fd]
                     if w is None:
                         self._check_interrupt()
                     elif is_sentinel:
                         poller.unregister(fd)
+                        del by_fd[fd]
                         at = control.slot(w.index)
                         if ctl[at + DONE] >= seq:
                             continue              # finished, then died
                         if ctl[at + STARTED] < seq:
                             raise _NeverStarted(w)
-                        raise self._crashed(w, busy, seq, call)
+                        if tally is None:
+                            raise self._crashed(w, busy, seq, call)
+                        self._lose(w, seq, poller, by_fd,
+                                   self._death_error(w, job, tally.chunks))
                     else:
                         self._read_into(w, inbox, poller, fd)
                 if progress is not None:
@@ -652,47 +790,76 @@ class Runner:
             if progress is not None:
                 progress.update_to(self._ran(busy, seq))
                 progress.close()
-        return self._collect(busy, seq, call, inbox)
+        return self._collect(busy, seq, call, job, inbox)
+
+    def _lose(self, w: WorkerProcess, seq: int, poller, by_fd: dict,
+              exc: BaseException) -> None:
+        """Set aside worker ``w`` of a tracked call, dead or killed: nobody
+        waits for it any more; it is replaced after the round."""
+        for fd in [fd for fd, (o, _) in by_fd.items() if o is w]:
+            if fd != w.results.fileno():      # its messages are read at the end
+                poller.unregister(fd)
+                del by_fd[fd]
+        self._tally.lost.append((w, exc))
+        control.store(self.pool.ctl, w.at + DONE, seq)
 
     def _ran(self, busy, seq: int) -> int:
         """Chunks of ring ``seq`` done so far."""
         ctl = self.pool.ctl
         return sum(int(ctl[w.at + RAN]) for w in busy if ctl[w.at + STARTED] == seq)
 
-    @staticmethod
-    def _read_into(w: WorkerProcess, inbox: dict, poller, fd: int) -> None:
-        """Read what woke us: wake frames go, messages wait in ``inbox``."""
+    def _read_into(self, w: WorkerProcess, inbox: dict, poller, fd: int) -> None:
+        """Read what woke us: wake frames go, messages wait in ``inbox``;
+        streamed values are taken at once."""
         try:
             data = w.results.recv_bytes()
         except (EOFError, OSError):
             poller.unregister(fd)          # dying: its sentinel will tell
             return
-        if data:
-            inbox.setdefault(w, []).append(data)
+        if not data:
+            return
+        if self._tally is not None and self._tally.stream is not None:
+            msg = decode(data)
+            if type(msg) is Values:
+                self._tally.take(msg)
+                data = None                # counted, and taken
+            else:
+                data = msg
+        inbox.setdefault(w, []).append(data)
 
-    def _collect(self, busy, seq, call, inbox=None) -> list | None:
+    def _collect(self, busy, seq, call, job, inbox=None) -> list | None:
         """Every worker is done: read their replies, raise the earliest
-        failing chunk's error, or return the values in chunk order."""
-        job = call.job
+        failing chunk's error, or return the values in chunk order.  In a
+        tracked call, the values and errors go to the tally instead, and a
+        lost worker's pipe is read to its end."""
         ctl = self.pool.ctl
-        if not job.want_values:
+        tally = self._tally
+        if not job.want_values and tally is None:
             for w in busy:
                 if ctl[w.at + REPLY]:
                     break
             else:
                 return None
         values = [None] * len(job.plan.chunks) if job.want_values else None
+        chunks = job.plan.chunks if tally is None else tally.chunks
+        lost = set() if tally is None else {id(w) for w, _ in tally.lost}
         problems = []
         for w in busy:
-            waiting = int(ctl[w.at + REPLY])
             held = (inbox or {}).get(w, [])
-            for i in range(waiting):
+            if id(w) in lost:
+                messages = held + self._rest(w)
+            else:
+                waiting = int(ctl[w.at + REPLY])
+                messages = held[:waiting]
                 try:
-                    data = held[i] if i < len(held) else w.recv_bytes()
+                    messages += [w.recv_bytes() for _ in range(waiting - len(messages))]
                 except (EOFError, OSError):
                     raise self._crashed(w, busy, seq, call) from None
+            for data in messages:
+                if data is None:
+                    continue                   # a streamed value, taken
                 try:
-                    msg = decode(data)
+                    msg = data if type(data) is not bytes else decode(data)
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:   # SystemExit too: it is the value's
@@ -703,14 +870,36 @@ class Runner:
                     continue
                 if type(msg) is Failed:
                     problems.append((msg.index, remote_exception(
-                        msg, w.pid, job.plan.chunks[msg.index]
-                        if msg.index >= 0 else None)))
-                elif type(msg) is Values and values is not None:
-                    for i_, v in zip(msg.indices, msg.values):
-                        values[i_] = v
+                        msg, w.pid, chunks[msg.index] if msg.index >= 0 else None)))
+                elif type(msg) is Values:
+                    if tally is not None:
+                        tally.take(msg)
+                    elif values is not None:
+                        for i_, v in zip(msg.indices, msg.values):
+                            values[i_] = v
+        if tally is not None:
+            for index, exc in problems:
+                if index >= 0:
+                    tally.failed.setdefault(index, exc)
+                else:
+                    raise exc
+            return None
         if problems:
             raise min(problems, key=lambda p: p[0])[1]
         return values
+
+    @staticmethod
+    def _rest(w: WorkerProcess) -> list:
+        """What a dead worker left in its results pipe."""
+        out = []
+        try:
+            while w.results.poll(0):
+                data = w.results.recv_bytes()
+                if data != WAKE:
+                    out.append(data)
+        except (EOFError, OSError):
+            pass
+        return out
 
     def _timed_out(self, busy, seq, timeout) -> TaskTimeoutError:
         stuck = self._unfinished(busy, seq)
@@ -721,15 +910,26 @@ class Runner:
             f"still running (pids {pids}) have been replaced. A numba loop "
             f"cannot be interrupted, so they were killed.", timeout)
 
+    def _timeout_error(self, w: WorkerProcess, timeout, chunks) -> TaskTimeoutError:
+        k = int(self.pool.ctl[w.at + CHUNK])
+        where = (f"rows {chunks[k][0]}:{chunks[k][1]} (chunk {k})" if 0 <= k < len(chunks)
+                 else "a chunk")
+        return TaskTimeoutError(
+            f"{where} did not finish within timeout={timeout} s; worker {w.pid} "
+            f"was killed (a numba loop cannot be interrupted) and replaced.", timeout)
+
     def _crashed(self, dead: WorkerProcess, busy, seq, call) -> WorkerCrashedError:
         """A worker died mid-map: the map fails at once, and the workers
         still busy with its other chunks (maybe for hours) are replaced too."""
-        chunks = call.job.plan.chunks
+        exc = self._death_error(dead, call.job, call.job.plan.chunks)
+        self._replace_all(self._unfinished(busy, seq) + [dead])
+        return exc
+
+    def _death_error(self, dead: WorkerProcess, job, chunks) -> WorkerCrashedError:
         death, exitcode = dead.describe_death(), dead.exitcode
         k = int(self.pool.ctl[dead.at + CHUNK])
-        self._replace_all(self._unfinished(busy, seq) + [dead])
         if k < 0:                 # took the ring, died before its first chunk
-            group = call.job.groups[[w for w, _, _ in call.job.groups].index(dead.index)]
+            group = job.groups[[w for w, _, _ in job.groups].index(dead.index)]
             rows = (group[2][0][0], group[2][-1][1])
             what = (f"while loading the kernel or the arguments for rows "
                     f"{rows[0]}:{rows[1]}. Likely causes: unpickling the kernel "
@@ -778,18 +978,24 @@ class Runner:
         self.dirty = False
 
     def _recycle(self, busy, dynamic: bool) -> None:
-        limit = self.pool.max_tasks
-        if limit is None:
-            return
+        """Replace, gracefully, the workers past ``max_tasks_per_worker``
+        tasks or ``max_worker_memory`` bytes of unique memory."""
+        limit, memory = self.pool.max_tasks, self.pool.max_memory
         ctl = self.pool.ctl
         for w in busy:
-            if dynamic:
-                now = int(ctl[w.at + CHUNKS])
-                w.tasks_run += now - w.chunks_seen
-                w.chunks_seen = now
-            else:
-                w.tasks_run += 1
-            if w.tasks_run >= limit:
+            if self.pool.workers[w.index] is not w:
+                continue                     # replaced already
+            if limit is not None:
+                if dynamic:
+                    now = int(ctl[w.at + CHUNKS])
+                    w.tasks_run += now - w.chunks_seen
+                    w.chunks_seen = now
+                else:
+                    w.tasks_run += 1
+                if w.tasks_run >= limit:
+                    self._replace(w.index, graceful=True)
+                    continue
+            if memory is not None and w.unique_memory() > memory:
                 self._replace(w.index, graceful=True)
 
 

@@ -14,11 +14,14 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from shmarray import control
+from shmarray.batch import (ChunkStream, Sink, WorkerStats, check_trackable,
+                            coerce_errors, coerce_retries, mode_for)
 from shmarray.blocks import Block, BlockTable, blocks_of_other_engines, format_bytes
 from shmarray.control import STEP_LIMIT
 from shmarray.descriptors import ArrayDescriptor, by_value, describe, pack_args
 from shmarray.dispatch import Dispatcher, MapFuture
-from shmarray.errors import CopyWarning, EngineClosedError
+from shmarray.errors import CopyWarning, EngineClosedError, MapReport
 from shmarray.boundary import check_ghosts, coerce_boundary
 from shmarray.descriptors import row_offset, worker_id
 from shmarray.jobs import Call, Job, JobCache, Layout, signature
@@ -70,18 +73,23 @@ class Engine:
                  start_method: str | None = None,
                  max_tasks_per_worker: int | None = None,
                  startup_timeout: float = 120.0,
-                 initializer: Callable | None = None, initargs: Sequence = ()):
+                 initializer: Callable | None = None, initargs: Sequence = (),
+                 max_worker_memory: int | None = None):
         """``initializer(*initargs)`` runs once in every worker, replacements
         included, before its first task; if it raises, the engine does not
-        start and the error says why (WorkerStartError)."""
+        start and the error says why (WorkerStartError).
+        ``max_worker_memory``: bytes of unique memory (USS, not counting the
+        shared blocks); a worker above it is replaced between maps, as
+        ``max_tasks_per_worker`` replaces one after so many tasks."""
         n_workers = coerce_workers(workers)
         max_tasks = coerce_max_tasks(max_tasks_per_worker)
+        max_memory = coerce_max_memory(max_worker_memory)
         start_method = coerce_start_method(start_method)
         startup_timeout = coerce_startup_timeout(startup_timeout)
         init = pack_initializer(initializer, initargs)
         self._owner = _pid
         self._cache = JobCache()
-        pool = Pool(n_workers, start_method, startup_timeout, max_tasks, init)
+        pool = Pool(n_workers, start_method, startup_timeout, max_tasks, max_memory, init)
         table = BlockTable()
         watchdog = pool.watchdog
         table.on_create = lambda name: watchdog.blocks(created=(name,))
@@ -116,9 +124,18 @@ class Engine:
         if self.closed:
             return "<shmarray.Engine closed>"
         d = self._dispatcher
+        try:
+            stats = self.stats()
+        except Exception:        # closing meanwhile, or a forked child's copy
+            return f"<shmarray.Engine workers={d.pool.size} (not this process's)>"
+        uss = max((s.uss for s in stats), default=0)
         return (f"<shmarray.Engine workers={d.pool.size} "
                 f"start_method={d.pool.start_method!r} "
-                f"blocks={len(d.table.live())}>")
+                f"blocks={len(d.table.live())} "
+                f"tasks={sum(s.tasks for s in stats)} "
+                f"busy={sum(s.busy for s in stats):.1f}s "
+                f"max_worker_uss={format_bytes(uss)} "
+                f"replaced={sum(s.replaced for s in stats)}>")
 
     def _live(self) -> Dispatcher:
         d = self._dispatcher
@@ -187,7 +204,8 @@ class Engine:
     def map(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
             halo: int = 0, chunks=None, timeout: float | None = None,
             schedule: str = "static", progress: bool | None = None,
-            boundary=None, axis: int = 0) -> None:
+            boundary=None, axis: int = 0, retries: int = 0,
+            errors: str = "raise") -> MapReport | None:
         """Run ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` in the
         workers for every chunk (lo, hi) of rows; return when all finished.
 
@@ -208,23 +226,70 @@ class Engine:
         from the cells inside.  ``shmarray.row_offset`` and
         ``shmarray.worker_id`` in ``args`` become, in each call, the index
         of the first row passed and the worker's index.
+        ``retries``: a chunk whose worker crashed or timed out runs again on
+        a fresh worker, up to this many times (``timeout`` is per attempt);
+        a kernel's own exception is not retried.  ``errors``: "raise" (the
+        first failure raises) or "collect": every chunk that can run does,
+        and the map returns a :class:`shmarray.MapReport` of what failed.
         """
         d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
-                                                          boundary), timeout, progress, None)
-        d.run(call)
+                                                          boundary), timeout, progress,
+                             None, retries=retries, errors=errors)
+        return d.run(call)
 
     def reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
                chunks=None, timeout: float | None = None,
                schedule: str = "static", progress: bool | None = None,
-               boundary=None, axis: int = 0) -> Any:
+               boundary=None, axis: int = 0, retries: int = 0,
+               errors: str = "raise") -> Any:
         """Like ``map``, but the kernel returns a value per chunk; the values
         are combined in chunk order, so the result is deterministic for a
-        given ``chunks`` (with either schedule)."""
+        given ``chunks`` (with either schedule).  With ``errors="collect"``
+        it returns a MapReport whose ``value`` combines the chunks that
+        succeeded, in chunk order."""
         d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
                                                           boundary),
-                             timeout, progress, check_combine(combine))
+                             timeout, progress, check_combine(combine),
+                             retries=retries, errors=errors)
         return d.run(call)
+
+    def imap(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
+             combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
+             chunks=None, timeout: float | None = None, schedule: str = "static",
+             progress: bool | None = False, boundary=None, axis: int = 0,
+             retries: int = 0, errors: str = "raise") -> ChunkStream:
+        """``reduce``, as a stream: yields ``(rows, value)`` for each chunk as
+        soon as it finishes, in the order they finish, while the rest run.
+        Returns at once; the map runs on the engine's manager thread.
+
+        Closing the stream (``close()``, a ``with`` block, or dropping it,
+        as leaving a ``for`` loop by ``break`` does) stops the map cleanly:
+        no new chunk starts, the running ones finish.  When it is exhausted,
+        ``stream.result`` is what ``reduce`` would have returned.  With
+        ``errors="raise"`` the first failure raises from the loop.
+        """
+        sink = Sink()
+        d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
+                                                          boundary),
+                             timeout, progress, check_combine(combine),
+                             retries=retries, errors=errors, stream=sink)
+        return ChunkStream(sink, d.submit(call), d.interrupt)
+
+    def stats(self) -> list[WorkerStats]:
+        """One record per worker: pid, memory (RSS and unique, in bytes),
+        chunks run, kernels held, seconds busy, and times its place was
+        taken by a replacement (crash, timeout, recycling)."""
+        pool = self._live().pool
+        out = []
+        for w in list(pool.workers):
+            at = control.slot(w.index)
+            rss, uss = w.memory()
+            out.append(WorkerStats(w.index, w.pid, rss, uss,
+                                   int(pool.ctl[at + control.CHUNKS]), len(w.kernels),
+                                   int(pool.ctl[at + control.BUSY_NS]) / 1e9,
+                                   pool.replaced[w.index]))
+        return out
 
     def iterate(self, kernel: Callable, out: np.ndarray, inp: np.ndarray,
                 *arrays: np.ndarray, steps: int, args: Sequence = (), halo: int = 0,
@@ -279,7 +344,8 @@ class Engine:
                        combine=combine)
 
     def _call(self, kernel, arrays, args, layout: Layout, timeout, progress,
-              combine, steps: int = 1) -> tuple[Dispatcher, Call]:
+              combine, steps: int = 1, retries: int = 0, errors: str = "raise",
+              stream: Sink | None = None) -> tuple[Dispatcher, Call]:
         """Check everything in the caller's thread, before anything is sent.
         A repeat of an earlier call is recognised by its signature and
         skips the checks that cannot have changed."""
@@ -287,6 +353,12 @@ class Engine:
         if d is None or d.closing or _pid != self._owner:
             d = self._live()                 # raises the right error
         want_values = combine is not None
+        if retries or errors != "raise" or stream is not None:
+            retries = coerce_retries(retries)
+            collect = coerce_errors(errors)
+            layout = layout._replace(mode=mode_for(retries, collect, stream is not None))
+        else:
+            collect = False
         sig = signature(kernel, arrays, args, layout, want_values)
         job = self._cache.get(sig, kernel, arrays, args)
         if job is None:
@@ -298,7 +370,7 @@ class Engine:
             raise TypeError(f"progress must be True, False or None (show after "
                             f"about a second); got {progress!r} instead.")
         return d, Call(job, args if type(args) is tuple else tuple(args), timeout,
-                       progress, combine, steps, arrays)
+                       progress, combine, steps, arrays, retries, collect, stream)
 
     def _new_job(self, d: Dispatcher, kernel, arrays, args, layout: Layout,
                  want_values) -> Job:
@@ -322,15 +394,18 @@ class Engine:
                          else None for a, d in zip(args, described))
         if iterated:
             check_swappable(arrays[0], arrays[1])
+        if layout.mode:
+            check_trackable(len(where.chunks))
         return Job(self._cache.new_key(), kernel, refs, descriptors, template,
-                   halo, where, dynamic, want_values, iterated, axis, bound)
+                   halo, where, dynamic, want_values, iterated, axis, bound, layout.mode)
 
     # -- non-blocking ------------------------------------------------------
 
     def submit(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                halo: int = 0, chunks=None, timeout: float | None = None,
                schedule: str = "static", progress: bool | None = None,
-               boundary=None, axis: int = 0) -> MapFuture:
+               boundary=None, axis: int = 0, retries: int = 0,
+               errors: str = "raise") -> MapFuture:
         """Start ``map(kernel, *arrays, ...)`` and return at once with a
         ``concurrent.futures.Future`` (result None), whatever is running.
 
@@ -341,18 +416,21 @@ class Engine:
         arrays stay alive until the map ends.
         """
         d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
-                                                          boundary), timeout, progress, None)
+                                                          boundary), timeout, progress,
+                             None, retries=retries, errors=errors)
         return d.submit(call)
 
     def submit_reduce(self, kernel: Callable, *arrays: np.ndarray, args: Sequence = (),
                       combine: Callable[[Any, Any], Any] = operator.add,
                       halo: int = 0, chunks=None, timeout: float | None = None,
                       schedule: str = "static", progress: bool | None = None,
-                      boundary=None, axis: int = 0) -> MapFuture:
+                      boundary=None, axis: int = 0, retries: int = 0,
+                      errors: str = "raise") -> MapFuture:
         """``submit`` for ``reduce``: the future's result is the combined value."""
         d, call = self._call(kernel, arrays, args, Layout(halo, chunks, schedule, axis,
                                                           boundary),
-                             timeout, progress, check_combine(combine))
+                             timeout, progress, check_combine(combine),
+                             retries=retries, errors=errors)
         return d.submit(call)
 
     async def map_async(self, kernel: Callable, *arrays: np.ndarray, **options) -> None:
@@ -472,6 +550,21 @@ def coerce_max_tasks(value: object) -> int | None:
         raise ValueError(
             f"max_tasks_per_worker must be a positive int (tasks before a "
             f"worker is replaced) or None (never); got {value!r} instead.")
+    return int(value)
+
+
+def coerce_max_memory(value: object) -> int | None:
+    """
+    >>> coerce_max_memory(None), coerce_max_memory(2**30)
+    (None, 1073741824)
+    """
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(
+            f"max_worker_memory must be a positive int (bytes of unique memory "
+            f"above which a worker is replaced between maps) or None (never); "
+            f"got {value!r} instead.")
     return int(value)
 
 

@@ -89,3 +89,38 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+class MapReport:
+    """What a map or reduce with ``errors="collect"`` returns.
+
+    ``ok``: no chunk failed.  ``failed``: ``((lo, hi), exception)`` for each
+    chunk that failed for good, in chunk order; the exception carries the
+    worker's traceback as its ``__cause__``.  ``retried``: the rows of the
+    chunks that succeeded only after their worker died or timed out.
+    ``value``: for ``reduce``, the chunks that succeeded combined in chunk
+    order (None if none did).
+    """
+
+    __slots__ = ("failed", "retried", "value", "chunks")
+
+    def __init__(self, failed: list, retried: list, value, chunks: int):
+        self.failed = failed
+        self.retried = retried
+        self.value = value
+        self.chunks = chunks
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def __repr__(self) -> str:
+        parts = [f"{self.chunks - len(self.failed)} of {self.chunks} chunks ok"]
+        if self.retried:
+            parts.append(f"{len(self.retried)} after a retry")
+        for (lo, hi), exc in self.failed[:3]:
+            parts.append(f"rows {lo}:{hi} failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        if len(self.failed) > 3:
+            parts.append(f"... {len(self.failed) - 3} more failed")
+        return "<MapReport " + "; ".join(parts) + ">"

@@ -14,6 +14,7 @@ describing everything again costs about 25 us; the signature lookup 2 us.
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import numbers
 import threading
@@ -22,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from shmarray import control
 from shmarray.descriptors import ArrayDescriptor, Placeholder, kernel_payload
 from shmarray.partition import Plan
 
@@ -66,16 +68,18 @@ class Job:
     """
 
     __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
-                 "dynamic", "iterated", "want_values", "axis", "boundary", "blocks", "cached", "_refs",
+                 "dynamic", "iterated", "want_values", "axis", "boundary", "blocks",
+                 "cached", "_refs", "mode", "indices",
                  "groups", "done_at", "args_are_plain", "busy", "ready",
                  "ready_pool", "ready_args")
 
     def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
                  args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool,
-                 iterated: bool = False, axis: int = 0, boundary=None):
+                 iterated: bool = False, axis: int = 0, boundary=None, mode: int = 0):
         """``args``: the template (see above); ``iterated``: swap the first
         two arrays after each of several steps (``Engine.iterate``);
-        ``axis``: the split axis; ``boundary``: a ``boundary.Boundary``."""
+        ``axis``: the split axis; ``boundary``: a ``boundary.Boundary``;
+        ``mode``: ``control.COLLECT | TRACK | STREAM`` bits."""
         self.key = key
         self.kernel = kernel
         self.descriptors = descriptors
@@ -87,6 +91,8 @@ class Job:
         self.want_values = want_values
         self.axis = axis
         self.boundary = boundary
+        self.mode = mode
+        self.indices = None       # a retry's: the chunks' places in the whole map
         self.blocks = frozenset([d.block for d in descriptors] + [
             a.block for a in self.args if a is not None])
         self.cached = False
@@ -100,6 +106,25 @@ class Job:
         self.busy: list = []
         self.ready = self.ready_pool = -1
         self.ready_args: tuple = ()
+
+    @property
+    def tracked(self) -> bool:
+        return bool(self.mode & control.TRACK)
+
+    def retry(self, key: int, indices: list[int]) -> Job:
+        """A job for one call that runs chunks ``indices`` of this one again,
+        dynamically (whichever worker is free), ghost cells already filled."""
+        job = copy.copy(self)
+        job.key = key
+        job.plan = Plan(tuple(self.plan.chunks[i] for i in indices), ())
+        job.indices = tuple(indices)
+        job.dynamic = True
+        job.cached = False
+        job.groups = job.done_at = None
+        job.busy = []
+        job.ready = job.ready_pool = -1
+        job.ready_args = ()
+        return job
 
     def holds(self, arrays: tuple) -> bool:
         """Whether ``arrays`` are the very objects this job describes."""
@@ -115,12 +140,14 @@ class Job:
 
 
 class Layout(NamedTuple):
-    """How a call lays its arrays out: part of what defines a job."""
+    """How a call lays its arrays out, and how it treats failures: part of
+    what defines a job."""
     halo: int
     chunks: object
     schedule: str
     axis: int
     boundary: object
+    mode: int = 0             # control.COLLECT | TRACK | STREAM
 
 
 class Call(NamedTuple):
@@ -132,6 +159,9 @@ class Call(NamedTuple):
     combine: Callable | None
     steps: int = 1            # an iterated job's steps
     arrays: tuple = ()        # the caller's arrays: alive until the call ends
+    retries: int = 0          # runs again of a chunk whose worker died or timed out
+    collect: bool = False     # errors="collect": return a MapReport
+    stream: Any = None        # imap's Stream: values go there as they come
 
 
 # Plain values that compare cheaply and exactly; anything else (a list, a
@@ -179,7 +209,7 @@ def signature(kernel, arrays: tuple, args, layout: Layout,
     Arrays count by identity, shape, strides and dtype: an ndarray's data
     pointer cannot be reassigned (NumPy 2), its shape, strides and dtype can.
     """
-    halo, chunks, schedule, axis, boundary = layout
+    halo, chunks, schedule, axis, boundary, mode = layout
     if type(args) is not tuple or type(halo) is not int or type(axis) is not int:
         return None
     if not (chunks is None or type(chunks) is int):
@@ -187,7 +217,7 @@ def signature(kernel, arrays: tuple, args, layout: Layout,
     if not (boundary is None or type(boundary) in (str, float, int)):
         return None
     key = [id(kernel), halo, chunks, schedule, want_values, len(args), axis,
-           type(boundary), boundary]
+           type(boundary), boundary, mode]
     for a in arrays:
         if type(a) is not np.ndarray:
             return None

@@ -36,6 +36,7 @@ How a map flows, and who owns what::
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -43,8 +44,9 @@ import time
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
+import psutil
 
-from shmarray import blocks, control, launch
+from shmarray import blocks, control, launch, output
 from shmarray import watchdog
 from shmarray.control import ASLEEP, DONE, RING
 from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
@@ -109,7 +111,8 @@ class WorkerProcess:
     """
 
     def __init__(self, method: str, index: int, owner_pid: int, control_block: str,
-                 initializer: tuple[bytes, bytes] | None = None):
+                 initializer: tuple[bytes, bytes] | None = None,
+                 log_level: int = logging.WARNING):
         self.index = index
         self.at = control.slot(index)        # its words in the control block
         self.kernels: set[int] = set()
@@ -122,19 +125,22 @@ class WorkerProcess:
         self.closed = False
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             self.child = launch.start(
                 method, "shmarray.worker:main",
                 (launch.Fd(0), launch.Fd(1), owner_pid, index, control_block,
-                 initializer),
-                [task_r, result_w], report=1)
+                 initializer, launch.Fd(2), launch.Fd(3), log_level),
+                [task_r, result_w, out_w, err_w], report=1)
         except BaseException:
-            os.close(task_w)
-            os.close(result_r)
+            for fd in (task_w, result_r, out_r, err_r):
+                os.close(fd)
             raise
         finally:
-            os.close(task_r)
-            os.close(result_w)
+            for fd in (task_r, result_w, out_w, err_w):
+                os.close(fd)
+        self.output = (out_r, err_r)     # the Pool's forwarder reads them
         self.tasks = Connection(task_w, readable=False)
         self.results = Connection(result_r, writable=False)
         self.pid = self.child.pid
@@ -164,6 +170,19 @@ class WorkerProcess:
 
     def alive(self) -> bool:
         return not self.closed and self.child.exitcode is None
+
+    def memory(self) -> tuple[int, int]:
+        """(RSS, unique memory) in bytes; (0, 0) if it is gone.  Unique
+        memory (USS) is what the process alone holds: the shared blocks it
+        maps count in RSS, not here."""
+        try:
+            info = psutil.Process(self.pid).memory_full_info()
+        except (psutil.Error, OSError):
+            return 0, 0
+        return info.rss, info.uss
+
+    def unique_memory(self) -> int:
+        return self.memory()[1]
 
     @property
     def exitcode(self) -> int | None:
@@ -221,18 +240,25 @@ class Pool:
     _control_name: str | None = None
     _closing = False
     ctl = np.zeros(0, np.int64)
+    forwarder = output.Forwarder.closed()
 
     def __init__(self, n_workers: int, start_method: str = DEFAULT_START_METHOD,
                  startup_timeout: float = 120.0, max_tasks: int | None = None,
+                 max_memory: int | None = None,
                  initializer: tuple[bytes, bytes] | None = None):
         self.start_method = start_method
         self.max_tasks = max_tasks
+        self.max_memory = max_memory
         self.seq = 0                    # the last ring given
         self.generation = 0             # replacements so far
         self._owner = os.getpid()
         self._startup_timeout = startup_timeout
         self._initializer = initializer
+        # Workers log what the caller's root logger would show now.
+        self._log_level = logging.getLogger().getEffectiveLevel()
         self.workers = []
+        self.replaced = [0] * n_workers   # times each worker was replaced
+        self.forwarder = output.Forwarder()
         try:
             # The watchdog first: from now on it knows every block to clean.
             self.watchdog = watchdog.Watchdog(self.start_method)
@@ -257,7 +283,8 @@ class Pool:
         self.ctl[at + RING] = ring
         self.ctl[at + ASLEEP] = 0
         proc = WorkerProcess(self.start_method, index, self._owner,
-                             self._control_name, self._initializer)
+                             self._control_name, self._initializer, self._log_level)
+        self.forwarder.add(*proc.output)
         proc.rung = int(ring)
         proc.chunks_seen = int(self.ctl[at + control.CHUNKS])
         return proc
@@ -334,6 +361,7 @@ class Pool:
         # Installed before it is ready: an interruption now leaves a worker
         # that recover() waits for, never an orphan process.
         self.generation += 1
+        self.replaced[index] += 1
         new = self.workers[index] = self._start(index)
         self._tell_watchdog()
         self.await_ready([new], wake, closing)
@@ -373,6 +401,7 @@ class Pool:
         while self.workers:
             self.workers[-1].close(timeout)
             self.workers.pop()
+        self.forwarder.close()
         if self.watchdog is not None:
             self.watchdog.close(timeout)
         name, self._control_name = self._control_name, None
@@ -389,5 +418,6 @@ class Pool:
             w.results.close()
         if self.watchdog is not None:
             self.watchdog.forget_in_child()
+        self.forwarder.forget_in_child()
         self.workers = []
         self._control_name = None

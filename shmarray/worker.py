@@ -30,7 +30,7 @@ import threadpoolctl
 
 from multiprocessing.connection import Connection
 
-from shmarray import blocks, boundary, control, launch
+from shmarray import blocks, boundary, control, launch, output
 from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
                               RING, STARTED, STEP, STEPS, STOP, step_word)
 from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
@@ -199,6 +199,8 @@ class _Worker:
         self.kernels: dict[int, object] = {}
         self.jobs: dict[int, _Job] = {}
         self.maps = Mappings(owner_pid)
+        self.board = control.board(ctl)
+        self.rows: tuple[int, int] | None = None   # the chunk running, for output
 
     # -- messages ------------------------------------------------------------
 
@@ -290,13 +292,21 @@ class _Worker:
 
     def chunks(self, job: _Job, seq: int, calls: list, ran: int = 0) -> tuple[int, int]:
         """Run this worker's chunks of ``job`` once; (messages sent, chunks
-        run in all).  The first failing chunk ends the job."""
+        run in all).  The first failing chunk ends the job, unless the job
+        collects failures (``control.COLLECT``).  A tracked job marks each
+        chunk on the board as it starts, finishes or fails, and stops
+        between chunks when STOP is set; a streamed one sends each value at
+        once."""
         ctl, at = self.ctl, self.at
         spec, kernel = job.spec, job.kernel
-        values = [] if spec.want_values else None
+        mode = spec.mode
+        board = self.board if mode & control.TRACK else None
+        stream = mode & control.STREAM
+        values = [] if spec.want_values and not stream else None
         done = []
         n = len(calls)
         k = -1
+        sent = 0
         while True:
             if spec.dynamic:
                 k = control.fetch_add(ctl, NEXT, 1)
@@ -304,9 +314,13 @@ class _Worker:
                     break
             else:
                 k += 1
-                if k >= n:
+                if k >= n or (board is not None and control.load(ctl, STOP)):
                     break
-            ctl[at + CHUNK] = spec.indices[k]
+            index = spec.indices[k]
+            ctl[at + CHUNK] = index
+            if board is not None:
+                board[index] = control.RUNNING
+            self.rows = spec.chunks[k]
             try:
                 value = kernel(*calls[k])
             except SystemExit:
@@ -314,20 +328,31 @@ class _Worker:
             except BaseException as exc:   # KeyboardInterrupt too: the kernel's own
                 if _forked:
                     os._exit(1)
-                self.send(failure(seq, spec.indices[k], exc))
+                self.rows = None
+                self.send(failure(seq, index, exc))
+                sent += 1
+                if board is not None:
+                    board[index] = control.FAILED
+                if mode & control.COLLECT:
+                    continue
                 if spec.dynamic:
                     control.store(ctl, STOP, 1)
-                return 1, ran
+                return sent, ran
             if _forked:           # the kernel forked, and this is the child
                 os._exit(0)
+            self.rows = None
+            if stream:
+                sent += self.send_values(seq, [index], [value])
+            elif values is not None:
+                values.append(value)
+                done.append(index)
+            if board is not None:
+                board[index] = control.FINISHED
             ran += 1
             ctl[at + RAN] = ran
-            if values is not None:
-                values.append(value)
-                done.append(spec.indices[k])
         if values:
-            return self.send_values(seq, done, values), ran
-        return 0, ran
+            sent += self.send_values(seq, done, values)
+        return sent, ran
 
     def staged(self, job: _Job, seq: int, steps: int) -> tuple[int, int]:
         """``steps`` steps of a job that needs its neighbours between stages:
@@ -431,18 +456,27 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
 
 
 def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
-         control_block: str, initializer: tuple[bytes, bytes] | None = None) -> None:
+         control_block: str, initializer: tuple[bytes, bytes] | None = None,
+         out_fd: int = -1, err_fd: int = -1, log_level: int = 30) -> None:
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
     the engine's control block, ``initializer`` the pickled (function,
     args) to run once before the first task (``shmarray.worker_id`` among
-    the args becomes this worker's index).  A failure to start, the
-    initializer's included, is reported to the coordinator as a StartFailed
-    message, never printed here."""
+    the args becomes this worker's index).  ``out_fd`` and ``err_fd``, pipes
+    to the coordinator, become its stdout and stderr (``shmarray.output``).
+    A failure to start, the initializer's included, is reported to the
+    coordinator as a StartFailed message, never printed here."""
     tasks = Connection(tasks_fd, writable=False)
     results = Connection(results_fd, readable=False)
     stage = "start"
+    worker = None
     try:
+        if out_fd >= 0:
+            for fd, std in ((out_fd, 1), (err_fd, 2)):
+                os.dup2(fd, std)
+                os.close(fd)
+            output.install_in_worker(
+                index, lambda: worker.rows if worker is not None else None, log_level)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A kernel that calls os.fork() returns twice; the child must not go
         # on as this worker (it shares its pipes and control words).

@@ -114,8 +114,8 @@ def test_ctrl_c_while_workers_start_raises_keyboard_interrupt():
     while len(workers) < 1:
         line = proc.stdout.readline()
         assert line, proc.communicate()
-        if line.startswith("initializing"):
-            workers.append(int(line.split()[1]))
+        if line.startswith("[worker ") and " initializing " in line:
+            workers.append(int(line.split()[-1]))     # tagged: forwarded
     os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in the terminal
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

@@ -17,7 +17,8 @@ NOTEBOOKS = sorted(f for f in os.listdir(HERE) if f.endswith(".ipynb"))
 
 
 def test_every_notebook_is_tested():
-    assert {"quickstart.ipynb", "heat_diffusion.ipynb", "benchmarks.ipynb"} <= set(NOTEBOOKS)
+    assert {"quickstart.ipynb", "heat_diffusion.ipynb", "benchmarks.ipynb",
+            "batch.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -31,3 +32,24 @@ def test_notebook_runs_in_a_fresh_kernel(name):
               for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert shm_entries() == before
+    if name == "batch.ipynb":
+        check_batch(nb)
+
+
+def check_batch(nb) -> None:
+    """Worker prints show in the cell that ran the map, tagged; the killed
+    worker's chunk was retried; imap drew every chunk."""
+    def text(cell):
+        return "".join(o.get("text", "") for o in cell.get("outputs", [])
+                       if o.get("output_type") == "stream")
+    fragile = next(c for c in nb.cells if "def fragile" in c.source)
+    out = text(fragile)
+    assert "[worker 0 rows 300:400] chunk 3 try 1" in out or \
+        "[worker 1 rows 300:400] chunk 3 try 1" in out      # printed, then killed
+    assert "rows 300:400] chunk 3 try 2" in out
+    assert "1 after a retry" in out and "correct: True" in out
+    for cell in nb.cells:
+        if cell is not fragile and cell.cell_type == "code":
+            assert "chunk 3 try" not in text(cell)          # no output strays
+    live = next(c for c in nb.cells if "eng.imap(" in c.source)
+    assert "64 chunks, pi ~ 3.1" in text(live)

@@ -1,0 +1,149 @@
+"""Batch work that survives failures and can be watched: the checks of
+``retries`` and ``errors``, the stream that ``Engine.imap`` returns, and the
+per-worker records of ``Engine.stats``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+from typing import Any, Callable, NamedTuple
+
+from shmarray import control
+
+_END = object()
+
+
+def coerce_retries(value: object) -> int:
+    """
+    >>> coerce_retries(0), coerce_retries(3)
+    (0, 3)
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"retries must be an int >= 0 (runs again of a chunk whose "
+                         f"worker crashed or timed out); got {value!r} instead.")
+    return int(value)
+
+
+def coerce_errors(value: object) -> bool:
+    """True for "collect".
+
+    >>> coerce_errors("raise"), coerce_errors("collect")
+    (False, True)
+    """
+    if value == "raise" and type(value) is str:
+        return False
+    if value == "collect" and type(value) is str:
+        return True
+    raise ValueError(f'errors must be "raise" (the first failure raises) or '
+                     f'"collect" (every chunk that can run does, and the call '
+                     f'returns a MapReport); got {value!r} instead.')
+
+
+def mode_for(retries: int, collect: bool, stream: bool) -> int:
+    """The job's ``control`` mode bits: tracked if anything asks for it."""
+    if not (retries or collect or stream):
+        return 0
+    return (control.TRACK | (control.COLLECT if collect else 0)
+            | (control.STREAM if stream else 0))
+
+
+def check_trackable(n_chunks: int) -> None:
+    if n_chunks > control.BOARD_CHUNKS:
+        raise ValueError(
+            f"a map with retries, errors=\"collect\" or imap keeps one byte per "
+            f"chunk in the control block, room for {control.BOARD_CHUNKS} chunks; "
+            f"this one has {n_chunks}. Pass fewer chunks (chunks=...).")
+
+
+class Sink:
+    """Where the driver puts a streamed call's values, and how the consumer
+    asks it to stop.  Held by the call; the consumer holds the ChunkStream
+    around it, so dropping the stream can stop the call."""
+
+    __slots__ = ("queue", "halted")
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.halted = False
+
+    def put(self, rows: tuple[int, int], value: Any) -> None:
+        self.queue.put((rows, value))
+
+
+class ChunkStream:
+    """What ``Engine.imap`` returns: an iterator of ``(rows, value)``, one per
+    chunk, in the order the chunks finish.
+
+    Closing it (``close()``, leaving a ``with`` block, or dropping it, as a
+    ``for`` loop left by ``break`` does) stops the map: no worker takes a
+    new chunk, those running finish theirs, and nothing is killed.  Once it
+    is exhausted, ``result`` is what ``reduce`` with the same arguments
+    would return (the combined value, or a MapReport with
+    ``errors="collect"``); with ``errors="raise"`` the first failure raises
+    from the iteration, after the values that came before it.
+    """
+
+    def __init__(self, sink: Sink, future: concurrent.futures.Future,
+                 interrupt: Callable[[], None]):
+        self._sink = sink
+        self._future = future
+        self._interrupt = interrupt
+        self._done = False
+        self.result: Any = None
+        future.add_done_callback(lambda f, q=sink.queue: q.put(_END))
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> tuple[tuple[int, int], Any]:
+        if self._done:
+            raise StopIteration
+        item = self._sink.queue.get()
+        if item is _END:
+            self._done = True
+            self.result = self._future.result()     # raises the map's error
+            raise StopIteration
+        return item
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _halt(self) -> bool:
+        """Ask the driver to stop the map; False if it has ended."""
+        if self._future.done():
+            return False
+        self._sink.halted = True
+        if self._future.cancel():
+            return False
+        self._interrupt()
+        return True
+
+    def close(self) -> None:
+        """Stop the map and wait for the chunks running to finish."""
+        self._done = True
+        if self._halt():
+            try:
+                concurrent.futures.wait([self._future])
+            except BaseException:
+                self._future.stop()       # Ctrl-C while waiting: kill them
+                raise
+
+    def __del__(self) -> None:
+        # Maybe in another thread (garbage collection): ask, do not wait.
+        if not self._done:
+            self._halt()
+
+
+class WorkerStats(NamedTuple):
+    """One worker, as ``Engine.stats()`` sees it."""
+    worker: int            # its index, 0 .. workers-1 (shmarray.worker_id)
+    pid: int
+    rss: int               # resident bytes, shared blocks it maps included
+    uss: int               # unique bytes: what it alone holds
+    tasks: int             # chunks run by this process
+    kernels: int           # kernels it holds
+    busy: float            # seconds spent running jobs, this process
+    replaced: int          # times a worker in this place was replaced

@@ -1,0 +1,257 @@
+"""What workers print and log, brought to the caller.
+
+In a worker, file descriptors 1 and 2 are pipes to the coordinator, and
+``sys.stdout``/``sys.stderr`` are :class:`Tagged` streams: each line starts
+with ``[worker 1 rows 256:512]`` and is written to the pipe at once, with no
+buffer in the worker, so a line printed right before a segfault is not lost.
+numba's ``print`` in nopython mode writes through ``sys.stdout``, so it is
+tagged too; output from C code that writes to the descriptors directly
+arrives untagged.  Python ``logging`` records go to the tagged stderr.
+
+In the coordinator, a :class:`Forwarder` thread reads every worker's pipes
+and writes what comes to the caller's ``sys.stdout``/``sys.stderr`` as they
+are at that moment (a notebook's streams, in a notebook).  The driver drains
+the pipes itself when a map ends (``Forwarder.drain``), so what a map
+printed shows before the map returns, in the cell that ran it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import logging
+import os
+import select
+import sys
+import threading
+from typing import Callable
+
+
+class Tagged(io.TextIOBase):
+    """A text stream that writes to file descriptor ``fd`` unbuffered, each
+    line prefixed with the worker and the rows it is computing."""
+
+    def __init__(self, fd: int, worker: int, rows: Callable[[], tuple | None],
+                 name: str):
+        self._fd = fd
+        self._worker = worker
+        self._rows = rows
+        self._name = name
+        self._at_line_start = True
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def prefix(self) -> str:
+        rows = self._rows()
+        if rows is None:
+            return f"[worker {self._worker}] "
+        return f"[worker {self._worker} rows {rows[0]}:{rows[1]}] "
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        parts = []
+        for line in text.splitlines(keepends=True):
+            if self._at_line_start:
+                parts.append(self.prefix())
+            parts.append(line)
+            self._at_line_start = line.endswith(("\n", "\r"))
+        data = "".join(parts).encode("utf-8", "backslashreplace")
+        while data:
+            try:
+                data = data[os.write(self._fd, data):]
+            except InterruptedError:
+                continue
+            except OSError:
+                break             # the coordinator is gone: nobody to tell
+        return len(text)
+
+    def flush(self) -> None:
+        pass                      # nothing is held
+
+
+def install_in_worker(worker: int, rows: Callable[[], tuple | None],
+                      log_level: int) -> None:
+    """Tag this worker's ``sys.stdout``/``sys.stderr``; send ``logging``
+    records of ``log_level`` and above (the caller's root level when the
+    engine started) to the tagged stderr."""
+    sys.stdout = Tagged(1, worker, rows, "<stdout>")
+    sys.stderr = Tagged(2, worker, rows, "<stderr>")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(log_level)
+
+
+def _write(name: str, text: str) -> None:
+    """To the caller's ``sys.stdout`` or ``sys.stderr`` as it is now."""
+    stream = getattr(sys, name, None)
+    if stream is not None:
+        try:
+            stream.write(text)
+            stream.flush()
+        except Exception:
+            pass              # the caller closed or replaced it badly
+
+
+class Forwarder:
+    """Reads the output pipes of every worker and writes what arrives to the
+    caller's streams.  One daemon thread per engine; the driver may drain the
+    pipes too (under the same lock), so nothing is written twice or out of
+    order."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # fd -> [stream name, decoder, the line begun]: whole lines are
+        # written, so the lines of two workers never mix.
+        self._pipes: dict[int, list] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._closed = False
+        self._version = 0         # bumped when the pipes change
+        self._driver_poll = (None, -1)
+        self._thread = threading.Thread(target=self._loop, name="shmarray-output",
+                                         daemon=True)
+        self._thread.start()
+
+    def add(self, out_fd: int, err_fd: int) -> None:
+        """Forward these read ends from now on (closed at end-of-file)."""
+        with self._lock:
+            for fd, name in ((out_fd, "stdout"), (err_fd, "stderr")):
+                os.set_blocking(fd, False)
+                self._pipes[fd] = [name, codecs.getincrementaldecoder("utf-8")("replace"), ""]
+            self._version += 1
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    def _poller(self, fds) -> select.poll:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return poller
+
+    def pending(self) -> bool:
+        """Whether any pipe has output waiting: one poll, no wait (about
+        2 us).  Called by the driver only."""
+        poller, version = self._driver_poll
+        if version != self._version:
+            with self._lock:
+                version = self._version
+                poller = self._poller(self._pipes)
+            self._driver_poll = (poller, version)
+        return bool(poller.poll(0))
+
+    def drain(self) -> None:
+        """Forward everything the pipes hold now."""
+        with self._lock:
+            self._read(list(self._pipes))
+
+    def _read(self, fds: list[int], final: bool = False) -> None:
+        for fd in fds:
+            entry = self._pipes.get(fd)
+            if entry is None:
+                continue
+            name, decoder, begun = entry
+            chunks = []
+            eof = False
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    eof = True
+                    break
+                if not data:
+                    eof = True
+                    break
+                chunks.append(data)
+            text = begun + decoder.decode(b"".join(chunks), final=eof)
+            if not (eof or final):
+                cut = max(text.rfind("\n"), text.rfind("\r")) + 1
+                text, entry[2] = text[:cut], text[cut:]
+            if text:
+                _write(name, text)
+            if eof:
+                del self._pipes[fd]
+                self._version += 1
+                os.close(fd)
+
+    def _loop(self) -> None:
+        version = -1
+        while not self._closed:
+            if version != self._version:
+                with self._lock:
+                    version = self._version
+                    poller = self._poller([self._wake_r, *self._pipes])
+            ready = [fd for fd, _ in poller.poll()]
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except OSError:
+                    pass
+            with self._lock:
+                if not self._closed:
+                    self._read([fd for fd in ready if fd != self._wake_r])
+
+    @classmethod
+    def closed(cls) -> Forwarder:
+        """A forwarder that forwards nothing (a pool that failed to start)."""
+        self = cls.__new__(cls)
+        self._closed = True
+        self._pipes = {}
+        return self
+
+    def forget_in_child(self) -> None:
+        """In a forked child: close the copies of the pipes, start nothing."""
+        for fd in [*self._pipes, getattr(self, "_wake_r", -1), getattr(self, "_wake_w", -1)]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._pipes = {}
+        self._closed = True
+
+    def close(self) -> None:
+        """Forward what is left (the workers have exited), stop the thread."""
+        if self._closed:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._read(list(self._pipes), final=True)
+            self._closed = True
+            for fd in list(self._pipes):
+                os.close(fd)
+            self._pipes.clear()
+        self._poke()
+        self._thread.join(5.0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
