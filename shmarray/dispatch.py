@@ -505,17 +505,25 @@ class Runner:
         stream is closed."""
         job = call.job
         tally = Tally(call)
+        n = len(job.plan.chunks)
         board = control.board(self.pool.ctl)
-        todo = list(range(len(job.plan.chunks)))
+        todo = list(range(n))
         round_job = job
         while todo:
-            board[todo] = control.PENDING
+            if round_job is job:
+                board[:n] = control.PENDING
+            else:
+                board[todo] = control.PENDING
             tally.lost = []
             self._tally = tally
             try:
                 self._round(call, round_job)
             finally:
                 self._tally = None
+            if (round_job is job and not tally.lost and not tally.failed
+                    and (not job.want_values or len(tally.values) == n)
+                    and (board[:n] == control.FINISHED).all()):
+                break                 # the usual case: every chunk finished
             lost_on = {int(self.pool.ctl[w.at + CHUNK]): exc for w, exc in tally.lost}
             self._replace_all([w for w, _ in tally.lost])
             again, progress = [], False
