@@ -735,6 +735,10 @@ class Runner:
             for fd, is_sentinel in ((w.results.fileno(), False), (w.sentinel, True)):
                 poller.register(fd, select.POLLIN)
                 by_fd[fd] = (w, is_sentinel)
+        forwarder = self.pool.forwarder
+        output = set(forwarder.fds)       # what kernels print, shown as it comes
+        for fd in output:
+            poller.register(fd, select.POLLIN)
         inbox: dict[WorkerProcess, list] = {}
         progress = None
         mode = resolve_progress(call.progress)
@@ -771,9 +775,14 @@ class Runner:
                                               2**31 - 1)
                 events = poller.poll(ms)
                 control.store(ctl, COORD_ASLEEP, 0)
+                shown = [fd for fd, _ in events if fd in output]
+                if shown:
+                    for fd in forwarder.forward(shown):
+                        poller.unregister(fd)
+                        output.discard(fd)
                 for fd, _ in events:
                     if fd not in by_fd:
-                        continue                  # set aside in this loop
+                        continue                  # output, or set aside
                     w, is_sentinel = by_fd[fd]
                     if w is None:
                         self._check_interrupt()

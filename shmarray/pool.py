@@ -240,7 +240,7 @@ class Pool:
     _control_name: str | None = None
     _closing = False
     ctl = np.zeros(0, np.int64)
-    forwarder = output.Forwarder.closed()
+    forwarder = output.Forwarder()
 
     def __init__(self, n_workers: int, start_method: str = DEFAULT_START_METHOD,
                  startup_timeout: float = 120.0, max_tasks: int | None = None,
@@ -311,10 +311,18 @@ class Pool:
         for p in procs:
             if not p.ready:
                 waiting[p.results] = waiting[p.sentinel] = p
+        output = self.forwarder.fds     # an initializer may print a lot
         while any(not p.ready for p in procs):
             left = deadline - time.monotonic()
-            objects = list(waiting) + ([wake] if wake is not None else [])
+            objects = list(waiting) + output + ([wake] if wake is not None else [])
             ready = wait(objects, max(left, 0))
+            shown = [obj for obj in ready if type(obj) is int]
+            if shown:
+                for fd in self.forwarder.forward(shown):
+                    output.remove(fd)
+                ready = [obj for obj in ready if type(obj) is not int]
+                if not ready:
+                    continue
             if not ready:
                 raise WorkerStartError(
                     f"workers did not start within {self._startup_timeout:.0f} "

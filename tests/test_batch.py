@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import textwrap
 import time
 
@@ -336,3 +337,45 @@ def test_shmarray_info_reports_a_fresh_engines_workers():
     assert fresh["start_s"] > 0 and len(fresh["workers"]) >= 1
     for s in fresh["workers"]:
         assert s["rss"] > s["uss"] > 0 and s["tasks"] >= 1 and s["replaced"] == 0
+
+
+def wait_to_be_seen(a, seen):
+    """Print, then wait until the caller has seen the line (or give up)."""
+    print("waiting to be seen", flush=True)
+    end = time.monotonic() + 30
+    while seen[0] == 0:
+        if time.monotonic() > end:
+            raise TimeoutError("the caller never saw the line")
+        time.sleep(0.001)
+    a[:] = 1
+
+
+class Watcher:
+    """A stand-in for sys.stdout that reacts to what workers print."""
+
+    def __init__(self, seen):
+        self.seen = seen
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+        if "waiting to be seen" in text:
+            self.seen[0] = 1
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_output_is_forwarded_while_the_map_runs(eng):
+    seen = eng.zeros(1, np.int64)
+    a = eng.zeros(4)
+    watcher = Watcher(seen)
+    saved = sys.stdout
+    sys.stdout = watcher
+    try:
+        eng.map(wait_to_be_seen, a, args=(seen,), chunks=1)
+    finally:
+        sys.stdout = saved
+    assert a.tolist() == [1, 1, 1, 1]
+    assert "rows 0:4] waiting to be seen\n" in watcher.text
