@@ -5,6 +5,8 @@ per-worker records of ``Engine.stats``."""
 from __future__ import annotations
 
 import concurrent.futures
+import numbers
+import os
 import queue
 from typing import Any, Callable, NamedTuple
 
@@ -18,7 +20,7 @@ def coerce_retries(value: object) -> int:
     >>> coerce_retries(0), coerce_retries(3)
     (0, 3)
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"retries must be an int >= 0 (runs again of a chunk whose "
                          f"worker crashed or timed out); got {value!r} instead.")
     return int(value)
@@ -76,7 +78,9 @@ class ChunkStream:
 
     Closing it (``close()``, leaving a ``with`` block, or dropping it, as a
     ``for`` loop left by ``break`` does) stops the map: no worker takes a
-    new chunk, those running finish theirs, and nothing is killed.  Once it
+    new chunk, those running finish theirs, and nothing is killed.  Ctrl-C
+    while it waits for a chunk stops the map as it stops ``map``: the busy
+    workers are killed and replaced.  Once it
     is exhausted, ``result`` is what ``reduce`` with the same arguments
     would return (the combined value, or a MapReport with
     ``errors="collect"``); with ``errors="raise"`` the first failure raises
@@ -89,6 +93,7 @@ class ChunkStream:
         self._future = future
         self._interrupt = interrupt
         self._done = False
+        self._pid = os.getpid()
         self.result: Any = None
         future.add_done_callback(lambda f, q=sink.queue: q.put(_END))
 
@@ -98,7 +103,16 @@ class ChunkStream:
     def __next__(self) -> tuple[tuple[int, int], Any]:
         if self._done:
             raise StopIteration
-        item = self._sink.queue.get()
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"this imap stream belongs to process {self._pid}; a forked "
+                f"child cannot read it. Create an Engine in the child instead.")
+        try:
+            item = self._sink.queue.get()
+        except BaseException:       # Ctrl-C while waiting: as for map, kill
+            self._done = True
+            self._future.stop()
+            raise
         if item is _END:
             self._done = True
             self.result = self._future.result()     # raises the map's error
@@ -133,7 +147,7 @@ class ChunkStream:
 
     def __del__(self) -> None:
         # Maybe in another thread (garbage collection): ask, do not wait.
-        if not self._done:
+        if not self._done and os.getpid() == self._pid:
             self._halt()
 
 
@@ -145,5 +159,5 @@ class WorkerStats(NamedTuple):
     uss: int               # unique bytes: what it alone holds
     tasks: int             # chunks run by this process
     kernels: int           # kernels it holds
-    busy: float            # seconds spent running jobs, this process
+    busy: float            # seconds this process spent running jobs
     replaced: int          # times a worker in this place was replaced

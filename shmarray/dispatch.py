@@ -360,7 +360,16 @@ class Tally:
         self.attempts: dict[int, int] = {}
         self.retried: set[int] = set()
         self.lost: list[tuple[WorkerProcess, BaseException]] = []
+        self.lost_on: dict[int, BaseException] = {}   # chunk -> why its worker was lost
         self.stream = call.stream
+
+    def final(self, i: int, retries: int, exc: BaseException | None) -> BaseException | None:
+        """``exc``, noted as chunk ``i``'s last attempt when there were more."""
+        if exc is not None and retries:
+            lo, hi = self.chunks[i]
+            exc.add_note(f"rows {lo}:{hi} failed {self.attempts[i]} times "
+                         f"(retries={retries})")
+        return exc
 
     def take(self, msg: Values) -> None:
         for i, v in zip(msg.indices, msg.values):
@@ -440,8 +449,9 @@ class Runner:
                 return self._tracked(call)
             return self._round(call, call.job)
         finally:
-            if self.pool.forwarder.pending():
-                self.pool.forwarder.drain()
+            forwarder = self.pool.forwarder
+            if forwarder.begun or forwarder.pending():
+                forwarder.drain()
 
     def _round(self, call: Call, job) -> list | None:
         """One ring of ``job`` on its workers; see ``run``."""
@@ -469,6 +479,9 @@ class Runner:
             if call.stream is not None and call.stream.halted:
                 pool.ctl[STOP] = 1
         self.dirty = True
+        # Messages read while waiting, kept if a worker found dead before it
+        # took its ring makes us wait again.
+        self._inbox = {}
         try:
             for w in busy:
                 self._ring(w, job, seq, call.steps)
@@ -515,6 +528,7 @@ class Runner:
             else:
                 board[todo] = control.PENDING
             tally.lost = []
+            tally.lost_on = {}
             self._tally = tally
             try:
                 self._round(call, round_job)
@@ -524,9 +538,10 @@ class Runner:
                     and (not job.want_values or len(tally.values) == n)
                     and (board[:n] == control.FINISHED).all()):
                 break                 # the usual case: every chunk finished
-            lost_on = {int(self.pool.ctl[w.at + CHUNK]): exc for w, exc in tally.lost}
+            lost_on = tally.lost_on
             self._replace_all([w for w, _ in tally.lost])
-            again, progress = [], False
+            # A worker lost on a chunk made progress too: an attempt counted.
+            again, progress = [], any(k >= 0 for k in lost_on)
             for i in todo:
                 state = board[i]
                 if state == control.FINISHED and (not job.want_values or i in tally.values):
@@ -539,7 +554,7 @@ class Runner:
                     progress = True
                     tally.attempts[i] = tally.attempts.get(i, 0) + 1
                     if tally.attempts[i] > call.retries:
-                        tally.failed[i] = lost_on.get(i) or WorkerCrashedError(
+                        tally.failed[i] = tally.final(i, call.retries, lost_on.get(i)) or WorkerCrashedError(
                             f"the worker running rows {tally.chunks[i][0]}:"
                             f"{tally.chunks[i][1]} was lost", pid=0, exitcode=None,
                             rows=tally.chunks[i])
@@ -700,7 +715,7 @@ class Runner:
         while call.progress is not True and call.stream is None:
             left = control.wait_done(ctl, done_at, seq, SPIN_ROUNDS)
             if left == 0:
-                return self._collect(busy, seq, call, job)
+                return self._collect(busy, seq, call, job, self._inbox)
             if left < 0:
                 self._check_interrupt()
             elif time.monotonic() > spin_until:
@@ -739,7 +754,7 @@ class Runner:
         output = set(forwarder.fds)       # what kernels print, shown as it comes
         for fd in output:
             poller.register(fd, select.POLLIN)
-        inbox: dict[WorkerProcess, list] = {}
+        inbox = self._inbox
         progress = None
         mode = resolve_progress(call.progress)
         if mode is not False:
@@ -798,6 +813,12 @@ class Runner:
                             raise self._crashed(w, busy, seq, call)
                         self._lose(w, seq, poller, by_fd,
                                    self._death_error(w, job, tally.chunks))
+                        new = self._respawn(w, busy, seq, call, job)
+                        if new is not None:
+                            for fd, is_sentinel in ((new.results.fileno(), False),
+                                                    (new.sentinel, True)):
+                                poller.register(fd, select.POLLIN)
+                                by_fd[fd] = (new, is_sentinel)
                     else:
                         self._read_into(w, inbox, poller, fd)
                 if progress is not None:
@@ -811,14 +832,72 @@ class Runner:
 
     def _lose(self, w: WorkerProcess, seq: int, poller, by_fd: dict,
               exc: BaseException) -> None:
-        """Set aside worker ``w`` of a tracked call, dead or killed: nobody
-        waits for it any more; it is replaced after the round."""
+        """Set aside worker ``w`` of a tracked call, dead or killed: read
+        what it left in its pipe now (its descriptors are closed, and their
+        numbers reused, when it is replaced), and wait for it no more
+        (unless ``_respawn`` puts a new one in its place)."""
+        self._inbox.setdefault(w, []).extend(self._rest(w))
         for fd in [fd for fd, (o, _) in by_fd.items() if o is w]:
-            if fd != w.results.fileno():      # its messages are read at the end
+            del by_fd[fd]
+            try:
                 poller.unregister(fd)
-                del by_fd[fd]
+            except KeyError:
+                pass                  # at end-of-file already
         self._tally.lost.append((w, exc))
+        self._tally.lost_on[int(self.pool.ctl[w.at + CHUNK])] = exc
         control.store(self.pool.ctl, w.at + DONE, seq)
+
+    def _respawn(self, dead: WorkerProcess, busy: list, seq: int, call: Call,
+                 job) -> WorkerProcess | None:
+        """A tracked round lost ``dead`` to a crash: settle the chunk it was
+        running (one attempt more: run again, or failed for good), and
+        unless the call must stop now, start a fresh worker in its place
+        and ring it in this same round, so the round goes on with every
+        worker: with the same job under the dynamic schedule (it takes
+        chunks from the shared counter), with the dead worker's unfinished
+        chunks under the static one.  None if nobody was started."""
+        tally = self._tally
+        ctl = self.pool.ctl
+        board = control.board(ctl)
+        k = int(ctl[dead.at + CHUNK])
+        if k < 0:
+            return None   # died loading the kernel: a new one would too
+        exc = tally.lost[-1][1]
+        if board[k] == control.RUNNING:
+            tally.attempts[k] = tally.attempts.get(k, 0) + 1
+            if tally.attempts[k] > call.retries:
+                tally.failed[k] = tally.final(k, call.retries, exc)
+                board[k] = control.FAILED
+            else:
+                board[k] = control.PENDING
+        stop = (k in tally.failed and not call.collect) or (
+            call.stream is not None and call.stream.halted)
+        if stop:
+            control.store(ctl, STOP, 1)    # raise now: start nothing new
+            return None
+        if job.dynamic:
+            rerun = job
+            indices = job.groups[0][1]
+        else:
+            group = next(g for g in job.groups if g[0] == dead.index)
+            indices = [i for i in group[1] if board[i] == control.PENDING]
+            if not indices:
+                return None
+            rerun = job.retry(self.cache.new_key(), indices)
+            rerun.dynamic = False          # its own rows: others may rerun too
+            self.cache.forgotten.append(rerun.key)
+            indices = rerun.indices
+        # The new worker must answer this ring: it starts as if it had
+        # answered the one before.
+        control.store(ctl, dead.at + DONE, seq - 1)
+        self._replace(dead.index)
+        new = self.pool.workers[dead.index]
+        key, payload, _ = self.kernels.entry(job.kernel)
+        self._provide(new.index, key, payload, rerun, call.args, indices,
+                      rerun.plan.chunks)
+        self._ring(new, rerun, seq, call.steps)
+        busy[busy.index(dead)] = new
+        return new
 
     def _ran(self, busy, seq: int) -> int:
         """Chunks of ring ``seq`` done so far."""
@@ -836,11 +915,14 @@ class Runner:
         if not data:
             return
         if self._tally is not None and self._tally.stream is not None:
-            msg = decode(data)
+            try:
+                msg = decode(data)
+            except Exception:
+                msg = None                 # _collect decodes it again, and says why
             if type(msg) is Values:
                 self._tally.take(msg)
                 data = None                # counted, and taken
-            else:
+            elif msg is not None:
                 data = msg
         inbox.setdefault(w, []).append(data)
 
@@ -861,7 +943,7 @@ class Runner:
         chunks = job.plan.chunks if tally is None else tally.chunks
         lost = set() if tally is None else {id(w) for w, _ in tally.lost}
         problems = []
-        for w in busy:
+        for w in busy + [w for w, _ in tally.lost if w not in busy] if tally else busy:
             held = (inbox or {}).get(w, [])
             if id(w) in lost:
                 messages = held + self._rest(w)
@@ -1012,7 +1094,7 @@ class Runner:
                 if w.tasks_run >= limit:
                     self._replace(w.index, graceful=True)
                     continue
-            if memory is not None and w.unique_memory() > memory:
+            if memory is not None and w.over_memory(memory):
                 self._replace(w.index, graceful=True)
 
 

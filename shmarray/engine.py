@@ -139,16 +139,16 @@ class Engine:
 
     def _live(self) -> Dispatcher:
         d = self._dispatcher
-        if d is None or d.closing:
-            raise EngineClosedError(
-                "this Engine is closed: its blocks are unlinked and its "
-                "workers stopped. Create a new Engine (preferably in a "
-                "`with` block).")
         if _pid != self._owner:
             raise RuntimeError(
                 "this Engine belongs to process "
                 f"{self._owner}; a forked child cannot use it. Create an "
                 "Engine in the child instead.")
+        if d is None or d.closing:
+            raise EngineClosedError(
+                "this Engine is closed: its blocks are unlinked and its "
+                "workers stopped. Create a new Engine (preferably in a "
+                "`with` block).")
         return d
 
     @property
@@ -285,10 +285,11 @@ class Engine:
         for w in list(pool.workers):
             at = control.slot(w.index)
             rss, uss = w.memory()
-            out.append(WorkerStats(w.index, w.pid, rss, uss,
-                                   int(pool.ctl[at + control.CHUNKS]), len(w.kernels),
-                                   int(pool.ctl[at + control.BUSY_NS]) / 1e9,
-                                   pool.replaced[w.index]))
+            out.append(WorkerStats(
+                w.index, w.pid, rss, uss,
+                int(pool.ctl[at + control.CHUNKS]) - w.chunks_at_start, len(w.kernels),
+                (int(pool.ctl[at + control.BUSY_NS]) - w.busy_at_start) / 1e9,
+                pool.replaced[w.index]))
         return out
 
     def iterate(self, kernel: Callable, out: np.ndarray, inp: np.ndarray,
@@ -353,7 +354,7 @@ class Engine:
         if d is None or d.closing or _pid != self._owner:
             d = self._live()                 # raises the right error
         want_values = combine is not None
-        if retries or errors != "raise" or stream is not None:
+        if not (type(retries) is int and retries == 0) or errors != "raise" or stream is not None:
             retries = coerce_retries(retries)
             collect = coerce_errors(errors)
             layout = layout._replace(mode=mode_for(retries, collect, stream is not None))

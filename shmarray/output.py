@@ -87,13 +87,26 @@ class Tagged(io.TextIOBase):
         pass                      # nothing is held
 
 
+_streams: tuple[Tagged, ...] = ()
+
+
+def end_lines() -> None:
+    """End a line a chunk left begun (``print(..., end="")``), so the next
+    chunk's output starts on a line of its own, with its own tag."""
+    for stream in _streams:
+        if not stream._at_line_start:
+            stream.write("\n")
+
+
 def install_in_worker(worker: int, rows: Callable[[], tuple | None],
                       log_level: int) -> None:
     """Tag this worker's ``sys.stdout``/``sys.stderr``; send ``logging``
     records of ``log_level`` and above (the caller's root level when the
     engine started) to the tagged stderr."""
+    global _streams
     sys.stdout = Tagged(1, worker, rows, "<stdout>")
     sys.stderr = Tagged(2, worker, rows, "<stderr>")
+    _streams = (sys.stdout, sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
     root = logging.getLogger()
@@ -129,6 +142,7 @@ class Forwarder:
         self._version = 0         # bumped when the pipes change
         self._driver_poll = (None, -1)
         self._closed = False
+        self._begun = 0           # pipes whose last line has not ended
 
     @property
     def fds(self) -> list[int]:
@@ -156,8 +170,15 @@ class Forwarder:
         return bool(poller.poll(0))
 
     def drain(self) -> None:
-        """Forward everything the pipes hold now."""
-        self.forward(list(self._pipes))
+        """Forward everything the pipes hold now, a line begun included
+        (ended here: the caller's next line must not run into it).  Called
+        when a map ends."""
+        self.forward(list(self._pipes), final=True)
+
+    @property
+    def begun(self) -> bool:
+        """Whether a line begun waits for its end."""
+        return self._begun > 0
 
     def forward(self, fds, final: bool = False) -> list[int]:
         """Forward what ``fds`` hold now; returns those found at end-of-file
@@ -175,9 +196,10 @@ class Forwarder:
                     os.close(fd)
         return closed
 
-    @staticmethod
-    def _read(fd: int, entry: list, final: bool) -> bool:
+    def _read(self, fd: int, entry: list, final: bool) -> bool:
         name, decoder, begun = entry
+        if begun:
+            self._begun -= 1
         chunks = []
         eof = False
         while True:
@@ -196,8 +218,12 @@ class Forwarder:
         if not (eof or final):
             cut = max(text.rfind("\n"), text.rfind("\r")) + 1
             text, entry[2] = text[:cut], text[cut:]
+            if entry[2]:
+                self._begun += 1
         else:
             entry[2] = ""
+            if text and not text.endswith(("\n", "\r")):
+                text += "\n"
         if text:
             _write(name, text)
         return eof

@@ -329,18 +329,20 @@ class _Worker:
                 if _forked:
                     os._exit(1)
                 self.rows = None
+                output.end_lines()
                 self.send(failure(seq, index, exc))
                 sent += 1
                 if board is not None:
                     board[index] = control.FAILED
                 if mode & control.COLLECT:
                     continue
-                if spec.dynamic:
-                    control.store(ctl, STOP, 1)
+                if spec.dynamic or board is not None:
+                    control.store(ctl, STOP, 1)    # the others take no more
                 return sent, ran
             if _forked:           # the kernel forked, and this is the child
                 os._exit(0)
             self.rows = None
+            output.end_lines()
             if stream:
                 sent += self.send_values(seq, [index], [value])
             elif values is not None:
