@@ -819,6 +819,10 @@ class Runner:
                                                     (new.sentinel, True)):
                                 poller.register(fd, select.POLLIN)
                                 by_fd[fd] = (new, is_sentinel)
+                            # The dead worker's descriptor numbers may now be
+                            # the new one's: the rest of these events are
+                            # stale.  Poll again.
+                            break
                     else:
                         self._read_into(w, inbox, poller, fd)
                 if progress is not None:
