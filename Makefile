@@ -9,14 +9,12 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 # The suites that also run on Python 3.12 and 3.13 and on the oldest numba
 # allowed (see .ci/other-pythons): the engine's contract and lifecycle, and
-# the batch tests that touch the standard library (output forwarding,
-# select/poll, logging) and the per-chunk board.
+# the batch tests that touch the standard library most (output
+# forwarding: dup2, poll, logging).
 CORE := tests/test_engine.py tests/test_first_run.py tests/test_lifecycle.py \
         tests/test_descriptors.py tests/test_blocks.py tests/test_async.py \
         tests/test_batch.py::test_prints_and_logging_reach_the_caller_tagged \
-        tests/test_batch.py::test_a_print_right_before_a_segfault_is_not_lost \
-        tests/test_batch.py::test_retries_recover_crashes_and_timeouts \
-        tests/test_batch.py::test_imap_yields_every_chunk_exactly_once
+        tests/test_batch.py::test_a_print_right_before_a_segfault_is_not_lost
 
 .PHONY: demo test test-main test-others bench clean
 

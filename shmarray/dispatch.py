@@ -813,7 +813,11 @@ class Runner:
                             raise self._crashed(w, busy, seq, call)
                         self._lose(w, seq, poller, by_fd,
                                    self._death_error(w, job, tally.chunks))
+                        started = time.monotonic()
                         new = self._respawn(w, busy, seq, call, job)
+                        if deadline is not None:
+                            # Starting a worker is not the kernels' time.
+                            deadline += time.monotonic() - started
                         if new is not None:
                             for fd, is_sentinel in ((new.results.fileno(), False),
                                                     (new.sentinel, True)):

@@ -70,7 +70,7 @@ def test_collect_runs_every_other_chunk_and_names_the_failed_rows(eng, schedule,
     a, counts = fresh(eng)
     bad = k * SIZE
     report = eng.map(flaky, a, args=(row_offset, counts, bad, how, 1), chunks=N,
-                     schedule=schedule, errors="collect", timeout=2)
+                     schedule=schedule, errors="collect", timeout=1)
     assert isinstance(report, shmarray.MapReport)
     assert not report.ok
     assert [rows for rows, _ in report.failed] == [(bad, bad + SIZE)]
@@ -88,14 +88,14 @@ def test_retries_recover_crashes_and_timeouts(eng, schedule, how):
     a, counts = fresh(eng)
     pids = set(eng.worker_pids)
     assert eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, how, 1), chunks=N,
-                   schedule=schedule, retries=1, timeout=2) is None
+                   schedule=schedule, retries=1, timeout=1) is None
     np.testing.assert_array_equal(a, expected_except())
     assert counts[3] == 2 and counts.sum() == N + 1
     assert len(pids - set(eng.worker_pids)) == 1         # one worker replaced
 
     a, counts = fresh(eng)
     report = eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, how, 1), chunks=N,
-                     schedule=schedule, retries=1, timeout=2, errors="collect")
+                     schedule=schedule, retries=1, timeout=1, errors="collect")
     assert report.ok and report.failed == []
     assert report.retried == [(3 * SIZE, 4 * SIZE)]
 
