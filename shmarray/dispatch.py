@@ -510,12 +510,13 @@ class Runner:
         return values
 
     def _tracked(self, call: Call) -> Tally:
-        """Run a tracked call in rounds: the first as planned, then, while
-        chunks are left that never ran or whose worker died or timed out
-        (fewer than ``retries`` times), a dynamic round of just those on
-        fresh workers.  A kernel's exception is final.  Stops early when
-        failures are not collected and one is final, or when the imap
-        stream is closed."""
+        """Run a tracked call in rounds: the first as planned (a worker
+        that crashes in it is replaced within it, see ``_respawn``), then,
+        while chunks are left that never ran, whose value was lost, or
+        whose worker crashed or timed out (fewer than ``retries`` times),
+        a dynamic round of just those.  A kernel's exception is final.
+        Stops early when failures are not collected and one is final, or
+        when the imap stream is closed."""
         job = call.job
         tally = Tally(call)
         n = len(job.plan.chunks)
@@ -554,10 +555,11 @@ class Runner:
                     progress = True
                     tally.attempts[i] = tally.attempts.get(i, 0) + 1
                     if tally.attempts[i] > call.retries:
-                        tally.failed[i] = tally.final(i, call.retries, lost_on.get(i)) or WorkerCrashedError(
-                            f"the worker running rows {tally.chunks[i][0]}:"
-                            f"{tally.chunks[i][1]} was lost", pid=0, exitcode=None,
-                            rows=tally.chunks[i])
+                        lo, hi = tally.chunks[i]
+                        why = lost_on.get(i) or WorkerCrashedError(
+                            f"the worker running rows {lo}:{hi} was lost",
+                            pid=0, exitcode=None, rows=(lo, hi))
+                        tally.failed[i] = tally.final(i, call.retries, why)
                     else:
                         again.append(i)
                 else:
@@ -951,7 +953,9 @@ class Runner:
         chunks = job.plan.chunks if tally is None else tally.chunks
         lost = set() if tally is None else {id(w) for w, _ in tally.lost}
         problems = []
-        for w in busy + [w for w, _ in tally.lost if w not in busy] if tally else busy:
+        readers = busy if tally is None else busy + [w for w, _ in tally.lost
+                                                     if w not in busy]
+        for w in readers:
             held = (inbox or {}).get(w, [])
             if id(w) in lost:
                 messages = held + self._rest(w)
