@@ -10,7 +10,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 

@@ -19,7 +19,6 @@ import os
 import pickle
 import select
 import signal
-import threading
 import time
 import traceback
 import weakref
