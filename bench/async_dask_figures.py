@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from numba import njit
 import shmarray
 from shmarray.kernels.elementwise import triad
 from shmarray.kernels.stencils import jacobi
-from workloads import machine_info
+from workloads import machine_info, save
 
 
 @njit
@@ -203,9 +202,7 @@ def main() -> int:
         print(f"{name:7s} local {v['local_s'] * 1e3:9.1f} ms  dask {v['dask_s'] * 1e3:9.1f} ms  "
               f"dask/local {v['ratio_dask_over_local']:6.1f}  moved between Dask workers "
               f"{v['dask_transfer_bytes'] / 1e6:.1f} MB  identical {v['identical']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+    save(fig, args.json)
     return 0
 
 

@@ -22,7 +22,6 @@ Run: ``.venv/bin/python bench/batch_figures.py [--quick] [--json FILE]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -32,7 +31,7 @@ import shmarray
 from shmarray.kernels.elementwise import triad
 from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.table import mandelbrot_args
-from workloads import machine_info, ratios, rounds, summary
+from workloads import machine_info, ratios, rounds, save, summary
 
 WORKERS = 2
 
@@ -136,10 +135,7 @@ def main() -> None:
     for schedule, f in figures["imap_latency"].items():
         print(f"imap {schedule}: chunk done -> yielded median {f['median_us']:.0f} us, "
               f"p90 {f['p90_us']:.0f} us, max {f['max_us']:.0f} us")
-    if opts.json:
-        with open(opts.json, "w") as fh:
-            json.dump(figures, fh, indent=1)
-            fh.write("\n")
+    save(figures, opts.json)
 
 
 if __name__ == "__main__":

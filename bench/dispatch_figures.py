@@ -16,7 +16,6 @@ Run: ``.venv/bin/python bench/dispatch_figures.py [--quick] [--json FILE]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from peers import jacobi_prange
 from numba import njit, prange as numba_prange
 
 from shmarray.report import heat_prange, noop_kernel, triad_prange
-from workloads import machine_info, ratios, rounds, summary
+from workloads import machine_info, ratios, rounds, save, summary
 
 ALPHA = 0.2
 WORKERS = 2
@@ -246,9 +245,7 @@ def main() -> int:
     print(f"idle {i['seconds']:.0f} s: {i['cpu_s_total']:.3f} CPU s in all (coordinator "
           f"{i['cpu_s_coordinator']:.3f}, workers "
           f"{', '.join(f'{w:.3f}' for w in i['cpu_s_workers'])}; target <= 0.05)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+    save(fig, args.json)
     return 0
 
 

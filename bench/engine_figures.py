@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numba
 
 import shmarray
-from workloads import TriadPair, interleaved, machine_info, noop, nothing
+from workloads import TriadPair, interleaved, machine_info, noop, nothing, save
 
 STARTUP = textwrap.dedent("""
     import time
@@ -203,9 +203,7 @@ def main() -> int:
           f"{', '.join(f'{u:.1f}' for u in m['worker_uss_MB'])} MB (target < 100)")
     print("bytes per job definition (3 arrays, 2 chunks): " + ", ".join(
         f"{int(n):,} elements: {b}" for n, b in fig["task_bytes"].items()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+    save(fig, args.json)
     return 0
 
 

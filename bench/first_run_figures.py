@@ -14,7 +14,6 @@ Run: ``.venv/bin/python bench/first_run_figures.py [--json FILE]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from workloads import save
 
 HEADER = textwrap.dedent("""
     import time
@@ -201,9 +201,7 @@ def main() -> int:
     s = fig["slow_import_start_s"]
     print("start + first task, a script importing a 1 s module at top level: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in s.items() if v is not None))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+    save(fig, args.json)
     return 0
 
 

@@ -13,7 +13,6 @@ Run: ``.venv/bin/python bench/kernel_figures.py [--quick] [--json FILE]``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -27,7 +26,7 @@ from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.reductions import combine_moments, histogram, moments, variance
 from shmarray.kernels.stencils import heat_step, jacobi
 from peers import histogram_prange, jacobi_prange, mandelbrot_prange, moments_prange
-from workloads import TriadPair, interleaved, machine_info, small_pages_copy
+from workloads import TriadPair, interleaved, machine_info, save, small_pages_copy
 
 WORKERS = 2
 
@@ -235,9 +234,7 @@ def main() -> int:
     for name, v in fig["bandwidth"].items():
         print(f"  {name:10s} sequential {v['sequential_GBps']:6.1f}  engine "
               f"{v['engine_GBps']:6.1f}  ({v['engine_GBps'] / c['engine']:.0%} of ceiling)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+    save(fig, args.json)
     return 0
 
 

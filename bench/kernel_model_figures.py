@@ -17,7 +17,6 @@ Run: ``.venv/bin/python bench/kernel_model_figures.py [--quick] [--json FILE]``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numba
@@ -25,12 +24,12 @@ import numpy as np
 from numba import njit, prange
 
 import shmarray
-from shmarray.kernels.irregular import mandelbrot
-from shmarray.kernels.montecarlo import pi_hits, random_walks, row_seed
+from shmarray.kernels.irregular import escape_row, mandelbrot
+from shmarray.kernels.montecarlo import pi_hits, random_walks, row_hits, walk_row
 from shmarray.kernels.stencils import heat_step
 from shmarray.kernels.table import mandelbrot_args
 from shmarray.report import heat_prange
-from workloads import machine_info, ratios, rounds, summary
+from workloads import machine_info, ratios, rounds, save, summary
 
 ALPHA = 0.2
 WORKERS = 2
@@ -102,41 +101,22 @@ def mandelbrot_rows(out, rows, x0, dx, y0, dy, max_iter):
     """``irregular.mandelbrot`` reading each row's global index from
     ``rows`` instead of computing ``row_offset + i``."""
     for i in range(out.shape[0]):
-        ci = y0 + rows[i] * dy
-        for j in range(out.shape[1]):
-            cr = x0 + j * dx
-            zr, zi = 0.0, 0.0
-            k = 0
-            while k < max_iter and zr * zr + zi * zi <= 4.0:
-                zr, zi = zr * zr - zi * zi + cr, 2.0 * zr * zi + ci
-                k += 1
-            out[i, j] = k
+        escape_row(out[i], x0, dx, y0 + rows[i] * dy, max_iter)
 
 
 @njit(cache=True)
 def pi_hits_rows(counts, rows, samples, seed):
     total = 0
     for i in range(counts.shape[0]):
-        np.random.seed(row_seed(seed, rows[i]))
-        hits = 0
-        for _ in range(samples):
-            x = np.random.random()
-            y = np.random.random()
-            if x * x + y * y <= 1.0:
-                hits += 1
-        counts[i] = hits
-        total += hits
+        counts[i] = row_hits(seed, rows[i], samples)
+        total += counts[i]
     return total
 
 
 @njit(cache=True)
 def random_walks_rows(out, rows, seed):
     for i in range(out.shape[0]):
-        np.random.seed(row_seed(seed, rows[i]))
-        acc = 0.0
-        for j in range(out.shape[1]):
-            acc += np.random.standard_normal()
-            out[i, j] = acc
+        walk_row(out[i], seed, rows[i])
 
 
 def row_offset_figure(eng, quick: bool, repeat: int) -> dict:
@@ -254,9 +234,7 @@ def main() -> int:
     print(f"RGB {a['shape']} float32, gamma: sequential {a['seconds']['sequential']['median']:.3f} s;"
           f" speedup axis 0 {a['speedup_axis_0']:.2f}, axis 1 {a['speedup_axis_1']:.2f},"
           f" axis 2 {a['speedup_axis_2']:.2f}; identical {a['identical']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
+    save(fig, args.json)
     return 0
 
 

@@ -3,6 +3,7 @@ script, so both measure exactly the same thing."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import statistics
 import time
@@ -105,6 +106,14 @@ def rounds(fns: dict, repeat: int, pause: float = 0.02) -> dict[str, list[float]
             out[name].append((time.perf_counter() - t0) / count)
             time.sleep(pause)
     return out
+
+
+def save(figures: dict, path: str | None) -> None:
+    """Write a figure script's results as JSON (``--json PATH``), if asked."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=2)
+            f.write("\n")
 
 
 def summary(times: list[float]) -> dict:

@@ -12,6 +12,9 @@ import numpy as np
 
 from shmarray.kernels._jit import jit
 
+# Building blocks of the kernels below (one row each), not kernels.
+HELPERS = ("row_seed", "row_hits", "walk_row")
+
 
 @jit
 def row_seed(seed, row):
@@ -22,6 +25,29 @@ def row_seed(seed, row):
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
     return np.uint32(z & np.uint64(0xFFFFFFFF))
+
+
+@jit
+def row_hits(seed, row, samples):
+    """Row ``row``'s count for :func:`pi_hits`, from its own stream."""
+    np.random.seed(row_seed(seed, row))
+    hits = 0
+    for _ in range(samples):
+        x = np.random.random()
+        y = np.random.random()
+        if x * x + y * y <= 1.0:
+            hits += 1
+    return hits
+
+
+@jit
+def walk_row(out_row, seed, row):
+    """Row ``row`` of :func:`random_walks`, from its own stream."""
+    np.random.seed(row_seed(seed, row))
+    acc = 0.0
+    for j in range(out_row.shape[0]):
+        acc += np.random.standard_normal()
+        out_row[j] = acc
 
 
 @jit
@@ -36,15 +62,8 @@ def pi_hits(counts, row_offset, samples, seed):
     """
     total = 0
     for i in range(counts.shape[0]):
-        np.random.seed(row_seed(seed, row_offset + i))
-        hits = 0
-        for _ in range(samples):
-            x = np.random.random()
-            y = np.random.random()
-            if x * x + y * y <= 1.0:
-                hits += 1
-        counts[i] = hits
-        total += hits
+        counts[i] = row_hits(seed, row_offset + i, samples)
+        total += counts[i]
     return total
 
 
@@ -57,8 +76,4 @@ def random_walks(out, row_offset, seed):
     Engine:     ``eng.map(random_walks, paths, args=(shmarray.row_offset, 42))``.
     """
     for i in range(out.shape[0]):
-        np.random.seed(row_seed(seed, row_offset + i))
-        acc = 0.0
-        for j in range(out.shape[1]):
-            acc += np.random.standard_normal()
-            out[i, j] = acc
+        walk_row(out[i], seed, row_offset + i)

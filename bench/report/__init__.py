@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from shmarray import row_offset
 from shmarray.kernels.elementwise import triad
-from shmarray.kernels.irregular import mandelbrot
+from shmarray.kernels.irregular import escape_row, mandelbrot
 from shmarray.kernels.reductions import histogram
 from shmarray.kernels.stencils import heat_step
 from shmarray.kernels.table import heat_numpy, mandelbrot_numpy
@@ -84,15 +84,7 @@ def heat_prange(out, inp, alpha):
 @njit(parallel=True, cache=True)
 def mandelbrot_prange(out, x0, dx, y0, dy, max_iter):
     for i in prange(out.shape[0]):
-        ci = y0 + i * dy
-        for j in range(out.shape[1]):
-            cr = x0 + j * dx
-            zr, zi = 0.0, 0.0
-            k = 0
-            while k < max_iter and zr * zr + zi * zi <= 4.0:
-                zr, zi = zr * zr - zi * zi + cr, 2.0 * zr * zi + ci
-                k += 1
-            out[i, j] = k
+        escape_row(out[i], x0, dx, y0 + i * dy, max_iter)
 
 
 @njit(cache=True)
