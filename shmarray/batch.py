@@ -1,11 +1,10 @@
-"""Batch work that survives failures and can be watched: the checks of
-``retries`` and ``errors``, the stream that ``Engine.imap`` returns, and the
-per-worker records of ``Engine.stats``."""
+"""Batch work that survives failures and can be watched: the stream that
+``Engine.imap`` returns, and the per-worker records of ``Engine.stats``
+(the tracked rounds themselves are ``shmarray.tracked``)."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import numbers
 import os
 import queue
 from typing import Any, Callable, NamedTuple
@@ -15,46 +14,12 @@ from shmarray import control
 _END = object()
 
 
-def coerce_retries(value: object) -> int:
-    """
-    >>> coerce_retries(0), coerce_retries(3)
-    (0, 3)
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"retries must be an int >= 0 (runs again of a chunk whose "
-                         f"worker crashed or timed out); got {value!r} instead.")
-    return int(value)
-
-
-def coerce_errors(value: object) -> bool:
-    """True for "collect".
-
-    >>> coerce_errors("raise"), coerce_errors("collect")
-    (False, True)
-    """
-    if value == "raise" and type(value) is str:
-        return False
-    if value == "collect" and type(value) is str:
-        return True
-    raise ValueError(f'errors must be "raise" (the first failure raises) or '
-                     f'"collect" (every chunk that can run does, and the call '
-                     f'returns a MapReport); got {value!r} instead.')
-
-
 def mode_for(retries: int, collect: bool, stream: bool) -> int:
     """The job's ``control`` mode bits: tracked if anything asks for it."""
     if not (retries or collect or stream):
         return 0
     return (control.TRACK | (control.COLLECT if collect else 0)
             | (control.STREAM if stream else 0))
-
-
-def check_trackable(n_chunks: int) -> None:
-    if n_chunks > control.BOARD_CHUNKS:
-        raise ValueError(
-            f"a map with retries, errors=\"collect\" or imap keeps one byte per "
-            f"chunk in the control block, room for {control.BOARD_CHUNKS} chunks; "
-            f"this one has {n_chunks}. Pass fewer chunks (chunks=...).")
 
 
 class Sink:

@@ -122,6 +122,24 @@ def _full_error(nbytes: int, inodes: bool = False) -> SharedMemoryFullError:
         requested=nbytes, free=free, path=SHM_DIR)
 
 
+def out_of_descriptors(exc: OSError, doing: str) -> OSError:
+    """EMFILE/ENFILE, said so a user can act on it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        opened = len(os.listdir("/proc/self/fd")) if _HAVE_PROC else None
+    except OSError:
+        opened = None
+    which = ("this process" if exc.errno == errno.EMFILE else "the whole system")
+    held = f" (it has {opened} open)" if opened is not None and exc.errno == errno.EMFILE else ""
+    return OSError(exc.errno,
+                   f"cannot {doing}: {which} is out of file descriptors{held}; the "
+                   f"limit (ulimit -n) is {soft}, at most {hard}. Raise it in the "
+                   f"shell with `ulimit -n {min(max(4 * soft, 4096), hard)}`, or in "
+                   f"Python with resource.setrlimit(resource.RLIMIT_NOFILE, ...), "
+                   f"or close files you no longer need.")
+
+
 def _map(fd: int, size: int, **kwargs) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED,
                      mmap.PROT_READ | mmap.PROT_WRITE, **kwargs)
@@ -162,6 +180,8 @@ def create(nbytes: int) -> tuple[str, mmap.mmap]:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:   # no inode left (nr_inodes)
                 raise _full_error(size, inodes=True) from None
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise out_of_descriptors(exc, "create a shared block") from None
             raise
     try:
         # The lock belongs to the open file, which the mapping keeps (mmap

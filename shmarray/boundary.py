@@ -14,13 +14,12 @@ axis's two ghost slabs (by the workers holding the first and the last
 rows) and the axes after it.  ``readers`` says whose rows each worker reads
 while filling and computing, so it waits only for those.
 
-Pure functions; the engine checks arguments with them before anything is
-sent.
+Pure functions; ``shmarray.options`` checks ``boundary=`` before anything
+is sent.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -33,54 +32,6 @@ class Boundary(NamedTuple):
     value."""
     mode: str
     value: float = 0.0
-
-
-def coerce_boundary(boundary: object) -> Boundary | None:
-    """
-    >>> coerce_boundary("wrap"), coerce_boundary(None)
-    (Boundary(mode='wrap', value=0.0), None)
-    >>> coerce_boundary(0.5)
-    Boundary(mode='constant', value=0.5)
-    >>> coerce_boundary("periodic")
-    Traceback (most recent call last):
-    ...
-    ValueError: boundary must be None, 'wrap', 'reflect', 'symmetric', 'edge' or a number (a constant), as in numpy.pad; got 'periodic' instead.
-    """
-    if boundary is None:
-        return None
-    if isinstance(boundary, str) and boundary in MODES:
-        return Boundary(boundary)
-    if isinstance(boundary, numbers.Number) and not isinstance(boundary, bool):
-        return Boundary("constant", boundary)
-    raise ValueError(
-        f"boundary must be None, 'wrap', 'reflect', 'symmetric', 'edge' or a "
-        f"number (a constant), as in numpy.pad; got {boundary!r} instead.")
-
-
-def check_ghosts(shape: tuple[int, ...], halo: int, b: Boundary, what: str) -> None:
-    """Every axis needs room for ``halo`` ghost cells on each side and an
-    interior the mode can draw from.
-
-    >>> check_ghosts((10, 3), 1, Boundary("reflect"), "array 0")
-    Traceback (most recent call last):
-    ...
-    ValueError: array 0 has 3 cells along axis 1: with halo=1 ghost cells on each side its interior has 1, and boundary='reflect' needs at least 2. Allocate each axis as interior + 2*halo, with an interior of at least 2.
-    """
-    if halo < 1:
-        raise ValueError(
-            f"boundary={b.mode if b.mode != 'constant' else b.value!r} needs "
-            f"halo >= 1: the ghost cells it fills are the halo on each side of "
-            f"every axis; got halo={halo}.")
-    need = {"reflect": halo + 1, "constant": 0}.get(b.mode, halo)
-    need = max(need, 1)
-    for k, n in enumerate(shape):
-        if n - 2 * halo < need:
-            raise ValueError(
-                f"{what} has {n} cells along axis {k}: with halo={halo} ghost "
-                f"cells on each side its interior has {max(n - 2 * halo, 0)}, "
-                f"and boundary={b.mode if b.mode != 'constant' else b.value!r} "
-                f"needs at least {need}. Allocate each axis as interior + "
-                f"2*halo, with an interior of at least {need}.")
 
 
 def _sources(n: int, h: int, mode: str) -> tuple[slice | None, slice | None]:
@@ -179,6 +130,7 @@ def fill(array: np.ndarray, halo: int, boundary: object, axis: int = 0) -> None:
     >>> bool(np.array_equal(a, np.pad(a[1:-1, 1:-1], 1, "wrap")))
     True
     """
+    from shmarray.options import check_ghosts, coerce_boundary
     b = boundary if isinstance(boundary, Boundary) else coerce_boundary(boundary)
     check_ghosts(array.shape, halo, b, "the array")
     before, after = ghost_copies(array.shape, halo, b, axis,

@@ -142,13 +142,13 @@ def info() -> dict:
     import numba
     import numpy as np
 
-    from shmarray import launch, pool
+    from shmarray import launch, options, pool
 
     layer = threading_layer()
     space = blocks.free_space()
     return {
-        "usable_cpus": pool.usable_cpus(),
-        "default_workers": pool.usable_cpus(),
+        "usable_cpus": options.usable_cpus(),
+        "default_workers": options.usable_cpus(),
         "start_method": pool.DEFAULT_START_METHOD,
         "start_methods_available": list(launch.METHODS),
         "python": sys.version.split()[0],

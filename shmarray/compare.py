@@ -215,7 +215,7 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
             if r:
                 seq_t.append(t1 - t0)
                 eng_t.append(t2 - t1)
-        from shmarray.engine import plan_for
+        from shmarray.partition import plan_for
         parts = plan_for(originals[0].shape[0], chunks, halo, eng.workers,
                          schedule == "dynamic").chunks
         result = Comparison(

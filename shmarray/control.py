@@ -3,38 +3,99 @@ coordinator rings its workers and they answer, without a pipe or a pickle.
 
 Why: a map that went through pipes cost 110-180 us with 2 workers, most of
 it waking a sleeping process (about 100 us in a VM) and pickling.  A worker
-that has just finished a map spins on its *ring* word for a few
-milliseconds, so the next map reaches it in about a microsecond; the
-coordinator spins on the *done* words briefly, then sleeps until the last
-worker wakes it.  Pipes stay for what is rare or large: kernels, job
-definitions, reduce values, errors, and the wake-ups of sleepers.
+that has just finished a map spins on its *ring* word for a while (the wait
+policy, ``shmarray.waiting``), so the next map reaches it in about a
+microsecond; the coordinator spins on the *done* words briefly, then sleeps
+until the last worker wakes it.  Pipes stay for what is rare or large:
+kernels, job definitions, reduce values, errors, and the wake-ups of
+sleepers.
 
-Layout, in int64 words; each writer has its own 128-byte line, so a worker
-spinning on its ring never shares a line with another worker's writes::
+This module is the only one that touches the block's memory.  The
+coordinator's side is :class:`ControlBlock`, a worker's is
+:class:`WorkerWords`; both are thin names over the compiled functions
+below, which compiled hot paths may call directly.
 
-    line 0          COORD_ASLEEP                 coordinator writes
-    line 1          NEXT, STOP                   dynamic chunks: workers take
-    line 2          ABORT                        coordinator only
-    worker i, then:
-      line a        RING, JOB, PIPED, STEPS      coordinator writes
-      line b        DONE, REPLY, ASLEEP, CHUNK,  worker writes
-                    CHUNKS, BUSY_NS, STARTED, RAN,
-                    STEP
-    board           one byte per chunk of a       workers write
-                    tracked map (``board``)
+Protocol
+========
 
-A worker and the coordinator never sleep on each other by mistake: the
-sleeper stores its ASLEEP flag and then re-reads the word it waits for; the
-other side stores that word and then reads the flag (Dekker's pattern).
-Both use sequentially consistent atomics, generated through numba's public
-``numba.extending.intrinsic`` API as LLVM atomic instructions, so the
-pattern holds on weakly ordered CPUs (ARM) too.  The functions are compiled
-once, at import, with ``cache=True``.
+Layout, in int64 words; every writer has its own 128-byte line, so a worker
+spinning on its ring never shares a line with another process's writes::
+
+    line 0      COORD_ASLEEP                      coordinator
+    line 1      NEXT, STOP                        the workers of a round
+                                                  (coordinator between rounds)
+    line 2      ABORT                             any coordinator thread
+    line 3      SLEEPERS                          workers asleep on a STEP word
+    worker i:
+      line a    RING, JOB, PIPED, STEPS           coordinator
+      line b    DONE, REPLY, ASLEEP, CHUNK,       worker i (the coordinator
+                CHUNKS, BUSY_NS, STARTED, RAN,    once worker i is dead)
+                STEP
+    board       one byte per chunk of a tracked   workers of a round
+                map                               (coordinator between rounds,
+                                                  and for a dead worker's chunk)
+
+Who writes what, and who reads it:
+
+=============  ==========================================  =====================
+word           meaning                                     read by
+=============  ==========================================  =====================
+RING           the last ring given: a sequence number,     worker i
+               strictly increasing (``Pool.seq``)
+JOB, PIPED,    the job key (0: just read the pipe), pipe   worker i, once RING
+STEPS          messages sent before this ring, steps       has changed
+DONE           the last ring finished                      coordinator
+REPLY          messages on the results pipe for ring DONE  coordinator
+ASLEEP         worker i sleeps on its task pipe            coordinator (ring)
+CHUNK          the chunk it runs (-1: loading the job)     coordinator (deaths)
+STARTED, RAN   the last ring taken; chunks of it done      coordinator
+CHUNKS,        totals for the process's life               ``Engine.stats``
+BUSY_NS
+STEP           ``step_word(ring, stage)``: stages of an    its neighbours
+               iterated or ghost-filling job done
+NEXT           the next dynamic chunk (fetch-and-add)      workers of the round
+STOP           stop taking chunks: a chunk failed, or the  workers of the round
+               coordinator wants no more
+COORD_ASLEEP   the coordinator sleeps on the pipes         workers (finish)
+ABORT          interrupt the driver's spin (close, stop)   the driver
+SLEEPERS       workers asleep on some STEP word            workers (publish)
+board[k]       PENDING, RUNNING, FINISHED or FAILED        coordinator
+=============  ==========================================  =====================
+
+The one publishing rule: **every access to a word, or to a board byte, is a
+sequentially consistent atomic load, store or fetch-and-add** (LLVM atomic
+instructions generated through numba's public ``numba.extending.intrinsic``
+API, compiled once at import with ``cache=True``), so the order in which
+one process writes is the order in which every other sees, on weakly
+ordered CPUs (ARM) too.  The only exceptions are the per-process totals
+(CHUNKS, BUSY_NS), read for statistics.
+
+Invariants:
+
+* No ABA.  RING, DONE and STARTED only grow, and a STEP word orders rings
+  before stages, so an old value is never mistaken for a new one.  A new
+  worker starts with RING = DONE = its predecessor's DONE: idle, and a ring
+  its predecessor never took may be given again.
+* NEXT, STOP and the board are reset only between rounds: when every worker
+  of the previous round has finished it (DONE >= its ring) or is dead (its
+  process is gone: see ``launch.Child``).  A killed worker may still be
+  running until then, so a dead worker's line, and its chunk on the board,
+  are written by the coordinator only after its death is confirmed.
+* A dead worker leaves its line as it was: CHUNK says which chunk it held,
+  STARTED whether it had taken its ring.  The coordinator reads them, then
+  takes the line over for the replacement (``ControlBlock.take_over``).
+* Sleeping never loses a wake-up (Dekker's pattern): the sleeper publishes
+  that it sleeps (ASLEEP, COORD_ASLEEP, SLEEPERS), then re-reads the word it
+  waits for; the other side writes that word, then reads the flag, and
+  wakes the sleeper if it is set.
+* Every wait has a way out: a worker waiting for its neighbours gives up
+  when STOP is set, and sleeps on a futex with a timeout, so it looks again.
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -46,18 +107,15 @@ LINE = 16                       # int64 words per 128-byte line
 
 COORD_ASLEEP = 0
 NEXT = LINE                     # the next dynamic chunk to take
-STOP = LINE + 1                 # dynamic chunks: stop taking more
+STOP = LINE + 1                 # stop taking chunks
 ABORT = 2 * LINE                # close() or stop(): the waiting driver returns
+SLEEPERS = 3 * LINE             # workers asleep on a STEP word
 
-_WORKERS_AT = 3 * LINE
+_WORKERS_AT = 4 * LINE
 _PER_WORKER = 2 * LINE
 # offsets in a worker's coordinator line
 RING, JOB, PIPED, STEPS = 0, 1, 2, 3
 # offsets in a worker's own line
-# DONE: the last ring answered; REPLY: messages sent on the results pipe for
-# it; CHUNK: the chunk running (or last run); CHUNKS, BUSY_NS: totals for the
-# process's life; STARTED: the last ring taken; RAN: chunks done of it;
-# STEP: steps of an iterated job done, as ``step_word(ring, step)``.
 DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP = (
     LINE + k for k in range(9))
 
@@ -66,7 +124,7 @@ STEP_LIMIT = (1 << STEP_BITS) - 1   # stages (3 a step) per call: fewer than thi
 
 
 def step_word(seq: int, step: int) -> int:
-    """What a worker's STEP word holds once it has done ``step`` steps of
+    """What a worker's STEP word holds once it has done ``step`` stages of
     ring ``seq``: ordered across rings, so an older ring's count is less.
 
     >>> step_word(3, 0) < step_word(3, 1) < step_word(4, 0)
@@ -76,9 +134,7 @@ def step_word(seq: int, step: int) -> int:
 
 
 # A tracked map (``errors="collect"``, ``retries``, ``imap``) has each chunk's
-# state on the board, one byte a chunk, indexed by its place in the map: what
-# the coordinator reads after a worker died or timed out to know which
-# chunks finished, which one it was running, and which it never took.
+# state on the board, one byte a chunk, indexed by its place in the map.
 BOARD_CHUNKS = 1 << 16
 PENDING, RUNNING, FINISHED, FAILED = 0, 1, 2, 3
 
@@ -93,16 +149,11 @@ def words(n_workers: int) -> int:
     return _WORKERS_AT + n_workers * _PER_WORKER + BOARD_CHUNKS // 8
 
 
-def board(ctl: np.ndarray) -> np.ndarray:
-    """The board: the control block's last ``BOARD_CHUNKS`` bytes."""
-    return ctl[ctl.size - BOARD_CHUNKS // 8:].view(np.uint8)
-
-
 def slot(index: int) -> int:
     """The first word of worker ``index``'s two lines.
 
     >>> slot(0), slot(1)
-    (48, 80)
+    (64, 96)
     """
     return _WORKERS_AT + index * _PER_WORKER
 
@@ -114,19 +165,24 @@ def _element(context, builder, array_type, array, index):
     return builder.gep(ary.data, [index])
 
 
+def _width(array_type) -> int:
+    return array_type.dtype.bitwidth // 8
+
+
 @intrinsic
 def _load(typingctx, array, index):
     def codegen(context, builder, sig, args):
         ptr = _element(context, builder, sig.args[0], *args)
-        return builder.load_atomic(ptr, "seq_cst", 8)
-    return types.int64(array, index), codegen
+        return builder.load_atomic(ptr, "seq_cst", _width(sig.args[0]))
+    return array.dtype(array, index), codegen
 
 
 @intrinsic
 def _store(typingctx, array, index, value):
     def codegen(context, builder, sig, args):
         ptr = _element(context, builder, sig.args[0], args[0], args[1])
-        builder.store_atomic(args[2], ptr, "seq_cst", 8)
+        val = context.cast(builder, args[2], sig.args[2], sig.args[0].dtype)
+        builder.store_atomic(val, ptr, "seq_cst", _width(sig.args[0]))
         return context.get_dummy_value()
     return types.void(array, index, value), codegen
 
@@ -169,9 +225,61 @@ def _sched_yield(typingctx):
     return types.void(), codegen
 
 
-# -- what Python calls ---------------------------------------------------------
+# Sleeping on a word.  Linux has futexes: a process sleeps until another
+# wakes the address it sleeps on, or its timeout passes, and the kernel
+# compares the word before sleeping, so no wake-up is lost.  Elsewhere (and
+# on a CPU whose futex call number we do not know) the sleeper naps for the
+# timeout and looks again.  Decided once, here.
+_FUTEX_CALLS = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}
+SYS_FUTEX = (_FUTEX_CALLS.get(platform.machine().lower(), -1)
+             if sys.platform.startswith("linux") and sys.byteorder == "little" else -1)
+FUTEX_WAIT, FUTEX_WAKE = 0, 1          # shared (not FUTEX_PRIVATE): across processes
+
+
+@intrinsic
+def _futex(typingctx, array, index, op, value, timeout_ns):
+    """``syscall(SYS_futex, &array[index], op, value, timeout, NULL, 0)`` on
+    the word's low 32 bits (little-endian: its first four bytes); a
+    timeout of 0 or less means none (FUTEX_WAKE ignores it)."""
+    def codegen(context, builder, sig, args):
+        ary, idx, op_, val, tmo = args
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        ptr = builder.bitcast(_element(context, builder, sig.args[0], ary, idx),
+                              i32.as_pointer())
+        spec = ir.LiteralStructType([i64, i64])
+        ts = cgutils.alloca_once(builder, spec)
+        billion = ir.Constant(i64, 1_000_000_000)
+        builder.store(builder.sdiv(tmo, billion), builder.gep(
+            ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)]))
+        builder.store(builder.srem(tmo, billion), builder.gep(
+            ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)]))
+        voidp = ir.IntType(8).as_pointer()
+        tsp = builder.select(builder.icmp_signed(">", tmo, ir.Constant(i64, 0)),
+                             builder.bitcast(ts, voidp), ir.Constant(voidp, None))
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [i64], var_arg=True), "syscall")
+        return builder.call(fn, [ir.Constant(i64, SYS_FUTEX),
+                                 builder.bitcast(ptr, voidp),
+                                 builder.trunc(op_, i32), builder.trunc(val, i32),
+                                 tsp, ir.Constant(voidp, None), ir.Constant(i32, 0)])
+    return types.int64(array, index, op, value, timeout_ns), codegen
+
+
+@intrinsic
+def _usleep(typingctx, microseconds):
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32)]), "usleep")
+        builder.call(fn, [builder.trunc(args[0], ir.IntType(32))])
+        return context.get_dummy_value()
+    return types.void(microseconds), codegen
+
+
+# -- compiled functions -----------------------------------------------------------
 
 _words = types.Array(types.int64, 1, "C")
+_bytes = types.Array(types.uint8, 1, "C")
+_indices = types.Array(types.int64, 1, "C")
 _OPTS = dict(nogil=True, cache=True)
 
 # Each spin round is a check and a PAUSE; every YIELD_EVERY rounds the
@@ -180,10 +288,13 @@ _OPTS = dict(nogil=True, cache=True)
 # 512-square heat step: yielding every round cost 8% more per step, every
 # 64 rounds 5% more, every 8 rounds least.  A round is about 0.1 us.
 YIELD_EVERY = 8
+# How long a sleeper on a STEP word sleeps before it looks at STOP again.
+NAP_NS = 20_000_000
 
 
 @njit(types.int64(_words, types.int64), **_OPTS)
 def load(ctl, i):
+    """Word ``i``, atomically (also for flags a kernel polls in a test)."""
     return _load(ctl, i)
 
 
@@ -195,6 +306,32 @@ def store(ctl, i, value):
 @njit(types.int64(_words, types.int64, types.int64), **_OPTS)
 def fetch_add(ctl, i, value):
     return _fetch_add(ctl, i, value)
+
+
+@njit(types.int64(_bytes, types.int64), **_OPTS)
+def load_byte(board, i):
+    return _load(board, i)
+
+
+@njit(types.void(_bytes, types.int64, types.int64), **_OPTS)
+def store_byte(board, i, value):
+    _store(board, i, value)
+
+
+@njit(types.void(_bytes, _indices, types.int64), **_OPTS)
+def store_bytes(board, at, value):
+    for k in range(at.shape[0]):
+        _store(board, at[k], value)
+
+
+@njit(types.int64(_bytes, types.int64, types.int64), **_OPTS)
+def count_bytes(board, n, value):
+    """How many of the first ``n`` bytes hold ``value``."""
+    c = 0
+    for k in range(n):
+        if _load(board, k) == value:
+            c += 1
+    return c
 
 
 @njit(types.int64(_words, types.int64, types.int64, types.int64), **_OPTS)
@@ -211,8 +348,7 @@ def wait_change(ctl, i, old, rounds):
     return old
 
 
-@njit(types.int64(_words, types.Array(types.int64, 1, "C"), types.int64,
-                  types.int64), **_OPTS)
+@njit(types.int64(_words, _indices, types.int64, types.int64), **_OPTS)
 def wait_done(ctl, done_at, seq, rounds):
     """Spin up to ``rounds`` until every word in ``done_at`` is at least
     ``seq``; returns how many are not, or -1 once ABORT is set."""
@@ -245,23 +381,6 @@ def announce_sleep(ctl, flag, watched, expected):
 
 @njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64,
                   types.int64), **_OPTS)
-def finish(ctl, at, seq, replies, chunks, busy_ns):
-    """A worker's end of a ring: its counts, then DONE; returns 1 if the
-    coordinator sleeps (wake it through the results pipe), else 0."""
-    ctl[at + REPLY] = replies
-    ctl[at + CHUNKS] += chunks
-    ctl[at + BUSY_NS] += busy_ns
-    _store(ctl, at + DONE, seq)
-    return _load(ctl, COORD_ASLEEP)
-
-
-def new_words(buffer) -> np.ndarray:
-    """The control words over ``buffer`` (a shared mapping)."""
-    return np.frombuffer(buffer, dtype=np.int64)
-
-
-@njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64,
-                  types.int64), **_OPTS)
 def ring(ctl, at, job, piped, steps, seq):
     """Give the worker whose lines start at ``at`` job ``job`` (``steps``
     times, for an iterated job), after ``piped`` pipe messages, as ring
@@ -273,16 +392,263 @@ def ring(ctl, at, job, piped, steps, seq):
     return _load(ctl, at + ASLEEP)
 
 
-@njit(types.void(_words, types.Array(types.int64, 1, "C"), types.int64), **_OPTS)
-def wait_steps(ctl, at, target):
-    """Spin until the STEP word of every worker in ``at`` is at least
-    ``target``: an iterated job's neighbours have finished the step whose
-    rows this worker reads next.  A neighbour that dies makes the
-    coordinator stop this worker too, so the wait needs no way out."""
+@njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64,
+                  types.int64), **_OPTS)
+def finish(ctl, at, seq, replies, chunks, busy_ns):
+    """A worker's end of a ring: its counts, then DONE; returns 1 if the
+    coordinator sleeps (wake it through the results pipe), else 0."""
+    _store(ctl, at + REPLY, replies)
+    _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + chunks)
+    _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + busy_ns)
+    _store(ctl, at + DONE, seq)
+    return _load(ctl, COORD_ASLEEP)
+
+
+@njit(types.void(_words, types.int64, types.int64), **_OPTS)
+def publish_step(ctl, at, word):
+    """Worker ``at`` has done the stage ``word`` names: store it, and wake
+    whoever sleeps on it."""
+    _store(ctl, at + STEP, word)
+    if _load(ctl, SLEEPERS) > 0:
+        if SYS_FUTEX >= 0:
+            _futex(ctl, at + STEP, FUTEX_WAKE, 0x7FFFFFFF, 0)
+
+
+@njit(types.int64(_words, _indices, types.int64, types.int64), **_OPTS)
+def wait_steps(ctl, at, target, spin):
+    """Wait until the STEP word of every worker in ``at`` is at least
+    ``target`` (an iterated job's neighbours have finished the stage whose
+    rows this worker reads next): spin ``spin`` rounds, then sleep on the
+    word, a nap at a time.  Returns 1, or 0 as soon as STOP is set (a chunk
+    failed somewhere: the round ends, and a neighbour may never publish)."""
     for i in range(at.shape[0]):
+        word = at[i] + STEP
         k = 0
-        while _load(ctl, at[i] + STEP) < target:
-            _relax()
-            k += 1
-            if k % YIELD_EVERY == 0:
-                _sched_yield()
+        while True:
+            value = _load(ctl, word)
+            if value >= target:
+                break
+            if _load(ctl, STOP) != 0:
+                return 0
+            if k < spin:
+                _relax()
+                k += 1
+                if k % YIELD_EVERY == 0:
+                    _sched_yield()
+                continue
+            _fetch_add(ctl, SLEEPERS, 1)
+            if _load(ctl, word) == value and _load(ctl, STOP) == 0:
+                if SYS_FUTEX >= 0:
+                    _futex(ctl, word, FUTEX_WAIT, value & 0xFFFFFFFF, NAP_NS)
+                else:
+                    _usleep(200)
+            _fetch_add(ctl, SLEEPERS, -1)
+    return 1
+
+
+@njit(types.int64(_words, types.int64), **_OPTS)
+def take_chunk(ctl, n):
+    """The next chunk of a dynamic job of ``n`` chunks, or -1: none left, or
+    STOP."""
+    if _load(ctl, STOP) != 0:
+        return -1
+    k = _fetch_add(ctl, NEXT, 1)
+    if k >= n or _load(ctl, STOP) != 0:
+        return -1
+    return k
+
+
+# -- the two sides ----------------------------------------------------------------
+
+class ControlBlock:
+    """The coordinator's side of the control block.
+
+    Created by the Pool over a block it creates (and unlinks at close), for
+    ``n_workers``; used by the driver thread of the moment, except
+    ``abort``, which any thread may call.  See the module docstring for the
+    protocol.
+    """
+
+    def __init__(self, buffer, n_workers: int):
+        self.words = np.frombuffer(buffer, dtype=np.int64)
+        self.board = self.words[self.words.size - BOARD_CHUNKS // 8:].view(np.uint8)
+        self.n_workers = n_workers
+
+    @staticmethod
+    def nbytes(n_workers: int) -> int:
+        return words(n_workers) * 8
+
+    def release(self) -> None:
+        """Let go of the shared mapping (the pool is closed, its workers
+        gone): what still calls in, such as a late ``abort`` from another
+        thread, writes to private words."""
+        self.words = np.zeros(self.words.size, np.int64)
+        self.board = self.words[self.words.size - BOARD_CHUNKS // 8:].view(np.uint8)
+
+    def _word(self, index: int, offset: int) -> int:
+        return int(load(self.words, slot(index) + offset))
+
+    # -- a worker's line, as the coordinator reads it
+    def done(self, index: int) -> int:
+        """The last ring worker ``index`` finished."""
+        return self._word(index, DONE)
+
+    def started(self, index: int) -> int:
+        """The last ring worker ``index`` took."""
+        return self._word(index, STARTED)
+
+    def chunk(self, index: int) -> int:
+        """The chunk worker ``index`` runs or ran last (-1: loading the job)."""
+        return self._word(index, CHUNK)
+
+    def ran(self, index: int) -> int:
+        """Chunks of its last ring that worker ``index`` finished."""
+        return self._word(index, RAN)
+
+    def replies(self, index: int) -> int:
+        """Messages worker ``index`` sent on its results pipe for ring DONE."""
+        return self._word(index, REPLY)
+
+    def totals(self, index: int) -> tuple[int, int]:
+        """(chunks, nanoseconds busy) in all, for statistics."""
+        at = slot(index)
+        return int(self.words[at + CHUNKS]), int(self.words[at + BUSY_NS])
+
+    # -- ringing and waiting
+    def ring(self, index: int, job: int, piped: int, steps: int, seq: int) -> bool:
+        """Ring worker ``index`` (see ``ring``); True if it must be woken."""
+        return bool(ring(self.words, slot(index), job, piped, steps, seq))
+
+    def wait_done(self, done_at: np.ndarray, seq: int, rounds: int) -> int:
+        return int(wait_done(self.words, done_at, seq, rounds))
+
+    @staticmethod
+    def done_words(indices) -> np.ndarray:
+        """The DONE words of these workers, for ``wait_done``."""
+        return np.array([slot(i) + DONE for i in indices], np.int64)
+
+    def sleeping(self, asleep: bool) -> None:
+        """The driver sleeps on the pipes (True) or is awake (False)."""
+        store(self.words, COORD_ASLEEP, int(asleep))
+
+    def abort(self) -> None:
+        """Make the driver's spin return (any thread)."""
+        if self.words.size:
+            store(self.words, ABORT, 1)
+
+    def clear_abort(self) -> None:
+        store(self.words, ABORT, 0)
+
+    # -- rounds
+    def new_round(self, halted: bool = False) -> None:
+        """Reset NEXT and STOP for a round (STOP set if ``halted``).  Only
+        between rounds: see the invariants."""
+        store(self.words, NEXT, 0)
+        store(self.words, STOP, int(halted))
+
+    def stop(self) -> None:
+        """Workers of the running round take no more chunks."""
+        store(self.words, STOP, 1)
+
+    def stopped(self) -> bool:
+        return bool(load(self.words, STOP))
+
+    # -- the board
+    def board_set(self, indices, state: int) -> None:
+        """Chunks ``indices`` (an int, a range or a list) get ``state``:
+        between rounds, or for a dead worker's chunk."""
+        if isinstance(indices, int):
+            store_byte(self.board, indices, state)
+        else:
+            store_bytes(self.board, np.asarray(indices, np.int64).reshape(-1), state)
+
+    def board_state(self, k: int) -> int:
+        return int(load_byte(self.board, k))
+
+    def board_all(self, n: int, state: int) -> bool:
+        """Whether the first ``n`` chunks all hold ``state``."""
+        return int(count_bytes(self.board, n, state)) == n
+
+    # -- a worker's line, written by the coordinator
+    def fresh(self, index: int) -> int:
+        """Prepare worker ``index``'s lines for a new process: idle, having
+        answered every ring its predecessor answered and no other.  Only
+        while no process of that index lives.  Returns its ring."""
+        at = slot(index)
+        done = int(load(self.words, at + DONE))
+        store(self.words, at + RING, done)
+        store(self.words, at + ASLEEP, 0)
+        return done
+
+    def take_over(self, index: int, done: int) -> None:
+        """Worker ``index`` is dead (confirmed): mark ring ``done`` as
+        finished for it, so nobody waits for it any more."""
+        store(self.words, slot(index) + DONE, done)
+
+    def stop_worker(self, index: int, piped: int, seq: int) -> None:
+        """Ring worker ``index`` with no job, after ``piped`` messages (the
+        last a Stop): it reads the pipe and exits."""
+        ring(self.words, slot(index), 0, piped, 1, seq)
+
+
+class WorkerWords:
+    """A worker's side of the control block: its own line, the round's
+    words and the board.  Created by the worker over the block it attaches;
+    see the module docstring for the protocol."""
+
+    def __init__(self, buffer, index: int):
+        self.words = np.frombuffer(buffer, dtype=np.int64)
+        self.board = self.words[self.words.size - BOARD_CHUNKS // 8:].view(np.uint8)
+        self.at = slot(index)
+
+    def done(self) -> int:
+        return int(load(self.words, self.at + DONE))
+
+    def wait_ring(self, last: int, rounds: int) -> int:
+        """Spin up to ``rounds`` for a ring after ``last``; the ring seen."""
+        return int(wait_change(self.words, self.at + RING, last, rounds))
+
+    def announce_sleep(self, last: int) -> bool:
+        """About to sleep on the task pipe: True unless a ring came."""
+        return bool(announce_sleep(self.words, self.at + ASLEEP, self.at + RING, last))
+
+    def awake(self) -> None:
+        store(self.words, self.at + ASLEEP, 0)
+
+    def take(self, seq: int) -> tuple[int, int, int]:
+        """Ring ``seq`` is taken: from here a death is a crash of this map
+        (CHUNK -1: before the first chunk).  Returns (job, piped, steps)."""
+        w, at = self.words, self.at
+        store(w, at + RAN, 0)
+        store(w, at + CHUNK, -1)
+        store(w, at + STARTED, seq)
+        return int(load(w, at + JOB)), int(load(w, at + PIPED)), int(load(w, at + STEPS))
+
+    def running(self, chunk: int) -> None:
+        store(self.words, self.at + CHUNK, chunk)
+
+    def ran(self, count: int) -> None:
+        store(self.words, self.at + RAN, count)
+
+    def take_chunk(self, n: int) -> int:
+        return int(take_chunk(self.words, n))
+
+    def stopped(self) -> bool:
+        return bool(load(self.words, STOP))
+
+    def stop(self) -> None:
+        store(self.words, STOP, 1)
+
+    def mark(self, chunk: int, state: int) -> None:
+        store_byte(self.board, chunk, state)
+
+    def publish_step(self, word: int) -> None:
+        publish_step(self.words, self.at, word)
+
+    def wait_steps(self, neighbours: np.ndarray, target: int, spin: int) -> bool:
+        """False if the round stopped while waiting."""
+        return bool(wait_steps(self.words, neighbours, target, spin))
+
+    def finish(self, seq: int, replies: int, chunks: int, busy_ns: int) -> bool:
+        """Ring ``seq`` done; True if the coordinator must be woken."""
+        return bool(finish(self.words, self.at, seq, replies, chunks, busy_ns))

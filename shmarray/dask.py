@@ -43,11 +43,12 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("shmarray.dask needs Dask: pip install 'shmarray[dask]'") from exc
 
-from shmarray.boundary import Boundary, check_ghosts, coerce_boundary
+from shmarray.boundary import Boundary
 from shmarray.descriptors import row_offset, worker_id
-from shmarray.engine import check_placeholders, coerce_axis
-from shmarray.partition import coerce_halo, split_rows
-from shmarray.pool import usable_cpus
+from shmarray.options import (check_boundary, check_combine, check_kernel,
+                              check_placeholders, coerce_args, coerce_axis,
+                              coerce_boundary, coerce_halo, usable_cpus)
+from shmarray.partition import split_rows
 
 __all__ = ["map", "reduce", "row_chunks"]
 
@@ -132,10 +133,8 @@ def _dask(a) -> da.Array:
 
 
 def _plan(kernel, arrays: tuple, args, halo, chunks, boundary, axis) -> _Plan:
-    if not callable(kernel):
-        raise TypeError(f"kernel must be callable; got {kernel!r}.")
-    if not isinstance(args, (tuple, list)):
-        raise TypeError(f"args must be a tuple; write args=({args!r},) for one.")
+    check_kernel(kernel)
+    args = coerce_args(args)
     if not arrays:
         raise TypeError("shmarray.dask needs at least one array after the kernel.")
     for a in arrays:
@@ -152,7 +151,7 @@ def _plan(kernel, arrays: tuple, args, halo, chunks, boundary, axis) -> _Plan:
     if len(set(lengths)) > 1:
         raise ValueError(f"all arrays must have the same length along axis {axis}; "
                          f"got {lengths}.")
-    check_placeholders(tuple(args))
+    check_placeholders(args)
     if any(v is worker_id for v in args):
         raise ValueError(
             "shmarray.worker_id has no meaning on Dask: its workers have no "
@@ -161,8 +160,7 @@ def _plan(kernel, arrays: tuple, args, halo, chunks, boundary, axis) -> _Plan:
     halo = coerce_halo(halo)
     b = coerce_boundary(boundary)
     if b is not None:
-        for i, a in enumerate(arrays):
-            check_ghosts(a.shape, halo, b, f"array {i}")
+        check_boundary(b, arrays, halo)
     n = lengths[0]
     first = next((a for a in arrays if isinstance(a, da.Array)), None)
     if chunks is None and first is not None:
@@ -220,8 +218,7 @@ def reduce(kernel: Callable, *arrays, args=(), combine: Callable = operator.add,
     """``Engine.reduce`` on Dask: the kernel's value for every chunk of rows
     along ``axis``, combined in chunk order.  Computes now, on ``scheduler``
     (default: the current one, such as an active ``distributed.Client``)."""
-    if not callable(combine):
-        raise TypeError(f"combine must be callable; got {combine!r}.")
+    check_combine(combine)
     plan = _plan(kernel, arrays, args, halo, chunks, boundary, axis)
     per_array = [np.moveaxis(plan.blocks(a).to_delayed(), plan.axis, 0).reshape(-1)
                  for a in arrays]

@@ -8,8 +8,10 @@ whatever the array's size.  A kernel travels once per worker
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import pickle
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -216,9 +218,89 @@ def pack_args(args: tuple) -> bytes:
     return cloudpickle.dumps(args, pickle.HIGHEST_PROTOCOL)
 
 
-def load_kernel(payload: bytes) -> Any:
+def load_kernel(payload: bytes, main: MainNamespace | None = None) -> Any:
     obj = load(payload)
-    return obj.resolve() if isinstance(obj, KernelRef) else obj
+    if isinstance(obj, KernelRef):
+        return obj.resolve()
+    return main.adopt(obj) if main is not None else obj
+
+
+_MISSING = object()
+
+
+class MainNamespace:
+    """One ``__main__`` namespace per worker for what comes by value.
+
+    cloudpickle gives every function it sends by value a globals dict of
+    its own, so an initializer that sets a global of the caller's script
+    (``rng = np.random.default_rng(seed)``) would set it where no kernel
+    looks.  In one process, a script's functions share one module
+    namespace; here, every function of the caller's ``__main__`` that
+    reaches the worker (the initializer, kernels, the functions they call,
+    numba dispatchers included) is rebound to this one namespace.
+
+    The globals each function brings are what the caller had when it was
+    sent.  They go into the namespace unless the worker has assigned that
+    name since (an initializer's ``global``): the worker's own writes win.
+    """
+
+    def __init__(self) -> None:
+        self.namespace: dict[str, Any] = {"__name__": "__main__",
+                                          "__builtins__": builtins}
+        self._sent: dict[str, Any] = {}      # name -> what the caller sent last
+        self._done: dict[int, Any] = {}      # id(object) -> adopted, per call
+
+    def adopt(self, obj: Any) -> Any:
+        """``obj``, rebound to this namespace if it comes from ``__main__``."""
+        try:
+            return self._adopt(obj)
+        finally:
+            self._done = {}
+
+    def _adopt(self, obj: Any) -> Any:
+        done = self._done.get(id(obj))
+        if done is not None:
+            return done
+        if isinstance(obj, types.FunctionType) and self._foreign(obj.__globals__):
+            new = types.FunctionType(obj.__code__, self.namespace, obj.__name__,
+                                     obj.__defaults__, obj.__closure__)
+            new.__kwdefaults__ = obj.__kwdefaults__
+            new.__qualname__ = obj.__qualname__
+            new.__module__ = obj.__module__
+            new.__dict__.update(obj.__dict__)
+            self._done[id(obj)] = new
+            self._merge(obj.__globals__)
+            return new
+        py_func = getattr(obj, "py_func", None)
+        if (isinstance(py_func, types.FunctionType) and self._foreign(py_func.__globals__)
+                and hasattr(obj, "targetoptions")):
+            try:
+                import numba
+                new = numba.jit(locals=dict(getattr(obj, "locals", {})),
+                                **obj.targetoptions)(self._adopt(py_func))
+            except Exception:
+                return obj               # keep the dispatcher as it came
+            self._done[id(obj)] = new
+            return new
+        return obj
+
+    def _foreign(self, globals_: dict) -> bool:
+        """A globals dict cloudpickle made for a function of the caller's
+        ``__main__`` (not ours, not this process's own ``__main__``)."""
+        if globals_ is self.namespace or globals_.get("__name__") != "__main__":
+            return False
+        main = sys.modules.get("__main__")
+        return main is None or globals_ is not vars(main)
+
+    def _merge(self, globals_: dict) -> None:
+        ns, sent = self.namespace, self._sent
+        for name, value in list(globals_.items()):
+            if name == "__builtins__":
+                continue
+            current = ns.get(name, _MISSING)
+            if current is _MISSING or current is sent.get(name, _MISSING):
+                value = self._adopt(value)
+                ns[name] = sent[name] = value
 
 
 # -- Messages ---------------------------------------------------------------
@@ -306,10 +388,12 @@ class StartFailed(NamedTuple):
 
 
 class Values(NamedTuple):
-    """The kernel's return values for chunks ``indices`` of ring ``seq``."""
+    """The kernel's return values for chunks ``indices`` of ring ``seq``,
+    pickled apart (``pack_values``): the caller reads the ring number
+    first, and unpickles only values of the ring it waits for."""
     seq: int
     indices: tuple[int, ...]
-    values: tuple
+    payload: bytes
 
 
 class Failed(NamedTuple):
@@ -333,13 +417,21 @@ _TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
 WAKE = b""
 
 
-def encode(msg: tuple, by_value: bool = False) -> bytes:
-    """``by_value``: with cloudpickle, for values that hold functions or
-    classes of the caller's ``__main__`` (plain pickle loads it back)."""
+def encode(msg: tuple) -> bytes:
     if type(msg) is Define:
         msg = msg._replace(arrays=tuple(d.wire for d in msg.arrays))
-    dumps = cloudpickle.dumps if by_value else pickle.dumps
-    return dumps((_TAGS[type(msg)], *msg), pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((_TAGS[type(msg)], *msg), pickle.HIGHEST_PROTOCOL)
+
+
+def pack_values(values: tuple) -> bytes:
+    """A kernel's return values for the caller: plain pickle, or by value
+    (cloudpickle) when they hold functions or classes of the caller's
+    ``__main__`` (plain pickle loads either back).  Raises what pickling
+    raises."""
+    try:
+        return pickle.dumps(values, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(values, pickle.HIGHEST_PROTOCOL)
 
 
 def decode(data: bytes) -> tuple:

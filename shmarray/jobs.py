@@ -16,16 +16,15 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
-import numbers
 import threading
 import weakref
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from shmarray import control
+from shmarray import control, options
 from shmarray.descriptors import ArrayDescriptor, Placeholder, kernel_payload
-from shmarray.partition import Plan
+from shmarray.partition import Plan, plan_for
 
 
 class KernelTable:
@@ -201,20 +200,39 @@ def same_args(held: tuple, args: tuple) -> bool:
     return True
 
 
+def _plain_chunks(chunks) -> object:
+    """``chunks`` in a hashable, exact form for a signature, or a marker
+    that makes the call check in full."""
+    if chunks is None or type(chunks) is int:
+        return chunks
+    if type(chunks) in (list, tuple) and all(type(c) is int for c in chunks):
+        return tuple(chunks)
+    return _UNUSUAL
+
+
+_UNUSUAL = object()
+
+
 def signature(kernel, arrays: tuple, args, layout: Layout,
               want_values: bool) -> tuple | None:
     """A cheap key for a call, or None when the call must be checked in full
     (anything unusual: the full check then explains what is wrong).
 
-    Arrays count by identity, shape, strides and dtype: an ndarray's data
-    pointer cannot be reassigned (NumPy 2), its shape, strides and dtype can.
+    Lists and tuples of args, chunk sizes as a list or a tuple, and NumPy
+    scalars as a boundary constant all have one: a loop that passes them
+    pays only the lookup.  Arrays count by identity, shape, strides and
+    dtype: an ndarray's data pointer cannot be reassigned (NumPy 2), its
+    shape, strides and dtype can.
     """
     halo, chunks, schedule, axis, boundary, mode = layout
-    if type(args) is not tuple or type(halo) is not int or type(axis) is not int:
+    if type(args) not in (tuple, list) or type(halo) is not int or type(axis) is not int:
         return None
-    if not (chunks is None or type(chunks) is int):
+    chunks = _plain_chunks(chunks)
+    if chunks is _UNUSUAL:
         return None
-    if not (boundary is None or type(boundary) in (str, float, int)):
+    if isinstance(boundary, np.generic) and not isinstance(boundary, np.bool_):
+        boundary = boundary.item()
+    if not (boundary is None or type(boundary) in (str, float, int, complex)):
         return None
     key = [id(kernel), halo, chunks, schedule, want_values, len(args), axis,
            type(boundary), boundary, mode]
@@ -278,3 +296,68 @@ class JobCache:
         with self._lock:
             for sig in [s for s, j in self._jobs.items() if j.blocks & names]:
                 del self._jobs[sig]
+
+
+class Calls:
+    """Turns what a caller passed into a Call, in the caller's thread,
+    before anything is sent: a new job is checked in full
+    (``shmarray.options``); a repeat is found by its signature and skips
+    the checks that cannot have changed."""
+
+    def __init__(self, cache: JobCache, table, workers: int):
+        self.cache = cache
+        self.table = table
+        self.workers = workers
+
+    def make(self, kernel, arrays: tuple, args, opts, combine: Callable | None,
+             steps: int = 1, stream: Any = None, iterated: bool = False) -> Call:
+        want_values = combine is not None
+        retries, errors = opts.retries, opts.errors
+        if not (type(retries) is int and retries == 0) or errors != "raise" or stream is not None:
+            retries = options.coerce_retries(retries)
+            collect = options.coerce_errors(errors)
+            mode = (control.TRACK | (control.COLLECT if collect else 0)
+                    | (control.STREAM if stream is not None else 0))
+        else:
+            collect, mode = False, 0
+        layout = Layout(opts.halo, opts.chunks, "iterate" if iterated else opts.schedule,
+                        opts.axis, opts.boundary, mode)
+        sig = signature(kernel, arrays, args, layout, want_values)
+        job = self.cache.get(sig, kernel, arrays, args)
+        if job is None:
+            job = self.cache.add(sig, self._new_job(kernel, arrays, args, layout,
+                                                    want_values))
+        timeout = opts.timeout
+        if timeout is not None:
+            timeout = options.coerce_timeout(timeout)
+        progress = opts.progress
+        if progress is not None and progress is not True and progress is not False:
+            options.coerce_progress(progress)
+        return Call(job, args if type(args) is tuple else tuple(args), timeout,
+                    progress, combine, steps, arrays, retries, collect, stream)
+
+    def _new_job(self, kernel, arrays: tuple, args, layout: Layout,
+                 want_values: bool) -> Job:
+        options.check_kernel(kernel)
+        args = options.coerce_args(args)
+        halo = options.coerce_halo(layout.halo)
+        axis = options.coerce_axis(layout.axis, arrays)
+        descriptors = options.describe_arrays(arrays, self.table, axis)
+        described = options.describe_args(args, self.table)
+        iterated = layout.schedule == "iterate"
+        dynamic = not iterated and options.coerce_schedule(layout.schedule)
+        bound = options.coerce_boundary(layout.boundary)
+        if bound is not None:
+            options.check_boundary(bound, arrays, halo)
+        where = plan_for(arrays[0].shape[axis], layout.chunks, halo, self.workers, dynamic)
+        # The arrays the job describes, including shared ones among the args
+        # (those, and only those, become descriptors in its template).
+        refs = tuple(arrays) + tuple(a for a in args if type(a) is np.ndarray)
+        template = tuple(d if isinstance(a, np.ndarray) and type(d) is ArrayDescriptor
+                         else None for a, d in zip(args, described))
+        if iterated:
+            options.check_swappable(arrays[0], arrays[1])
+        if layout.mode:
+            options.check_trackable(len(where.chunks))
+        return Job(self.cache.new_key(), kernel, refs, descriptors, template,
+                   halo, where, dynamic, want_values, iterated, axis, bound, layout.mode)

@@ -32,8 +32,10 @@ from __future__ import annotations
 import atexit
 import errno
 import importlib
+import math
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -146,42 +148,76 @@ def describe_status(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
+# A process is alive only by its own word.  On Linux 5.3+ a pidfd refers to
+# the process itself (never to a later one with a recycled pid), becomes
+# readable once the process has exited (its memory unmapped), and takes
+# signals.  Elsewhere the sentinel is the read end of a pipe whose write
+# end only the child holds: end-of-file means it has exited.  Decided once.
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+
 class Child:
     """A started process: its pid, a sentinel that becomes readable when it
-    exits, and a way to learn its exit code.
+    has exited, and a way to learn its exit code.
 
-    Created by a launcher, closed by its owner once.  ``kill`` never signals
-    a pid whose exit is already known, so a recycled pid is safe.
+    Created by a launcher with ``alive``, the read end of a pipe only the
+    child holds, and closed by its owner once.  Whether the process runs is
+    learnt from the process itself (its pidfd, or that pipe), never from a
+    third process such as the fork server.  ``kill`` signals through the
+    pidfd, or by pid only while the pipe shows the process alive, so a
+    recycled pid is never signalled.
     """
 
-    def __init__(self, pid: int, sentinel: int):
+    def __init__(self, pid: int, alive: int):
         self.pid = pid
-        self.sentinel = sentinel
+        self._alive = alive
+        self._pidfd = -1
         self._code: int | None = None
+        self.status_known = True      # False: it exited, but nobody could say how
         self.closed = False
+        if _HAVE_PIDFD:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                fd = -1               # gone already, or no pidfds here after all
+            # Opened while the pipe showed the process alive: then the pidfd
+            # is surely this process's, not a recycled pid's.
+            if fd >= 0 and wait_readable([alive], 0):
+                os.close(fd)
+                fd = -1
+            self._pidfd = fd
+        self.sentinel = self._pidfd if self._pidfd >= 0 else alive
 
     def _collect(self) -> int | None:           # launcher-specific
         raise NotImplementedError
 
+    def exited(self) -> bool:
+        """Whether the process has exited (its own word; no waiting)."""
+        return self.closed or bool(wait_readable([self.sentinel], 0))
+
     @property
     def exitcode(self) -> int | None:
         """None while it runs; its exit code (-signal if killed) after."""
-        if self._code is None and not self.closed:
+        if self._code is None and not self.closed and self.exited():
             self._code = self._collect()
         return self._code
 
     def join(self, timeout: float | None = None) -> int | None:
         """Wait up to ``timeout`` seconds for it to exit; its exit code."""
-        if self.exitcode is None and not self.closed:
+        if not self.closed and not self.exited():
             wait_readable([self.sentinel], timeout)
         return self.exitcode
 
     def _signal(self, sig: int) -> None:
-        if self.exitcode is None:
-            try:
+        if self.closed:
+            return
+        try:
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            elif not self.exited():
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass
 
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)
@@ -192,36 +228,57 @@ class Child:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            try:
-                os.close(self.sentinel)
-            except OSError:
-                pass
+            for fd in {self._alive, self._pidfd}:
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
 
 def wait_readable(fds: list, timeout: float | None) -> list:
-    """Those of ``fds`` (ints or objects with fileno) that are readable
-    within ``timeout`` seconds."""
-    with selectors.DefaultSelector() as sel:
-        for fd in fds:
-            sel.register(fd, selectors.EVENT_READ)
-        return [key.fileobj for key, _ in sel.select(timeout)]
+    """Those of ``fds`` (ints or objects with fileno) that are readable, or
+    at end-of-file, within ``timeout`` seconds (None: no limit)."""
+    poller = select.poll()
+    by_fd = {}
+    for obj in fds:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        by_fd[fd] = obj
+        poller.register(fd, select.POLLIN)
+    ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [by_fd[fd] for fd, _ in poller.poll(ms)]
 
 
 # -- fork server -----------------------------------------------------------------
 
 class _ServedChild(Child):
-    """A child of the fork server; the sentinel carries its exit status."""
+    """A child of the fork server, which reports its exit status on a pipe
+    once it has reaped it."""
+
+    def __init__(self, pid: int, alive: int, status: int):
+        self._status = status
+        super().__init__(pid, alive)
 
     def _collect(self) -> int | None:
-        if not wait_readable([self.sentinel], 0):
-            return None
-        try:
-            data = os.read(self.sentinel, 4)
-        except OSError:
-            data = b""
+        # It has exited: the server writes its status when it reaps it.
+        data = b""
+        if wait_readable([self._status], 2.0):
+            try:
+                data = os.read(self._status, 4)
+            except OSError:
+                pass
         if len(data) < 4:
-            return 255                  # the server died before reporting
+            self.status_known = False   # the server is gone: nobody can tell
+            return 255
         return struct.unpack("i", data)[0]
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._status)
+            except OSError:
+                pass
+        super().close()
 
 
 class ForkServer:
@@ -260,23 +317,33 @@ class ForkServer:
         return ours
 
     def start(self, request: Request, fds: list[int]) -> Child:
-        with self._lock:
-            sock = self._ensure()
-            try:
-                socket.send_fds(sock, [_frame(pickle.dumps(request))], fds)
-                reply, got, _, _ = socket.recv_fds(sock, 16, 1)
-            except BaseException:
-                # Interrupted half-way: the conversation is lost, and with
-                # it this server.  The next start gets a new one; a child it
-                # may have forked finds its pipes closed and exits.
-                self._stop()
-                raise
-            if len(reply) < 8 or not got:
-                self._stop()
-                raise OSError(errno.EPIPE, "the shmarray fork server stopped "
-                              "answering; it is restarted on the next start")
-            (pid,) = struct.unpack("q", reply[:8])
-            return _ServedChild(pid, got[0])
+        alive_r, alive_w = os.pipe()
+        try:
+            with self._lock:
+                sock = self._ensure()
+                try:
+                    socket.send_fds(sock, [_frame(pickle.dumps(request))],
+                                    [*fds, alive_w])
+                    reply, got, _, _ = socket.recv_fds(sock, 16, 1)
+                except BaseException:
+                    # Interrupted half-way: the conversation is lost, and
+                    # with it this server.  The next start gets a new one; a
+                    # child it may have forked finds its pipes closed and
+                    # exits.  Children started before live on: their
+                    # liveness never depended on the server.
+                    self._stop()
+                    raise
+                if len(reply) < 8 or not got:
+                    self._stop()
+                    raise OSError(errno.EPIPE, "the shmarray fork server stopped "
+                                  "answering; it is restarted on the next start")
+                (pid,) = struct.unpack("q", reply[:8])
+        except BaseException:
+            os.close(alive_r)
+            raise
+        finally:
+            os.close(alive_w)
+        return _ServedChild(pid, alive_r, got[0])
 
     def _stop(self) -> None:
         sock, proc = self._sock, self._proc
@@ -403,12 +470,18 @@ def _reap(status_pipes: dict[int, int]) -> None:
 # -- spawn -----------------------------------------------------------------------
 
 class _SpawnedChild(Child):
-    def __init__(self, popen: subprocess.Popen, sentinel: int):
-        super().__init__(popen.pid, sentinel)
+    def __init__(self, popen: subprocess.Popen, alive: int):
         self._popen = popen
+        super().__init__(popen.pid, alive)
 
     def _collect(self) -> int | None:
         return self._popen.poll()
+
+    def close(self) -> None:
+        if not self.closed and self._popen.poll() is None:
+            self.kill()
+            self._popen.wait()        # reap: never leave a zombie
+        super().close()
 
 
 def spawned() -> None:
@@ -445,11 +518,21 @@ def _spawn(request: Request, fds: list[int]) -> Child:
 
 class _ForkedChild(Child):
     def _collect(self) -> int | None:
+        # It has exited (by its pidfd: a zombie now; by its pipe: about to
+        # be), so waiting to reap it takes a moment at most.
         try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
+            self.status_known = False
             return 255
-        return None if pid == 0 else describe_status(status)
+        return describe_status(status)
+
+    def close(self) -> None:
+        if not self.closed and self._code is None:
+            if not self.exited():
+                self.kill()
+            self.join()               # reap: never leave a zombie
+        super().close()
 
 
 def _fork(request: Request, fds: list[int]) -> Child:

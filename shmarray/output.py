@@ -125,6 +125,12 @@ def _write(name: str, text: str) -> None:
             pass              # the caller closed or replaced it badly
 
 
+# Bytes read at a time, and the longest line begun that is kept waiting for
+# its end: both bound the coordinator's memory whatever a worker writes.
+READ_BYTES = 1 << 16
+LINE_LIMIT = 1 << 16
+
+
 class Forwarder:
     """The coordinator's ends of every worker's output pipes, and the
     forwarding of what arrives to the caller's streams.
@@ -137,7 +143,6 @@ class Forwarder:
 
     def __init__(self):
         self._lock = threading.Lock()
-        # fd -> [stream name, decoder, the line begun]
         self._pipes: dict[int, list] = {}
         self._version = 0         # bumped when the pipes change
         self._driver_poll = (None, -1)
@@ -153,7 +158,10 @@ class Forwarder:
         with self._lock:
             for fd, name in ((out_fd, "stdout"), (err_fd, "stderr")):
                 os.set_blocking(fd, False)
-                self._pipes[fd] = [name, codecs.getincrementaldecoder("utf-8")("replace"), ""]
+                # [stream name, decoder, the line begun, a piece of a line
+                # went out without its end]
+                self._pipes[fd] = [name, codecs.getincrementaldecoder("utf-8")("replace"),
+                                   "", False]
             self._version += 1
 
     def pending(self) -> bool:
@@ -197,14 +205,18 @@ class Forwarder:
         return closed
 
     def _read(self, fd: int, entry: list, final: bool) -> bool:
-        name, decoder, begun = entry
-        if begun:
+        """Forward what ``fd`` holds; True at end-of-file.  Whole lines go
+        out as they come; a line begun waits for its end, but never grows
+        past ``LINE_LIMIT`` characters (output with no newline, such as a
+        progress line of dots or a C library's, goes out in pieces), so
+        memory stays bounded whatever a worker writes."""
+        name, decoder, begun, open_ = entry
+        if begun or open_:
             self._begun -= 1
-        chunks = []
         eof = False
         while True:
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, READ_BYTES)
             except BlockingIOError:
                 break
             except OSError:
@@ -213,19 +225,23 @@ class Forwarder:
             if not data:
                 eof = True
                 break
-            chunks.append(data)
-        text = begun + decoder.decode(b"".join(chunks), final=eof or final)
-        if not (eof or final):
+            text = begun + decoder.decode(data)
             cut = max(text.rfind("\n"), text.rfind("\r")) + 1
-            text, entry[2] = text[:cut], text[cut:]
-            if entry[2]:
-                self._begun += 1
-        else:
-            entry[2] = ""
-            if text and not text.endswith(("\n", "\r")):
-                text += "\n"
-        if text:
-            _write(name, text)
+            done, begun = text[:cut], text[cut:]
+            if len(begun) > LINE_LIMIT:
+                done, begun = text, ""
+            if done:
+                _write(name, done)
+                entry[3] = not done.endswith(("\n", "\r"))
+        if eof or final:
+            begun += decoder.decode(b"", final=True)
+            if begun or entry[3]:
+                _write(name, begun + "\n")
+            begun = ""
+            entry[3] = False
+        entry[2] = begun
+        if begun or entry[3]:
+            self._begun += 1
         return eof
 
     def close(self) -> None:

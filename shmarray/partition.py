@@ -1,5 +1,5 @@
-"""Rows to chunks, chunks to workers.  Pure functions, checked before any
-work is sent.
+"""Rows to chunks, chunks to workers.  Pure functions, run before any work
+is sent (their arguments are checked by ``shmarray.options``).
 
 A map over ``n`` rows with halo ``h`` partitions the interior rows
 ``[h, n - h)`` into chunks ``(lo, hi)``; each array reaches the kernel as
@@ -9,53 +9,11 @@ rows ``[lo - h, hi + h)``.
 from __future__ import annotations
 
 import functools
-import numbers
-from collections.abc import Sequence
 from typing import NamedTuple
 
+from shmarray.options import check_rows, check_sizes, coerce_chunks
+
 Chunk = tuple[int, int]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def coerce_halo(halo: object) -> int:
-    """
-    >>> coerce_halo(2)
-    2
-    >>> coerce_halo(-1)
-    Traceback (most recent call last):
-    ...
-    ValueError: halo must be a non-negative int (rows on each side of a chunk); got -1 instead.
-    """
-    if not _is_int(halo):
-        raise TypeError(
-            f"halo must be a non-negative int (rows on each side of a chunk); "
-            f"got {halo!r} of type {type(halo).__name__} instead.")
-    if halo < 0:
-        raise ValueError(
-            f"halo must be a non-negative int (rows on each side of a chunk); "
-            f"got {halo!r} instead.")
-    return int(halo)
-
-
-def interior(n_rows: int, halo: int) -> Chunk:
-    """The rows a map with this halo writes.
-
-    >>> interior(10, 1)
-    (1, 9)
-    >>> interior(3, 2)
-    Traceback (most recent call last):
-    ...
-    ValueError: halo=2 needs arrays of at least 4 rows (2 on each side); they have 3. Use a smaller halo or larger arrays.
-    """
-    if n_rows < 2 * halo:
-        raise ValueError(
-            f"halo={halo} needs arrays of at least {2 * halo} rows "
-            f"({halo} on each side); they have {n_rows}. Use a smaller halo "
-            f"or larger arrays.")
-    return halo, n_rows - halo
 
 
 def split_rows(n_rows: int, chunks: object, halo: int = 0,
@@ -82,44 +40,22 @@ def split_rows(n_rows: int, chunks: object, halo: int = 0,
     ...
     ValueError: chunks=(2, 2) adds up to 4 rows, but there are 6 rows to split (rows 0 to 6 with halo=0). Pass sizes that add up to 6, or a number of chunks.
     """
-    start, stop = interior(n_rows, halo)
+    start, stop = check_rows(n_rows, halo)
     rows = stop - start
+    chunks = coerce_chunks(chunks)
     if chunks is None:
         chunks = default
-    if _is_int(chunks):
-        count = int(chunks)
-        if count < 1:
-            raise ValueError(
-                f"chunks must be at least 1; got {chunks!r}. Pass a number "
-                f"of chunks, a sequence of chunk sizes, or None for one "
-                f"chunk per worker.")
-        count = max(1, min(count, rows))
+    if isinstance(chunks, int):
+        count = max(1, min(chunks, rows))
         base, extra = divmod(rows, count)
         sizes = [base + (i < extra) for i in range(count)]
-    elif isinstance(chunks, Sequence) and not isinstance(chunks, (str, bytes)):
-        sizes = list(chunks)
-        bad = [s for s in sizes if not _is_int(s) or s < 1]
-        if bad:
-            raise ValueError(
-                f"chunk sizes must be positive ints; got {bad[0]!r} in "
-                f"chunks={chunks!r}.")
-        if sum(sizes) != rows:
-            raise ValueError(
-                f"chunks={chunks!r} adds up to {sum(sizes)} rows, but there "
-                f"are {rows} rows to split (rows {start} to {stop} with "
-                f"halo={halo}). Pass sizes that add up to {rows}, or a "
-                f"number of chunks.")
-        if not sizes:
-            return ((start, start),)
     else:
-        raise TypeError(
-            f"chunks must be None, an int or a sequence of ints; got "
-            f"{chunks!r} of type {type(chunks).__name__} instead.")
+        sizes = check_sizes(chunks, start, stop, halo)
     out = []
     lo = start
     for size in sizes:
-        out.append((lo, lo + int(size)))
-        lo += int(size)
+        out.append((lo, lo + size))
+        lo += size
     return tuple(out) if out else ((start, start),)
 
 
@@ -151,27 +87,25 @@ def plan(n_rows: int, chunks: object, halo: int, workers: int) -> Plan:
     >>> plan(10, None, 0, 2).groups
     ((0, (0,), ((0, 5),)), (1, (1,), ((5, 10),)))
     """
-    if isinstance(chunks, Sequence) and not isinstance(chunks, (str, bytes)):
-        chunks = tuple(chunks)
-        # Checked before the cache: 32.0 == 32 and hashes alike, so a cached
-        # answer for (32, 32) would otherwise accept (32.0, 32.0).
-        bad = [s for s in chunks if not _is_int(s) or s < 1]
-        if bad:
-            raise ValueError(
-                f"chunk sizes must be positive ints; got {bad[0]!r} in "
-                f"chunks={chunks!r}.")
-    elif chunks is not None and not _is_int(chunks):
-        split_rows(n_rows, chunks, halo, default=workers)   # raises TypeError
-    try:
-        return _plan(n_rows, chunks, halo, workers)
-    except TypeError as exc:
-        if "unhashable" not in str(exc):
-            raise
-        return _plan.__wrapped__(n_rows, chunks, halo, workers)
+    return _plan(n_rows, coerce_chunks(chunks), halo, workers)
+
+
+# Enough chunks that the last one to finish is short, few enough that the
+# ~70 us per chunk stays small against real work.
+DYNAMIC_CHUNKS_PER_WORKER = 8
+
+
+def plan_for(n_rows: int, chunks: object, halo: int, n_workers: int,
+             dynamic: bool) -> Plan:
+    """The chunks a map will use: ``chunks`` as given, else one per worker
+    (static) or DYNAMIC_CHUNKS_PER_WORKER per worker (dynamic)."""
+    if chunks is None and dynamic:
+        chunks = DYNAMIC_CHUNKS_PER_WORKER * n_workers
+    return plan(n_rows, chunks, halo, n_workers)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(n_rows: int, chunks: object, halo: int, workers: int) -> Plan:
+def _plan(n_rows: int, chunks: int | tuple[int, ...] | None, halo: int, workers: int) -> Plan:
     parts = split_rows(n_rows, chunks, halo, default=workers)
     owners = assign_static(len(parts), workers)
     groups = []

@@ -1,85 +1,42 @@
-"""The worker processes: starting them, replacing them, stopping them.
-
-How a map flows, and who owns what::
-
-    caller thread                 driver (one thread at a time)          worker i
-    -------------                 -----------------------------          --------
-    Engine.map: check args  ----> the caller itself when the engine
-    Engine.submit: check,         is idle, else the manager thread
-      enqueue, return a           (dispatch.Dispatcher)
-      Future at once                |
-                                    | tasks pipe, rare or large:
-                                    |  Install(kernel) Define(job)       -> kept by key
-                                    |  Rebind(args) Release(blocks)      -> unmap
-                                    |
-                                    | control block, every map:
-                                    |  JOB, PIPED, then RING = seq   ~~> spinning: sees it
-                                    |  (+ a wake frame if ASLEEP)        asleep: woken
-                                    |                                    drains the pipe,
-                                    |                                    runs its chunks
-                                    |                                    in place
-                                    |  spins on DONE, then sleeps  <~~  REPLY, DONE = seq
-                                    |  on pipes + sentinels            (+ Values / Failed
-                                    |                                     on the results pipe)
-    result or exception   <-------  values in chunk order
+"""The worker processes: starting them, replacing them, recycling them,
+stopping them.
 
 * The Pool owns the processes, the coordinator's ends of their pipes, the
-  control block and the watchdog; whichever thread is the driver is the only
-  one that talks to them, so nothing here takes a lock.
+  control block (``shmarray.control.ControlBlock``) and the watchdog;
+  whichever thread is the driver (``shmarray.dispatch``) is the only one
+  that talks to them, so nothing here takes a lock.  How a map flows
+  through them is drawn in ``shmarray.rounds``.
 * What a worker holds (kernels, job definitions, pipe messages received)
   is recorded on its WorkerProcess: a replacement starts empty and gets
-  everything sent again.
+  everything sent again (``shmarray.holdings``).
 * A worker that dies, times out or is interrupted mid-map is killed if
-  needed and replaced; one left busy by an interrupted driver is replaced
-  before the next map (``Pool.recover``).
+  needed, its death confirmed by the process itself, and only then
+  replaced; one left busy by an interrupted driver is replaced before the
+  next map (``Pool.recover``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import signal
 import time
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
-import numpy as np
 import psutil
 
 from shmarray import blocks, control, launch, output
 from shmarray import watchdog
-from shmarray.control import ASLEEP, DONE, RING
+from shmarray.control import ControlBlock
 from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
 from shmarray.errors import EngineClosedError, WorkerStartError
+from shmarray.waiting import WaitPolicy
 
 DEFAULT_START_METHOD = launch.DEFAULT_METHOD
 
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (affinity and cgroup-aware where the
-    Python version can tell)."""
-    if hasattr(os, "process_cpu_count"):        # 3.13+
-        return os.process_cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def coerce_start_method(method: object) -> str:
-    """
-    >>> coerce_start_method(None)
-    'forkserver'
-    >>> coerce_start_method("teleport")
-    Traceback (most recent call last):
-    ...
-    ValueError: start_method must be one of ['forkserver', 'spawn', 'fork']; got 'teleport' instead.
-    """
-    if method is None:
-        return DEFAULT_START_METHOD
-    if method not in launch.METHODS:
-        raise ValueError(f"start_method must be one of {list(launch.METHODS)}; "
-                         f"got {method!r} instead.")
-    return method
+log = logging.getLogger("shmarray")
 
 
 def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
@@ -100,9 +57,34 @@ def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
     return exc
 
 
+def pipes(count: int) -> list[tuple[int, int]]:
+    """``count`` new pipes; a clear error when the process is out of file
+    descriptors (``ulimit -n``)."""
+    made: list[tuple[int, int]] = []
+    try:
+        for _ in range(count):
+            made.append(os.pipe())
+    except OSError as exc:
+        for r, w in made:
+            os.close(r)
+            os.close(w)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise blocks.out_of_descriptors(exc, "start a worker") from None
+        raise
+    return made
+
+
 # How often, at most, a worker whose RSS is over max_worker_memory has its
 # unique memory measured (see WorkerProcess.over_memory).
 USS_EVERY = 0.25
+
+
+class _StartDied(Exception):
+    """A worker died while starting, before it could say why."""
+
+    def __init__(self, proc: WorkerProcess):
+        super().__init__(proc.pid)
+        self.proc = proc
 
 
 class WorkerProcess:
@@ -116,30 +98,28 @@ class WorkerProcess:
     """
 
     def __init__(self, method: str, index: int, owner_pid: int, control_block: str,
-                 initializer: tuple[bytes, bytes] | None = None,
-                 log_level: int = logging.WARNING):
+                 initializer: tuple[bytes, bytes] | None, log_level: int,
+                 spins: tuple[float, int]):
         self.index = index
-        self.at = control.slot(index)        # its words in the control block
         self.kernels: set[int] = set()
         self.jobs: dict[int, tuple] = {}
         self.sent = 0
         self.rung = 0
         self.tasks_run = 0
         self.chunks_seen = 0
+        self.chunks_at_start = 0
+        self.busy_at_start = 0
         self.ready = False
         self.closed = False
         self._ps: psutil.Process | None = None   # for over_memory
         self._uss_at = -USS_EVERY
         self._over = False
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        (task_r, task_w), (result_r, result_w), (out_r, out_w), (err_r, err_w) = pipes(4)
         try:
             self.child = launch.start(
                 method, "shmarray.worker:main",
                 (launch.Fd(0), launch.Fd(1), owner_pid, index, control_block,
-                 initializer, launch.Fd(2), launch.Fd(3), log_level),
+                 initializer, launch.Fd(2), launch.Fd(3), log_level, spins),
                 [task_r, result_w, out_w, err_w], report=1)
         except BaseException:
             for fd in (task_w, result_r, out_r, err_r):
@@ -177,7 +157,7 @@ class WorkerProcess:
         return decode(self.recv_bytes())
 
     def alive(self) -> bool:
-        return not self.closed and self.child.exitcode is None
+        return not self.closed and not self.child.exited()
 
     def memory(self) -> tuple[int, int]:
         """(RSS, unique memory) in bytes; (0, 0) if it is gone.  Unique
@@ -215,6 +195,9 @@ class WorkerProcess:
         code = self.child.join(1.0)
         if code is None:
             return f"worker {self.pid} stopped answering"
+        if not self.child.status_known:
+            return (f"worker {self.pid} exited (how is unknown: shmarray's fork "
+                    f"server, which reports it, is gone)")
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -224,10 +207,12 @@ class WorkerProcess:
         return f"worker {self.pid} exited with code {code}"
 
     def kill(self) -> None:
-        """End the process now (it may be deep in a numba loop)."""
+        """End the process now (it may be deep in a numba loop, or stopped)
+        and wait until it has exited: from then on it writes nothing."""
         if not self.closed:
             self.child.kill()
-            self.child.join(5.0)
+            if self.child.join(10.0) is None:
+                log.warning("worker %d did not exit within 10 s of SIGKILL", self.pid)
 
     def close(self, timeout: float) -> None:
         """Stop the process (politely if ``timeout``), close the pipes.
@@ -236,7 +221,7 @@ class WorkerProcess:
             return
         if timeout:
             self.child.join(timeout)
-        if self.child.exitcode is None:
+        if not self.child.exited():
             self.child.terminate()
             self.child.join(1.0)
         self.kill()
@@ -260,18 +245,22 @@ class Pool:
 
     workers: list[WorkerProcess] = []   # so close() works after a failed __init__
     watchdog: watchdog.Watchdog | None = None
+    ctl: ControlBlock | None = None
     _control_name: str | None = None
     _closing = False
-    ctl = np.zeros(0, np.int64)
     forwarder = output.Forwarder()
 
-    def __init__(self, n_workers: int, start_method: str = DEFAULT_START_METHOD,
-                 startup_timeout: float = 120.0, max_tasks: int | None = None,
-                 max_memory: int | None = None,
-                 initializer: tuple[bytes, bytes] | None = None):
+    # A replacement that dies while starting (killed with its predecessor,
+    # say) is started again this many times before the map fails.
+    START_ATTEMPTS = 3
+
+    def __init__(self, n_workers: int, start_method: str, startup_timeout: float,
+                 max_tasks: int | None, max_memory: int | None,
+                 initializer: tuple[bytes, bytes] | None, policy: WaitPolicy):
         self.start_method = start_method
         self.max_tasks = max_tasks
         self.max_memory = max_memory
+        self.policy = policy
         self.seq = 0                    # the last ring given
         self.generation = 0             # replacements so far
         self._owner = os.getpid()
@@ -285,10 +274,9 @@ class Pool:
         try:
             # The watchdog first: from now on it knows every block to clean.
             self.watchdog = watchdog.Watchdog(self.start_method)
-            self._control_name, mapping = blocks.create(
-                control.words(n_workers) * 8)
+            self._control_name, mapping = blocks.create(ControlBlock.nbytes(n_workers))
             self.watchdog.blocks(created=(self._control_name,))
-            self.ctl = control.new_words(mapping)
+            self.ctl = ControlBlock(mapping, n_workers)
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)
@@ -297,20 +285,20 @@ class Pool:
             self.close()
             raise
 
+    def next_seq(self) -> int:
+        """A new ring number."""
+        self.seq += 1
+        return self.seq
+
     def _start(self, index: int) -> WorkerProcess:
-        # A new process finds its words as if it had answered every ring its
-        # predecessor answered, and no other: it is idle, and a ring its
-        # predecessor never took can be given again.
-        at = control.slot(index)
-        ring = self.ctl[at + DONE]
-        self.ctl[at + RING] = ring
-        self.ctl[at + ASLEEP] = 0
+        ring = self.ctl.fresh(index)
         proc = WorkerProcess(self.start_method, index, self._owner,
-                             self._control_name, self._initializer, self._log_level)
+                             self._control_name, self._initializer, self._log_level,
+                             self.policy.for_workers())
         self.forwarder.add(*proc.output)
-        proc.rung = int(ring)
-        proc.chunks_seen = proc.chunks_at_start = int(self.ctl[at + control.CHUNKS])
-        proc.busy_at_start = int(self.ctl[at + control.BUSY_NS])
+        proc.rung = ring
+        proc.chunks_seen = proc.chunks_at_start = self.ctl.totals(index)[0]
+        proc.busy_at_start = self.ctl.totals(index)[1]
         return proc
 
     def _tell_watchdog(self) -> None:
@@ -327,39 +315,41 @@ class Pool:
 
     def await_ready(self, procs: list[WorkerProcess], wake=None,
                     closing=lambda: False) -> None:
-        """Wait for every process in ``procs`` to say Ready.  ``wake``: an
-        extra object to wait on, which interrupts the wait when
-        ``closing()``."""
+        """Wait for every process in ``procs`` to say Ready.  ``wake``: the
+        driver's ``Wakeup``, which interrupts the wait, to raise
+        EngineClosedError when ``closing()``.  Raises ``_StartDied`` for a process that died
+        before it could say why."""
         deadline = time.monotonic() + self._startup_timeout
-        waiting = {}
+        waiting: dict = {}
         for p in procs:
             if not p.ready:
-                waiting[p.results] = waiting[p.sentinel] = p
-        output = self.forwarder.fds     # an initializer may print a lot
+                waiting[p.results.fileno()] = waiting[p.sentinel] = p
+        forwarded = set(self.forwarder.fds)   # an initializer may print a lot
         while any(not p.ready for p in procs):
             left = deadline - time.monotonic()
-            objects = list(waiting) + output + ([wake] if wake is not None else [])
-            ready = wait(objects, max(left, 0))
-            shown = [obj for obj in ready if type(obj) is int]
-            if shown:
-                for fd in self.forwarder.forward(shown):
-                    output.remove(fd)
-                ready = [obj for obj in ready if type(obj) is not int]
-                if not ready:
-                    continue
+            fds = list(waiting) + list(forwarded)
+            if wake is not None:
+                fds.append(wake.fileno())
+            ready = launch.wait_readable(fds, max(left, 0))
             if not ready:
                 raise WorkerStartError(
                     f"workers did not start within {self._startup_timeout:.0f} "
                     f"s; the machine may be overloaded. Pass a larger "
                     f"startup_timeout= to Engine.")
-            for obj in ready:
-                if obj is wake:
-                    if closing():
-                        raise EngineClosedError("the engine was closed while "
-                                                "a worker was starting")
-                    continue
-                proc = waiting[obj]
-                if proc.ready:
+            shown = [fd for fd in ready if fd in forwarded]
+            if shown:
+                for fd in self.forwarder.forward(shown):
+                    forwarded.discard(fd)
+            if wake is not None and wake.fileno() in ready:
+                if closing():
+                    raise EngineClosedError("the engine was closed while a "
+                                            "worker was starting")
+                # Something else (a stop()) woke us: the driver acts on it
+                # after the start, through the ABORT word, which stays set.
+                wake.clear()
+            for fd in ready:
+                proc = waiting.get(fd)
+                if proc is None or proc.ready:
                     continue
                 try:
                     msg = proc.recv()
@@ -368,17 +358,16 @@ class Pool:
                 if isinstance(msg, StartFailed):
                     raise start_failed(proc.pid, msg)
                 if not isinstance(msg, Ready):
-                    raise WorkerStartError(
-                        f"{proc.describe_death()} while starting, before it "
-                        f"could say why. Check that `python -c \"import "
-                        f"shmarray.worker\"` works in this environment.")
+                    raise _StartDied(proc)
                 proc.ready = True
 
     def replace(self, index: int, graceful: bool = False, wake=None,
                 closing=lambda: False) -> WorkerProcess:
         """A new worker in place of worker ``index``.  Kills the old one
         unless ``graceful`` (recycling an idle worker, which is asked to
-        stop first)."""
+        stop first), and waits until it has exited.  A replacement that
+        dies while starting is started again, up to ``START_ATTEMPTS``
+        times."""
         old = self.workers[index]
         if graceful:
             try:
@@ -390,24 +379,70 @@ class Pool:
         else:
             old.kill()
             old.close(0.0)
-        # Installed before it is ready: an interruption now leaves a worker
-        # that recover() waits for, never an orphan process.
-        self.generation += 1
-        self.replaced[index] += 1
-        new = self.workers[index] = self._start(index)
-        self._tell_watchdog()
-        self.await_ready([new], wake, closing)
-        return new
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            # Installed before it is ready: an interruption now leaves a
+            # worker that recover() waits for, never an orphan process.
+            self.generation += 1
+            self.replaced[index] += 1
+            new = self.workers[index] = self._start(index)
+            self._tell_watchdog()
+            try:
+                self.await_ready([new], wake, closing)
+                return new
+            except _StartDied as died:
+                why = died.proc.describe_death()
+                new.close(0.0)
+                if attempt == self.START_ATTEMPTS:
+                    raise WorkerStartError(
+                        f"a replacement worker died while starting, "
+                        f"{self.START_ATTEMPTS} times in a row (the last: {why}). "
+                        f"Something kills new workers: the out-of-memory killer, "
+                        f"a resource limit, or another program.") from None
+                log.warning("replacement worker %d died while starting (%s); "
+                            "starting another", new.pid, why)
+        raise AssertionError("unreachable")
 
     def recover(self, wake=None, closing=lambda: False) -> None:
         """Make every worker idle and alive again after an interrupted map:
         replace the dead and those still busy with a job nobody waits for;
         wait for those still starting."""
         for w in list(self.workers):
-            idle = self.ctl[control.slot(w.index) + DONE] >= w.rung
+            idle = self.ctl.done(w.index) >= w.rung
             if not w.alive() or not idle:
                 self.replace(w.index, wake=wake, closing=closing)
-        self.await_ready(self.workers, wake, closing)
+        starting = [w for w in self.workers if not w.ready]
+        try:
+            self.await_ready(starting, wake, closing)
+        except _StartDied as died:
+            self.replace(died.proc.index, wake=wake, closing=closing)
+            self.recover(wake, closing)
+
+    def recycle(self, busy: list[WorkerProcess], dynamic: bool, wake=None,
+                closing=lambda: False) -> None:
+        """Replace, gracefully, the workers past ``max_tasks_per_worker``
+        tasks or ``max_worker_memory`` bytes of unique memory."""
+        limit, memory = self.max_tasks, self.max_memory
+        if limit is None and memory is None:
+            return
+        for w in busy:
+            if self.workers[w.index] is not w:
+                continue                     # replaced already
+            if limit is not None:
+                if dynamic:
+                    now = self.ctl.totals(w.index)[0]
+                    w.tasks_run += now - w.chunks_seen
+                    w.chunks_seen = now
+                else:
+                    w.tasks_run += 1
+                if w.tasks_run >= limit:
+                    log.info("recycling worker %d (pid %d) after %d tasks",
+                             w.index, w.pid, w.tasks_run)
+                    self.replace(w.index, graceful=True, wake=wake, closing=closing)
+                    continue
+            if memory is not None and w.over_memory(memory):
+                log.info("recycling worker %d (pid %d): its unique memory is over "
+                         "max_worker_memory=%d bytes", w.index, w.pid, memory)
+                self.replace(w.index, graceful=True, wake=wake, closing=closing)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker, politely then by force, then the watchdog;
@@ -418,18 +453,15 @@ class Pool:
         if self._closing:
             timeout = 0.0
         self._closing = True
-        self.seq += 1
-        seq = self.seq
-        for w in list(self.workers):
-            try:
-                w.send(Stop())
-            except OSError:
-                continue
-            at = control.slot(w.index)
-            self.ctl[at + control.JOB] = 0
-            self.ctl[at + control.PIPED] = w.sent
-            control.store(self.ctl, at + RING, seq)
-            w.wake()
+        if self.workers:
+            seq = self.next_seq()
+            for w in list(self.workers):
+                try:
+                    w.send(Stop())
+                except OSError:
+                    continue
+                self.ctl.stop_worker(w.index, w.sent, seq)
+                w.wake()
         while self.workers:
             self.workers[-1].close(timeout)
             self.workers.pop()
@@ -439,6 +471,8 @@ class Pool:
         name, self._control_name = self._control_name, None
         if name is not None:
             blocks.unlink(name)
+        if self.ctl is not None:
+            self.ctl.release()
 
     def forget_in_child(self) -> None:
         """In a child forked from the coordinator: close its copies of the

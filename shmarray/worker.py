@@ -30,12 +30,12 @@ import threadpoolctl
 from multiprocessing.connection import Connection
 
 from shmarray import blocks, boundary, control, launch, output
-from shmarray.control import (ASLEEP, CHUNK, DONE, JOB, NEXT, PIPED, RAN,
-                              RING, STARTED, STEP, STEPS, STOP, step_word)
+from shmarray.control import step_word
 from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
-                                  Install, Ready, Rebind, Release, StartFailed,
-                                  Stop, Values, decode, encode, load, load_kernel,
-                                  row_offset, worker_id)
+                                  Install, MainNamespace, Ready, Rebind, Release,
+                                  StartFailed, Stop, Values, decode, encode,
+                                  load, load_kernel, pack_values, row_offset,
+                                  worker_id)
 
 _limits = None
 _forked = False          # set in a child a kernel forked off this worker
@@ -45,13 +45,12 @@ def _after_fork_in_child() -> None:
     global _forked
     _forked = True
 
-# After a job, spin this long for the next ring before sleeping.  Maps
-# issued back to back (an iterated stencil, a loop of small maps) then find
-# the worker awake, about 1 us away instead of the 10-100 us it takes to
-# wake a sleeping process in a VM; an idle engine sleeps within this long
-# of its last map.  The spin yields its CPU every few rounds, so it does
-# not hold up a process that has work.
-SPIN = 2e-3
+# After a job, a worker spins for the next ring for as long as the wait
+# policy says (``shmarray.waiting``).  Maps issued back to back (an iterated
+# stencil, a loop of small maps) then find the worker awake, about 1 us away
+# instead of the 10-100 us it takes to wake a sleeping process in a VM; an
+# idle engine sleeps within that long of its last map.  The spin yields its
+# CPU every few rounds, so it does not hold up a process that has work.
 SPIN_ROUNDS = 256          # rounds per call into the spin loop: about 25 us
 
 
@@ -91,7 +90,8 @@ class _Job:
     def __init__(self, kernel, spec: Define, views: list, args: tuple, index: int):
         self.kernel = kernel
         self.spec = spec
-        self.neighbours = np.array(spec.neighbours, np.int64)
+        # The control lines of the workers it waits for between stages.
+        self.neighbours = np.array([control.slot(i) for i in spec.neighbours], np.int64)
         self.staged = spec.iterated or spec.boundary is not None
         self.bind(views, args, index)
 
@@ -188,17 +188,18 @@ class Mappings:
 
 
 class _Worker:
-    def __init__(self, owner_pid: int, index: int, ctl: np.ndarray, tasks, results):
+    def __init__(self, owner_pid: int, index: int, words: control.WorkerWords,
+                 tasks, results, spins: tuple[float, int]):
         self.index = index
-        self.ctl = ctl
-        self.at = control.slot(index)
+        self.ctl = words
         self.tasks = tasks
         self.results = results
+        self.idle_spin, self.step_spin = spins
         self.received = 0                          # messages, not wake frames
         self.kernels: dict[int, object] = {}
         self.jobs: dict[int, _Job] = {}
         self.maps = Mappings(owner_pid)
-        self.board = control.board(ctl)
+        self.main = MainNamespace()
         self.rows: tuple[int, int] | None = None   # the chunk running, for output
 
     # -- messages ------------------------------------------------------------
@@ -214,7 +215,7 @@ class _Worker:
                      self.maps.bind(pickle.loads(msg.args)), self.index)
         elif kind is Install:
             try:
-                self.kernels[msg.key] = load_kernel(msg.payload)
+                self.kernels[msg.key] = load_kernel(msg.payload, self.main)
             except Exception as exc:
                 self.kernels[msg.key] = _Unloadable(exc)
         elif kind is Forget:
@@ -273,52 +274,52 @@ class _Worker:
 
     # -- jobs ----------------------------------------------------------------
 
-    def run(self, key: int, seq: int) -> None:
-        ctl, at = self.ctl, self.at
+    def run(self, key: int, seq: int, steps: int) -> None:
         started = time.perf_counter_ns()
-        sent = ran = 0
         job = self.jobs.get(key)
         if job is None:      # cannot happen unless the protocol is broken
             self.send(failure(seq, -1, RuntimeError(
                 f"worker {os.getpid()} has no job {key}")))
-            sent = 1
+            sent, ran = 1, 0
         elif job.staged:
-            sent, ran = self.staged(job, seq, int(ctl[at + STEPS]))
+            sent, ran = self.staged(job, seq, steps)
         else:
-            sent, ran = self.chunks(job, seq, job.calls)
-        if control.finish(ctl, at, seq, sent, ran, time.perf_counter_ns() - started):
+            _, sent, ran = self.chunks(job, seq, job.calls)
+        if self.ctl.finish(seq, sent, ran, time.perf_counter_ns() - started):
             self.results.send_bytes(WAKE)
 
-    def chunks(self, job: _Job, seq: int, calls: list, ran: int = 0) -> tuple[int, int]:
-        """Run this worker's chunks of ``job`` once; (messages sent, chunks
-        run in all).  The first failing chunk ends the job, unless the job
-        collects failures (``control.COLLECT``).  A tracked job marks each
-        chunk on the board as it starts, finishes or fails, and stops
-        between chunks when STOP is set; a streamed one sends each value at
-        once."""
-        ctl, at = self.ctl, self.at
+    def chunks(self, job: _Job, seq: int, calls: list,
+               ran: int = 0) -> tuple[bool, int, int]:
+        """Run this worker's chunks of ``job`` once; (a chunk failed,
+        messages sent, chunks run in all).  The first failing chunk ends the
+        job and sets STOP, unless the job collects failures
+        (``control.COLLECT``).  A tracked job marks each chunk on the board
+        as it starts, finishes or fails, and stops between chunks when STOP
+        is set; a streamed one sends each value at once."""
+        ctl = self.ctl
         spec, kernel = job.spec, job.kernel
         mode = spec.mode
-        board = self.board if mode & control.TRACK else None
+        track = mode & control.TRACK
         stream = mode & control.STREAM
         values = [] if spec.want_values and not stream else None
         done = []
         n = len(calls)
         k = -1
         sent = 0
+        failed = False
         while True:
             if spec.dynamic:
-                k = control.fetch_add(ctl, NEXT, 1)
-                if k >= n or control.load(ctl, STOP):
+                k = ctl.take_chunk(n)
+                if k < 0:
                     break
             else:
                 k += 1
-                if k >= n or (board is not None and control.load(ctl, STOP)):
+                if k >= n or (track and ctl.stopped()):
                     break
             index = spec.indices[k]
-            ctl[at + CHUNK] = index
-            if board is not None:
-                board[index] = control.RUNNING
+            ctl.running(index)
+            if track:
+                ctl.mark(index, control.RUNNING)
             self.rows = spec.chunks[k]
             try:
                 value = kernel(*calls[k])
@@ -331,29 +332,31 @@ class _Worker:
                 output.end_lines()
                 self.send(failure(seq, index, exc))
                 sent += 1
-                if board is not None:
-                    board[index] = control.FAILED
+                failed = True
+                if track:
+                    ctl.mark(index, control.FAILED)
                 if mode & control.COLLECT:
                     continue
-                if spec.dynamic or board is not None:
-                    control.store(ctl, STOP, 1)    # the others take no more
-                return sent, ran
+                ctl.stop()              # the others take no more
+                break
             if _forked:           # the kernel forked, and this is the child
                 os._exit(0)
             self.rows = None
             output.end_lines()
             if stream:
+                # Sent before the chunk is marked: the caller decides a
+                # chunk's outcome by its value first (see dispatch.Tally).
                 sent += self.send_values(seq, [index], [value])
             elif values is not None:
                 values.append(value)
                 done.append(index)
-            if board is not None:
-                board[index] = control.FINISHED
+            if track:
+                ctl.mark(index, control.FINISHED)
             ran += 1
-            ctl[at + RAN] = ran
+            ctl.ran(ran)
         if values:
             sent += self.send_values(seq, done, values)
-        return sent, ran
+        return failed, sent, ran
 
     def staged(self, job: _Job, seq: int, steps: int) -> tuple[int, int]:
         """``steps`` steps of a job that needs its neighbours between stages:
@@ -361,44 +364,51 @@ class _Worker:
         cells to fill.  Each step: wait for the neighbours' previous step;
         fill the ghosts before the split axis; wait (if there were any);
         fill the rest; wait; run the chunks.  Every stage done is published
-        as this worker's STEP word, ``step_word(seq, 3 * step + stage)``."""
-        ctl, at = self.ctl, self.at
-        wait = job.neighbours.size > 0
-        ran = 0
-        for step in range(steps):
-            base = 3 * step
-            if step and wait:
-                control.wait_steps(ctl, job.neighbours, step_word(seq, base))
-            if control.load(ctl, STOP):
-                break                   # another worker's chunk failed
-            if job.fills:
-                job.fill(0)
-                control.store(ctl, at + STEP, step_word(seq, base + 1))
-                if wait and job.spec.axis > 0:
-                    control.wait_steps(ctl, job.neighbours, step_word(seq, base + 1))
-                job.fill(1)
-                control.store(ctl, at + STEP, step_word(seq, base + 2))
-                if wait:
-                    control.wait_steps(ctl, job.neighbours, step_word(seq, base + 2))
-            sent, ran = self.chunks(job, seq, job.swapped if step % 2 else job.calls, ran)
-            if sent:
-                # Stop the others, and never keep a neighbour waiting.
-                control.store(ctl, STOP, 1)
-                control.store(ctl, at + STEP, step_word(seq, control.STEP_LIMIT))
-                return sent, ran
-            control.store(ctl, at + STEP, step_word(seq, base + 3))
-        return 0, ran
+        as this worker's STEP word, ``step_word(seq, 3 * step + stage)``.
+
+        However the job ends early (a chunk of this worker failed, or STOP:
+        one of another worker did), this worker publishes its last stage,
+        so no neighbour waits for it; the neighbours' own waits end on STOP.
+        """
+        ctl = self.ctl
+        neighbours = job.neighbours
+        wait = neighbours.size > 0
+        spin = self.step_spin
+        ran = sent = 0
+        try:
+            for step in range(steps):
+                base = 3 * step
+                if step and wait and not ctl.wait_steps(neighbours, step_word(seq, base), spin):
+                    break
+                if ctl.stopped():
+                    break                   # another worker's chunk failed
+                if job.fills:
+                    job.fill(0)
+                    ctl.publish_step(step_word(seq, base + 1))
+                    if wait and job.spec.axis > 0 and not ctl.wait_steps(
+                            neighbours, step_word(seq, base + 1), spin):
+                        break
+                    job.fill(1)
+                    ctl.publish_step(step_word(seq, base + 2))
+                    if wait and not ctl.wait_steps(neighbours, step_word(seq, base + 2), spin):
+                        break
+                failed, now, ran = self.chunks(job, seq, job.swapped if step % 2 else job.calls,
+                                               ran)
+                sent += now
+                if failed:
+                    break
+                ctl.publish_step(step_word(seq, base + 3))
+        finally:
+            # Never keep a neighbour waiting (also when a fill raised).
+            ctl.publish_step(step_word(seq, control.STEP_LIMIT))
+        return sent, ran
 
     def send(self, msg) -> None:
         self.results.send_bytes(encode(msg))
 
     def send_values(self, seq: int, indices: list, values: list) -> int:
-        msg = Values(seq, tuple(indices), tuple(values))
         try:
-            try:
-                data = encode(msg)
-            except Exception:     # something of the caller's __main__: by value
-                data = encode(msg, by_value=True)
+            data = encode(Values(seq, tuple(indices), pack_values(tuple(values))))
         except Exception as exc:  # a kernel returned something unpicklable
             tb = "".join(traceback.format_exception(exc))
             data = encode(Failed(
@@ -409,38 +419,33 @@ class _Worker:
         return 1
 
     def loop(self) -> None:
-        ctl, at = self.ctl, self.at
+        ctl = self.ctl
         # The last ring answered: a ring given before this loop started
         # (a fresh worker is rung as soon as it is ready) is not missed.
-        last = control.load(ctl, at + DONE)
+        last = ctl.done()
         while True:
-            seq = control.wait_change(ctl, at + RING, last, SPIN_ROUNDS)
-            if seq == last:
-                spin_until = time.monotonic() + SPIN
+            seq = ctl.wait_ring(last, SPIN_ROUNDS)
+            if seq == last and self.idle_spin > 0:
+                spin_until = time.monotonic() + self.idle_spin
                 while seq == last and time.monotonic() < spin_until:
-                    seq = control.wait_change(ctl, at + RING, last, SPIN_ROUNDS)
+                    seq = ctl.wait_ring(last, SPIN_ROUNDS)
             if seq == last:
-                if control.announce_sleep(ctl, at + ASLEEP, at + RING, last):
+                if ctl.announce_sleep(last):
                     try:
                         select.select([self.tasks], [], [])
                     finally:
-                        control.store(ctl, at + ASLEEP, 0)
+                        ctl.awake()
                     if not self.drain():
                         return
                 continue
             last = seq
-            # Taken: from here a death is a crash of this map, not an idle
-            # worker's (CHUNK -1: before its first chunk, while loading).
-            ctl[at + RAN] = 0
-            ctl[at + CHUNK] = -1
-            ctl[at + STARTED] = seq
-            if not self.receive(int(ctl[at + PIPED])):
+            job, piped, steps = ctl.take(seq)
+            if not self.receive(piped):
                 return
-            job = int(ctl[at + JOB])
             if job:
-                self.run(job, seq)
+                self.run(job, seq, steps)
             else:
-                control.store(ctl, at + DONE, seq)
+                ctl.finish(seq, 0, 0, 0)
 
 
 def failure(seq: int, index: int, exc: BaseException) -> Failed:
@@ -458,13 +463,15 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
 
 def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
          control_block: str, initializer: tuple[bytes, bytes] | None = None,
-         out_fd: int = -1, err_fd: int = -1, log_level: int = 30) -> None:
+         out_fd: int = -1, err_fd: int = -1, log_level: int = 30,
+         spins: tuple[float, int] = (2e-3, 10_000)) -> None:
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
     the engine's control block, ``initializer`` the pickled (function,
     args) to run once before the first task (``shmarray.worker_id`` among
     the args becomes this worker's index).  ``out_fd`` and ``err_fd``, pipes
     to the coordinator, become its stdout and stderr (``shmarray.output``).
+    ``spins``: the wait policy's (idle spin in seconds, step-wait rounds).
     A failure to start, the initializer's included, is reported to the
     coordinator as a StartFailed message, never printed here."""
     tasks = Connection(tasks_fd, writable=False)
@@ -483,11 +490,11 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
         # on as this worker (it shares its pipes and control words).
         os.register_at_fork(after_in_child=_after_fork_in_child)
         limit_threads()
-        ctl = control.new_words(blocks.attach(control_block))
-        worker = _Worker(owner_pid, index, ctl, tasks, results)
+        words = control.WorkerWords(blocks.attach(control_block), index)
+        worker = _Worker(owner_pid, index, words, tasks, results, spins)
         if initializer is not None:
             stage = "initializer"
-            function = load(initializer[0])
+            function = worker.main.adopt(load(initializer[0]))
             function(*[index if a is worker_id else a
                        for a in pickle.loads(initializer[1])])
         ready = encode(Ready(os.getpid()))
@@ -501,6 +508,9 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
         return
     try:
         results.send_bytes(ready)
+        worker.loop()
     except OSError:
-        return      # the coordinator gave up on us while we started
-    worker.loop()
+        # A pipe broke: the coordinator is gone, or has replaced this worker
+        # (it killed it, or gave up on it while it started).  Nobody is left
+        # to tell.
+        return

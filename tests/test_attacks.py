@@ -253,7 +253,8 @@ def copy(out, inp):
 
 
 @pytest.mark.parametrize("call, exc, text", [
-    (lambda e, a, b: e.map(copy, a, b, chunks=(32.0, 32.0)), ValueError, "positive ints"),
+    (lambda e, a, b: e.map(copy, a, b, chunks=(32.0, 32.0)), TypeError, "must be ints"),
+    (lambda e, a, b: e.map(copy, a, b, chunks=(32, 0)), ValueError, "positive ints"),
     (lambda e, a, b: e.map(copy, a, b, progress=0), TypeError, "progress must be"),
     (lambda e, a, b: e.map(copy, a, b, progress=1), TypeError, "progress must be"),
     (lambda e, a, b: e.empty(""), TypeError, "shape must be"),

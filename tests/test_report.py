@@ -137,6 +137,10 @@ PROGRESS = textwrap.dedent("""
                 acc += inp[i] * 1.0000001
             out[i] = acc
 
+    def nap(out):                               # 50 ms a chunk, whatever the CPU
+        import time
+        time.sleep(0.05)
+
     slow_rows(np.zeros(2), np.ones(2))
     with shmarray.Engine(workers=2) as eng:
         x = eng.from_numpy(np.ones(64))
@@ -184,8 +188,7 @@ def test_asked_for_bars_reach_their_total_on_a_terminal():
 
 
 def test_automatic_bars_show_for_long_maps_only():
-    err = run_progress('eng.map(slow_rows, out, x, chunks=32, schedule="dynamic")',
-                       tty=True)
+    err = run_progress('eng.map(nap, out, chunks=32, schedule="dynamic")', tty=True)
     assert "32/32" in err
     quick = run_progress('eng.map(slow_rows, out[:4], x[:4], chunks=2)', tty=True)
     assert "slow_rows" not in quick

@@ -431,7 +431,7 @@ def triad_ceiling(n: int, threads: int, repeat: int) -> float:
 
 
 def machine() -> dict:
-    from shmarray import pool
+    from shmarray import options
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -446,7 +446,7 @@ def machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             versions[mod] = None
-    return {"cpu": cpu, "usable_cpus": pool.usable_cpus(), "os": platform.platform(),
+    return {"cpu": cpu, "usable_cpus": options.usable_cpus(), "os": platform.platform(),
             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "versions": versions}
 
@@ -454,9 +454,9 @@ def machine() -> dict:
 def run(size: str = "quick", max_workers: int | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from shmarray import pool
+    from shmarray import options
     cfg = SIZES[size]
-    cpus = max_workers or pool.usable_cpus()
+    cpus = max_workers or options.usable_cpus()
     counts = list(range(1, cpus + 1))
     report: dict[str, Any] = {"machine": machine(), "size": size, "workers": counts}
     report["ceiling_GBps"] = triad_ceiling(cfg["triad"], cpus, cfg["repeat"])

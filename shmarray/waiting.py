@@ -1,0 +1,82 @@
+"""How long shmarray's processes spin before they sleep: the wait policy.
+
+Three waits decide how fast a map is handed over and how much CPU waiting
+costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
+
+* a worker that finished a job spins for its next ring, then sleeps on its
+  task pipe (a ring to a sleeper costs a pipe write and a wake-up, 10-100 us
+  in a VM; to a spinner, about a microsecond);
+* the driver spins on the workers' done words, then sleeps on their pipes;
+* a worker of an iterated or ghost-filling job spins on its neighbours'
+  step words, then sleeps on a futex.
+
+``Engine(wait=...)`` or ``SHMARRAY_WAIT`` picks one of:
+
+``"spin"``
+    spin long: the lowest latency, at the price of a core per waiting
+    process (a worker spins 100 ms after each job).
+``"passive"``
+    never spin: every wait sleeps at once.  The least CPU; each hand-over
+    costs a wake-up.
+``"auto"`` (the default)
+    spin briefly (2 ms after a job, 50 us in the driver) while every worker
+    can have a CPU of its own; with more workers than usable CPUs, spin
+    next to nothing, since a spinner then holds a CPU a worker with work
+    needs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+CHOICES = ("auto", "spin", "passive")
+
+
+class WaitPolicy(NamedTuple):
+    """A resolved wait policy (see the module docstring)."""
+    name: str              # what was asked for: "auto", "spin" or "passive"
+    worker_spin: float     # seconds a worker spins for its next ring after a job
+    driver_spin: float     # seconds the driver spins on the done words
+    step_spin: int         # rounds a worker spins on a neighbour's step word
+    oversubscribed: bool   # more workers than usable CPUs
+
+    def for_workers(self) -> tuple[float, int]:
+        """What a worker needs to know: (worker_spin, step_spin)."""
+        return self.worker_spin, self.step_spin
+
+
+def coerce_wait(value: object) -> str:
+    """``wait=``, or ``SHMARRAY_WAIT`` when it is None.
+
+    >>> coerce_wait("passive")
+    'passive'
+    >>> coerce_wait("fast")
+    Traceback (most recent call last):
+    ...
+    ValueError: wait must be 'auto', 'spin' or 'passive' (as OpenMP's OMP_WAIT_POLICY); got 'fast' instead.
+    """
+    where = "wait"
+    if value is None:
+        value = os.environ.get("SHMARRAY_WAIT", "").strip().lower() or "auto"
+        where = "SHMARRAY_WAIT"
+    if not isinstance(value, str) or value not in CHOICES:
+        raise ValueError(f"{where} must be 'auto', 'spin' or 'passive' (as "
+                         f"OpenMP's OMP_WAIT_POLICY); got {value!r} instead.")
+    return value
+
+
+def resolve(name: str, workers: int, cpus: int) -> WaitPolicy:
+    """The spins for policy ``name`` with ``workers`` on ``cpus`` usable CPUs.
+
+    >>> resolve("auto", 2, 2).worker_spin, resolve("auto", 5, 2).worker_spin
+    (0.002, 0.0)
+    """
+    over = workers > cpus
+    if name == "spin":
+        return WaitPolicy(name, 0.1, 1e-3, 1 << 40, over)
+    if name == "passive" or (name == "auto" and over):
+        return WaitPolicy(name, 0.0, 0.0 if name == "passive" else 5e-6,
+                          0 if name == "passive" else 64, over)
+    # A round of the step spin is about 0.2 us: 10000 rounds, about 2 ms.
+    return WaitPolicy(name, 2e-3, 50e-6, 10_000, over)
