@@ -1,5 +1,13 @@
-"""Every test runs under a leak check: no block left in /dev/shm, no child
-process left alive."""
+"""Every test runs under a leak check: no shmarray block left in /dev/shm by
+the test's own processes, and no child process left alive.
+
+The check judges only what this test session made.  A shmarray block name
+carries its creator's pid (``/sha-<pid>-<random>``), and the session
+records the pid of every process it starts (``subprocess.Popen``,
+``os.fork``) besides its own and the descendants it can see, so a block of
+another program, or another user's shmarray, is never judged, never
+listed and never deleted.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +27,55 @@ from shmarray import blocks, launch
 
 SHM_DIR = blocks.SHM_DIR
 
+# Every engine fixture runs at 2 workers and at more workers than this
+# machine's cores (3 and 5 on 2 cores): bugs of N workers hide at 2.
+WORKER_COUNTS = (2, 3, 5)
+
+# -- the processes this session started ---------------------------------------------
+
+OURS: set[int] = {os.getpid()}
+
+
+class _RecordingPopen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        OURS.add(self.pid)
+
+
+subprocess.Popen = _RecordingPopen      # child interpreters, the fork server
+_real_fork = os.fork
+
+
+def _recording_fork() -> int:
+    pid = _real_fork()
+    if pid:
+        OURS.add(pid)
+    return pid
+
+
+os.fork = _recording_fork               # os.fork in tests, multiprocessing's fork
+
+
+def _note_descendants() -> None:
+    try:
+        for child in psutil.Process().children(recursive=True):
+            OURS.add(child.pid)
+    except psutil.Error:
+        pass
+
 
 def shm_entries() -> set[str]:
-    return set(os.listdir(SHM_DIR)) if SHM_DIR else set()
+    """The shmarray blocks in /dev/shm made by this session's processes
+    (names without the leading slash)."""
+    if not SHM_DIR:
+        return set()
+    _note_descendants()
+    out = set()
+    for name in os.listdir(SHM_DIR):
+        pid = blocks.owner_of(name)
+        if pid is not None and pid in OURS:
+            out.add(name)
+    return out
 
 
 def _helper_pids() -> set[int]:
@@ -38,6 +92,7 @@ def children() -> set[int]:
     me = psutil.Process()
     alive = set()
     for child in me.children(recursive=True):
+        OURS.add(child.pid)
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
                 alive.add(child.pid)
@@ -60,12 +115,10 @@ def no_leaks(request):
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    # Clean up by name and pid, so the next test is judged on its own.
+    # Clean up what is ours, by name and by pid, so the next test is
+    # judged on its own.  Nothing else is touched.
     for name in shm_left:
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-        except FileNotFoundError:
-            pass
+        blocks.unlink("/" + name)
     for pid in kids_left:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -96,7 +149,16 @@ def run_python(code: str, *, timeout: float = 120, file: str | None = None,
 
 @pytest.fixture(scope="session")
 def engine():
-    """One engine shared by tests that only need a working pool."""
+    """One 2-worker engine shared by tests that only need a working pool."""
     import shmarray
     with shmarray.Engine(workers=2) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+def engines(request):
+    """An engine at each of WORKER_COUNTS, one per module and count: the
+    suites that must hold at any worker count take this one."""
+    import shmarray
+    with shmarray.Engine(workers=request.param) as eng:
         yield eng
