@@ -1,6 +1,13 @@
 """shmarray: NumPy arrays in POSIX shared memory, and a persistent pool of
 worker processes that runs numba kernels on them in place."""
 
+import logging
+
+# shmarray logs worker replacements, timeouts and recycling on this logger;
+# like every library, it prints nothing unless the application configures
+# logging.
+logging.getLogger("shmarray").addHandler(logging.NullHandler())
+
 from shmarray.batch import ChunkStream, WorkerStats
 from shmarray.compare import Comparison
 from shmarray.descriptors import row_offset, worker_id

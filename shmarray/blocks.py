@@ -194,7 +194,12 @@ def create(nbytes: int) -> tuple[str, mmap.mmap]:
             if exc.errno == errno.ENOSPC:
                 raise _full_error(size) from None
             raise
-        mm = _map(fd, size)
+        try:
+            mm = _map(fd, size)       # keeps a duplicate descriptor before 3.13
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise out_of_descriptors(exc, "map a shared block") from None
+            raise
     except BaseException:
         unlink(name)
         raise

@@ -610,9 +610,8 @@ def check_constant(value: object, dtype: np.dtype, what: str) -> None:
         if real not in (0, 1):
             refuse("it holds True and False: 0 or 1")
     elif kind == "f":
-        if math.isfinite(real) and not math.isfinite(float(np.array(real, dtype=np.float64)
-                                                            .astype(dtype))):
-            refuse(f"it holds at most {np.finfo(dtype).max:g}")
+        if math.isfinite(real) and abs(real) > float(np.finfo(dtype).max):
+            refuse(f"it holds at most {float(np.finfo(dtype).max):g}")
     else:
         refuse("a constant boundary needs a numeric array")
 

@@ -463,7 +463,9 @@ class Pool:
                 self.ctl.stop_worker(w.index, w.sent, seq)
                 w.wake()
         while self.workers:
-            self.workers[-1].close(timeout)
+            w = self.workers[-1]
+            # One still starting (in its initializer, say) reads no Stop.
+            w.close(timeout if w.ready else 0.0)
             self.workers.pop()
         self.forwarder.close()
         if self.watchdog is not None:
