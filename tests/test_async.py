@@ -38,6 +38,13 @@ def bump(x):
 
 
 @njit
+def copy_release(x, flag):
+    """Copies the release flag: 1 if it runs after the first map was let go."""
+    for i in range(x.shape[0]):
+        x[i] = control.load(flag, 1)
+
+
+@njit
 def wait_for_release(flag, limit):
     """Sets flag[0] when it starts, then runs until flag[1] is set (or for
     ``limit`` rounds): a kernel the test can see running and let go.  Run
@@ -237,13 +244,20 @@ def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
     x = engine.zeros(4)
     first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
     assert wait_until_set(flag)
-    waiter = threading.Thread(target=engine.map, args=(bump, x))
+    waiter = threading.Thread(target=engine.map, args=(copy_release, x),
+                              kwargs={"args": (flag,)})
     waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive() and x[0] == 0.0     # queued behind the first
+    # The blocking map is queued (the dispatcher's queue is where it waits)
+    # while the first still runs.
+    deadline = time.monotonic() + 30
+    while not engine._dispatcher._queue:
+        assert time.monotonic() < deadline and waiter.is_alive()
+        time.sleep(0.001)
+    assert not first.done() and x[0] == 0.0
     flag[1] = 1
     waiter.join(60)
     assert not waiter.is_alive() and first.done()
+    # It ran after the first was released, never beside it.
     assert np.all(x == 1.0)
     del flag, x
 

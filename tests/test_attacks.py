@@ -221,10 +221,15 @@ def add_one(x):
         x[i] += 1.0
 
 
+def nap_add_one(x):
+    time.sleep(0.05)          # long enough that the caller sleeps in poll()
+    x += 1.0
+
+
 def test_infinite_and_huge_timeouts(engine):
     x = engine.zeros(4)
-    engine.map(add_one, x, timeout=float("inf"))
-    engine.map(add_one, x, timeout=1e9)           # past poll()'s 2**31 ms
+    engine.map(nap_add_one, x, timeout=float("inf"))
+    engine.map(nap_add_one, x, timeout=1e9)      # past poll()'s 2**31 ms: clamped
     assert np.all(x == 2.0)
     with pytest.raises(ValueError, match="timeout must be positive"):
         engine.map(add_one, x, timeout=float("nan"))

@@ -202,12 +202,10 @@ def test_a_killed_dask_worker_is_retried_or_reported():
         time.sleep(0.5)
         victim = next(iter(client.run(os.getpid).values()))
         os.kill(victim, signal.SIGKILL)
-        try:
-            result = future.result(timeout=120)
-        except distributed.KilledWorker as exc:    # Dask gave up: a clear error
-            assert "slow_double" in str(exc)
-        else:
-            assert np.array_equal(result, 2 * x)     # Dask retried the lost tasks
+        # One death is within Dask's allowed failures (3): the lost tasks
+        # run again elsewhere, with the same result.
+        result = future.result(timeout=120)
+        assert np.array_equal(result, 2 * x)
 
 
 def test_row_chunks_matches_engine_chunks():

@@ -18,7 +18,7 @@ from numba import njit
 
 import shmarray
 
-from conftest import run_python
+from conftest import WORKER_COUNTS, run_python
 from test_lifecycle import _gone, _report
 
 HOLD = """
@@ -44,9 +44,10 @@ def wait_running(flag):
 """
 
 
-def test_close_from_another_thread_ends_the_running_map():
-    code = HOLD + textwrap.dedent("""
-        eng = shmarray.Engine(workers=2)
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_close_from_another_thread_ends_the_running_map(workers):
+    code = HOLD + textwrap.dedent(f"""
+        eng = shmarray.Engine(workers={workers})
         flag = eng.zeros(2)
         print("pids:", *eng.worker_pids)
         print("blocks:", *[b.name for b in eng.blocks])
@@ -78,10 +79,11 @@ def test_close_from_another_thread_ends_the_running_map():
     assert proc.stderr == ""
 
 
-@pytest.mark.parametrize("run", range(8))
-def test_exit_with_a_submitted_map_running_is_clean(run):
-    code = HOLD + textwrap.dedent("""
-        eng = shmarray.Engine(workers=2)
+@pytest.mark.parametrize("run", range(3))
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_exit_with_a_submitted_map_running_is_clean(workers, run):
+    code = HOLD + textwrap.dedent(f"""
+        eng = shmarray.Engine(workers={workers})
         flag = eng.zeros(2)
         future = eng.submit(hold, flag, chunks=1)
         wait_running(flag)
@@ -93,7 +95,7 @@ def test_exit_with_a_submitted_map_running_is_clean(run):
     proc = run_python(code, timeout=60)
     assert time.monotonic() - started < 30
     pids, names = _report(proc.stdout)
-    assert len(pids) == 2 and names
+    assert len(pids) == workers and names
     assert _gone(pids, names)
     assert proc.stderr == ""
 
@@ -106,13 +108,15 @@ def scale(x, s):
 
 @pytest.mark.breaks_things
 @pytest.mark.parametrize("same_args", [True, False])
-def test_a_worker_killed_while_idle_is_replaced_without_losing_the_map(same_args):
-    with shmarray.Engine(workers=2) as eng:
+@pytest.mark.parametrize("workers", WORKER_COUNTS)
+def test_a_worker_killed_while_idle_is_replaced_without_losing_the_map(workers, same_args):
+    with shmarray.Engine(workers=workers) as eng:
         x = eng.from_numpy(np.ones(10))
         eng.map(scale, x, args=(2.0,))          # both workers hold the kernel
         victim = eng.worker_pids[0]
+        proc = psutil.Process(victim)
         os.kill(victim, signal.SIGKILL)
-        psutil.Process(victim).wait(10)         # dead before the next map
+        proc.wait(10)                           # dead before the next map
         eng.map(scale, x, args=(2.0 if same_args else 3.0,))
         assert np.array_equal(x, np.full(10, 4.0 if same_args else 6.0))
         assert victim not in eng.worker_pids
@@ -144,7 +148,7 @@ TWO_CTRL_C = HOLD + textwrap.dedent("""
         while len(hits) < 2:
             time.sleep(0.001)
 
-    with shmarray.Engine(workers=2) as eng:
+    with shmarray.Engine(workers=WORKERS) as eng:
         flag = eng.zeros(2)
         x = eng.from_numpy(np.ones(10))
         eng.map(scale, x, args=(2.0,))
@@ -161,9 +165,10 @@ TWO_CTRL_C = HOLD + textwrap.dedent("""
 
 
 @pytest.mark.breaks_things
-@pytest.mark.parametrize("gap", [0.01, 0.03, 0.05])
-def test_two_quick_ctrl_c_leave_the_engine_usable(gap):
-    proc = subprocess.Popen([sys.executable, "-c", TWO_CTRL_C], stdout=subprocess.PIPE,
+@pytest.mark.parametrize("gap, workers", [(0.01, 2), (0.03, 3), (0.05, 5), (0.01, 5)])
+def test_two_quick_ctrl_c_leave_the_engine_usable(gap, workers):
+    code = TWO_CTRL_C.replace("WORKERS", str(workers))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
     while True:

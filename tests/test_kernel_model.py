@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 import shmarray
+from conftest import WORKER_COUNTS
 from shmarray.partition import split_rows
 
 MODES = ["wrap", "reflect", "symmetric", "edge", 2.5]
@@ -55,9 +56,9 @@ def layouts(draw):
     return interior, h, mode, axis, chunks, dtype, order, seed
 
 
-@pytest.fixture(scope="module")
-def eng():
-    with shmarray.Engine(workers=2) as engine:
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+def eng(request):
+    with shmarray.Engine(workers=request.param) as engine:
         yield engine
 
 

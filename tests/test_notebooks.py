@@ -53,3 +53,19 @@ def check_batch(nb) -> None:
             assert "chunk 3 try" not in text(cell)          # no output strays
     live = next(c for c in nb.cells if "eng.imap(" in c.source)
     assert "64 chunks, pi ~ 3.1" in text(live)
+
+
+def test_the_seed_a_generator_example_works_in_a_notebook():
+    """The README's initializer example, as notebook cells: the kernel and
+    the initializer are defined in cells, sent by value, and must share one
+    namespace per worker."""
+    from test_first_run import readme_example
+    code = readme_example("seed-generator")
+    head, body = code.split("with shmarray.Engine", 1)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(head),
+                                         nbformat.v4.new_code_cell("with shmarray.Engine" + body)])
+    before = shm_entries()
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    out = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert out.startswith("mean "), nb.cells[1].outputs
+    assert shm_entries() == before

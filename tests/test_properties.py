@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 import shmarray
+from conftest import WORKER_COUNTS
 from shmarray.partition import assign_static, split_rows
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64, np.complex128, np.bool_]
@@ -98,13 +99,15 @@ def _make(eng, n, dtype, tail, order, view, rng):
     return shared, np.ascontiguousarray(shared)
 
 
-@pytest.fixture(scope="module")
-def eng():
-    with shmarray.Engine(workers=2) as engine:
+# Each property runs at every worker count, so with fewer examples each than
+# it had at one count (120, 80, 60): more worker counts, fewer examples.
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+def eng(request):
+    with shmarray.Engine(workers=request.param) as engine:
         yield engine
 
 
-@settings(max_examples=120, deadline=None,
+@settings(max_examples=35, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(arrays_and_layout())
@@ -122,7 +125,7 @@ def test_map_equals_sequential_bit_for_bit(eng, case):
     assert np.array_equal(shared_in, private_in)      # inputs untouched
 
 
-@settings(max_examples=80, deadline=None,
+@settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(arrays_and_layout())
@@ -144,7 +147,7 @@ def smooth(out, inp, h):
         out[i] = (inp[i - h] + inp[i] + inp[i + h]) * 0.25
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
 @given(row_chunking(), st.integers(0, 7), st.sampled_from([np.float32, np.float64]),
