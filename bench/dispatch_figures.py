@@ -30,7 +30,7 @@ from shmarray.kernels.stencils import heat_step, jacobi
 from peers import jacobi_prange
 from numba import njit, prange as numba_prange
 
-from shmarray.report import heat_prange, noop_kernel, triad_prange
+from shmarray.report.peers import heat_prange, noop_kernel, triad_prange
 from workloads import machine_info, ratios, rounds, save, summary
 
 ALPHA = 0.2

@@ -28,7 +28,7 @@ from shmarray.kernels.irregular import escape_row, mandelbrot
 from shmarray.kernels.montecarlo import pi_hits, random_walks, row_hits, walk_row
 from shmarray.kernels.stencils import heat_step
 from shmarray.kernels.table import mandelbrot_args
-from shmarray.report import heat_prange
+from shmarray.report.peers import heat_prange
 from workloads import machine_info, ratios, rounds, save, summary
 
 ALPHA = 0.2

@@ -12,17 +12,8 @@ import numpy as np
 from numba import njit, prange
 
 from shmarray.kernels.reductions import combine_moments, moments
-from shmarray.kernels.stencils import heat_step, jacobi
-from shmarray.report import bounds_for, histogram_parts, mandelbrot_prange
-
-
-@njit(parallel=True)
-def jacobi_prange(out, inp):
-    n, m = inp.shape
-    for i in prange(1, n - 1):
-        for j in range(1, m - 1):
-            out[i, j] = 0.25 * (inp[i - 1, j] + inp[i + 1, j]
-                                + inp[i, j - 1] + inp[i, j + 1])
+from shmarray.kernels.stencils import heat_step, jacobi, jacobi_prange
+from shmarray.report.peers import bounds_for, histogram_parts, mandelbrot_prange
 
 
 @njit(parallel=True)

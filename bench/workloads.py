@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import mmap
-import statistics
-import time
 
 import numba
 import numpy as np
 from numba import njit
 
+from shmarray import timing
 from shmarray.kernels.elementwise import triad
-from shmarray.report import interleaved, machine, triad_prange
+from shmarray.report.peers import triad_prange
+from shmarray.timing import machine, ratios, summary
 
 __all__ = ["TriadPair", "interleaved", "machine_info", "noop", "nothing", "ratios", "rounds",
            "small_pages_copy", "summary", "triad_prange"]
@@ -93,19 +93,20 @@ def machine_info() -> dict:
 
 
 def rounds(fns: dict, repeat: int, pause: float = 0.02) -> dict[str, list[float]]:
-    """Seconds per call of each function, one entry per round; the order
-    alternates between rounds.  ``pause`` lets spinning threads and workers
-    of the side that just ran go to sleep before the other side runs."""
-    names = list(fns)
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeat):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            fn, count = fns[name]
-            t0 = time.perf_counter()
-            fn()
-            out[name].append((time.perf_counter() - t0) / count)
-            time.sleep(pause)
-    return out
+    """Seconds per call of each function, one entry per round
+    (``shmarray.timing.interleaved``; ``fns`` maps a name to ``(function,
+    calls)``).  ``pause`` lets spinning threads and workers of the side that
+    just ran go to sleep before the other side runs."""
+    return timing.interleaved(fns, repeat, pause=pause)
+
+
+def interleaved(fns: dict, repeat: int, pause: float = 0.0,
+                inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed ``inner`` calls at a
+    time (``shmarray.timing.interleaved``)."""
+    loops = {name: ((lambda f=f: [f() for _ in range(inner)]), inner)
+             for name, f in fns.items()}
+    return timing.medians(timing.interleaved(loops, repeat, pause=pause))
 
 
 def save(figures: dict, path: str | None) -> None:
@@ -114,14 +115,3 @@ def save(figures: dict, path: str | None) -> None:
         with open(path, "w") as f:
             json.dump(figures, f, indent=2)
             f.write("\n")
-
-
-def summary(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2],
-            "min": min(times), "max": max(times)}
-
-
-def ratios(a: list[float], b: list[float]) -> dict:
-    """The per-round ratio a/b: its median and quartiles."""
-    return summary([x / y for x, y in zip(a, b)])

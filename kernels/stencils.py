@@ -10,11 +10,24 @@ the same array.
 
 import numpy as np
 
-from shmarray.kernels._jit import jit
+from numba import prange
+
+from shmarray.kernels._jit import jit, jit_inline, jit_parallel
+
+# Not kernels of the table: row loops, and the prange peers that run them on
+# threads (benchmarks and `shmarray demo` time the engine against those).
+HELPERS = ("_jacobi_row", "_heat_row", "jacobi_prange", "heat_step_prange")
 
 # Normalised Gaussian weights (binomial approximations), for convolve().
 GAUSS3 = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
 GAUSS5 = np.outer([1.0, 4.0, 6.0, 4.0, 1.0], [1.0, 4.0, 6.0, 4.0, 1.0]) / 256.0
+
+
+@jit_inline
+def _jacobi_row(out, inp, i):
+    for j in range(1, inp.shape[1] - 1):
+        out[i, j] = 0.25 * (inp[i - 1, j] + inp[i + 1, j]
+                            + inp[i, j - 1] + inp[i, j + 1])
 
 
 @jit
@@ -25,11 +38,24 @@ def jacobi(out, inp):
     Sequential: ``jacobi(new, old)``.
     Engine:     ``eng.map(jacobi, new, old, halo=1)``.
     """
-    n, m = inp.shape
-    for i in range(1, n - 1):
-        for j in range(1, m - 1):
-            out[i, j] = 0.25 * (inp[i - 1, j] + inp[i + 1, j]
-                                + inp[i, j - 1] + inp[i, j + 1])
+    for i in range(1, inp.shape[0] - 1):
+        _jacobi_row(out, inp, i)
+
+
+@jit_parallel
+def jacobi_prange(out, inp):
+    """``jacobi`` with numba's ``prange`` over the rows: the threads peer of
+    the engine (the same rows loop, so the same bits)."""
+    for i in prange(1, inp.shape[0] - 1):
+        _jacobi_row(out, inp, i)
+
+
+@jit_inline
+def _heat_row(out, inp, i, alpha):
+    for j in range(1, inp.shape[1] - 1):
+        out[i, j] = inp[i, j] + alpha * (
+            inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1]
+            - 4.0 * inp[i, j])
 
 
 @jit
@@ -40,12 +66,17 @@ def heat_step(out, inp, alpha):
     Sequential: ``heat_step(new, old, 0.2)``.
     Engine:     ``eng.map(heat_step, new, old, args=(0.2,), halo=1)``.
     """
-    n, m = inp.shape
-    for i in range(1, n - 1):
-        for j in range(1, m - 1):
-            out[i, j] = inp[i, j] + alpha * (
-                inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1]
-                - 4.0 * inp[i, j])
+    for i in range(1, inp.shape[0] - 1):
+        _heat_row(out, inp, i, alpha)
+
+
+@jit_parallel
+def heat_step_prange(out, inp, alpha):
+    """``heat_step`` with numba's ``prange`` over the rows: the threads peer
+    that ``shmarray demo`` and ``shmarray bench`` time the engine against
+    (the same row loop, so the same bits)."""
+    for i in prange(1, inp.shape[0] - 1):
+        _heat_row(out, inp, i, alpha)
 
 
 @jit

@@ -11,23 +11,6 @@ import time
 from shmarray import blocks
 
 
-def _heat_prange():
-    """numba prange running the same 5-point step as the kernel library's
-    heat_step, the same arithmetic in the same order: the ceiling for
-    threads on these cores, and bit-identical."""
-    import numba
-
-    @numba.njit(parallel=True, cache=True)
-    def heat_prange(out, inp, alpha):
-        n, m = inp.shape
-        for i in numba.prange(1, n - 1):
-            for j in range(1, m - 1):
-                out[i, j] = inp[i, j] + alpha * (
-                    inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1]
-                    - 4.0 * inp[i, j])
-    return heat_prange
-
-
 def _demo(args: argparse.Namespace) -> int:
     import statistics
 
@@ -35,7 +18,7 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     import shmarray
-    from shmarray.kernels.stencils import heat_step
+    from shmarray.kernels.stencils import heat_step, heat_step_prange as heat_prange
 
     n, steps, alpha, rounds = args.size, args.steps, 0.2, args.rounds
     u0 = np.zeros((n, n))
@@ -47,7 +30,6 @@ def _demo(args: argparse.Namespace) -> int:
     with shmarray.Engine(workers=args.workers) as eng:
         workers = eng.workers
         numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
-        heat_prange = _heat_prange()
         grids = {"sequential": (u0.copy(), u0.copy()), "prange": (u0.copy(), u0.copy()),
                  "map": (eng.from_numpy(u0), eng.from_numpy(u0)),
                  "iterate": (eng.from_numpy(u0), eng.from_numpy(u0))}

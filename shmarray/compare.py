@@ -16,11 +16,12 @@ import functools
 import html
 import operator
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
+from shmarray.timing import first_difference, identical, interleaved, same
 
 
 
@@ -113,27 +114,6 @@ class Comparison:
         return ax
 
 
-def _first_difference(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"shapes {a.shape} and {b.shape}"
-    bad = np.argwhere(~((a == b) | (np.isnan(a) & np.isnan(b))
-                        if a.dtype.kind in "fc" else a == b))
-    if not len(bad):
-        return ""
-    rows = np.unique(bad[:, 0]) if bad.ndim == 2 and bad.shape[1] else bad
-    first = tuple(int(i) for i in bad[0])
-    return (f"{len(bad)} element(s) differ, first at index {first} "
-            f"(sequential {a[first].item()!r}, engine {b[first].item()!r}); rows "
-            f"{', '.join(str(int(r)) for r in rows[:8])}"
-            f"{' ...' if len(rows) > 8 else ''}")
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
-
-
 def poison(dtype: np.dtype) -> object:
     """A value no kernel computes by accident, for ``dtype``.
 
@@ -150,13 +130,6 @@ def poison(dtype: np.dtype) -> object:
     if kind in "mM":
         return np.array("NaT", dtype)
     return True                                    # bool: the best there is
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Elementwise equality, NaN equal to NaN."""
-    if a.dtype.kind in "fc":
-        return (a == b) | (np.isnan(a) & np.isnan(b))
-    return a == b
 
 
 def write_only(kernel: Callable, originals: list[np.ndarray], args: tuple) -> list[int]:
@@ -176,10 +149,10 @@ def write_only(kernel: Callable, originals: list[np.ndarray], args: tuple) -> li
             kernel(*trial, *args)
         except Exception:
             continue
-        others = all(np.all(_same(b, t)) for j, (b, t) in enumerate(zip(base, trial))
+        others = all(np.all(same(b, t)) for j, (b, t) in enumerate(zip(base, trial))
                      if j != i)
-        untouched = _same(base[i], o) & _same(trial[i], np.full_like(o, poison(o.dtype)))
-        if others and np.all(_same(base[i], trial[i]) | untouched):
+        untouched = same(base[i], o) & same(trial[i], np.full_like(o, poison(o.dtype)))
+        if others and np.all(same(base[i], trial[i]) | untouched):
             found.append(i)
     return found
 
@@ -192,29 +165,38 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
     shared = [eng.from_numpy(a) for a in originals]
     run_args = tuple(args)
     opts = dict(args=run_args, halo=halo, chunks=chunks, schedule=schedule)
-    seq_t, eng_t = [], []
     seq_value = eng_value = None
     outputs = [] if reduce else write_only(kernel, originals, run_args)
-    try:
-        for r in range(max(int(repeat), 1) + 1):      # the first round warms up
-            for i, (p, s, o) in enumerate(zip(private, shared, originals)):
+
+    def reset(arrays):
+        # Before every run, from the originals: outputs to the poison value.
+        def run():
+            for i, (a, o) in enumerate(zip(arrays, originals)):
                 if i in outputs:
-                    p[...] = poison(o.dtype)
-                    s[...] = poison(o.dtype)
+                    a[...] = poison(o.dtype)
                 else:
-                    np.copyto(p, o)
-                    np.copyto(s, o)
-            t0 = time.perf_counter()
-            seq_value = kernel(*private, *run_args)
-            t1 = time.perf_counter()
-            if reduce:
-                eng_value = eng.reduce(kernel, *shared, combine=combine, **opts)
-            else:
-                eng.map(kernel, *shared, **opts)
-            t2 = time.perf_counter()
-            if r:
-                seq_t.append(t1 - t0)
-                eng_t.append(t2 - t1)
+                    np.copyto(a, o)
+        return run
+
+    def sequential():
+        nonlocal seq_value
+        seq_value = kernel(*private, *run_args)
+
+    def engine():
+        nonlocal eng_value
+        if reduce:
+            eng_value = eng.reduce(kernel, *shared, combine=combine, **opts)
+        else:
+            eng.map(kernel, *shared, **opts)
+
+    try:
+        prepare = {"sequential": reset(private), "engine": reset(shared)}
+        # One untimed round warms both sides up (compiling, attaching).
+        interleaved({"sequential": sequential, "engine": engine}, 1, prepare=prepare)
+        times = interleaved({"sequential": sequential, "engine": engine},
+                            max(int(repeat), 1), prepare=prepare)
+        seq_t, eng_t = times["sequential"], times["engine"]
+        # The results checked are those of the last round of each side.
         from shmarray.partition import plan_for
         parts = plan_for(originals[0].shape[0], chunks, halo, eng.workers,
                          schedule == "dynamic").chunks
@@ -234,7 +216,7 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
             expected = functools.reduce(combine, [
                 kernel(*[a[lo - halo:hi + halo] for a in originals], *run_args)
                 for lo, hi in parts])
-            result.identical = _equal(expected, eng_value)
+            result.identical = identical(expected, eng_value)
             if not result.identical:
                 result.mismatch = f"sequential by chunks {expected!r}, engine {eng_value!r}"
             try:
@@ -244,7 +226,7 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
                 result.max_abs_diff = None
         else:
             for i, (p, s) in enumerate(zip(private, shared)):
-                diff = _first_difference(p, np.asarray(s))
+                diff = first_difference(p, np.asarray(s))
                 if diff:
                     result.identical = False
                     result.mismatch = f"array {i}: {diff}"
