@@ -9,17 +9,7 @@ import os
 import queue
 from typing import Any, Callable, NamedTuple
 
-from shmarray import control
-
 _END = object()
-
-
-def mode_for(retries: int, collect: bool, stream: bool) -> int:
-    """The job's ``control`` mode bits: tracked if anything asks for it."""
-    if not (retries or collect or stream):
-        return 0
-    return (control.TRACK | (control.COLLECT if collect else 0)
-            | (control.STREAM if stream else 0))
 
 
 class Sink:

@@ -30,7 +30,7 @@ spinning on its ring never shares a line with another process's writes::
       line a    RING, JOB, PIPED, STEPS           coordinator
       line b    DONE, REPLY, ASLEEP, CHUNK,       worker i (the coordinator
                 CHUNKS, BUSY_NS, STARTED, RAN,    once worker i is dead)
-                STEP
+                STEP, OUTPUT
     board       one byte per chunk of a tracked   workers of a round
                 map                               (coordinator between rounds,
                                                   and for a dead worker's chunk)
@@ -53,6 +53,7 @@ CHUNKS,        totals for the process's life               ``Engine.stats``
 BUSY_NS
 STEP           ``step_word(ring, stage)``: stages of an    its neighbours
                iterated or ghost-filling job done
+OUTPUT         lines written to its stdout/stderr so far   coordinator (forward)
 NEXT           the next dynamic chunk (fetch-and-add)      workers of the round
 STOP           stop taking chunks: a chunk failed, or the  workers of the round
                coordinator wants no more
@@ -116,8 +117,8 @@ _PER_WORKER = 2 * LINE
 # offsets in a worker's coordinator line
 RING, JOB, PIPED, STEPS = 0, 1, 2, 3
 # offsets in a worker's own line
-DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP = (
-    LINE + k for k in range(9))
+DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP, OUTPUT = (
+    LINE + k for k in range(10))
 
 STEP_BITS = 24
 STEP_LIMIT = (1 << STEP_BITS) - 1   # stages (3 a step) per call: fewer than this
@@ -140,8 +141,9 @@ PENDING, RUNNING, FINISHED, FAILED = 0, 1, 2, 3
 
 # A job's mode bits (``Define.mode``).  COLLECT: a chunk's exception does not
 # stop the others; TRACK: keep the board, and stop between chunks when told
-# to; STREAM: send each chunk's value as soon as it is computed.
-COLLECT, TRACK, STREAM = 1, 2, 4
+# to; STREAM: send each chunk's value as soon as it is computed; PREPARED:
+# ``Engine.prepare`` made it: serve it by the lean path from its first run.
+COLLECT, TRACK, STREAM, PREPARED = 1, 2, 4, 8
 
 
 def words(n_workers: int) -> int:
@@ -273,6 +275,26 @@ def _usleep(typingctx, microseconds):
         builder.call(fn, [builder.trunc(args[0], ir.IntType(32))])
         return context.get_dummy_value()
     return types.void(microseconds), codegen
+
+
+_CLOCK = getattr(__import__("time"), "CLOCK_MONOTONIC", 1)
+
+
+@intrinsic
+def _now_ns(typingctx):
+    """``clock_gettime(CLOCK_MONOTONIC)`` in nanoseconds (a vDSO call on
+    Linux: no system call)."""
+    def codegen(context, builder, sig, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        spec = ir.LiteralStructType([i64, i64])
+        ts = cgutils.alloca_once(builder, spec)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i32, [i32, spec.as_pointer()]), "clock_gettime")
+        builder.call(fn, [ir.Constant(i32, _CLOCK), ts])
+        sec = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)]))
+        nsec = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)]))
+        return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
+    return types.int64(), codegen
 
 
 # -- compiled functions -----------------------------------------------------------
@@ -458,6 +480,138 @@ def take_chunk(ctl, n):
     return k
 
 
+# -- the lean paths: a map as one call on each side ---------------------------------
+#
+# A map that repeats a job every worker already holds (the usual case in a
+# loop) needs no Python between the ring and the answer: the driver rings
+# and spins in one call (``ring_and_wait``), and a worker serves the rings
+# of a hot job in one compiled loop (``serve``), calling the kernel itself.
+# Measured on the 2-vCPU reference VM, a no-op map through the Python
+# paths cost 30 us; see bench/dispatch_figures.py for these.
+
+# What ``wait_all`` (and ``ring_and_wait``) say.
+QUIET, ATTEND, SPUN, ABORTED = 0, 1, 2, 3
+
+
+@njit(types.int64(_words, _indices, types.int64, types.int64, types.int64, types.int64),
+      **_OPTS)
+def wait_all(ctl, workers, seq, spin_ns, n_all, output_seen):
+    """Spin up to ``spin_ns`` until each worker in ``workers`` (indices) has
+    finished ring ``seq``.  QUIET: done, and nothing to read (no reply, and
+    the OUTPUT words of workers 0 to ``n_all - 1`` still add up to
+    ``output_seen``); ATTEND: done, with replies or output to read; SPUN:
+    not done yet; ABORTED: ABORT is set."""
+    n = workers.shape[0]
+    first = 0
+    k = 0
+    deadline = _now_ns() + spin_ns
+    while True:
+        while first < n and _load(ctl, _WORKERS_AT + workers[first] * _PER_WORKER
+                                  + DONE) >= seq:
+            first += 1
+        if first == n:
+            break
+        if _load(ctl, ABORT) != 0:
+            return ABORTED
+        _relax()
+        k += 1
+        if k % YIELD_EVERY == 0:
+            _sched_yield()
+        if k % 64 == 0 and _now_ns() > deadline:
+            return SPUN
+    for i in range(n):
+        if _load(ctl, _WORKERS_AT + workers[i] * _PER_WORKER + REPLY) != 0:
+            return ATTEND
+    out = 0
+    for i in range(n_all):
+        out += _load(ctl, _WORKERS_AT + i * _PER_WORKER + OUTPUT)
+    return QUIET if out == output_seen else ATTEND
+
+
+@njit(types.UniTuple(types.int64, 2)(_words, _indices, types.int64, _indices, types.int64,
+                                     types.int64, types.int64, types.int64, types.int64,
+                                     types.int64), **_OPTS)
+def ring_and_wait(ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_seen,
+                  new_round):
+    """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
+    before it for worker ``i``, then ``wait_all``; first, if ``new_round``,
+    reset NEXT and STOP (between rounds: see the invariants).  Returns
+    (state, asleep): when ``asleep`` workers sleep, nothing was waited for
+    (state SPUN): wake them (``ControlBlock.asleep``), then wait."""
+    if new_round:
+        _store(ctl, NEXT, 0)
+        _store(ctl, STOP, 0)
+    asleep = 0
+    for i in range(workers.shape[0]):
+        w = workers[i]
+        at = _WORKERS_AT + w * _PER_WORKER
+        _store(ctl, at + JOB, job)
+        _store(ctl, at + PIPED, sent[w])
+        _store(ctl, at + STEPS, steps)
+        _store(ctl, at + RING, seq)
+        if _load(ctl, at + ASLEEP) != 0:
+            asleep += 1
+    if asleep:
+        return SPUN, asleep
+    return wait_all(ctl, workers, seq, spin_ns, n_all, output_seen), 0
+
+
+@njit(types.int64(_words, types.int64), **_OPTS)
+def output_lines(ctl, n_all):
+    """The OUTPUT words of workers 0 to ``n_all - 1``, added up."""
+    out = 0
+    for i in range(n_all):
+        out += _load(ctl, _WORKERS_AT + i * _PER_WORKER + OUTPUT)
+    return out
+
+
+# What ``serve`` says when it returns.
+SPUN_OUT, OTHER_RING, WAKE_DRIVER = 0, 1, 2
+
+
+@njit(nogil=True)
+def serve(ctl, at, last, key, received, kernel, calls, indices, spin_ns):
+    """A worker's lean path: serve rings of job ``key`` (whose chunks'
+    arguments are ``calls``, at ``indices`` in the map) for as long as they
+    come, each with no new pipe message (``received`` handled), spinning up
+    to ``spin_ns`` for the next.  Returns (SPUN_OUT, the last ring served)
+    when none came, (OTHER_RING, seq) for a ring it does not serve,
+    (WAKE_DRIVER, seq) after finishing ring ``seq`` for a driver that
+    sleeps.  The kernel's
+    exception propagates; STARTED and CHUNK then say where it was.
+    Compiled in the worker for each kernel and type of ``calls``."""
+    while True:
+        deadline = _now_ns() + spin_ns
+        k = 0
+        while True:
+            seq = _load(ctl, at + RING)
+            if seq != last:
+                break
+            _relax()
+            k += 1
+            if k % YIELD_EVERY == 0:
+                _sched_yield()
+            if k % 64 == 0 and _now_ns() > deadline:
+                return SPUN_OUT, last
+        if _load(ctl, at + JOB) != key or _load(ctl, at + PIPED) != received:
+            return OTHER_RING, seq
+        _store(ctl, at + RAN, 0)
+        _store(ctl, at + CHUNK, -1)
+        _store(ctl, at + STARTED, seq)
+        t0 = _now_ns()
+        for c in range(len(calls)):
+            _store(ctl, at + CHUNK, indices[c])
+            kernel(*calls[c])
+            _store(ctl, at + RAN, c + 1)
+        _store(ctl, at + REPLY, 0)
+        _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + len(calls))
+        _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + _now_ns() - t0)
+        _store(ctl, at + DONE, seq)
+        if _load(ctl, COORD_ASLEEP) != 0:
+            return WAKE_DRIVER, seq
+        last = seq
+
+
 # -- the two sides ----------------------------------------------------------------
 
 class ControlBlock:
@@ -526,6 +680,24 @@ class ControlBlock:
     def done_words(indices) -> np.ndarray:
         """The DONE words of these workers, for ``wait_done``."""
         return np.array([slot(i) + DONE for i in indices], np.int64)
+
+    def ring_and_wait(self, workers: np.ndarray, job: int, sent: np.ndarray, steps: int,
+                      seq: int, spin_ns: int, output_seen: int,
+                      new_round: bool) -> tuple[int, int]:
+        """The lean path's ring and spin (see ``ring_and_wait``)."""
+        return ring_and_wait(self.words, workers, job, sent, steps, seq, spin_ns,
+                             self.n_workers, output_seen, new_round)
+
+    def wait_all(self, workers: np.ndarray, seq: int, spin_ns: int, output_seen: int) -> int:
+        return int(wait_all(self.words, workers, seq, spin_ns, self.n_workers, output_seen))
+
+    def asleep(self, index: int) -> bool:
+        """Whether worker ``index`` sleeps on its task pipe."""
+        return bool(self._word(index, ASLEEP))
+
+    def output(self) -> int:
+        """Lines the workers have written so far, in all."""
+        return int(output_lines(self.words, self.n_workers))
 
     def sleeping(self, asleep: bool) -> None:
         """The driver sleeps on the pipes (True) or is awake (False)."""
@@ -652,3 +824,21 @@ class WorkerWords:
     def finish(self, seq: int, replies: int, chunks: int, busy_ns: int) -> bool:
         """Ring ``seq`` done; True if the coordinator must be woken."""
         return bool(finish(self.words, self.at, seq, replies, chunks, busy_ns))
+
+    def wrote(self) -> None:
+        """A line went to this worker's stdout or stderr pipe."""
+        store(self.words, self.at + OUTPUT, load(self.words, self.at + OUTPUT) + 1)
+
+    def where(self) -> tuple[int, int]:
+        """(the last ring taken, the chunk running): where a kernel that
+        raised in ``serve`` was."""
+        return (int(load(self.words, self.at + STARTED)),
+                int(load(self.words, self.at + CHUNK)))
+
+    def ran_so_far(self) -> int:
+        return int(load(self.words, self.at + RAN))
+
+    def serve(self, last: int, key: int, received: int, kernel, calls: tuple,
+              indices: np.ndarray, spin_ns: int) -> tuple[int, int]:
+        return serve(self.words, self.at, last, key, received, kernel, calls, indices,
+                     spin_ns)

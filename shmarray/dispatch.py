@@ -99,6 +99,9 @@ def _forget_all_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_all_in_child)
 
 
+_get_ident = threading.get_ident
+
+
 def _stopped() -> MapCancelledError:
     return MapCancelledError(
         "the map was stopped while running; its workers were replaced")
@@ -161,6 +164,22 @@ class Dispatcher:
         except BaseException:
             future.stop()          # Ctrl-C while waiting stops it too
             raise
+
+    def run_prepared(self, call: Call) -> Any:
+        """``run`` for a prepared map: when the engine is idle, drive it here
+        by the lean path (``Runner.prepared``), with nothing else on the way."""
+        lock = self._lock
+        lock.acquire()
+        if self._driver is not None or self._queue or self._closing:
+            lock.release()
+            return self.run(call)
+        self._driver = _get_ident()
+        lock.release()
+        try:
+            values = self.runner.prepared(call, self._should_stop)
+        finally:
+            self._let_go()
+        return None if values is None else finish(call, values)
 
     def tidy(self) -> None:
         """Let workers unmap blocks that died, if no map is running (a

@@ -26,6 +26,7 @@ from shmarray.errors import EngineClosedError, MapReport
 from shmarray.jobs import Call, Calls, JobCache
 from shmarray.options import BoundaryMode, CallOptions, Errors, Schedule, StartMethod, Wait
 from shmarray.pool import Pool
+from shmarray.prepared import PreparedMap
 
 Kernel = Callable[..., Any]
 
@@ -293,13 +294,59 @@ class Engine:
 
     def _call(self, kernel: Kernel, arrays: tuple, args: Any, opts: CallOptions,
               combine: Callable | None, steps: int = 1, stream: Sink | None = None,
-              iterated: bool = False) -> tuple[Dispatcher, Call]:
+              iterated: bool = False, prepared: bool = False) -> tuple[Dispatcher, Call]:
         """Check everything in the caller's thread, before anything is sent."""
         d = self._dispatcher
         if d is None or d.closing or _pid != self._owner:
             d = self._live()                 # raises the right error
         return d, self._calls.make(kernel, arrays, args, opts, combine, steps,
-                                   stream, iterated)
+                                   stream, iterated, prepared)
+
+    def prepare(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+                halo: int = 0, chunks: int | Sequence[int] | None = None,
+                timeout: float | None = None, schedule: Schedule = "static",
+                progress: bool | None = None, boundary: BoundaryMode = None,
+                axis: int = 0, retries: int = 0, errors: Errors = "raise") -> PreparedMap:
+        """A map made ready to run again and again at the least cost the
+        engine has: checked once, here; then ``step()`` rings the workers
+        and spins for their answer in one compiled call, and the workers run
+        the kernel from compiled code.
+
+        Parameters
+        ----------
+        kernel, *arrays, args, halo, chunks, timeout, schedule, progress, boundary, axis, retries, errors
+            As for ``map``.
+
+        Returns
+        -------
+        PreparedMap
+            ``step()`` runs the map and returns what ``map`` would;
+            ``step.swap()`` exchanges the first two arrays for the calls
+            that follow (double buffering)::
+
+                step = eng.prepare(heat_step, new, old, args=(0.2,), halo=1)
+                for _ in range(1000):
+                    step()
+                    step.swap()
+
+            It keeps its arrays alive, and its arguments as given (prepare
+            another map to change them).  The first call compiles the
+            workers' serving loop for this kernel (a fraction of a second).
+        """
+        opts = CallOptions(halo, chunks, schedule, axis, boundary, timeout, progress,
+                           retries, errors)
+        d, call = self._call(kernel, arrays, args, opts, None, prepared=True)
+        calls = self._calls
+
+        def swapped() -> Call:
+            if len(arrays) < 2:
+                raise ValueError("swap() exchanges the first two arrays; this map has "
+                                 f"{len(arrays)}.")
+            options.check_swappable(arrays[0], arrays[1])
+            return calls.make(kernel, (arrays[1], arrays[0]) + arrays[2:], args, opts,
+                              None, prepared=True)
+
+        return PreparedMap(d.run_prepared, call, swapped)
 
     @overload
     def map(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = ...,

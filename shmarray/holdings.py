@@ -13,6 +13,8 @@ Used by the driver thread only.
 
 from __future__ import annotations
 
+import numpy as np
+
 from shmarray import boundary
 from shmarray.descriptors import Define, Forget, Install, Rebind, Release, pack_args
 from shmarray.jobs import JobCache, KernelTable, same_args
@@ -48,6 +50,7 @@ class Holdings:
         if job.groups is None:
             job.groups = self.groups(job)
             job.done_at = self.pool.ctl.done_words([w for w, _, _ in job.groups])
+            job.workers = np.array([w for w, _, _ in job.groups], np.int64)
         job.busy = [self.provide(w, job, args, indices, chunks, wake, closing)
                     for w, indices, chunks in job.groups]
         # Valid until a worker is replaced or something is forgotten.

@@ -69,8 +69,8 @@ class Job:
     __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
                  "dynamic", "iterated", "want_values", "axis", "boundary", "blocks",
                  "cached", "_refs", "mode", "indices",
-                 "groups", "done_at", "args_are_plain", "busy", "ready",
-                 "ready_pool", "ready_args")
+                 "groups", "done_at", "workers", "args_are_plain", "busy", "ready",
+                 "ready_pool", "ready_args", "tracked", "round_words")
 
     def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
                  args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool,
@@ -91,6 +91,9 @@ class Job:
         self.axis = axis
         self.boundary = boundary
         self.mode = mode
+        self.tracked = bool(mode & control.TRACK)
+        # Its rounds use NEXT and STOP (reset before each).
+        self.round_words = dynamic or iterated or boundary is not None or self.tracked
         self.indices = None       # a retry's: the chunks' places in the whole map
         self.blocks = frozenset([d.block for d in descriptors] + [
             a.block for a in self.args if a is not None])
@@ -102,13 +105,10 @@ class Job:
         # the pool's generations and the args when they last all held it.
         self.groups = None
         self.done_at = None
+        self.workers = None           # the indices of those workers, for the lean path
         self.busy: list = []
         self.ready = self.ready_pool = -1
         self.ready_args: tuple = ()
-
-    @property
-    def tracked(self) -> bool:
-        return bool(self.mode & control.TRACK)
 
     def retry(self, key: int, indices: list[int]) -> Job:
         """A job for one call that runs chunks ``indices`` of this one again,
@@ -118,8 +118,9 @@ class Job:
         job.plan = Plan(tuple(self.plan.chunks[i] for i in indices), ())
         job.indices = tuple(indices)
         job.dynamic = True
+        job.round_words = True
         job.cached = False
-        job.groups = job.done_at = None
+        job.groups = job.done_at = job.workers = None
         job.busy = []
         job.ready = job.ready_pool = -1
         job.ready_args = ()
@@ -213,8 +214,8 @@ def _plain_chunks(chunks) -> object:
 _UNUSUAL = object()
 
 
-def signature(kernel, arrays: tuple, args, layout: Layout,
-              want_values: bool) -> tuple | None:
+def signature(kernel, arrays: tuple, args, halo, chunks, schedule, axis, boundary,
+              mode: int, want_values: bool) -> tuple | None:
     """A cheap key for a call, or None when the call must be checked in full
     (anything unusual: the full check then explains what is wrong).
 
@@ -222,20 +223,29 @@ def signature(kernel, arrays: tuple, args, layout: Layout,
     scalars as a boundary constant all have one: a loop that passes them
     pays only the lookup.  Arrays count by identity, shape, strides and
     dtype: an ndarray's data pointer cannot be reassigned (NumPy 2), its
-    shape, strides and dtype can.
+    shape, strides and dtype can.  (Written for speed: it runs on every
+    map, about 1 us with two arrays.)
     """
-    halo, chunks, schedule, axis, boundary, mode = layout
-    if type(args) not in (tuple, list) or type(halo) is not int or type(axis) is not int:
+    if type(halo) is not int or type(axis) is not int:
         return None
-    chunks = _plain_chunks(chunks)
-    if chunks is _UNUSUAL:
+    ta = type(args)
+    if ta is not tuple and ta is not list:
         return None
-    if isinstance(boundary, np.generic) and not isinstance(boundary, np.bool_):
-        boundary = boundary.item()
-    if not (boundary is None or type(boundary) in (str, float, int, complex)):
-        return None
-    key = [id(kernel), halo, chunks, schedule, want_values, len(args), axis,
-           type(boundary), boundary, mode]
+    if chunks is not None and type(chunks) is not int:
+        chunks = _plain_chunks(chunks)
+        if chunks is _UNUSUAL:
+            return None
+    if boundary is not None:
+        tb = type(boundary)
+        if tb is not str and tb is not float and tb is not int and tb is not complex:
+            if isinstance(boundary, np.generic) and not isinstance(boundary, np.bool_):
+                boundary = boundary.item()
+                tb = type(boundary)
+            else:
+                return None
+        boundary = (tb, boundary)
+    key = (id(kernel), halo, chunks, schedule, want_values, len(args), axis,
+           boundary, mode)
     for a in arrays:
         if type(a) is not np.ndarray:
             return None
@@ -245,7 +255,7 @@ def signature(kernel, arrays: tuple, args, layout: Layout,
             if type(a) is not np.ndarray:
                 return None
             key += (i, id(a), a.shape, a.strides, a.dtype)
-    return tuple(key)
+    return key
 
 
 class JobCache:
@@ -269,8 +279,13 @@ class JobCache:
         job = self._jobs.get(sig)
         if job is None or job.kernel is not kernel:
             return None
-        if not job.holds(arrays if job.args_are_plain else
-                         arrays + tuple(a for a in args if type(a) is np.ndarray)):
+        refs = job._refs
+        if job.args_are_plain and len(refs) == len(arrays):
+            for r, a in zip(refs, arrays):
+                if r() is not a:
+                    return None
+            return job
+        if not job.holds(arrays + tuple(a for a in args if type(a) is np.ndarray)):
             return None
         return job
 
@@ -310,27 +325,32 @@ class Calls:
         self.workers = workers
 
     def make(self, kernel, arrays: tuple, args, opts, combine: Callable | None,
-             steps: int = 1, stream: Any = None, iterated: bool = False) -> Call:
+             steps: int = 1, stream: Any = None, iterated: bool = False,
+             prepared: bool = False) -> Call:
         want_values = combine is not None
-        retries, errors = opts.retries, opts.errors
-        if not (type(retries) is int and retries == 0) or errors != "raise" or stream is not None:
+        halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors = opts
+        if (type(retries) is not int or retries != 0 or errors != "raise"
+                or stream is not None or prepared):
             retries = options.coerce_retries(retries)
             collect = options.coerce_errors(errors)
             mode = (control.TRACK | (control.COLLECT if collect else 0)
-                    | (control.STREAM if stream is not None else 0))
+                    | (control.STREAM if stream is not None else 0)
+                    if retries or collect or stream is not None else 0)
+            if prepared:
+                mode |= control.PREPARED
         else:
             collect, mode = False, 0
-        layout = Layout(opts.halo, opts.chunks, "iterate" if iterated else opts.schedule,
-                        opts.axis, opts.boundary, mode)
-        sig = signature(kernel, arrays, args, layout, want_values)
+        if iterated:
+            schedule = "iterate"
+        sig = signature(kernel, arrays, args, halo, chunks, schedule, axis, boundary, mode,
+                        want_values)
         job = self.cache.get(sig, kernel, arrays, args)
         if job is None:
+            layout = Layout(halo, chunks, schedule, axis, boundary, mode)
             job = self.cache.add(sig, self._new_job(kernel, arrays, args, layout,
                                                     want_values))
-        timeout = opts.timeout
         if timeout is not None:
             timeout = options.coerce_timeout(timeout)
-        progress = opts.progress
         if progress is not None and progress is not True and progress is not False:
             options.coerce_progress(progress)
         return Call(job, args if type(args) is tuple else tuple(args), timeout,
@@ -357,7 +377,7 @@ class Calls:
                          else None for a, d in zip(args, described))
         if iterated:
             options.check_swappable(arrays[0], arrays[1])
-        if layout.mode:
+        if layout.mode & control.TRACK:
             options.check_trackable(len(where.chunks))
         return Job(self.cache.new_key(), kernel, refs, descriptors, template,
                    halo, where, dynamic, want_values, iterated, axis, bound, layout.mode)

@@ -47,47 +47,68 @@ def _got(value: object) -> str:
 
 # -- the machine -----------------------------------------------------------------
 
-def _cgroup_cpus() -> float | None:
-    """The CPU quota of this process's cgroup, in CPUs, if it has one:
-    ``cpu.max`` (cgroup v2) or ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
-    (v1), as loky's ``cpu_count`` reads them.  A ``--cpus=2`` container on a
-    64-core host has 2."""
+def _read_ints(path: str) -> list[str] | None:
     try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
+        with open(path) as f:
+            return f.read().split()
     except OSError:
         return None
-    for line in lines:
+
+
+def cgroup_cpus(proc: str = "/proc/self") -> float | None:
+    """The CPU quota of this process's cgroups, in CPUs, if any: the
+    smallest ``cpu.max`` (cgroup v2) or ``cpu.cfs_quota_us /
+    cpu.cfs_period_us`` (v1) from its own cgroup up to the root, found
+    through ``/proc/self/mountinfo`` wherever the hierarchies are mounted
+    (as loky's ``cpu_count`` reads them).  A ``--cpus=2`` container on a
+    64-core host has 2."""
+    try:
+        with open(f"{proc}/cgroup") as f:
+            memberships = f.read().splitlines()
+        with open(f"{proc}/mountinfo") as f:
+            mounts = f.read().splitlines()
+    except OSError:
+        return None
+    v2 = v1 = None
+    for line in memberships:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        _, controllers, path = parts
-        if controllers == "":                               # v2
-            try:
-                with open(f"/sys/fs/cgroup{path}/cpu.max") as f:
-                    quota, period = f.read().split()[:2]
-            except (OSError, ValueError):
-                try:
-                    with open("/sys/fs/cgroup/cpu.max") as f:
-                        quota, period = f.read().split()[:2]
-                except (OSError, ValueError):
-                    continue
-            if quota != "max" and int(period) > 0:
-                return int(quota) / int(period)
-        elif "cpu" in controllers.split(","):               # v1
-            for base in (f"/sys/fs/cgroup/cpu{path}", f"/sys/fs/cgroup/cpu,cpuacct{path}",
-                         "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
-                try:
-                    with open(f"{base}/cpu.cfs_quota_us") as f:
-                        quota = int(f.read())
-                    with open(f"{base}/cpu.cfs_period_us") as f:
-                        period = int(f.read())
-                except (OSError, ValueError):
-                    continue
-                if quota > 0 and period > 0:
-                    return quota / period
+        if parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+        elif "cpu" in parts[1].split(","):
+            v1 = parts[2]
+    quotas = []
+    for line in mounts:
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        root, point = fields[3], fields[4]
+        fstype, opts = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
+        if fstype == "cgroup2" and v2 is not None:
+            path, files = v2, ("cpu.max",)
+        elif fstype == "cgroup" and v1 is not None and "cpu" in opts.split(","):
+            path, files = v1, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        rel = os.path.relpath(path, root) if path.startswith(root) else None
+        if rel is None or rel.startswith(".."):
+            continue
+        here = os.path.normpath(os.path.join(point, rel))
+        while True:
+            if len(files) == 1:
+                got = _read_ints(os.path.join(here, files[0]))
+                if got and len(got) >= 2 and got[0] != "max" and int(got[1]) > 0:
+                    quotas.append(int(got[0]) / int(got[1]))
+            else:
+                q, p = (_read_ints(os.path.join(here, name)) for name in files)
+                if q and p and int(q[0]) > 0 and int(p[0]) > 0:
+                    quotas.append(int(q[0]) / int(p[0]))
+            if os.path.normpath(here) == os.path.normpath(point):
                 break
-    return None
+            here = os.path.dirname(here)
+    return min(quotas) if quotas else None
 
 
 def usable_cpus() -> int:
@@ -97,7 +118,7 @@ def usable_cpus() -> int:
         n = len(os.sched_getaffinity(0))
     else:
         n = os.cpu_count() or 1
-    quota = _cgroup_cpus()
+    quota = cgroup_cpus()
     if quota is not None:
         n = min(n, max(1, math.ceil(quota)))
     return max(1, n)

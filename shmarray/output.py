@@ -32,11 +32,12 @@ class Tagged(io.TextIOBase):
     line prefixed with the worker and the rows it is computing."""
 
     def __init__(self, fd: int, worker: int, rows: Callable[[], tuple | None],
-                 name: str):
+                 name: str, wrote: Callable[[], None] = lambda: None):
         self._fd = fd
         self._worker = worker
         self._rows = rows
         self._name = name
+        self._wrote = wrote
         self._at_line_start = True
 
     @property
@@ -81,6 +82,7 @@ class Tagged(io.TextIOBase):
                 continue
             except OSError:
                 break             # the coordinator is gone: nobody to tell
+        self._wrote()             # after the write: the driver then finds it
         return len(text)
 
     def flush(self) -> None:
@@ -99,13 +101,15 @@ def end_lines() -> None:
 
 
 def install_in_worker(worker: int, rows: Callable[[], tuple | None],
-                      log_level: int) -> None:
+                      log_level: int, wrote: Callable[[], None] = lambda: None) -> None:
     """Tag this worker's ``sys.stdout``/``sys.stderr``; send ``logging``
     records of ``log_level`` and above (the caller's root level when the
-    engine started) to the tagged stderr."""
+    engine started) to the tagged stderr.  ``wrote()`` runs after each
+    write (it counts them in the control block, so the driver's lean path
+    knows there is output to forward)."""
     global _streams
-    sys.stdout = Tagged(1, worker, rows, "<stdout>")
-    sys.stderr = Tagged(2, worker, rows, "<stderr>")
+    sys.stdout = Tagged(1, worker, rows, "<stdout>", wrote)
+    sys.stderr = Tagged(2, worker, rows, "<stderr>", wrote)
     _streams = (sys.stdout, sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))

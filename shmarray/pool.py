@@ -25,6 +25,7 @@ import signal
 import time
 from multiprocessing.connection import Connection
 
+import numpy as np
 import psutil
 
 from shmarray import blocks, control, launch, output
@@ -99,11 +100,14 @@ class WorkerProcess:
 
     def __init__(self, method: str, index: int, owner_pid: int, control_block: str,
                  initializer: tuple[bytes, bytes] | None, log_level: int,
-                 spins: tuple[float, int]):
+                 spins: tuple[float, int], sent: np.ndarray):
         self.index = index
         self.kernels: set[int] = set()
         self.jobs: dict[int, tuple] = {}
-        self.sent = 0
+        # Messages sent on its task pipe: the pool's array, by worker index,
+        # which the lean path hands to control.ring_and_wait whole.
+        self._sent = sent
+        sent[index] = 0
         self.rung = 0
         self.tasks_run = 0
         self.chunks_seen = 0
@@ -134,10 +138,15 @@ class WorkerProcess:
         self.pid = self.child.pid
         self.sentinel = self.child.sentinel
 
+    @property
+    def sent(self) -> int:
+        """Messages sent on its task pipe."""
+        return int(self._sent[self.index])
+
     def send(self, msg) -> None:
         """A counted message on the task pipe (OSError if the worker died)."""
         self.tasks.send_bytes(encode(msg))
-        self.sent += 1
+        self._sent[self.index] += 1
 
     def wake(self) -> None:
         try:
@@ -270,6 +279,7 @@ class Pool:
         self._log_level = logging.getLogger().getEffectiveLevel()
         self.workers = []
         self.replaced = [0] * n_workers   # times each worker was replaced
+        self.sent = np.zeros(n_workers, np.int64)   # task-pipe messages, by worker
         self.forwarder = output.Forwarder()
         try:
             # The watchdog first: from now on it knows every block to clean.
@@ -294,7 +304,7 @@ class Pool:
         ring = self.ctl.fresh(index)
         proc = WorkerProcess(self.start_method, index, self._owner,
                              self._control_name, self._initializer, self._log_level,
-                             self.policy.for_workers())
+                             self.policy.for_workers(), self.sent)
         self.forwarder.add(*proc.output)
         proc.rung = ring
         proc.chunks_seen = proc.chunks_at_start = self.ctl.totals(index)[0]

@@ -46,11 +46,11 @@ import select
 import time
 from typing import Any, Callable
 
-from shmarray import boundary, deaths, tracked
+from shmarray import boundary, control, deaths, tracked
 from shmarray.descriptors import WAKE, Failed, Values, decode
 from shmarray.errors import EngineClosedError
 from shmarray.holdings import Holdings
-from shmarray.jobs import Call, JobCache
+from shmarray.jobs import Call, JobCache, same_args
 from shmarray.pool import Pool, WorkerProcess
 from shmarray.progress import ChunkProgress
 from shmarray.progress import resolve as resolve_progress
@@ -64,6 +64,12 @@ from shmarray.wakeup import Wakeup
 # within 8% of prange, where spinning for the whole map cost 2.5 times.
 SPIN_ROUNDS = 64
 
+# Seconds between polls of the workers' output pipes when the lean path
+# sees no output in the control block: C code that writes to a descriptor
+# itself is forwarded within this long of a map (at the latest, when the
+# driver next sleeps or the engine closes).
+OUTPUT_POLL = 0.05
+
 
 class Runner:
     """Runs calls on the pool, one at a time.  Called by the driver only,
@@ -76,6 +82,14 @@ class Runner:
         self.wakeup = Wakeup()
         self.dirty = False           # a round was abandoned half-way
         self._should_stop: Callable[[], BaseException | None] = lambda: None
+        # The workers' OUTPUT words added up when their pipes were last
+        # drained (the lean path's cue to forward), and when a pipe was last
+        # polled for output the words do not count (C code writing to the
+        # descriptors itself).
+        self.output_seen = 0
+        self._polled = 0.0
+        self._quiet = False          # the last round ended QUIET: no output came
+        self._spin_ns = int(pool.policy.driver_spin * 1e9)
 
     # -- from any thread ---------------------------------------------------------
 
@@ -103,14 +117,76 @@ class Runner:
         What the workers printed is forwarded before it returns.
         """
         self._should_stop = should_stop
+        self._quiet = False
         try:
             if call.job.tracked:
                 return tracked.run(self, call)
             return self.round(call, call.job)
         finally:
-            forwarder = self.pool.forwarder
-            if forwarder.begun or forwarder.pending():
-                forwarder.drain()
+            self._forward()
+
+    def _forward(self) -> None:
+        """Forward what the workers printed, before the call returns: when
+        the control block says there is some (every Python-level write is
+        counted there), a line is begun, or, at most every OUTPUT_POLL
+        seconds, when a pipe holds some (written by C code)."""
+        forwarder = self.pool.forwarder
+        now = time.monotonic()
+        due = now - self._polled > OUTPUT_POLL
+        if self._quiet and not due and not forwarder._begun:
+            return
+        if due:
+            self._polled = now
+        if forwarder.begun or (not self._quiet and self.ctl.output() != self.output_seen) or (
+                due and forwarder.pending()):
+            forwarder.drain()
+            self.output_seen = self.ctl.output()
+
+    def prepared(self, call: Call, should_stop: Callable[[], BaseException | None]) -> Any:
+        """``run`` for a prepared map: when every worker holds the job and
+        nothing is pending, one ring-and-spin call, and nothing else unless
+        it found work for the Python path."""
+        job = call.job
+        holdings = self.holdings
+        if (self.dirty or job.tracked or call.progress is True
+                or job.ready != holdings.forgets or job.ready_pool != self.pool.generation
+                or self.table_released() or holdings.cache.forgotten
+                or time.monotonic() - self._polled > OUTPUT_POLL
+                or not (call.args is job.ready_args or same_args(job.ready_args, call.args))):
+            return self.run(call, should_stop)
+        self._should_stop = should_stop
+        seq = self.pool.next_seq()
+        for w in job.busy:
+            w.rung = seq
+        self.dirty = True
+        state, asleep = self.ctl.ring_and_wait(job.workers, job.key, self.pool.sent,
+                                               call.steps, seq, self._spin_ns,
+                                               self.output_seen, job.round_words)
+        if state == control.QUIET and not asleep:
+            self.dirty = False
+            if self.pool.max_tasks is not None or self.pool.max_memory is not None:
+                self.pool.recycle(job.busy, job.dynamic, self.wakeup, self.closing)
+            return None
+        # Something for the Python path: finish this round there.
+        self._quiet = False
+        try:
+            busy = list(job.busy)
+            try:
+                if asleep:
+                    for w in busy:
+                        if self.ctl.asleep(w.index):
+                            w.wake()
+                values = Round(self, busy, seq, call, job, None).wait(state)
+            except BaseException:
+                self.abandon(busy, seq)
+                raise
+            self.dirty = False
+            return values
+        finally:
+            self._forward()
+
+    def table_released(self) -> bool:
+        return self.holdings.table.has_released()
 
     def closing(self) -> bool:
         return isinstance(self._should_stop(), EngineClosedError)
@@ -134,15 +210,33 @@ class Runner:
             # surface only).
             for a in call.arrays:
                 boundary.fill(a, job.halo, job.boundary, job.axis)
-        if job.dynamic or job.iterated or job.boundary is not None or job.tracked:
+        lean = tally is None and call.stream is None and call.progress is not True
+        if job.round_words and not lean:
             # Every worker of the last round is done or dead: see the
             # invariants in shmarray.control.
             self.ctl.new_round(halted=call.stream is not None and call.stream.halted)
         self.dirty = True
         try:
-            for w in busy:
-                self.ring(w, job, seq, call.steps)
-            values = Round(self, busy, seq, call, job, tally).wait()
+            if lean:
+                # The lean path: ring and spin in one call.
+                for w in busy:
+                    w.rung = seq
+                state, asleep = self.ctl.ring_and_wait(
+                    job.workers, job.key, self.pool.sent, call.steps, seq,
+                    self._spin_ns, self.output_seen, job.round_words)
+                if asleep:
+                    for w in busy:
+                        if self.ctl.asleep(w.index):
+                            w.wake()
+                if state == control.QUIET:
+                    values = None
+                    self._quiet = True
+                else:
+                    values = Round(self, busy, seq, call, job, tally).wait(state)
+            else:
+                for w in busy:
+                    self.ring(w, job, seq, call.steps)
+                values = Round(self, busy, seq, call, job, tally).wait()
         except BaseException:
             self.abandon(busy, seq)
             raise
@@ -150,7 +244,8 @@ class Runner:
             if not job.cached:
                 holdings.cache.forgotten.append(job.key)
         self.dirty = False
-        self.pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
+        if self.pool.max_tasks is not None or self.pool.max_memory is not None:
+            self.pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
         return values
 
     def ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:
@@ -235,13 +330,20 @@ class Round:
 
     # -- waiting ---------------------------------------------------------------
 
-    def wait(self) -> list | None:
-        """The values of this ring, once every busy worker is done."""
+    def wait(self, state: int | None = None) -> list | None:
+        """The values of this ring, once every busy worker is done.
+        ``state``: what the lean path's spin found (``control.ATTEND``:
+        done, something to read; SPUN: not done; ABORTED), if it ran."""
         runner, call = self.runner, self.call
         policy = runner.pool.policy
+        if state == control.ATTEND:
+            return self.collect()
+        if state == control.ABORTED:
+            runner.check_interrupt(self.tally)
         # Asked-for progress shows even for a quick map, and streamed values
-        # as they come: no spin then.
-        if call.progress is not True and call.stream is None and policy.driver_spin > 0:
+        # as they come: no spin then.  Nor after the lean path's spin.
+        if (state is None and call.progress is not True and call.stream is None
+                and policy.driver_spin > 0):
             spin_until = time.monotonic() + policy.driver_spin
             while True:
                 left = self.ctl.wait_done(self.job.done_at, self.seq, SPIN_ROUNDS)

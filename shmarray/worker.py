@@ -24,8 +24,11 @@ import traceback
 import weakref
 
 import cloudpickle
+import numba
 import numpy as np
 import threadpoolctl
+from numba.core.errors import NumbaError
+from numba.extending import is_jitted
 
 from multiprocessing.connection import Connection
 
@@ -52,6 +55,10 @@ def _after_fork_in_child() -> None:
 # idle engine sleeps within that long of its last map.  The spin yields its
 # CPU every few rounds, so it does not hold up a process that has work.
 SPIN_ROUNDS = 256          # rounds per call into the spin loop: about 25 us
+# A job becomes hot, and is served by the compiled loop (control.serve),
+# after this many runs: compiling the loop costs about 0.1-0.3 s in each
+# worker, worth it for a loop of maps, not for a map run once or twice.
+HOT_RUNS = 3
 
 
 def limit_threads() -> None:
@@ -85,7 +92,7 @@ class _Job:
     part, in two stages."""
 
     __slots__ = ("kernel", "spec", "calls", "swapped", "blocks", "neighbours",
-                 "staged", "fills")
+                 "staged", "fills", "runs", "lean", "rows_of")
 
     def __init__(self, kernel, spec: Define, views: list, args: tuple, index: int):
         self.kernel = kernel
@@ -93,7 +100,34 @@ class _Job:
         # The control lines of the workers it waits for between stages.
         self.neighbours = np.array([control.slot(i) for i in spec.neighbours], np.int64)
         self.staged = spec.iterated or spec.boundary is not None
+        self.rows_of = dict(zip(spec.indices, spec.chunks))
+        self.runs = 0
+        # For the lean path (control.serve): (calls as one tuple, chunk
+        # indices), once the job is hot; False when it cannot have one.
+        self.lean: tuple | bool | None = None
         self.bind(views, args, index)
+
+    def lean_path(self) -> tuple | None:
+        """The compiled loop's arguments, once this job has run often enough
+        to be worth compiling it (a prepared job: at once), if it can: a
+        static map with no values, tracking or stages, whose kernel is a
+        numba function and whose chunks' arguments all have one type."""
+        self.runs += 1
+        if self.lean is None and self.runs >= (
+                1 if self.spec.mode & control.PREPARED else HOT_RUNS):
+            self.lean = False
+            spec = self.spec
+            if (not self.staged and not spec.dynamic and not spec.want_values
+                    and not spec.mode & ~control.PREPARED and is_jitted(self.kernel)
+                    and self.calls):
+                calls = tuple(self.calls)
+                try:
+                    same = len({numba.typeof(c) for c in calls}) == 1
+                except Exception:
+                    same = False
+                if same:
+                    self.lean = (calls, np.array(spec.indices, np.int64))
+        return self.lean or None
 
     def bind(self, views: list, args: tuple, index: int) -> None:
         spec = self.spec
@@ -101,6 +135,7 @@ class _Job:
         lead = (slice(None),) * axis
         offsets = [i for i, a in enumerate(args) if a is row_offset]
         args = tuple(index if a is worker_id else a for a in args)
+        self.lean = None                  # built again from the new calls
         self.calls = []
         for lo, hi in spec.chunks:
             these = list(args)
@@ -201,6 +236,16 @@ class _Worker:
         self.maps = Mappings(owner_pid)
         self.main = MainNamespace()
         self.rows: tuple[int, int] | None = None   # the chunk running, for output
+        self.serving: _Job | None = None           # the hot job control.serve runs
+        self.idle_spin_ns = int(self.idle_spin * 1e9)
+
+    def current_rows(self) -> tuple[int, int] | None:
+        """The rows of the chunk running, for the tag on what it prints."""
+        if self.rows is not None:
+            return self.rows
+        if self.serving is not None:
+            return self.serving.rows_of.get(self.ctl.where()[1])
+        return None
 
     # -- messages ------------------------------------------------------------
 
@@ -226,6 +271,8 @@ class _Worker:
         elif kind is Release:
             gone = set(msg.names)
             self.jobs = {k: j for k, j in self.jobs.items() if not (j.blocks & gone)}
+            if self.serving is not None and self.serving.blocks & gone:
+                self.serving = None        # its views must go, to unmap the blocks
             self.maps.release(gone)
         elif kind is Stop:
             return False
@@ -423,12 +470,27 @@ class _Worker:
         # The last ring answered: a ring given before this loop started
         # (a fresh worker is rung as soon as it is ready) is not missed.
         last = ctl.done()
+        key = 0                       # the job served by the compiled loop
         while True:
-            seq = ctl.wait_ring(last, SPIN_ROUNDS)
-            if seq == last and self.idle_spin > 0:
-                spin_until = time.monotonic() + self.idle_spin
-                while seq == last and time.monotonic() < spin_until:
-                    seq = ctl.wait_ring(last, SPIN_ROUNDS)
+            job = self.serving
+            if job is not None and (self.jobs.get(key) is not job or not job.lean):
+                # Forgotten, its blocks gone, or rebound (new arguments: the
+                # Python path runs it once, then lean_path builds it again).
+                job = self.serving = None
+            if job is not None:
+                code, seq = self.lean(key, job, last)
+                if code == control.OTHER_RING:
+                    self.serving = None            # a ring for Python: below
+                else:
+                    last = seq                     # the last ring served
+                    if code != control.SPUN_OUT:
+                        continue                   # a driver to wake, or an error told
+            else:
+                seq = ctl.wait_ring(last, SPIN_ROUNDS)
+                if seq == last and self.idle_spin > 0:
+                    spin_until = time.monotonic() + self.idle_spin
+                    while seq == last and time.monotonic() < spin_until:
+                        seq = ctl.wait_ring(last, SPIN_ROUNDS)
             if seq == last:
                 if ctl.announce_sleep(last):
                     try:
@@ -439,13 +501,44 @@ class _Worker:
                         return
                 continue
             last = seq
-            job, piped, steps = ctl.take(seq)
+            key, piped, steps = ctl.take(seq)
             if not self.receive(piped):
                 return
-            if job:
-                self.run(job, seq, steps)
+            if key:
+                self.run(key, seq, steps)
+                job = self.jobs.get(key)
+                if job is not None and job.lean_path():
+                    self.serving = job
             else:
                 ctl.finish(seq, 0, 0, 0)
+
+    def lean(self, key: int, job: _Job, last: int) -> tuple[int, int]:
+        """Serve ``job``'s rings in compiled code (``control.serve``).
+        Returns (``control.SPUN_OUT``, the last ring served) when no ring
+        came in the spin; (OTHER_RING, ring) for a ring the Python path must
+        take; (WAKE_DRIVER, ring) once ring ``ring`` was served and its
+        driver woken, or its kernel's exception reported."""
+        calls, indices = job.lean
+        try:
+            code, seq = self.ctl.serve(last, key, self.received, job.kernel, calls,
+                                       indices, self.idle_spin_ns)
+        except NumbaError:
+            job.lean = False               # cannot be compiled: the Python path
+            self.serving = None
+            return control.SPUN_OUT, last
+        except SystemExit:
+            raise
+        except BaseException as exc:       # the kernel raised, as in chunks()
+            seq, index = self.ctl.where()
+            output.end_lines()
+            self.send(failure(seq, index, exc))
+            self.ctl.stop()
+            if self.ctl.finish(seq, 1, self.ctl.ran_so_far(), 0):
+                self.results.send_bytes(WAKE)
+            return control.WAKE_DRIVER, seq
+        if code == control.WAKE_DRIVER:
+            self.results.send_bytes(WAKE)
+        return code, seq
 
 
 def failure(seq: int, index: int, exc: BaseException) -> Failed:
@@ -484,7 +577,8 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
                 os.dup2(fd, std)
                 os.close(fd)
             output.install_in_worker(
-                index, lambda: worker.rows if worker is not None else None, log_level)
+                index, lambda: worker.current_rows() if worker is not None else None,
+                log_level, lambda: worker.ctl.wrote() if worker is not None else None)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A kernel that calls os.fork() returns twice; the child must not go
         # on as this worker (it shares its pipes and control words).
