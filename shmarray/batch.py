@@ -7,7 +7,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import queue
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+if TYPE_CHECKING:
+    from shmarray.dispatch import MapFuture
 
 _END = object()
 
@@ -28,9 +31,9 @@ class Sink:
 
 
 class ChunkStream:
-    """What ``Engine.imap`` returns: an iterator of ``(rows, value)``, one per
-    chunk, in the order the chunks finish.
+    """An iterator of ``(rows, value)``, one per chunk, as the chunks finish.
 
+    What ``Engine.imap`` returns; ``rows`` is the chunk's ``(lo, hi)``.
     Closing it (``close()``, leaving a ``with`` block, or dropping it, as a
     ``for`` loop left by ``break`` does) stops the map: no worker takes a
     new chunk, those running finish theirs, and nothing is killed.  Ctrl-C
@@ -40,9 +43,24 @@ class ChunkStream:
     would return (the combined value, or a MapReport with
     ``errors="collect"``); with ``errors="raise"`` the first failure raises
     from the iteration, after the values that came before it.
+
+    Attributes
+    ----------
+    result : object
+        Once the stream is exhausted, what ``reduce`` would have returned;
+        None until then.
+
+    Examples
+    --------
+    ::
+
+        with eng.imap(score, params, schedule="dynamic") as stream:
+            for (lo, hi), value in stream:
+                if value > threshold:
+                    break                  # stops the map: no new chunk starts
     """
 
-    def __init__(self, sink: Sink, future: concurrent.futures.Future,
+    def __init__(self, sink: Sink, future: MapFuture,
                  interrupt: Callable[[], None]):
         self._sink = sink
         self._future = future
@@ -50,7 +68,8 @@ class ChunkStream:
         self._done = False
         self._pid = os.getpid()
         self.result: Any = None
-        future.add_done_callback(lambda f, q=sink.queue: q.put(_END))
+        q = sink.queue
+        future.add_done_callback(lambda f: q.put(_END))
 
     def __iter__(self) -> ChunkStream:
         return self
@@ -91,7 +110,10 @@ class ChunkStream:
         return True
 
     def close(self) -> None:
-        """Stop the map and wait for the chunks running to finish."""
+        """Stop the map and wait for the chunks running to finish.
+
+        No new chunk starts; nothing is killed.  Idempotent.
+        """
         self._done = True
         if self._halt():
             try:
@@ -107,7 +129,29 @@ class ChunkStream:
 
 
 class WorkerStats(NamedTuple):
-    """One worker, as ``Engine.stats()`` sees it."""
+    """One worker, as ``Engine.stats()`` sees it.
+
+    Attributes
+    ----------
+    worker : int
+        Its index, 0 to workers - 1 (what ``shmarray.worker_id`` becomes).
+    pid : int
+        Its process id.
+    rss : int
+        Resident bytes, the shared blocks it maps included.
+    uss : int
+        Unique bytes: what it alone holds (``max_worker_memory`` limits
+        this).
+    tasks : int
+        Chunks run by this process.
+    kernels : int
+        Kernels it holds.
+    busy : float
+        Seconds this process spent running jobs.
+    replaced : int
+        Times a worker in this place was replaced (crash, timeout,
+        recycling).
+    """
     worker: int            # its index, 0 .. workers-1 (shmarray.worker_id)
     pid: int
     rss: int               # resident bytes, shared blocks it maps included

@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -280,7 +281,7 @@ class BlockTable:
         self._descriptors: dict = {}
         self.closed = False
         self.warned_copy = False        # a CopyWarning was shown for this engine
-        self.on_create = None           # told each new name (the watchdog)
+        self.on_create: Callable[[str], object] | None = None   # told each new name (the watchdog)
         _TABLES.add(self)
 
     @property
@@ -428,6 +429,8 @@ def lock_held(name: str) -> bool | None:
     its lock); None if this user may not look, or it is gone.  Unlike a pid
     test this holds across pid namespaces: a container sharing /dev/shm has
     its own pids, and the pid in a name may belong to anybody here."""
+    if SHM_DIR is None:
+        return None
     try:
         fd = os.open(os.path.join(SHM_DIR, name.lstrip("/")), os.O_RDONLY)
     except OSError:

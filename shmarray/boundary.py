@@ -31,7 +31,7 @@ class Boundary(NamedTuple):
     """A checked ``boundary=``: a numpy.pad mode, or "constant" and its
     value."""
     mode: str
-    value: float = 0.0
+    value: complex = 0.0     # a number: int, float or complex
 
 
 def _sources(n: int, h: int, mode: str) -> tuple[slice | None, slice | None]:
@@ -68,7 +68,7 @@ class Copy(NamedTuple):
     """``dst`` (an index tuple) gets ``src`` (an index tuple) or ``value``."""
     dst: tuple
     src: tuple | None
-    value: float
+    value: complex
 
 
 def _axis_copies(shape, h, b: Boundary, k: int, region: dict[int, slice]) -> list[Copy]:
@@ -95,7 +95,8 @@ def ghost_copies(shape: tuple[int, ...], h: int, b: Boundary, axis: int,
     inner = {j: slice(h, shape[j] - h) for j in range(len(shape))}
     lo, hi = rows
     mine = slice(lo - (h if first else 0), hi + (h if last else 0))
-    before, after = [], []
+    before: list[Copy] = []
+    after: list[Copy] = []
     for k in range(len(shape)):
         if k == axis:
             region = {j: (full[j] if j < k else inner[j]) for j in range(len(shape))}
@@ -132,6 +133,8 @@ def fill(array: np.ndarray, halo: int, boundary: object, axis: int = 0) -> None:
     """
     from shmarray.options import check_ghosts, coerce_boundary
     b = boundary if isinstance(boundary, Boundary) else coerce_boundary(boundary)
+    if b is None:
+        return                  # boundary=None: there are no ghost cells
     check_ghosts(array.shape, halo, b, "the array")
     before, after = ghost_copies(array.shape, halo, b, axis,
                                  (halo, array.shape[axis] - halo), True, True)
@@ -160,12 +163,13 @@ def readers(groups: list[tuple[int, int]], n: int, h: int, b: Boundary | None) -
         rows = set(range(max(lo - h, 0), min(hi + h, n)))
         if b is not None and b.mode != "constant":
             lo_src, hi_src = _sources(n, h, b.mode)
+            assert lo_src is not None and hi_src is not None   # not a constant
             if g == 0:
                 rows.update(range(n)[_neg_safe(lo_src)])
             if g == len(groups) - 1:
                 rows.update(range(n)[_neg_safe(hi_src)])
         reads.append({owner(r) for r in rows})
-    out = [set() for _ in groups]
+    out: list[set[int]] = [set() for _ in groups]
     for g, rs in enumerate(reads):
         for o in rs:
             if o != g:

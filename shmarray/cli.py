@@ -1,4 +1,8 @@
-"""The ``shmarray`` command: demo, ls, gc."""
+"""The ``shmarray`` command: demo, bench, info, ls, gc.
+
+Imports stay inside the subcommands, and none but ``demo``, ``bench`` and
+``info --engine`` compiles a kernel or starts a worker.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(f"shmarray demo: 2-D heat diffusion on a {n} x {n} float64 grid, "
           f"{steps} steps (5-point stencil, halo 1, double buffered)")
+    for line in load_report(machine_load(), args.workers or _default_workers()):
+        print(f"  {line}")
     with shmarray.Engine(workers=args.workers) as eng:
         workers = eng.workers
         numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
@@ -93,44 +99,93 @@ def _demo(args: argparse.Namespace) -> int:
         print("  blocks used       :")
         for blk in used:
             print(f"    {blk.name}  {blocks.format_bytes(blk.size)}")
-        del a, results, grids
+        # Drop every array before the engine closes, so its blocks go now.
+        del a, results
+        grids.clear()
     left = [blk.name for blk in used if os.path.exists(f"{blocks.SHM_DIR}{blk.name}")]
     print(f"  after close       : {len(left)} of those blocks left in "
           f"{blocks.SHM_DIR}, workers stopped")
     return 0 if identical and not left else 1
 
 
+def machine_load(interval: float = 0.3) -> dict:
+    """How busy the machine is before the demo starts its workers: the load
+    averages, the usable CPUs (``options.usable_cpus``: affinity and cgroup
+    quota), and how many of those are really free, from each usable CPU's
+    idle share over ``interval`` seconds (capped by the quota).  The load
+    average says how many processes wanted a CPU over the last minute; the
+    idle share is what the workers will find now."""
+    import psutil
+
+    from shmarray import options
+
+    usable = options.usable_cpus()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    busy = psutil.cpu_percent(interval=interval, percpu=True)
+    if cpus is not None and busy and max(cpus) < len(busy):
+        busy = [busy[c] for c in cpus]
+    idle = sum(100.0 - b for b in busy) / 100.0 if busy else float(usable)
+    return {"load": os.getloadavg(), "usable": usable, "free": min(idle, usable)}
+
+
+def load_report(load: dict, workers: int | str) -> list[str]:
+    """The demo's lines about the machine: always the load, and a hint when
+    other programs leave the workers too few CPUs for a fair speedup (fewer
+    than 80% of the CPUs the workers could use)."""
+    usable, free = load["usable"], load["free"]
+    lines = [f"machine: {usable} usable CPUs, {free:.1f} free now; load average "
+             f"{', '.join(f'{x:.2f}' for x in load['load'])} (1, 5, 15 min)"]
+    wanted = min(workers, usable) if isinstance(workers, int) else usable
+    if free < 0.8 * wanted:
+        lines.append(f"hint: the machine is busy (other programs use {usable - free:.1f} "
+                     f"of {usable} CPUs): the workers compete with them, so expect a "
+                     f"poor speedup; run again when it is idle for fair figures")
+    return lines
+
+
 def threading_layer() -> str:
-    """numba's threading layer, which it picks when a parallel kernel first
-    runs: so run a tiny one (public API only)."""
+    """numba's threading layer, which it picks when its thread pool first
+    starts (at a parallel kernel's first run).  Started here directly, as
+    that first run would (6 ms); compiling a tiny parallel kernel to the
+    same end took seconds.  ``_launch_threads`` is numba's internal function
+    for it: should it move, info says so rather than compile."""
     import numba
     try:
         return numba.threading_layer()
     except ValueError:
         pass
-
-    @numba.njit(parallel=True)
-    def touch(x):
-        for i in numba.prange(x.shape[0]):
-            x[i] = i
-
-    import numpy as np
-    touch(np.zeros(2))
-    return numba.threading_layer()
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
+        return numba.threading_layer()
+    except Exception as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
 
 
-def info() -> dict:
-    """What ``shmarray info`` reports, as a dict."""
+def _default_workers() -> int | str:
+    from shmarray import options
+    try:
+        return options.coerce_workers(None)
+    except ValueError as exc:
+        return str(exc)
+
+
+def info(engine: bool = False) -> dict:
+    """What ``shmarray info`` reports, as a dict; ``engine``: also start a
+    fresh engine and report its workers (``fresh_workers``), which takes
+    seconds where the rest takes milliseconds."""
     import numba
     import numpy as np
 
+    import shmarray
     from shmarray import launch, options, pool
 
     layer = threading_layer()
     space = blocks.free_space()
-    return {
+    data = {
+        "shmarray": shmarray.__version__,
         "usable_cpus": options.usable_cpus(),
-        "default_workers": options.usable_cpus(),
+        "default_workers": _default_workers(),
         "start_method": pool.DEFAULT_START_METHOD,
         "start_methods_available": list(launch.METHODS),
         "python": sys.version.split()[0],
@@ -142,17 +197,15 @@ def info() -> dict:
         "shm_total_bytes": space[1] if space else None,
         "blocks": [{"name": b.name, "size": b.size, "owner_pid": b.owner_pid,
                     "owner_alive": b.owner_alive} for b in blocks.scan()],
-        "fresh_workers": fresh_workers(),
     }
+    if engine:
+        data["fresh_workers"] = fresh_workers()
+    return data
 
 
 def fresh_workers() -> dict:
     """What a fresh engine's workers cost here: start-up time, and each
     worker's ``Engine.stats()`` record after one small map."""
-    import time
-
-    import numpy as np
-
     from shmarray import Engine
     from shmarray.kernels.elementwise import scale
 
@@ -167,11 +220,12 @@ def fresh_workers() -> dict:
 
 
 def _info(args: argparse.Namespace) -> int:
-    data = info()
+    data = info(engine=args.engine)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     free = data["shm_free_bytes"]
+    print(f"shmarray           : {data['shmarray']}")
     print(f"usable CPUs        : {data['usable_cpus']} (default workers: "
           f"{data['default_workers']})")
     print(f"start method       : {data['start_method']} (available: "
@@ -182,7 +236,16 @@ def _info(args: argparse.Namespace) -> int:
     if free is not None:
         print(f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
               f"free of {blocks.format_bytes(data['shm_total_bytes'])}")
-    fresh = data["fresh_workers"]
+    if "fresh_workers" in data:
+        _print_fresh(data["fresh_workers"])
+    print(f"live blocks        : {len(data['blocks'])}")
+    for b in data["blocks"]:
+        print(f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
+              f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}")
+    return 0
+
+
+def _print_fresh(fresh: dict) -> None:
     stats = fresh["workers"]
     print(f"a fresh engine     : {len(stats)} workers started in {fresh['start_s']:.2f} s; "
           f"each holds {_mib(min(s['uss'] for s in stats))}-"
@@ -192,11 +255,6 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  worker {s['worker']}: pid {s['pid']}, RSS {_mib(s['rss'])}, "
               f"USS {_mib(s['uss'])}, {s['tasks']} tasks, {s['kernels']} kernels, "
               f"busy {s['busy'] * 1e3:.1f} ms, replaced {s['replaced']} times")
-    print(f"live blocks        : {len(data['blocks'])}")
-    for b in data["blocks"]:
-        print(f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
-              f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}")
-    return 0
 
 
 def _mib(n: int) -> str:
@@ -207,6 +265,7 @@ BENCH_NEEDS = ("matplotlib", "joblib", "dask", "distributed")
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import importlib
     import importlib.util
     missing = [m for m in BENCH_NEEDS if importlib.util.find_spec(m) is None]
     if missing:
@@ -214,7 +273,9 @@ def _bench(args: argparse.Namespace) -> int:
               f"({', '.join(missing)}). Install them with: "
               f"pip install 'shmarray[bench]'", file=sys.stderr)
         return 2
-    from shmarray import report
+    # By name: shmarray.report installs from bench/report (package-dir in
+    # pyproject.toml), which a checker of shmarray/ alone cannot see.
+    report = importlib.import_module("shmarray.report")
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     return report.main(size, args.out, args.max_workers)
 
@@ -244,49 +305,73 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: every subcommand, every flag with its help."""
+    from shmarray import __version__
+
     parser = argparse.ArgumentParser(
         prog="shmarray",
         description="Shared-memory NumPy arrays with numba kernels run in "
-                    "place by a pool of worker processes.")
-    sub = parser.add_subparsers(dest="command", required=True)
+                    "place by a pool of worker processes.",
+        epilog="Run `shmarray COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"shmarray {__version__}",
+                        help="print shmarray's version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
+                                help="one of these (none: print this help)")
 
-    p = sub.add_parser("demo", help="heat diffusion: sequential numba vs the engine")
-    p.add_argument("--size", type=int, default=3000, help="grid side (default 3000)")
-    p.add_argument("--steps", type=int, default=300, help="time steps (default 300)")
-    p.add_argument("--workers", type=int, default=None,
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        # The one-line help in `shmarray --help`, and the description of
+        # `shmarray NAME --help`.
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+    p = command("demo", "heat diffusion: sequential numba vs the engine")
+    p.add_argument("--size", type=int, default=3000, metavar="N", help="grid side (default 3000)")
+    p.add_argument("--steps", type=int, default=300, metavar="N", help="time steps (default 300)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes (default: usable CPUs)")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=3, metavar="N",
                    help="rounds of every method, in alternating order (default 3)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("bench", help="every workload through every method, with plots")
+    p = command("bench", "every workload through every method, with plots")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true",
                        help="small sizes, few repeats: under 2 minutes on 2 CPUs")
     group.add_argument("--tiny", action="store_true",
                        help="smallest sizes: checks every method end to end (tests)")
-    p.add_argument("--out", help="directory for bench.json and the PNG plots")
-    p.add_argument("--max-workers", type=int, default=None,
+    p.add_argument("--out", metavar="DIR", help="directory for bench.json and the PNG plots")
+    p.add_argument("--max-workers", type=int, default=None, metavar="N",
                    help="sweep workers from 1 to this (default: usable CPUs)")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("info", help="CPUs, start method, numba, /dev/shm space, live blocks")
+    p = command("info", "versions, CPUs, start method, numba, /dev/shm space, "
+                        "live blocks")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--engine", action="store_true",
+                   help="also start a fresh engine and report its workers: "
+                        "start-up time and memory (takes seconds)")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("ls", help="list shmarray blocks: name, size, owner pid, owner alive")
+    p = command("ls", "list shmarray blocks: name, size, owner pid, owner alive")
     p.set_defaults(func=_ls)
 
-    p = sub.add_parser("gc", help="unlink shmarray blocks that no live process "
-                                  "holds (their creator is dead)")
-    p.add_argument("--min-age", type=float, default=blocks.GC_MIN_AGE,
+    p = command("gc", "unlink shmarray blocks that no live process holds "
+                      "(their creator is dead)")
+    p.add_argument("--min-age", type=float, default=blocks.GC_MIN_AGE, metavar="SECONDS",
                    help="leave blocks younger than this many seconds alone "
                         f"(default {blocks.GC_MIN_AGE:g}: a block is locked a "
                         f"moment after it is created)")
     p.set_defaults(func=_gc)
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

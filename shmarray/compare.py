@@ -27,7 +27,42 @@ from shmarray.timing import first_difference, identical, interleaved, same
 
 @dataclass(repr=False)
 class Comparison:
-    """Timings and the equality check of one kernel, sequential vs engine."""
+    """Timings and the equality check of one kernel, sequential vs engine.
+
+    What ``Engine.compare`` returns.  It prints as a table, renders as one
+    in a notebook, and draws itself with ``plot()``.
+
+    Attributes
+    ----------
+    kernel : str
+        The kernel's name.
+    workers : int
+        The engine's workers.
+    schedule : str
+        "static" or "dynamic".
+    chunks : int
+        Chunks per engine call.
+    kind : str
+        "map" or "reduce".
+    sequential_s, engine_s : list of float
+        Seconds of each timed round, sequentially on the whole arrays and
+        through the engine.
+    nbytes : int
+        Bytes of every array, counted once.
+    identical : bool
+        The engine's results equal the sequential kernel's, bit for bit (a
+        reduce: the kernel run chunk by chunk, combined in the same order).
+    mismatch : str
+        Where the results first differ ("" when identical).
+    max_abs_diff : float or None
+        A reduce: the largest absolute difference between the engine's
+        value and the kernel's on the whole arrays (rounding differs with
+        the order of the sums); None for a map, or for values that are not
+        numbers.
+    notes : list of str
+        How the check was made (output arrays started from a poison value,
+        say).
+    """
     kernel: str
     workers: int
     schedule: str
@@ -43,14 +78,17 @@ class Comparison:
 
     @property
     def sequential_median(self) -> float:
+        """Median seconds of the sequential runs."""
         return statistics.median(self.sequential_s)
 
     @property
     def engine_median(self) -> float:
+        """Median seconds of the engine's runs."""
         return statistics.median(self.engine_s)
 
     @property
     def speedup(self) -> float:
+        """Sequential median over engine median."""
         return self.sequential_median / self.engine_median
 
     @property
@@ -60,13 +98,16 @@ class Comparison:
 
     @property
     def sequential_gbps(self) -> float:
+        """``nbytes`` per sequential median, in GB/s."""
         return self.nbytes / self.sequential_median / 1e9
 
     @property
     def engine_gbps(self) -> float:
+        """``nbytes`` per engine median, in GB/s."""
         return self.nbytes / self.engine_median / 1e9
 
     def rows(self) -> list[tuple[str, str]]:
+        """The table's rows, as (label, value) text pairs."""
         check = "identical" if self.identical else f"DIFFERENT: {self.mismatch}"
         out = [("kernel", f"{self.kernel} ({self.kind}, {self.chunks} chunks, "
                           f"{self.schedule})"),
@@ -96,7 +137,22 @@ class Comparison:
         return f"<table>{body}</table>"
 
     def plot(self, ax=None):
-        """Bar chart of the median times (matplotlib); returns the Axes."""
+        """Bar chart of the two median times.
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            Where to draw; None: a new figure.
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+
+        Raises
+        ------
+        ImportError
+            matplotlib is not installed (``pip install 'shmarray[plot]'``).
+        """
         try:
             import matplotlib.pyplot as plt
         except ImportError as exc:

@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -302,7 +303,7 @@ def _now_ns(typingctx):
 _words = types.Array(types.int64, 1, "C")
 _bytes = types.Array(types.uint8, 1, "C")
 _indices = types.Array(types.int64, 1, "C")
-_OPTS = dict(nogil=True, cache=True)
+_OPTS: dict[str, Any] = dict(nogil=True, cache=True)
 
 # Each spin round is a check and a PAUSE; every YIELD_EVERY rounds the
 # spinner also yields its CPU, so with as many processes as cores a waiting

@@ -93,7 +93,7 @@ class _Plan:
         whole, ghost cells filled."""
         h, ax, b = self.halo, self.axis, self.boundary
         whole = {i: -1 for i in range(a.ndim) if i != ax}
-        if b is not None and self._overlap_fills(a.shape):
+        if b is not None and self._overlap_fills(b, a.shape):
             inner = tuple(slice(h, n - h) for n in a.shape)
             x = _dask(a)[inner].rechunk({ax: tuple(hi - lo for lo, hi in self.parts), **whole})
             fill = OVERLAP_BOUNDARY.get(b.mode, b.value)
@@ -109,11 +109,11 @@ class _Plan:
         return da.overlap.overlap(x, depth={i: (h if i == ax else 0) for i in range(a.ndim)},
                                   boundary="none")
 
-    def _overlap_fills(self, shape: tuple[int, ...]) -> bool:
+    def _overlap_fills(self, b: Boundary, shape: tuple[int, ...]) -> bool:
         """Dask's overlap can fill the ghosts: it knows the mode, and no
         block is thinner than the ghost layer."""
         h = self.halo
-        return (self.boundary.mode in (*OVERLAP_BOUNDARY, "constant")
+        return (b.mode in (*OVERLAP_BOUNDARY, "constant")
                 and min(hi - lo for lo, hi in self.parts) >= h
                 and all(n - 2 * h >= h for i, n in enumerate(shape) if i != self.axis))
 

@@ -130,7 +130,38 @@ class Placeholder:
 
 
 row_offset = Placeholder("row_offset")
+"""Stands in ``args`` for the global index of the first row a kernel call gets.
+
+Along the split axis: ``lo - halo`` for the chunk of rows ``(lo, hi)``, so
+a kernel can tell where its slice lies in the whole array.  Run
+sequentially on whole arrays, the kernel gets 0 in its place.
+
+Examples
+--------
+::
+
+    @njit
+    def fill_index(out, first):
+        for i in range(out.shape[0]):
+            out[i] = first + i
+
+    eng.map(fill_index, y, args=(shmarray.row_offset,))
+    fill_index(z, 0)                       # sequentially: the same values
+"""
+
 worker_id = Placeholder("worker_id")
+"""Stands in ``args`` and ``initargs`` for the index of the worker that runs.
+
+From 0 to ``workers - 1``; a replacement worker keeps the index of the one
+it replaces.  Run sequentially, the kernel gets 0 in its place.
+
+Examples
+--------
+::
+
+    eng.map(kernel, y, x, args=(shmarray.worker_id,))
+    shmarray.Engine(initializer=setup, initargs=(shmarray.worker_id,))
+"""
 
 
 # -- Kernels ---------------------------------------------------------------
@@ -397,9 +428,10 @@ class Values(NamedTuple):
 
 
 class Failed(NamedTuple):
-    """Chunk ``index`` (in the whole map) of ring ``seq`` raised."""
+    """Chunk ``chunk`` (its index in the whole map) of ring ``seq`` raised.
+    (Not named ``index``: that would hide ``tuple.index``.)"""
     seq: int
-    index: int
+    chunk: int
     error: bytes            # the pickled exception
     type_name: str
     message: str
@@ -434,6 +466,7 @@ def pack_values(values: tuple) -> bytes:
         return cloudpickle.dumps(values, pickle.HIGHEST_PROTOCOL)
 
 
-def decode(data: bytes) -> tuple:
+def decode(data: bytes) -> Any:
+    """One of ``MESSAGES``: the receiver knows which kinds it can get."""
     fields = pickle.loads(data)
     return MESSAGES[fields[0]]._make(fields[1:])

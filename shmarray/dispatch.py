@@ -35,39 +35,58 @@ from shmarray.tracked import Tally, combined
 class MapFuture(concurrent.futures.Future):
     """The future of a submitted map or reduce.
 
-    ``cancel()`` follows the ``Future`` contract: it succeeds only while the
-    map is queued.  ``stop()`` also ends a running map: the workers busy
-    with it (maybe deep in a numba loop) are killed and replaced, and the
-    future ends with ``MapCancelledError`` (a
-    ``concurrent.futures.CancelledError``).
+    A ``concurrent.futures.Future``, made by ``Engine.submit`` and
+    ``Engine.submit_reduce``: its result is what ``map`` or ``reduce``
+    returns, its exception what they raise.  ``cancel()`` follows the
+    ``Future`` contract: it succeeds only while the map is queued.
+    ``stop()`` also ends a running map: the workers busy with it (maybe
+    deep in a numba loop) are killed and replaced, and the future ends
+    with ``MapCancelledError`` (a ``concurrent.futures.CancelledError``).
+
+    Examples
+    --------
+    ::
+
+        future = eng.submit(kernel, y, x)
+        if not future.done():
+            future.stop()
     """
 
     def __init__(self, interrupt: Callable[[], None]):
         super().__init__()
-        self.stop_requested = False
+        self._stop_requested = False
         self._committed = False        # the driver has settled the outcome
         self._stop_lock = threading.Lock()
         self._interrupt = interrupt
 
     def stop(self) -> bool:
-        """Cancel the map if queued, stop it if running.  False if it had
-        already finished; True means the future ends with
-        MapCancelledError."""
+        """Cancel the map if queued, stop it if running.
+
+        From any thread; it returns at once, before the workers are
+        replaced.
+
+        Returns
+        -------
+        bool
+            False if the map had already finished.  True: the future ends
+            cancelled (``CancelledError`` for a map still queued,
+            ``MapCancelledError`` for one that was running).
+        """
         if self.cancel():
             return True
         with self._stop_lock:
             if self._committed or self.done():
                 return False
-            self.stop_requested = True
+            self._stop_requested = True
         self._interrupt()
         return True
 
-    def commit(self) -> bool:
+    def _commit(self) -> bool:
         """The driver's last word on a map that ran: False if a stop came
         first (then it ends with MapCancelledError, as ``stop`` promised),
         else True, and a later ``stop`` returns False."""
         with self._stop_lock:
-            if self.stop_requested:
+            if self._stop_requested:
                 return False
             self._committed = True
             return True
@@ -237,14 +256,14 @@ class Dispatcher:
                 values = self.runner.run(call, self._should_stop)
             except BaseException as exc:
                 self._let_go()
-                if not future.commit():
+                if not future._commit():
                     exc = _stopped()
                 future.set_exception(exc)
                 del future, call, exc     # release the caller's arrays now
                 continue
             self._let_go()
             try:
-                if not future.commit():
+                if not future._commit():
                     raise _stopped()
                 future.set_result(finish(call, values))
             except BaseException as exc:  # combine raised, or stopped
@@ -269,7 +288,7 @@ class Dispatcher:
                 "the engine was closed while this map ran; its workers were "
                 "stopped")
         current = self._current
-        if current is not None and current.stop_requested:
+        if current is not None and current._stop_requested:
             return _stopped()
         return None
 

@@ -13,20 +13,25 @@ import operator
 import os
 import weakref
 from collections.abc import Sequence
-from typing import Any, Callable, Literal, overload
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
+from numpy.typing import NDArray
 
-from shmarray import options
+from shmarray import display, options
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import EngineClosedError, MapReport
 from shmarray.jobs import Call, Calls, JobCache
-from shmarray.options import BoundaryMode, CallOptions, Errors, Schedule, StartMethod, Wait
+from shmarray.options import (BoundaryMode, CallOptions, Errors, Order, Schedule, StartMethod,
+                              Wait)
 from shmarray.pool import Pool
 from shmarray.prepared import PreparedMap
+
+if TYPE_CHECKING:
+    from shmarray.compare import Comparison     # imported when first used
 
 Kernel = Callable[..., Any]
 
@@ -46,12 +51,11 @@ os.register_at_fork(after_in_child=_after_fork)
 class Engine:
     """Shared-memory arrays and a persistent pool of worker processes.
 
-    Use it as a context manager::
-
-        with shmarray.Engine(workers=2) as eng:
-            x = eng.from_numpy(data)
-            y = eng.empty(x.shape, x.dtype)
-            eng.map(kernel, y, x, args=(2.5,))
+    The engine allocates NumPy arrays in shared memory (``empty``,
+    ``zeros``, ``from_numpy``) and runs kernels on slices of them in its
+    worker processes, in place (``map``, ``reduce``, ``imap``,
+    ``iterate``, ``prepare``; ``submit`` and ``map_async`` without
+    blocking).  Only descriptors of the arrays travel to the workers.
 
     Parameters
     ----------
@@ -62,9 +66,9 @@ class Engine:
         How workers start (default "forkserver": shmarray's own fork server;
         no worker ever imports your ``__main__``).
     max_tasks_per_worker : int, optional
-        Replace a worker after this many tasks (between maps).
+        Replace a worker after this many tasks (between maps).  None: never.
     startup_timeout : float
-        Seconds to wait for the workers to start.
+        Seconds to wait for the workers to start (default 120).
     initializer : callable, optional
         ``initializer(*initargs)`` runs once in every worker, replacements
         included, before its first task.  ``shmarray.worker_id`` in
@@ -81,6 +85,9 @@ class Engine:
 
     Raises
     ------
+    TypeError, ValueError
+        An argument of the wrong type or out of range (also a bad
+        ``SHMARRAY_WORKERS`` or ``SHMARRAY_WAIT``); nothing was started.
     WorkerStartError
         A worker could not start (its initializer raised, the environment is
         broken, or ``startup_timeout`` passed).  Nothing is left running.
@@ -99,6 +106,25 @@ class Engine:
     for; ``submit``/``map_async`` return at once whatever is running, and a
     blocking ``map`` waits its turn.  ``close()`` from another thread ends
     a running map with EngineClosedError and returns promptly.
+
+    Examples
+    --------
+    Use it as a context manager: leaving the block unlinks every block and
+    stops every worker, whatever happened inside::
+
+        import numpy as np
+        from numba import njit
+        import shmarray
+
+        @njit
+        def scale(out, x, a):
+            for i in range(x.shape[0]):
+                out[i] = a * x[i]
+
+        with shmarray.Engine(workers=2) as eng:
+            x = eng.from_numpy(np.random.rand(10**7))
+            y = eng.empty(x.shape, x.dtype)
+            eng.map(scale, y, x, args=(2.5,))
     """
 
     _dispatcher: Dispatcher | None = None   # close() is safe after a failed __init__
@@ -121,6 +147,7 @@ class Engine:
                     opts.max_tasks, opts.max_memory, opts.initializer, opts.wait)
         table = BlockTable()
         watchdog = pool.watchdog
+        assert watchdog is not None             # a Pool is built whole or not at all
         table.on_create = lambda name: watchdog.blocks(created=(name,))
         self._calls = Calls(cache, table, pool.size)
         self._dispatcher = Dispatcher(pool, table, cache)
@@ -131,10 +158,15 @@ class Engine:
     def close(self) -> None:
         """Unlink every block and stop every worker.
 
-        Idempotent; from any thread; a running map ends with
+        Idempotent, and callable from any thread: a running map ends with
         EngineClosedError, queued ones are cancelled.  Interrupted (Ctrl-C),
         calling it again finishes the job.  In a forked child it does
-        nothing: the parent owns the engine.
+        nothing: the parent owns the engine.  Leaving a ``with`` block, the
+        engine's garbage collection and interpreter exit call it too.
+
+        Arrays still held stay readable; their memory is freed with the
+        last reference.  Every other method raises EngineClosedError
+        afterwards.
         """
         if os.getpid() != self._owner:
             return
@@ -155,9 +187,9 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        if self.closed:
-            return "<shmarray.Engine closed>"
         d = self._dispatcher
+        if self.closed or d is None:
+            return "<shmarray.Engine closed>"
         try:
             stats = self.stats()
         except Exception:        # closing meanwhile, or a forked child's copy
@@ -170,6 +202,8 @@ class Engine:
                 f"busy={sum(s.busy for s in stats):.1f}s "
                 f"max_worker_uss={format_bytes(uss)} "
                 f"replaced={sum(s.replaced for s in stats)}>")
+
+    _repr_html_ = display.engine_html     # a notebook's view: workers and blocks
 
     def _live(self) -> Dispatcher:
         d = self._dispatcher
@@ -216,15 +250,23 @@ class Engine:
         Returns
         -------
         list of WorkerStats
-            pid, memory (RSS and unique, in bytes), chunks run, kernels
-            held, seconds busy, and times its place was taken by a
-            replacement (crash, timeout, recycling).
+            By worker index: pid, memory (RSS and unique, in bytes), chunks
+            run, kernels held, seconds busy, and times its place was taken
+            by a replacement (crash, timeout, recycling).  Counts are the
+            current process's, since it started.
+
+        Raises
+        ------
+        EngineClosedError
+            The engine is closed.
         """
         pool = self._live().pool
+        ctl = pool.ctl
+        assert ctl is not None                  # a Pool is built whole or not at all
         out = []
         for w in list(pool.workers):
             rss, uss = w.memory()
-            chunks, busy_ns = pool.ctl.totals(w.index)
+            chunks, busy_ns = ctl.totals(w.index)
             out.append(WorkerStats(
                 w.index, w.pid, rss, uss, chunks - w.chunks_at_start, len(w.kernels),
                 (busy_ns - w.busy_at_start) / 1e9, pool.replaced[w.index]))
@@ -233,27 +275,41 @@ class Engine:
     # -- allocation --------------------------------------------------------
 
     def empty(self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64,
-              order: Literal["C", "F"] = "C") -> np.ndarray:
+              order: Order = "C") -> NDArray[Any]:
         """A new array in shared memory.
 
         Parameters
         ----------
         shape : int or tuple of int
+            The array's shape, as for ``numpy.empty``.
         dtype : dtype-like
-            Plain numbers only (no objects, no records).
+            Items of a fixed size (numbers, datetimes, fixed-length
+            strings): no Python objects, no records.  Default float64.
         order : {"C", "F"}
+            Row-major (C, the default) or column-major (Fortran) layout.
 
         Returns
         -------
         numpy.ndarray
             A plain ndarray whose memory lives in a shared block.  Its
             contents are zero (the block is freshly reserved), but do not
-            rely on that: use ``zeros``.
+            rely on that: use ``zeros``.  Views and slices of it are
+            recognised as shared when passed back to the engine.
 
         Raises
         ------
+        TypeError, ValueError
+            A bad shape, dtype or order.
         SharedMemoryFullError
             The shared-memory filesystem cannot hold it.
+        EngineClosedError
+            The engine is closed.
+
+        Examples
+        --------
+        ::
+
+            y = eng.empty((1000, 1000), np.float32)
         """
         d = self._live()
         shape = options.coerce_shape(shape)
@@ -265,27 +321,60 @@ class Engine:
         return np.ndarray(shape, dtype, buffer=buf, order=order)
 
     def zeros(self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64,
-              order: Literal["C", "F"] = "C") -> np.ndarray:
-        """A new zero-filled array in shared memory (see ``empty``)."""
+              order: Order = "C") -> NDArray[Any]:
+        """A new zero-filled array in shared memory.
+
+        Parameters
+        ----------
+        shape, dtype, order
+            As for ``empty``.
+
+        Returns
+        -------
+        numpy.ndarray
+            All zeros; a plain ndarray whose memory lives in a shared block.
+
+        Raises
+        ------
+        TypeError, ValueError, SharedMemoryFullError, EngineClosedError
+            As for ``empty``.
+        """
         # A new block is reserved with posix_fallocate/ftruncate: all zeros.
         return self.empty(shape, dtype, order)
 
-    def from_numpy(self, array: npt.ArrayLike) -> np.ndarray:
+    def from_numpy(self, array: npt.ArrayLike) -> NDArray[Any]:
         """A shared copy of ``array``.
 
         Parameters
         ----------
         array : array_like
+            Anything ``numpy.asarray`` accepts, with items of a fixed size
+            (no Python objects, no records).
 
         Returns
         -------
         numpy.ndarray
-            Same shape and dtype; Fortran order kept for Fortran-contiguous
-            input, C order otherwise.
+            A copy in a shared block: same shape and dtype; Fortran order
+            kept for Fortran-contiguous input, C order otherwise.
+
+        Raises
+        ------
+        TypeError
+            The array holds Python objects or records.
+        SharedMemoryFullError
+            The shared-memory filesystem cannot hold it.
+        EngineClosedError
+            The engine is closed.
+
+        Examples
+        --------
+        ::
+
+            x = eng.from_numpy(np.random.rand(10**7))
         """
         a = np.asarray(array)
         options.coerce_dtype(a.dtype, "array")
-        order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
+        order: Order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
         out = self.empty(a.shape, a.dtype, order)
         np.copyto(out, a, casting="no")
         return out
@@ -302,15 +391,16 @@ class Engine:
         return d, self._calls.make(kernel, arrays, args, opts, combine, steps,
                                    stream, iterated, prepared)
 
-    def prepare(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    def prepare(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
                 halo: int = 0, chunks: int | Sequence[int] | None = None,
                 timeout: float | None = None, schedule: Schedule = "static",
                 progress: bool | None = None, boundary: BoundaryMode = None,
                 axis: int = 0, retries: int = 0, errors: Errors = "raise") -> PreparedMap:
-        """A map made ready to run again and again at the least cost the
-        engine has: checked once, here; then ``step()`` rings the workers
-        and spins for their answer in one compiled call, and the workers run
-        the kernel from compiled code.
+        """A map made ready to run again and again at the least cost.
+
+        Everything is checked once, here; then each ``step()`` rings the
+        workers and spins for their answer in one compiled call, and the
+        workers run the kernel from compiled code.
 
         Parameters
         ----------
@@ -322,16 +412,25 @@ class Engine:
         PreparedMap
             ``step()`` runs the map and returns what ``map`` would;
             ``step.swap()`` exchanges the first two arrays for the calls
-            that follow (double buffering)::
+            that follow (double buffering).  It keeps its arrays alive, and
+            its arguments as given (prepare another map to change them).
+            The first call compiles the workers' serving loop for this
+            kernel (a fraction of a second).
 
-                step = eng.prepare(heat_step, new, old, args=(0.2,), halo=1)
-                for _ in range(1000):
-                    step()
-                    step.swap()
+        Raises
+        ------
+        TypeError, ValueError, EngineClosedError
+            As for ``map``, here rather than at each step.  Each step raises
+            what ``map`` raises while running.
 
-            It keeps its arrays alive, and its arguments as given (prepare
-            another map to change them).  The first call compiles the
-            workers' serving loop for this kernel (a fraction of a second).
+        Examples
+        --------
+        ::
+
+            step = eng.prepare(heat_step, new, old, args=(0.2,), halo=1)
+            for _ in range(1000):
+                step()
+                step.swap()
         """
         opts = CallOptions(halo, chunks, schedule, axis, boundary, timeout, progress,
                            retries, errors)
@@ -349,27 +448,37 @@ class Engine:
         return PreparedMap(d.run_prepared, call, swapped)
 
     @overload
-    def map(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = ...,
+    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
             halo: int = ..., chunks: int | Sequence[int] | None = ...,
             timeout: float | None = ..., schedule: Schedule = ...,
             progress: bool | None = ..., boundary: BoundaryMode = ..., axis: int = ...,
             retries: int = ..., errors: Literal["raise"] = ...) -> None: ...
 
     @overload
-    def map(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = ...,
+    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
             halo: int = ..., chunks: int | Sequence[int] | None = ...,
             timeout: float | None = ..., schedule: Schedule = ...,
             progress: bool | None = ..., boundary: BoundaryMode = ..., axis: int = ...,
             retries: int = ..., errors: Literal["collect"]) -> MapReport: ...
 
-    def map(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    @overload
+    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
+            halo: int = ..., chunks: int | Sequence[int] | None = ...,
+            timeout: float | None = ..., schedule: Schedule = ...,
+            progress: bool | None = ..., boundary: BoundaryMode = ..., axis: int = ...,
+            retries: int = ..., errors: Errors = ...) -> MapReport | None: ...
+
+    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
             halo: int = 0, chunks: int | Sequence[int] | None = None,
             timeout: float | None = None, schedule: Schedule = "static",
             progress: bool | None = None, boundary: BoundaryMode = None, axis: int = 0,
             retries: int = 0, errors: Errors = "raise") -> MapReport | None:
-        """Run ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` in the
-        workers for every chunk ``(lo, hi)`` of rows; return when all
-        finished.  The kernel writes into its arrays in place.
+        """Run ``kernel`` on every chunk of rows, in the workers, in place.
+
+        For every chunk ``(lo, hi)`` of rows along ``axis``, a worker calls
+        ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)``; ``map``
+        returns when all chunks finished.  The kernel writes into its
+        arrays in place: its return value is ignored.
 
         Parameters
         ----------
@@ -381,9 +490,10 @@ class Engine:
             views of them), all of one length along ``axis``.
         args : tuple
             Extra arguments after the arrays.  Shared arrays travel as
-            descriptors; ``shmarray.row_offset`` becomes the index of the
-            first row passed (``lo - halo``) and ``shmarray.worker_id`` the
-            worker's index.
+            descriptors and reach the kernel whole; anything else is pickled
+            with every call.  ``shmarray.row_offset`` becomes the index of
+            the first row passed (``lo - halo``) and ``shmarray.worker_id``
+            the worker's index.
         halo : int
             Rows of context on each side: the chunks split the interior rows
             ``[halo, n - halo)``, and each array is passed as rows
@@ -415,12 +525,13 @@ class Engine:
         Returns
         -------
         None or MapReport
-            A MapReport with ``errors="collect"``.
+            None; a MapReport with ``errors="collect"``.
 
         Raises
         ------
         TypeError, ValueError
-            Bad arguments, before anything is sent.
+            Bad arguments (a private array, arrays of different lengths, an
+            unknown mode...), before anything is sent.
         Exception
             The kernel's own exception, as itself, with the worker's
             traceback as its ``__cause__``.
@@ -430,6 +541,26 @@ class Engine:
             ``timeout`` passed.
         EngineClosedError
             The engine was closed, before or during the map.
+
+        Warns
+        -----
+        CopyWarning
+            A private array of more than 1 MiB in ``args``: it is pickled
+            with every call, and the kernel's writes to it are lost.
+
+        Examples
+        --------
+        A three-point stencil, written for the whole array, runs unchanged
+        on chunks with ``halo=1``::
+
+            @njit
+            def smooth(out, inp):
+                for i in range(1, inp.shape[0] - 1):
+                    out[i] = (inp[i - 1] + inp[i] + inp[i + 1]) / 3
+
+            eng.map(smooth, y, x, halo=1)
+            eng.map(smooth, y, x, halo=1, boundary="wrap")   # ghost cells filled first
+            report = eng.map(smooth, y, x, halo=1, errors="collect")
         """
         d, call = self._call(kernel, arrays, args, CallOptions(
             halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
@@ -437,7 +568,7 @@ class Engine:
         return d.run(call)
 
     @overload
-    def reduce(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = ...,
+    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
                combine: Callable[[Any, Any], Any] = ..., halo: int = ...,
                chunks: int | Sequence[int] | None = ..., timeout: float | None = ...,
                schedule: Schedule = ..., progress: bool | None = ...,
@@ -445,21 +576,31 @@ class Engine:
                errors: Literal["raise"] = ...) -> Any: ...
 
     @overload
-    def reduce(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = ...,
+    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
                combine: Callable[[Any, Any], Any] = ..., halo: int = ...,
                chunks: int | Sequence[int] | None = ..., timeout: float | None = ...,
                schedule: Schedule = ..., progress: bool | None = ...,
                boundary: BoundaryMode = ..., axis: int = ..., retries: int = ...,
                errors: Literal["collect"]) -> MapReport: ...
 
-    def reduce(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    @overload
+    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
+               combine: Callable[[Any, Any], Any] = ..., halo: int = ...,
+               chunks: int | Sequence[int] | None = ..., timeout: float | None = ...,
+               schedule: Schedule = ..., progress: bool | None = ...,
+               boundary: BoundaryMode = ..., axis: int = ..., retries: int = ...,
+               errors: Errors = ...) -> Any: ...
+
+    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
                combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
                chunks: int | Sequence[int] | None = None, timeout: float | None = None,
                schedule: Schedule = "static", progress: bool | None = None,
                boundary: BoundaryMode = None, axis: int = 0, retries: int = 0,
                errors: Errors = "raise") -> Any:
-        """Like ``map``, but the kernel returns a value per chunk, and the
-        values are combined in chunk order.
+        """Run ``kernel`` on every chunk and combine the values it returns.
+
+        As ``map``, but the kernel returns a value for its chunk, and the
+        values are combined with ``combine`` in chunk order.
 
         Parameters
         ----------
@@ -479,21 +620,38 @@ class Engine:
         Raises
         ------
         TypeError, ValueError, WorkerCrashedError, TaskTimeoutError, EngineClosedError
-            As for ``map``; and the kernel's own exception.
+            As for ``map``; and the kernel's own exception, or what
+            ``combine`` raised.
+
+        Examples
+        --------
+        ::
+
+            @njit
+            def total(x):
+                s = 0.0
+                for v in x:
+                    s += v
+                return s
+
+            s = eng.reduce(total, x)                # x.sum(), up to rounding
+            report = eng.reduce(total, x, errors="collect", retries=2)
         """
         d, call = self._call(kernel, arrays, args, CallOptions(
             halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
             options.check_combine(combine))
         return d.run(call)
 
-    def imap(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    def imap(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
              combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
              chunks: int | Sequence[int] | None = None, timeout: float | None = None,
              schedule: Schedule = "static", progress: bool | None = False,
              boundary: BoundaryMode = None, axis: int = 0, retries: int = 0,
              errors: Errors = "raise") -> ChunkStream:
-        """``reduce`` as a stream: ``(rows, value)`` for each chunk as soon as
-        it finishes, in the order they finish, while the rest run.
+        """Stream ``(rows, value)`` for each chunk as soon as it finishes.
+
+        ``reduce`` as a stream: the values come in the order the chunks
+        finish, while the rest run.
 
         Parameters
         ----------
@@ -510,6 +668,21 @@ class Engine:
             exhausted, ``stream.result`` is what ``reduce`` would have
             returned.  With ``errors="raise"`` the first failure raises from
             the loop.
+
+        Raises
+        ------
+        TypeError, ValueError, EngineClosedError
+            As for ``map``, here.  What fails while the map runs raises from
+            the iteration instead (with ``errors="raise"``).
+
+        Examples
+        --------
+        ::
+
+            with eng.imap(score, params, schedule="dynamic", errors="collect") as stream:
+                for (lo, hi), value in stream:
+                    print(lo, hi, value)
+            report = stream.result
         """
         sink = Sink()
         d, call = self._call(kernel, arrays, args, CallOptions(
@@ -517,13 +690,14 @@ class Engine:
             options.check_combine(combine), stream=sink)
         return ChunkStream(sink, d.submit(call), d.interrupt)
 
-    def iterate(self, kernel: Kernel, out: np.ndarray, inp: np.ndarray,
-                *arrays: np.ndarray, steps: int, args: Sequence[Any] = (), halo: int = 0,
+    def iterate(self, kernel: Kernel, out: NDArray[Any], inp: NDArray[Any],
+                *arrays: NDArray[Any], steps: int, args: Sequence[Any] = (), halo: int = 0,
                 chunks: int | Sequence[int] | None = None, timeout: float | None = None,
                 progress: bool | None = None, boundary: BoundaryMode = None,
-                axis: int = 0) -> np.ndarray:
-        """``steps`` steps of a double-buffered map, run inside the workers:
-        the same as, and bit-identical to, ::
+                axis: int = 0) -> NDArray[Any]:
+        """Run ``steps`` steps of a double-buffered map inside the workers.
+
+        The same as, and bit-identical to, ::
 
             for _ in range(steps):
                 eng.map(kernel, out, inp, *arrays, args=args, halo=halo, chunks=chunks)
@@ -560,6 +734,12 @@ class Engine:
         ------
         TypeError, ValueError, WorkerCrashedError, TaskTimeoutError, EngineClosedError
             As for ``map``; and the kernel's own exception.
+
+        Examples
+        --------
+        ::
+
+            last = eng.iterate(heat_step, new, old, steps=1000, args=(0.2,), halo=1)
         """
         steps = options.coerce_steps(steps)
         if steps == 0:
@@ -571,13 +751,15 @@ class Engine:
         d.run(call)
         return out if steps % 2 else inp
 
-    def compare(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    def compare(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
                 halo: int = 0, chunks: int | Sequence[int] | None = None,
                 schedule: Schedule = "static", repeat: int = 5, reduce: bool = False,
-                combine: Callable[[Any, Any], Any] = operator.add):
-        """Time ``kernel`` sequentially on whole arrays and through this
-        engine, on copies of ``arrays`` (yours are not touched), and check
-        that the results are identical.
+                combine: Callable[[Any, Any], Any] = operator.add) -> Comparison:
+        """Time ``kernel`` sequentially and through this engine; check the results.
+
+        Both run on copies of ``arrays`` (yours are not touched): the
+        kernel on the whole arrays, then through ``map`` (or ``reduce``),
+        and the results must be identical.
 
         Parameters
         ----------
@@ -596,6 +778,17 @@ class Engine:
             Medians, speedup, parallel efficiency, GB/s and the check; it
             prints as a table, renders as one in a notebook, and has
             ``.plot()``.
+
+        Raises
+        ------
+        TypeError, ValueError, EngineClosedError
+            As for ``map``; and the kernel's own exception.
+
+        Examples
+        --------
+        ::
+
+            print(eng.compare(heat_step, new, old, args=(0.2,), halo=1))
         """
         from shmarray.compare import compare
         self._live()
@@ -606,13 +799,15 @@ class Engine:
 
     # -- non-blocking ------------------------------------------------------
 
-    def submit(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    def submit(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
                halo: int = 0, chunks: int | Sequence[int] | None = None,
                timeout: float | None = None, schedule: Schedule = "static",
                progress: bool | None = None, boundary: BoundaryMode = None,
                axis: int = 0, retries: int = 0, errors: Errors = "raise") -> MapFuture:
-        """Start ``map(kernel, *arrays, ...)`` and return at once, whatever is
-        running.
+        """Start ``map(kernel, *arrays, ...)`` and return at once.
+
+        It returns whatever is running: submitted maps wait their turn on
+        the engine's manager thread.
 
         Parameters
         ----------
@@ -627,20 +822,36 @@ class Engine:
             on the engine's manager thread; ``cancel()`` cancels a queued
             one, ``stop()`` also stops a running one (its workers are
             killed and replaced).  The arrays stay alive until the map ends.
+
+        Raises
+        ------
+        TypeError, ValueError, EngineClosedError
+            As for ``map``, here.  What fails while the map runs is the
+            future's exception.
+
+        Examples
+        --------
+        ::
+
+            future = eng.submit(scale, y, x, args=(2.5,))
+            ...                                  # other work meanwhile
+            future.result()
         """
         d, call = self._call(kernel, arrays, args, CallOptions(
             halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
             None)
         return d.submit(call)
 
-    def submit_reduce(self, kernel: Kernel, *arrays: np.ndarray, args: Sequence[Any] = (),
+    def submit_reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
                       combine: Callable[[Any, Any], Any] = operator.add,
                       halo: int = 0, chunks: int | Sequence[int] | None = None,
                       timeout: float | None = None, schedule: Schedule = "static",
                       progress: bool | None = None, boundary: BoundaryMode = None,
                       axis: int = 0, retries: int = 0,
                       errors: Errors = "raise") -> MapFuture:
-        """``submit`` for ``reduce``: the future's result is what ``reduce``
+        """Start ``reduce(kernel, *arrays, ...)`` and return at once.
+
+        ``submit`` for ``reduce``: the future's result is what ``reduce``
         returns.
 
         Parameters
@@ -651,22 +862,57 @@ class Engine:
         Returns
         -------
         MapFuture
+            As for ``submit``; its result is the combined value (a
+            MapReport with ``errors="collect"``).
+
+        Raises
+        ------
+        TypeError, ValueError, EngineClosedError
+            As for ``submit``.
         """
         d, call = self._call(kernel, arrays, args, CallOptions(
             halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
             options.check_combine(combine))
         return d.submit(call)
 
-    async def map_async(self, kernel: Kernel, *arrays: np.ndarray,
+    @overload
+    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
+                        args: Sequence[Any] = ..., halo: int = ...,
+                        chunks: int | Sequence[int] | None = ...,
+                        timeout: float | None = ..., schedule: Schedule = ...,
+                        progress: bool | None = ..., boundary: BoundaryMode = ...,
+                        axis: int = ..., retries: int = ...,
+                        errors: Literal["raise"] = ...) -> None: ...
+
+    @overload
+    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
+                        args: Sequence[Any] = ..., halo: int = ...,
+                        chunks: int | Sequence[int] | None = ...,
+                        timeout: float | None = ..., schedule: Schedule = ...,
+                        progress: bool | None = ..., boundary: BoundaryMode = ...,
+                        axis: int = ..., retries: int = ...,
+                        errors: Literal["collect"]) -> MapReport: ...
+
+    @overload
+    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
+                        args: Sequence[Any] = ..., halo: int = ...,
+                        chunks: int | Sequence[int] | None = ...,
+                        timeout: float | None = ..., schedule: Schedule = ...,
+                        progress: bool | None = ..., boundary: BoundaryMode = ...,
+                        axis: int = ..., retries: int = ...,
+                        errors: Errors = ...) -> MapReport | None: ...
+
+    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
                         args: Sequence[Any] = (), halo: int = 0,
                         chunks: int | Sequence[int] | None = None,
                         timeout: float | None = None, schedule: Schedule = "static",
                         progress: bool | None = None, boundary: BoundaryMode = None,
                         axis: int = 0, retries: int = 0,
                         errors: Errors = "raise") -> MapReport | None:
-        """``await eng.map_async(kernel, *arrays, ...)``: ``map`` for asyncio
-        code.  The event loop stays free while the workers run; cancelling
-        the task stops the map.
+        """``map`` for asyncio code: ``await eng.map_async(kernel, *arrays, ...)``.
+
+        The event loop stays free while the workers run; cancelling the
+        task stops the map (its busy workers are killed and replaced).
 
         Parameters
         ----------
@@ -676,14 +922,56 @@ class Engine:
         Returns
         -------
         None or MapReport
-            As ``map``.
+            As ``map``: None; a MapReport with ``errors="collect"``.
+
+        Raises
+        ------
+        TypeError, ValueError, WorkerCrashedError, TaskTimeoutError, EngineClosedError
+            As for ``map``, when awaited; and the kernel's own exception.
+
+        Examples
+        --------
+        ::
+
+            async def handle(request):
+                await eng.map_async(scale, y, x, args=(request.factor,))
         """
         return await _awaited(self.submit(
             kernel, *arrays, args=args, halo=halo, chunks=chunks, timeout=timeout,
             schedule=schedule, progress=progress, boundary=boundary, axis=axis,
             retries=retries, errors=errors))
 
-    async def reduce_async(self, kernel: Kernel, *arrays: np.ndarray,
+    @overload
+    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
+                           args: Sequence[Any] = ...,
+                           combine: Callable[[Any, Any], Any] = ...,
+                           halo: int = ..., chunks: int | Sequence[int] | None = ...,
+                           timeout: float | None = ..., schedule: Schedule = ...,
+                           progress: bool | None = ..., boundary: BoundaryMode = ...,
+                           axis: int = ..., retries: int = ...,
+                           errors: Literal["raise"] = ...) -> Any: ...
+
+    @overload
+    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
+                           args: Sequence[Any] = ...,
+                           combine: Callable[[Any, Any], Any] = ...,
+                           halo: int = ..., chunks: int | Sequence[int] | None = ...,
+                           timeout: float | None = ..., schedule: Schedule = ...,
+                           progress: bool | None = ..., boundary: BoundaryMode = ...,
+                           axis: int = ..., retries: int = ...,
+                           errors: Literal["collect"]) -> MapReport: ...
+
+    @overload
+    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
+                           args: Sequence[Any] = ...,
+                           combine: Callable[[Any, Any], Any] = ...,
+                           halo: int = ..., chunks: int | Sequence[int] | None = ...,
+                           timeout: float | None = ..., schedule: Schedule = ...,
+                           progress: bool | None = ..., boundary: BoundaryMode = ...,
+                           axis: int = ..., retries: int = ...,
+                           errors: Errors = ...) -> Any: ...
+
+    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
                            args: Sequence[Any] = (),
                            combine: Callable[[Any, Any], Any] = operator.add,
                            halo: int = 0, chunks: int | Sequence[int] | None = None,
@@ -691,7 +979,10 @@ class Engine:
                            progress: bool | None = None, boundary: BoundaryMode = None,
                            axis: int = 0, retries: int = 0,
                            errors: Errors = "raise") -> Any:
-        """``reduce`` for asyncio code (see ``map_async``).
+        """``reduce`` for asyncio code: ``await eng.reduce_async(kernel, *arrays, ...)``.
+
+        The event loop stays free while the workers run; cancelling the
+        task stops the reduction (see ``map_async``).
 
         Parameters
         ----------
@@ -701,7 +992,13 @@ class Engine:
         Returns
         -------
         object or MapReport
-            As ``reduce``.
+            As ``reduce``: the combined value; a MapReport with
+            ``errors="collect"``.
+
+        Raises
+        ------
+        TypeError, ValueError, WorkerCrashedError, TaskTimeoutError, EngineClosedError
+            As for ``reduce``, when awaited; and the kernel's own exception.
         """
         return await _awaited(self.submit_reduce(
             kernel, *arrays, args=args, combine=combine, halo=halo, chunks=chunks,

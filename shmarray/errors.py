@@ -8,18 +8,37 @@ original type, and the worker's traceback rides along as ``__cause__``
 from __future__ import annotations
 
 import concurrent.futures
+from typing import Any
 
 
 class ShmarrayError(Exception):
-    """Base class of every error shmarray raises on its own account."""
+    """Base class of every error shmarray raises on its own account.
+
+    A kernel's own exception is not one: it reaches the caller as itself.
+    """
 
 
 class EngineClosedError(ShmarrayError, ValueError):
-    """The engine was used after ``close()``."""
+    """The engine was used after ``close()``.
+
+    Also what a map running when ``close()`` came ends with.  A
+    ``ValueError``, as for a closed file.
+    """
 
 
 class SharedMemoryFullError(ShmarrayError, MemoryError):
-    """The shared-memory filesystem cannot hold the requested block."""
+    """The shared-memory filesystem cannot hold the requested block.
+
+    Attributes
+    ----------
+    requested : int
+        Bytes asked for.
+    free : int
+        Bytes free there when it was asked.
+    path : str or None
+        The shared-memory filesystem (``/dev/shm``); None where there is
+        none.
+    """
 
     def __init__(self, message: str, requested: int, free: int, path: str | None):
         super().__init__(message)
@@ -32,7 +51,21 @@ class SharedMemoryFullError(ShmarrayError, MemoryError):
 
 
 class WorkerCrashedError(ShmarrayError):
-    """A worker process died while it held a chunk."""
+    """A worker process died while it held a chunk.
+
+    The worker was replaced; the engine stays usable.  The message names
+    the signal or exit code, and the chunk's rows.
+
+    Attributes
+    ----------
+    pid : int
+        The dead worker's process id.
+    exitcode : int or None
+        Its exit code (minus the signal number if a signal killed it); None
+        if it was not known yet.
+    rows : tuple of (int, int) or None
+        The rows ``(lo, hi)`` of the chunk it was running, if known.
+    """
 
     def __init__(self, message: str, pid: int, exitcode: int | None,
                  rows: tuple[int, int] | None):
@@ -46,7 +79,13 @@ class WorkerCrashedError(ShmarrayError):
 
 
 class TaskTimeoutError(ShmarrayError, TimeoutError):
-    """A map or reduce ran past its ``timeout``; its busy workers were replaced."""
+    """A map or reduce ran past its ``timeout``; its busy workers were replaced.
+
+    Attributes
+    ----------
+    timeout : float
+        The ``timeout`` it ran past, in seconds.
+    """
 
     def __init__(self, message: str, timeout: float):
         super().__init__(message)
@@ -57,15 +96,37 @@ class TaskTimeoutError(ShmarrayError, TimeoutError):
 
 
 class MapCancelledError(ShmarrayError, concurrent.futures.CancelledError):
-    """A submitted map was cancelled while it ran; its workers were replaced."""
+    """A submitted map was stopped while it ran; its workers were replaced.
+
+    What ``MapFuture.stop()`` ends a running map with: a
+    ``concurrent.futures.CancelledError``.
+    """
 
 
 class WorkerStartError(ShmarrayError):
-    """A worker process did not come up."""
+    """A worker process did not come up.
+
+    Attributes
+    ----------
+    remote_traceback : str or None
+        The worker's traceback as text, when it raised while starting
+        (in its initializer, or importing the worker code).
+    """
+
+    remote_traceback: str | None = None
 
 
 class KernelError(ShmarrayError):
-    """A kernel raised an exception that could not be sent back as itself."""
+    """A kernel raised an exception that could not be sent back as itself.
+
+    It stands in for an exception that cannot be pickled; the message holds
+    the original's type and text, and ``__cause__`` the worker's traceback.
+
+    Attributes
+    ----------
+    type_name : str
+        The name of the original exception's type.
+    """
 
     def __init__(self, message: str, type_name: str):
         super().__init__(message)
@@ -76,12 +137,25 @@ class KernelError(ShmarrayError):
 
 
 class CopyWarning(UserWarning):
-    """An argument is copied to the workers with every call: slow, and the
-    kernel's writes to it are lost."""
+    """A private array in ``args`` is copied to the workers with every call.
+
+    Slow for a large array, and the kernel's writes to it are lost: copy it
+    into shared memory once with ``Engine.from_numpy`` and pass that.
+    Shown once per engine, for arrays over 1 MiB.
+    """
 
 
 class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, as text."""
+    """The traceback of an exception raised in a worker, as text.
+
+    Set as the ``__cause__`` of a kernel's exception re-raised in the
+    caller, so the traceback printed shows where the worker failed.
+
+    Attributes
+    ----------
+    tb : str
+        The formatted traceback.
+    """
 
     def __init__(self, tb: str):
         super().__init__(tb)
@@ -94,17 +168,44 @@ class RemoteTraceback(Exception):
 class MapReport:
     """What a map or reduce with ``errors="collect"`` returns.
 
-    ``ok``: no chunk failed.  ``failed``: ``((lo, hi), exception)`` for each
-    chunk that failed for good, in chunk order; the exception carries the
-    worker's traceback as its ``__cause__``.  ``retried``: the rows of the
-    chunks that succeeded only after their worker died or timed out.
-    ``value``: for ``reduce``, the chunks that succeeded combined in chunk
-    order (None if none did).
+    Every chunk that can run does; the report says which failed and why.
+
+    Attributes
+    ----------
+    ok : bool
+        No chunk failed.
+    failed : list of ((int, int), BaseException)
+        ``((lo, hi), exception)`` for each chunk that failed for good, in
+        chunk order; the exception carries the worker's traceback as its
+        ``__cause__``.
+    retried : list of (int, int)
+        The rows of the chunks that succeeded only after their worker died
+        or timed out (see ``retries``).
+    value : object
+        For ``reduce``, the values of the chunks that succeeded, combined
+        in chunk order (None if none did); None for ``map``.
+    chunks : int
+        How many chunks the call had.
+
+    Examples
+    --------
+    ::
+
+        report = eng.map(kernel, y, x, errors="collect", retries=1)
+        if not report.ok:
+            for (lo, hi), exc in report.failed:
+                print(f"rows {lo}:{hi} failed: {exc!r}")
     """
 
     __slots__ = ("failed", "retried", "value", "chunks")
 
-    def __init__(self, failed: list, retried: list, value, chunks: int):
+    failed: list[tuple[tuple[int, int], BaseException]]
+    retried: list[tuple[int, int]]
+    value: Any
+    chunks: int
+
+    def __init__(self, failed: list[tuple[tuple[int, int], BaseException]],
+                 retried: list[tuple[int, int]], value: Any, chunks: int):
         self.failed = failed
         self.retried = retried
         self.value = value
@@ -112,6 +213,7 @@ class MapReport:
 
     @property
     def ok(self) -> bool:
+        """No chunk failed."""
         return not self.failed
 
     def __repr__(self) -> str:

@@ -49,6 +49,7 @@ class Holdings:
             self.forget(kernels=evicted)
         if job.groups is None:
             job.groups = self.groups(job)
+            assert self.pool.ctl is not None    # a Pool is built whole or not at all
             job.done_at = self.pool.ctl.done_words([w for w, _, _ in job.groups])
             job.workers = np.array([w for w, _, _ in job.groups], np.int64)
         job.busy = [self.provide(w, job, args, indices, chunks, wake, closing)
@@ -116,6 +117,7 @@ class Holdings:
         are forgotten."""
         released = self.table.take_released()
         if released:
+            assert self.pool.watchdog is not None   # a Pool is built whole or not at all
             self.pool.watchdog.blocks(gone=released)
             gone = set(released)
             self.cache.drop_blocks(gone)

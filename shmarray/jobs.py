@@ -94,7 +94,7 @@ class Job:
         self.tracked = bool(mode & control.TRACK)
         # Its rounds use NEXT and STOP (reset before each).
         self.round_words = dynamic or iterated or boundary is not None or self.tracked
-        self.indices = None       # a retry's: the chunks' places in the whole map
+        self.indices: tuple[int, ...] | None = None   # a retry's: the chunks' places in the whole map
         self.blocks = frozenset([d.block for d in descriptors] + [
             a.block for a in self.args if a is not None])
         self.cached = False
@@ -103,9 +103,9 @@ class Job:
         # The driver's: (worker, indices, chunks) for each worker it uses,
         # the control words it waits on, those workers, and the runner's and
         # the pool's generations and the args when they last all held it.
-        self.groups = None
-        self.done_at = None
-        self.workers = None           # the indices of those workers, for the lean path
+        self.groups: tuple | None = None
+        self.done_at: np.ndarray | None = None
+        self.workers: np.ndarray | None = None   # the indices of those workers, for the lean path
         self.busy: list = []
         self.ready = self.ready_pool = -1
         self.ready_args: tuple = ()
@@ -244,8 +244,8 @@ def signature(kernel, arrays: tuple, args, halo, chunks, schedule, axis, boundar
             else:
                 return None
         boundary = (tb, boundary)
-    key = (id(kernel), halo, chunks, schedule, want_values, len(args), axis,
-           boundary, mode)
+    key: tuple = (id(kernel), halo, chunks, schedule, want_values, len(args), axis,
+                  boundary, mode)
     for a in arrays:
         if type(a) is not np.ndarray:
             return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import errno
 import importlib
+import logging
 import math
 import os
 import pickle
@@ -45,6 +46,8 @@ import sys
 import threading
 import traceback
 from typing import NamedTuple
+
+log = logging.getLogger(__name__)
 
 METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_METHOD = "forkserver"
@@ -60,8 +63,8 @@ PRELOAD = ("numpy", "numba", "shmarray.worker", "shmarray.watchdog")
 
 
 class Fd(NamedTuple):
-    """Stands for the ``index``-th file descriptor passed with a request."""
-    index: int
+    """Stands for the ``position``-th file descriptor passed with a request."""
+    position: int
 
 
 def child_environment() -> dict[str, str]:
@@ -76,7 +79,7 @@ def _resolve(target: str):
 
 
 def _substitute(args: tuple, fds: list[int]) -> tuple:
-    return tuple(fds[a.index] if type(a) is Fd else a for a in args)
+    return tuple(fds[a.position] if type(a) is Fd else a for a in args)
 
 
 class Request(NamedTuple):
@@ -298,8 +301,11 @@ class ForkServer:
     def _ensure(self) -> socket.socket:
         if self._pid != os.getpid():        # a forked copy: not ours
             self._sock, self._proc, self._pid = None, None, os.getpid()
-        if self._sock is not None and self._proc.poll() is None:
+        if self._sock is not None and self._proc is not None and self._proc.poll() is None:
             return self._sock
+        if self._proc is not None:
+            log.info("shmarray's fork server (pid %d) exited with code %s; "
+                     "starting a new one", self._proc.pid, self._proc.returncode)
         self._stop()
         ours, theirs = socket.socketpair()
         try:
@@ -500,6 +506,7 @@ def _spawn(request: Request, fds: list[int]) -> Child:
             pass_fds=(*fds, alive_w), stdin=subprocess.PIPE,
             env=child_environment(), start_new_session=True)
         try:
+            assert popen.stdin is not None              # stdin=PIPE
             pickle.dump((request, list(fds)), popen.stdin)
             popen.stdin.close()
         except BaseException:

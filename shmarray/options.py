@@ -16,9 +16,10 @@ import numbers
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any, Callable, Literal, NamedTuple, Union
+from typing import Any, Callable, Literal, NamedTuple, NoReturn, TypeGuard
 
 import numpy as np
+import numpy.typing as npt
 
 from shmarray import control, launch, waiting
 from shmarray.boundary import MODES, Boundary
@@ -29,10 +30,13 @@ Schedule = Literal["static", "dynamic"]
 Errors = Literal["raise", "collect"]
 StartMethod = Literal["forkserver", "spawn", "fork"]
 Wait = Literal["auto", "spin", "passive"]
-BoundaryMode = Union[None, Literal["wrap", "reflect", "symmetric", "edge"], float, int, complex]
+Order = Literal["C", "F"]
+# None, a numpy.pad mode, or a number: the constant (numpy scalars too).
+BoundaryMode = (None | Literal["wrap", "reflect", "symmetric", "edge"] | float | int | complex
+                | np.number[Any])
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
     """An integer that is not a bool (numpy integers count).
 
     >>> is_int(3), is_int(np.int64(3)), is_int(True), is_int(3.0)
@@ -79,6 +83,7 @@ def cgroup_cpus(proc: str = "/proc/self") -> float | None:
         elif "cpu" in parts[1].split(","):
             v1 = parts[2]
     quotas = []
+    files: tuple[str, ...]
     for line in mounts:
         fields = line.split()
         if "-" not in fields:
@@ -194,10 +199,11 @@ def coerce_seconds(value: object, name: str) -> float:
     """
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds; got {_got(value)} instead.")
-    if not 0 < value < math.inf:
+    seconds = float(value)
+    if not 0 < seconds < math.inf:
         raise ValueError(f"{name} must be a positive, finite number of seconds; "
                          f"got {value!r} instead.")
-    return float(value)
+    return seconds
 
 
 def coerce_limit(value: object, name: str, what: str) -> int | None:
@@ -288,16 +294,16 @@ def coerce_shape(shape: object) -> tuple[int, ...]:
     return dims
 
 
-def coerce_order(order: object) -> str:
-    if order not in ("C", "F"):
-        raise ValueError(f"order must be 'C' or 'F'; got {order!r} instead.")
-    return order
+def coerce_order(order: object) -> Order:
+    if order == "C" or order == "F":
+        return order
+    raise ValueError(f"order must be 'C' or 'F'; got {order!r} instead.")
 
 
 _PLAIN_DTYPES: set[np.dtype] = set()   # already checked: 2 us saved per array
 
 
-def coerce_dtype(dtype: object, what: str) -> np.dtype:
+def coerce_dtype(dtype: npt.DTypeLike, what: str) -> np.dtype:
     """A dtype whose items are plain bytes: no Python objects, no records.
 
     >>> coerce_dtype("f4", "dtype")
@@ -465,9 +471,10 @@ def coerce_timeout(timeout: object) -> float | None:
     if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be a number of seconds or None; got "
                         f"{_got(timeout)} instead.")
-    if not timeout > 0:                  # NaN too
+    seconds = float(timeout)
+    if not seconds > 0:                  # NaN too
         raise ValueError(f"timeout must be positive (seconds); got {timeout!r} instead.")
-    return None if timeout == math.inf else float(timeout)
+    return None if seconds == math.inf else seconds
 
 
 def coerce_progress(progress: object) -> bool | None:
@@ -590,14 +597,15 @@ def coerce_boundary(boundary: object) -> Boundary | None:
     if isinstance(boundary, str) and boundary in MODES:
         return Boundary(str(boundary))
     if isinstance(boundary, numbers.Number) and not isinstance(boundary, (bool, np.bool_)):
-        return Boundary("constant", boundary.item() if isinstance(boundary, np.generic)
-                        else boundary)
+        # numpy scalars become Python numbers; any other number is kept as given
+        value: Any = boundary.item() if isinstance(boundary, np.generic) else boundary
+        return Boundary("constant", value)
     raise ValueError(
         f"boundary must be None, 'wrap', 'reflect', 'symmetric', 'edge' or a "
         f"number (a constant), as in numpy.pad; got {boundary!r} instead.")
 
 
-def check_constant(value: object, dtype: np.dtype, what: str) -> None:
+def check_constant(value: complex, dtype: np.dtype, what: str) -> None:
     """A constant ``boundary=`` must fit ``dtype`` exactly, as numpy.pad
     demands: no NaN or fraction in integers, nothing out of range, no
     imaginary part in a real array.
@@ -607,7 +615,7 @@ def check_constant(value: object, dtype: np.dtype, what: str) -> None:
     ...
     ValueError: boundary=-1 does not fit array 0's dtype uint8 (it holds 0 to 255); numpy.pad refuses it too. Pass a constant the dtype can hold, or use an array of a wider dtype.
     """
-    def refuse(holds: str) -> None:
+    def refuse(holds: str) -> NoReturn:
         raise ValueError(
             f"boundary={value!r} does not fit {what}'s dtype {dtype} ({holds}); "
             f"numpy.pad refuses it too. Pass a constant the dtype can hold, or "

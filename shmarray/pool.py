@@ -37,7 +37,10 @@ from shmarray.waiting import WaitPolicy
 
 DEFAULT_START_METHOD = launch.DEFAULT_METHOD
 
-log = logging.getLogger("shmarray")
+# What happens to workers, for the application's logs: replacements and
+# recycling at INFO, trouble (a replacement that dies, a kill that hangs)
+# at WARNING.  A NullHandler on "shmarray" keeps it quiet by default.
+log = logging.getLogger(__name__)
 
 
 def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
@@ -99,7 +102,7 @@ class WorkerProcess:
     """
 
     def __init__(self, method: str, index: int, owner_pid: int, control_block: str,
-                 initializer: tuple[bytes, bytes] | None, log_level: int,
+                 initializer: tuple[bytes, bytes] | None, log_level: dict[str, int],
                  spins: tuple[float, int], sent: np.ndarray):
         self.index = index
         self.kernels: set[int] = set()
@@ -275,8 +278,8 @@ class Pool:
         self._owner = os.getpid()
         self._startup_timeout = startup_timeout
         self._initializer = initializer
-        # Workers log what the caller's root logger would show now.
-        self._log_level = logging.getLogger().getEffectiveLevel()
+        # Workers start with the caller's logger levels as they are now.
+        self._log_level = output.caller_levels()
         self.workers = []
         self.replaced = [0] * n_workers   # times each worker was replaced
         self.sent = np.zeros(n_workers, np.int64)   # task-pipe messages, by worker
@@ -301,17 +304,20 @@ class Pool:
         return self.seq
 
     def _start(self, index: int) -> WorkerProcess:
-        ring = self.ctl.fresh(index)
+        ctl = self.ctl
+        assert ctl is not None and self._control_name is not None   # made first
+        ring = ctl.fresh(index)
         proc = WorkerProcess(self.start_method, index, self._owner,
                              self._control_name, self._initializer, self._log_level,
                              self.policy.for_workers(), self.sent)
         self.forwarder.add(*proc.output)
         proc.rung = ring
-        proc.chunks_seen = proc.chunks_at_start = self.ctl.totals(index)[0]
-        proc.busy_at_start = self.ctl.totals(index)[1]
+        proc.chunks_seen = proc.chunks_at_start = ctl.totals(index)[0]
+        proc.busy_at_start = ctl.totals(index)[1]
         return proc
 
     def _tell_watchdog(self) -> None:
+        assert self.watchdog is not None         # made first
         self.watchdog.tell([(w.pid, blocks.process_start_time(w.pid))
                              for w in self.workers])
 
@@ -379,6 +385,7 @@ class Pool:
         dies while starting is started again, up to ``START_ATTEMPTS``
         times."""
         old = self.workers[index]
+        why = "recycled"
         if graceful:
             try:
                 old.send(Stop())
@@ -388,6 +395,10 @@ class Pool:
             old.close(5.0)
         else:
             old.kill()
+            try:
+                why = old.describe_death()      # for the log only
+            except Exception:
+                why = f"worker {old.pid} is gone"
             old.close(0.0)
         for attempt in range(1, self.START_ATTEMPTS + 1):
             # Installed before it is ready: an interruption now leaves a
@@ -398,6 +409,9 @@ class Pool:
             self._tell_watchdog()
             try:
                 self.await_ready([new], wake, closing)
+                if not graceful:
+                    log.info("replaced worker %d: %s; pid %d took its place",
+                             index, why, new.pid)
                 return new
             except _StartDied as died:
                 why = died.proc.describe_death()
@@ -416,9 +430,14 @@ class Pool:
         """Make every worker idle and alive again after an interrupted map:
         replace the dead and those still busy with a job nobody waits for;
         wait for those still starting."""
+        ctl = self.ctl
+        assert ctl is not None                  # a Pool is built whole or not at all
         for w in list(self.workers):
-            idle = self.ctl.done(w.index) >= w.rung
+            idle = ctl.done(w.index) >= w.rung
             if not w.alive() or not idle:
+                if w.alive():
+                    log.info("worker %d (pid %d) is still busy with an interrupted "
+                             "map: replacing it", w.index, w.pid)
                 self.replace(w.index, wake=wake, closing=closing)
         starting = [w for w in self.workers if not w.ready]
         try:
@@ -439,6 +458,7 @@ class Pool:
                 continue                     # replaced already
             if limit is not None:
                 if dynamic:
+                    assert self.ctl is not None     # a Pool is built whole or not at all
                     now = self.ctl.totals(w.index)[0]
                     w.tasks_run += now - w.chunks_seen
                     w.chunks_seen = now
@@ -463,7 +483,7 @@ class Pool:
         if self._closing:
             timeout = 0.0
         self._closing = True
-        if self.workers:
+        if self.workers and self.ctl is not None:   # (no workers without it)
             seq = self.next_seq()
             for w in list(self.workers):
                 try:

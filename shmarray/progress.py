@@ -1,4 +1,5 @@
-"""Progress bars (tqdm.auto: a widget in notebooks, a bar in terminals).
+"""Progress bars: a widget in a notebook that has ipywidgets, a text bar
+in a terminal or in a notebook without them (see :func:`bar_class`).
 
 A map shows chunks completed.  ``progress=None``, the default of every
 call, means the global setting, which is automatic unless the environment
@@ -62,6 +63,27 @@ def in_notebook() -> bool:
     return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
 
 
+def bar_class():
+    """The tqdm class to draw with: ``tqdm.notebook.tqdm`` (a widget) in a
+    Jupyter kernel where ipywidgets imports, else ``tqdm.std.tqdm`` (text,
+    which a notebook shows too).
+
+    Chosen here, not by ``tqdm.auto``: in a notebook without ipywidgets
+    that prints ``TqdmWarning: IProgress not found`` before falling back,
+    and with them ``TqdmExperimentalWarning``.  ``tqdm.notebook`` itself
+    imports quietly either way and leaves ``IProgress`` None when it finds
+    no widgets, which is the test tqdm applies."""
+    if in_notebook():
+        try:
+            from tqdm import notebook
+        except Exception:
+            notebook = None
+        if notebook is not None and getattr(notebook, "IProgress", None) is not None:
+            return notebook.tqdm
+    from tqdm.std import tqdm
+    return tqdm
+
+
 def can_show() -> bool:
     """A terminal or a notebook to draw on; never a log file or a pipe."""
     if in_notebook():
@@ -90,9 +112,9 @@ class ChunkProgress:
             self._open()
 
     def _open(self) -> None:
-        from tqdm.auto import tqdm
-        self.bar = tqdm(total=self.total, initial=self.done, desc=self.desc,
-                        unit="chunk", leave=self.leave)
+        bar = bar_class()
+        self.bar = bar(total=self.total, initial=self.done, desc=self.desc,
+                       unit="chunk", leave=self.leave)
 
     def wait(self) -> float | None:
         """Seconds until the bar may appear (for a poll timeout); until a
@@ -139,7 +161,7 @@ def steps(n: int, desc: str = "steps", **tqdm_options):
             eng.map(heat_step, new, old, args=(0.2,), halo=1)
             old, new = new, old
     """
-    from tqdm.auto import trange
     disable = tqdm_options.pop("disable", resolve(None) is False)
-    return trange(n, desc=desc, delay=tqdm_options.pop("delay", DELAY),
-                  disable=disable, **tqdm_options)
+    bar = bar_class()
+    return bar(range(n), desc=desc, delay=tqdm_options.pop("delay", DELAY),
+               disable=disable, **tqdm_options)

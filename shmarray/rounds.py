@@ -41,6 +41,7 @@ exit confirmed, before anything it held is given to another.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import select
 import time
@@ -55,6 +56,10 @@ from shmarray.pool import Pool, WorkerProcess
 from shmarray.progress import ChunkProgress
 from shmarray.progress import resolve as resolve_progress
 from shmarray.wakeup import Wakeup
+
+# Crashes and timeouts of workers, at WARNING (shmarray.pool logs the
+# replacements, at INFO).
+log = logging.getLogger(__name__)
 
 # Rounds per call into the driver's spin loop: about 6 us.  How long the
 # driver spins in all is the wait policy's (``shmarray.waiting``): a map
@@ -77,7 +82,8 @@ class Runner:
 
     def __init__(self, pool: Pool, table, cache: JobCache):
         self.pool = pool
-        self.ctl = pool.ctl
+        assert pool.ctl is not None     # a Pool is built whole or not at all
+        self.ctl: control.ControlBlock = pool.ctl
         self.holdings = Holdings(pool, table, cache)
         self.wakeup = Wakeup()
         self.dirty = False           # a round was abandoned half-way
@@ -159,6 +165,7 @@ class Runner:
         for w in job.busy:
             w.rung = seq
         self.dirty = True
+        assert job.workers is not None          # placed: job.ready is current
         state, asleep = self.ctl.ring_and_wait(job.workers, job.key, self.pool.sent,
                                                call.steps, seq, self._spin_ns,
                                                self.output_seen, job.round_words)
@@ -290,6 +297,7 @@ class Runner:
         """A worker died mid-map: the map fails at once, and the workers
         still busy with its other chunks (maybe for hours) are replaced too."""
         exc = deaths.death_error(self.ctl, dead, call.job, call.job.plan.chunks)
+        log.warning("%s", exc)
         self.replace_all(self.unfinished(busy, seq) + [dead])
         return exc
 
@@ -455,7 +463,9 @@ class Round:
             return True
         if self.tally is None:
             raise runner.crashed(w, self.busy, seq, self.call)
-        self.lose(w, deaths.death_error(ctl, w, self.job, self.tally.chunks))
+        exc = deaths.death_error(ctl, w, self.job, self.tally.chunks)
+        log.warning("%s", exc)
+        self.lose(w, exc)
         return tracked.respawn(self, w) is not None
 
     def start(self, dead: WorkerProcess) -> WorkerProcess:
@@ -476,14 +486,19 @@ class Round:
     def _timed_out(self, deadline: float) -> float:
         """The timeout passed: an untracked round fails; a tracked one sets
         the late workers aside and goes on.  Returns the new deadline."""
-        runner, tally = self.runner, self.tally
+        runner, tally, timeout = self.runner, self.tally, self.call.timeout
+        assert timeout is not None              # there was a deadline
         late = runner.unfinished(self.busy, self.seq)
         if tally is None:
+            exc = deaths.map_timeout(sorted(w.pid for w in late), timeout)
+            log.warning("%s", exc)
             runner.replace_all(late)
-            raise deaths.map_timeout(sorted(w.pid for w in late), self.call.timeout)
+            raise exc
         for w in late:
             w.kill()
-            self.lose(w, deaths.chunk_timeout(self.ctl, w, self.call.timeout, tally.chunks))
+            exc = deaths.chunk_timeout(self.ctl, w, timeout, tally.chunks)
+            log.warning("%s", exc)
+            self.lose(w, exc)
         return deadline
 
     # -- messages ----------------------------------------------------------------
@@ -523,6 +538,7 @@ class Round:
         self._use(w)
         self.lost.append(w)
         tally = self.tally
+        assert tally is not None                # only tracked rounds go on without one
         tally.lost.append((w, exc))
         tally.lost_on[self.ctl.chunk(w.index)] = exc
         self.ctl.take_over(w.index, self.seq)
@@ -578,14 +594,15 @@ class Round:
             problems += self._file(w_, msg, None)
         for index, exc in problems:
             if index >= 0:
+                assert self.tally is not None   # lose(): tracked rounds only
                 self.tally.fail(index, exc)
 
     def _file(self, w: WorkerProcess, msg, values: list | None) -> list:
         """Put one message's content where it belongs; the problems in it,
         as (chunk index, exception)."""
         if type(msg) is Failed:
-            rows = self.chunks[msg.index] if 0 <= msg.index < len(self.chunks) else None
-            return [(msg.index, deaths.remote_exception(msg, w.pid, rows))]
+            rows = self.chunks[msg.chunk] if 0 <= msg.chunk < len(self.chunks) else None
+            return [(msg.chunk, deaths.remote_exception(msg, w.pid, rows))]
         try:
             got = self._values(w, msg)
         except Exception as exc:

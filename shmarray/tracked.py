@@ -168,6 +168,7 @@ def respawn(rnd: Round, dead: WorkerProcess) -> WorkerProcess | None:
     shared counter), with the dead worker's unfinished chunks under the
     static one.  None if nobody was started."""
     runner, ctl, call, tally = rnd.runner, rnd.ctl, rnd.call, rnd.tally
+    assert tally is not None                    # a tracked round
     job = rnd.job
     k = ctl.chunk(dead.index)
     if k < 0:

@@ -26,6 +26,7 @@ registers nothing with it.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -34,6 +35,8 @@ from multiprocessing.connection import Connection
 from typing import NamedTuple
 
 from shmarray import blocks, launch
+
+log = logging.getLogger(__name__)
 
 
 class Workers(NamedTuple):
@@ -124,16 +127,21 @@ class Watchdog:
 
     def _send(self, msg) -> None:
         """Send under the lock; restart a dead watchdog and tell it all."""
-        try:
-            self._lifeline.send(msg)
-            return
-        except (OSError, AttributeError):
-            pass
+        if self._lifeline is not None:
+            try:
+                self._lifeline.send(msg)
+                return
+            except (OSError, AttributeError):
+                pass
         try:
             self._retire()
             self._start()
-            self._lifeline.send(Workers(self._workers))
-            self._lifeline.send(Blocks(tuple(self._names), ()))
+            lifeline = self._lifeline
+            assert lifeline is not None          # _start() made it
+            lifeline.send(Workers(self._workers))
+            lifeline.send(Blocks(tuple(self._names), ()))
+            log.warning("the engine's watchdog died; restarted it as pid %s",
+                        getattr(self.child, "pid", None))
         except Exception as exc:
             if not self._warned:
                 self._warned = True

@@ -22,6 +22,7 @@ import signal
 import time
 import traceback
 import weakref
+from typing import Literal
 
 import cloudpickle
 import numba
@@ -94,6 +95,8 @@ class _Job:
     __slots__ = ("kernel", "spec", "calls", "swapped", "blocks", "neighbours",
                  "staged", "fills", "runs", "lean", "rows_of")
 
+    blocks: set[str]               # the blocks it reads, set by Worker.define
+
     def __init__(self, kernel, spec: Define, views: list, args: tuple, index: int):
         self.kernel = kernel
         self.spec = spec
@@ -104,7 +107,7 @@ class _Job:
         self.runs = 0
         # For the lean path (control.serve): (calls as one tuple, chunk
         # indices), once the job is hot; False when it cannot have one.
-        self.lean: tuple | bool | None = None
+        self.lean: tuple | Literal[False] | None = None
         self.bind(views, args, index)
 
     def lean_path(self) -> tuple | None:
@@ -211,11 +214,13 @@ class Mappings:
         references, collect once.  A view a kernel stored on purpose lives
         on, harmlessly.  The caller drops its own references first.
         """
-        mappings = []
+        mappings: list[weakref.ref] = []
         for name in gone:
             buf = self.buffers.pop(name, None)
             if buf is not None:
-                mappings.append(weakref.ref(buf.base.obj))
+                view = buf.base         # the memoryview np.frombuffer keeps
+                assert isinstance(view, memoryview)
+                mappings.append(weakref.ref(view.obj))
         self.views = {w: v for w, v in self.views.items() if w[0] not in gone}
         buf = None
         if any(m() is not None for m in mappings):
@@ -348,7 +353,7 @@ class _Worker:
         mode = spec.mode
         track = mode & control.TRACK
         stream = mode & control.STREAM
-        values = [] if spec.want_values and not stream else None
+        values: list | None = [] if spec.want_values and not stream else None
         done = []
         n = len(calls)
         k = -1
@@ -518,6 +523,7 @@ class _Worker:
         came in the spin; (OTHER_RING, ring) for a ring the Python path must
         take; (WAKE_DRIVER, ring) once ring ``ring`` was served and its
         driver woken, or its kernel's exception reported."""
+        assert job.lean                 # it is serving: lean_path() gave one
         calls, indices = job.lean
         try:
             code, seq = self.ctl.serve(last, key, self.received, job.kernel, calls,
@@ -556,14 +562,16 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
 
 def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
          control_block: str, initializer: tuple[bytes, bytes] | None = None,
-         out_fd: int = -1, err_fd: int = -1, log_level: int = 30,
+         out_fd: int = -1, err_fd: int = -1, log_level: int | dict[str, int] = 30,
          spins: tuple[float, int] = (2e-3, 10_000)) -> None:
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
     the engine's control block, ``initializer`` the pickled (function,
     args) to run once before the first task (``shmarray.worker_id`` among
     the args becomes this worker's index).  ``out_fd`` and ``err_fd``, pipes
-    to the coordinator, become its stdout and stderr (``shmarray.output``).
+    to the coordinator, become its stdout and stderr (``shmarray.output``);
+    ``log_level``, the caller's logger levels (``output.caller_levels``),
+    its loggers' levels, and its logging records go to the coordinator.
     ``spins``: the wait policy's (idle spin in seconds, step-wait rounds).
     A failure to start, the initializer's included, is reported to the
     coordinator as a StartFailed message, never printed here."""
