@@ -17,14 +17,20 @@ CORE := tests/test_engine.py tests/test_first_run.py tests/test_lifecycle.py \
         tests/test_batch.py::test_a_print_right_before_a_segfault_is_not_lost
 
 # The parts of `make test`.  Every part runs, whatever an earlier one did;
-# the run fails at the end, naming the parts that failed.
-TEST_PARTS := test-main test-others
+# the run fails at the end, naming the parts that failed.  test-docs comes
+# after test-main, whose notebook tests leave the executed notebooks that
+# the gallery shows (build/executed/).
+TEST_PARTS := test-lint test-types test-main test-others test-package test-docs
+
+# The other interpreters run the core suites at 2 workers; the 3- and
+# 5-worker runs of the same suites are the main suite's.
+OTHERS_K := not 3w and not 5w
 
 # make stress: the seeded chaos run (tests/chaos.py) for DURATION seconds,
 # or one episode again with SEED=... (WORKERS=... to fix the worker count).
 DURATION ?= 1800
 
-.PHONY: demo test $(TEST_PARTS) stress bench clean
+.PHONY: demo test $(TEST_PARTS) stress bench docs clean
 
 # One stamp per set of extras, so `make demo` installs only the core and
 # `make test` adds what the tests need (peers, Dask, Jupyter).
@@ -60,10 +66,36 @@ stress: $(VENV)/.installed-test
 	    $(if $(WORKERS),--workers $(WORKERS))
 
 test-others:
-	.ci/other-pythons $(CORE)
+	.ci/other-pythons -k "$(OTHERS_K)" $(CORE)
+
+test-lint: $(VENV)/.installed-test
+	$(BIN)/ruff check shmarray kernels bench tests docs/_ext
+	$(BIN)/ruff format --check shmarray kernels bench tests docs/_ext
+
+test-types: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+# A wheel and an sdist that twine accepts, and an sdist the tests can run from.
+test-package: $(VENV)/.installed-test
+	rm -rf build/dist
+	$(BIN)/python -m build --outdir build/dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
+	$(BIN)/twine check --strict build/dist/*
+	$(BIN)/python .ci/check-sdist build/dist/*.tar.gz
+
+# The site, warnings as errors, into site/ (open site/index.html).  The
+# gallery shows the notebooks as the test suite executed them; any that are
+# missing or older than their source are executed first.
+EXECUTED := $(patsubst notebooks/%,build/executed/%,$(wildcard notebooks/*.ipynb))
+
+build/executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -o addopts= -p no:cacheprovider tests/test_notebooks.py -k "fresh_kernel and $*"
+
+docs test-docs: $(VENV)/.installed-test $(EXECUTED)
+	$(BIN)/mkdocs build --strict --quiet
+	@echo "the site is in site/: open site/index.html"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-autosave
 
 clean:
-	rm -rf $(VENV) .venv-* .benchmarks .hypothesis
+	rm -rf $(VENV) .venv-* .benchmarks .hypothesis build site

@@ -238,12 +238,15 @@ def episode(seed: int, workers: int | None = None) -> dict:
         except KeyboardInterrupt:
             continue
     # Every future ends.
-    for f in list(futures):
+    for future in list(futures):
         try:
-            f.exception(timeout=CALL_LIMIT)
+            future.exception(timeout=CALL_LIMIT)
         except Exception as exc:
-            if not f.done():
+            if not future.done():
                 fail(f"a future never ended ({exc!r})")
+    # The loop's variable would keep the last future, its exception, the
+    # exception's traceback and the arrays of the frames in it alive.
+    del future
     if not eng.closed:
         # Nothing left running: the last calls and stray messages are over.
         try:

@@ -28,7 +28,10 @@ from shmarray import blocks, launch
 SHM_DIR = blocks.SHM_DIR
 
 # Every engine fixture runs at 2 workers and at more workers than this
-# machine's cores (3 and 5 on 2 cores): bugs of N workers hide at 2.
+# machine's cores (3 and 5 on 2 cores): bugs of N workers hide at 2.  The
+# test modules' kernels are compiled with cache=True, so the workers of the
+# 3- and 5-worker engines load what the first engine's workers compiled
+# rather than each compiling every kernel again.
 WORKER_COUNTS = (2, 3, 5)
 
 # -- the processes this session started ---------------------------------------------

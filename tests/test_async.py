@@ -16,7 +16,7 @@ import shmarray
 from shmarray import control
 
 
-@njit
+@njit(cache=True)
 def spin(x, iterations):
     """About 3 ns an iteration; the floating-point recurrence keeps LLVM
     from replacing the loop by its closed form."""
@@ -26,25 +26,25 @@ def spin(x, iterations):
     return acc
 
 
-@njit
+@njit(cache=True)
 def put(x, value):
     x[0] = value
 
 
-@njit
+@njit(cache=True)
 def bump(x):
     for i in range(x.shape[0]):
         x[i] += 1.0
 
 
-@njit
+@njit(cache=True)
 def copy_release(x, flag):
     """Copies the release flag: 1 if it runs after the first map was let go."""
     for i in range(x.shape[0]):
         x[i] = control.load(flag, 1)
 
 
-@njit
+@njit(cache=True)
 def wait_for_release(flag, limit):
     """Sets flag[0] when it starts, then runs until flag[1] is set (or for
     ``limit`` rounds): a kernel the test can see running and let go.  Run

@@ -186,22 +186,28 @@ def test_bad_arguments(client):
         sd.reduce(total, np.zeros(20), halo=1, boundary="periodic")
 
 
-def slow_double(out, inp):
+def slow_double(out, inp, started):
+    """Doubles, slowly; first leaves a file named after its worker's pid in
+    the folder ``started``, so the test knows which process is at work."""
+    open(os.path.join(started, str(os.getpid())), "w").close()
     time.sleep(0.05)
     out[...] = 2 * inp
 
 
 @pytest.mark.breaks_things
-def test_a_killed_dask_worker_is_retried_or_reported():
+def test_a_killed_dask_worker_is_retried(tmp_path):
     # A cluster of its own: the nanny restarts the victim, and everything
     # it starts must be gone when the test ends.
     with local_cluster() as cluster, distributed.Client(cluster) as client:
         x = np.arange(400.0).reshape(40, 10)
-        lazy = sd.map(slow_double, np.zeros_like(x), x, chunks=40)
+        lazy = sd.map(slow_double, np.zeros_like(x), x, args=(str(tmp_path),), chunks=40)
         future = client.compute(lazy)
-        time.sleep(0.5)
-        victim = next(iter(client.run(os.getpid).values()))
-        os.kill(victim, signal.SIGKILL)
+        workers = set(client.run(os.getpid).values())
+        deadline = time.monotonic() + 60
+        while not (busy := workers & {int(p.name) for p in tmp_path.iterdir()}):
+            assert time.monotonic() < deadline, "no chunk started within 60 s"
+            time.sleep(0.01)
+        os.kill(busy.pop(), signal.SIGKILL)         # a worker in the middle of a chunk
         # One death is within Dask's allowed failures (3): the lost tasks
         # run again elsewhere, with the same result.
         result = future.result(timeout=120)

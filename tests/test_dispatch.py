@@ -100,7 +100,7 @@ def test_exit_with_a_submitted_map_running_is_clean(workers, run):
     assert proc.stderr == ""
 
 
-@njit
+@njit(cache=True)
 def scale(x, s):
     for i in range(x.shape[0]):
         x[i] *= s

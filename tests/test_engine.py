@@ -30,13 +30,13 @@ def engine(request):
         yield eng
 
 
-@njit
+@njit(cache=True)
 def scale(out, inp, s):
     for i in range(inp.shape[0]):
         out[i] = inp[i] * s
 
 
-@njit
+@njit(cache=True)
 def first_row(out, rows):
     """Writes, into every row of its chunk, the global index of the chunk's
     first row: the chunk boundaries become visible."""
@@ -44,7 +44,7 @@ def first_row(out, rows):
         out[i] = rows[0]
 
 
-@njit
+@njit(cache=True)
 def halo_probe(out, rows, h):
     """For each interior row: the global index of the first row the kernel
     was given (lo - h)."""
@@ -52,7 +52,7 @@ def halo_probe(out, rows, h):
         out[i] = rows[0]
 
 
-@njit
+@njit(cache=True)
 def row_sum(x):
     total = 0.0
     for i in range(x.shape[0]):
@@ -60,25 +60,25 @@ def row_sum(x):
     return total
 
 
-@njit
+@njit(cache=True)
 def chunk_start(rows):
     return (rows[0],) if rows.shape[0] else (-1,)
 
 
-@njit
+@njit(cache=True)
 def stencil3(out, inp):
     for i in range(1, inp.shape[0] - 1):
         out[i] = 0.25 * inp[i - 1] + 0.5 * inp[i] + 0.25 * inp[i + 1]
 
 
-@njit
+@njit(cache=True)
 def fails_on_negative(x):
     for i in range(x.shape[0]):
         if x[i] < 0:
             raise ValueError("negative value in chunk")
 
 
-@njit
+@njit(cache=True)
 def matvec_rows(out, a, v):
     for i in range(a.shape[0]):
         acc = 0.0
@@ -87,7 +87,7 @@ def matvec_rows(out, a, v):
         out[i] = acc
 
 
-@njit
+@njit(cache=True)
 def numba_threads(x):
     return numba.get_num_threads()
 
@@ -573,7 +573,7 @@ def test_worker_exit_raises_worker_crashed_and_engine_recovers(schedule):
 
 # -- iterate ---------------------------------------------------------------
 
-@njit
+@njit(cache=True)
 def fails_at_step(out, inp, flag_row):
     """Counts steps in out; raises once the count in its rows reaches 3."""
     for i in range(1, inp.shape[0] - 1):

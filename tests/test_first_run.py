@@ -124,19 +124,29 @@ def test_ctrl_c_while_workers_start_raises_keyboard_interrupt():
     assert err == ""
 
 
-def readme_example(name: str) -> str:
-    """The code block that follows ``<!-- example: NAME -->`` in the README:
-    the tests run what the README shows, as written."""
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+def doc_example(name: str, page: str = "docs/guide/kernels.md") -> str:
+    """The code block that follows ``<!-- example: NAME`` on a page of the
+    README or the documentation: the tests run what the page shows, as
+    written."""
+    with open(os.path.join(os.path.dirname(__file__), "..", page)) as f:
         text = f.read()
-    after = text.split(f"<!-- example: {name} -->", 1)[1]
+    after = text.split(f"<!-- example: {name}", 1)[1]
     return after.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_the_seed_a_generator_example_works_from_a_script(tmp_path):
     # The initializer and the kernel come by value from the script's
     # __main__; they must share one namespace per worker, as in one process.
-    proc = run_python(readme_example("seed-generator"), file=str(tmp_path / "noise.py"))
+    proc = run_python(doc_example("seed-generator"), file=str(tmp_path / "noise.py"))
     assert proc.stdout.startswith("mean ") and proc.stderr == ""
     mean, std = (float(w.rstrip(",")) for w in proc.stdout.split()[1::2])
     assert abs(mean) < 0.01 and abs(std - 1.0) < 0.01
+
+
+def test_the_readme_example_works_as_written(tmp_path):
+    proc = run_python(doc_example("first-map", page="README.md"), file=str(tmp_path / "first.py"))
+    assert proc.stderr == ""
+    words = proc.stdout.split()
+    assert words[0] == "sum" and words[2] == "mean"
+    # 2.5 times the mean of 10**7 uniform numbers
+    assert abs(float(words[3]) - 1.25) < 0.01

@@ -133,7 +133,7 @@ def test_any_axis_without_a_boundary(eng, case):
 
 # -- row_offset and worker_id ---------------------------------------------------
 
-@njit
+@njit(cache=True)
 def where_am_i(out, offset, wid):
     for i in range(out.shape[0]):
         out[i, 0] = offset + i           # the global row index

@@ -30,13 +30,13 @@ def eng(request):
         yield engine
 
 
-@njit
+@njit(cache=True)
 def add(x, v):
     for i in range(x.shape[0]):
         x[i] += v
 
 
-@njit
+@njit(cache=True)
 def fail_at(x, row, bad):
     for i in range(x.shape[0]):
         if row + i == bad:

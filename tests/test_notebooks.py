@@ -12,7 +12,12 @@ from nbclient import NotebookClient
 
 from conftest import shm_entries
 
-HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "notebooks")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "notebooks")
+# The executed copies, with their outputs and plots: the documentation's
+# gallery renders these (docs/_ext/hooks.py), so what the site shows is what
+# this test just ran.
+EXECUTED = os.path.join(ROOT, "build", "executed")
 NOTEBOOKS = sorted(f for f in os.listdir(HERE) if f.endswith(".ipynb"))
 
 
@@ -32,6 +37,8 @@ def test_notebook_runs_in_a_fresh_kernel(name):
               for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert shm_entries() == before
+    os.makedirs(EXECUTED, exist_ok=True)
+    nbformat.write(nb, os.path.join(EXECUTED, name))
     if name == "batch.ipynb":
         check_batch(nb)
 
@@ -56,11 +63,11 @@ def check_batch(nb) -> None:
 
 
 def test_the_seed_a_generator_example_works_in_a_notebook():
-    """The README's initializer example, as notebook cells: the kernel and
+    """The documentation's initializer example, as notebook cells: the kernel and
     the initializer are defined in cells, sent by value, and must share one
     namespace per worker."""
-    from test_first_run import readme_example
-    code = readme_example("seed-generator")
+    from test_first_run import doc_example
+    code = doc_example("seed-generator")
     head, body = code.split("with shmarray.Engine", 1)
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(head),
                                          nbformat.v4.new_code_cell("with shmarray.Engine" + body)])

@@ -23,7 +23,7 @@ from shmarray.kernels.stencils import heat_step
 from shmarray import report
 
 
-@njit
+@njit(cache=True)
 def edge_bug(out, inp):
     """A 3-point smoother that forgot its halo: through the engine, the rows
     at chunk edges are never written."""
@@ -31,7 +31,7 @@ def edge_bug(out, inp):
         out[i] = 0.5 * (inp[i - 1] + inp[i + 1])
 
 
-@njit
+@njit(cache=True)
 def slow_rows(out, inp):
     for i in range(inp.shape[0]):
         acc = 0.0
@@ -74,7 +74,7 @@ def test_compare_reports_speedup_and_identity(engine):
     assert "<table>" in c._repr_html_() and "speedup" in str(c)
 
 
-@njit
+@njit(cache=True)
 def skips_the_last_chunk(out, inp, n_total):
     """A kernel bug: through the engine, the chunk that reaches the end is
     skipped entirely (it believes the last rows are someone else's)."""

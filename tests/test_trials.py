@@ -101,7 +101,7 @@ def test_impatient_ctrl_c_leaves_correct_data_and_a_working_engine():
         interrupted = 0
         with shmarray.Engine(workers=3) as eng:
             x = eng.zeros(3000)
-            for r in range(60):
+            for r in range(40):
                 try:
                     go.set()
                     eng.map(slow_set, x, args=(-1.0, 20_000_000))
@@ -261,7 +261,7 @@ def test_imap_collect_never_reports_a_yielded_chunk_as_failed():
         rng = random.Random(5)
         with shmarray.Engine(workers=3) as eng:
             x = eng.from_numpy(np.arange(6000.0))
-            for trial in range(20):
+            for trial in range(12):
                 def killer():
                     for _ in range(3):
                         time.sleep(rng.uniform(0.0, 0.05))
