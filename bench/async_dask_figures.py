@@ -74,7 +74,6 @@ def heartbeat_figure(eng, seconds: float) -> dict:
                 "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
 
     out = {"map_async": asyncio.run(measure(False)), "blocking_map": asyncio.run(measure(True))}
-    del x
     return out
 
 
@@ -142,7 +141,6 @@ def dask_figures(eng, n: int, steps: int, triad_n: int, repeat: int) -> dict:
                "dask_transfer_bytes": int(statistics.median(moved)),
                "array_bytes": u.nbytes}
         jac["ratio_dask_over_local"] = jac["dask_s"] / jac["local_s"]
-        del a, b, cur, start
 
         bb, cc = rng.random(triad_n), rng.random(triad_n)
         A, B, C = eng.empty(triad_n), eng.from_numpy(bb), eng.from_numpy(cc)
@@ -175,7 +173,6 @@ def dask_figures(eng, n: int, steps: int, triad_n: int, repeat: int) -> dict:
                "identical": bool(np.array_equal(r.compute(), A)),
                "dask_transfer_bytes": int(statistics.median(mv))}
         tri["ratio_dask_over_local"] = tri["dask_s"] / tri["local_s"]
-        del A, B, C
         return {"jacobi": jac, "triad": tri}
     finally:
         client.close()

@@ -102,7 +102,7 @@ def imap_latency(eng, chunks: int, busy: float) -> dict:
     for schedule in ("static", "dynamic"):
         a = eng.zeros(chunks)
         lags = []
-        for rows, returned in eng.imap(stamp, a, args=(shmarray.row_offset, busy),
+        for _rows, returned in eng.imap(stamp, a, args=(shmarray.row_offset, busy),
                                        chunks=chunks, schedule=schedule):
             lags.append(time.perf_counter() - returned)
         assert np.array_equal(a, np.arange(chunks)), schedule

@@ -23,13 +23,12 @@ import time
 import numba
 import numpy as np
 import psutil
-
-import shmarray
-from shmarray.kernels.elementwise import triad
-from shmarray.kernels.stencils import heat_step, jacobi
-from peers import jacobi_prange
 from numba import njit, prange as numba_prange
 
+import shmarray
+from peers import jacobi_prange
+from shmarray.kernels.elementwise import triad
+from shmarray.kernels.stencils import heat_step, jacobi
 from shmarray.report.peers import heat_prange, noop_kernel, triad_prange
 from workloads import machine_info, ratios, rounds, save, summary
 
@@ -67,7 +66,6 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
     engine(), prange()
     t = rounds({"engine": (engine, inner), "prange": (prange, inner)}, repeat)
     assert np.array_equal(x, px)
-    del x
     return {"engine_us": summary([v * 1e6 for v in t["engine"]]),
             "prange_us": summary([v * 1e6 for v in t["prange"]]),
             "ratio": ratios(t["engine"], t["prange"])}
@@ -114,7 +112,6 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
     # Every side has run the same number of steps from the same grid.
     identical = all(np.array_equal(ea, other) and np.array_equal(eb, other_b)
                     for other, other_b in ((ia, ib), (pa, pb), (sa, sb), (qa, qb)))
-    del ea, eb, ia, ib, sa, sb
     per_step = {k: summary([s * 1e6 for s in v]) for k, v in t.items()}
     return {"n": n, "steps_per_round": steps, "identical": identical,
             "per_step_us": per_step,
@@ -141,7 +138,6 @@ def triad_figure(eng, n: int, repeat: int) -> dict:
     engine(), prange()
     t = rounds({"engine": (engine, 1), "prange_on_shared": (prange, 1)}, repeat)
     identical = bool(np.array_equal(a, a2))
-    del a, a2, b, c
     return {"n": n, "identical": identical,
             "engine_ms": summary([v * 1e3 for v in t["engine"]]),
             "prange_on_shared_ms": summary([v * 1e3 for v in t["prange_on_shared"]]),
@@ -168,7 +164,6 @@ def jacobi_figure(eng, n: int, steps: int, repeat: int) -> dict:
     engine(), prange()
     t = rounds({"engine": (engine, steps), "prange_on_shared": (prange, steps)}, repeat)
     identical = bool(np.array_equal(ea, sa) and np.array_equal(eb, sb))
-    del ea, eb, sa, sb
     return {"n": n, "steps": steps, "identical": identical,
             "engine_ms": summary([v * 1e3 for v in t["engine"]]),
             "prange_on_shared_ms": summary([v * 1e3 for v in t["prange_on_shared"]]),
@@ -189,7 +184,6 @@ def idle_figure(eng, seconds: float) -> dict:
     before = cpu()
     time.sleep(seconds)
     after = cpu()
-    del x
     used = [a - b for a, b in zip(after, before)]
     return {"seconds": seconds, "cpu_s_total": sum(used),
             "cpu_s_coordinator": used[0], "cpu_s_workers": used[1:]}

@@ -36,7 +36,6 @@ STARTUP = textwrap.dedent("""
         a, b, c = eng.zeros(1000), eng.zeros(1000), eng.zeros(1000)
         eng.map(triad, a, b, c, args=(3.0,))
         t2 = time.perf_counter()
-        del a, b, c
     print(t1 - t0, t2 - t1)
 """)
 
@@ -76,7 +75,6 @@ MEMORY = textwrap.dedent("""
                           "peak_rss": max(peak[0], me.memory_info().rss), "ok": ok,
                           "worker_uss": [w.uss for w in workers],
                           "worker_rss": [w.rss for w in workers]}))
-        del x
 """)
 
 
@@ -92,7 +90,6 @@ def task_bytes_figure() -> dict:
             msg = Define(1, 1, tuple(describe(a, eng._dispatcher.table) for a in arrays),
                          (2.5,), 0, ((0, n // 2), (n // 2, n)), (0, 1), False, False)
             out[str(n)] = len(encode(msg))
-            del arrays
     return out
 
 
@@ -113,7 +110,6 @@ def triad_figure(n: int, repeat: int) -> dict:
         pair.prange()
         pair.prange_small_pages()
         identical = pair.identical()
-        del pair
     gbs = 4 * 8 * n / 1e9          # read b, c; write a (+ write-allocate)
     return {"n": n, "engine_s": med["engine"], "prange_s": med["prange"],
             "prange_small_pages_s": med["prange_small_pages"],
@@ -133,7 +129,6 @@ def roundtrip_figure(batches: int, inner: int) -> dict:
         for _ in range(200):
             one_chunk(), ppe()
         med = interleaved({"engine": one_chunk, "ppe": ppe}, repeat=batches, inner=inner)
-        del x
     return {"engine_us": med["engine"] * 1e6, "ppe_us": med["ppe"] * 1e6,
             "ratio": med["engine"] / med["ppe"]}
 

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import textwrap
 import time
+
 from workloads import save
 
 HEADER = textwrap.dedent("""

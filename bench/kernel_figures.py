@@ -20,12 +20,12 @@ import numba
 import numpy as np
 
 import shmarray
+from peers import histogram_prange, jacobi_prange, mandelbrot_prange, moments_prange
 from shmarray import kernels
 from shmarray.kernels import TABLE
 from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.reductions import combine_moments, histogram, moments, variance
 from shmarray.kernels.stencils import heat_step, jacobi
-from peers import histogram_prange, jacobi_prange, mandelbrot_prange, moments_prange
 from workloads import TriadPair, interleaved, machine_info, save, small_pages_copy
 
 WORKERS = 2
@@ -56,7 +56,6 @@ def mandelbrot_figure(eng, height, width, max_iter, repeat):
                      "speedup_static": med["sequential"] / med["static"],
                      "speedup_dynamic": med["sequential"] / med["dynamic"],
                      "speedup_prange": med["sequential"] / med["prange"]}
-        del stat_img, dyn_img
     return out
 
 
@@ -100,7 +99,6 @@ def jacobi_figure(eng, n, steps, repeat):
     t0 = time.perf_counter()
     sequential_run()
     seq = time.perf_counter() - t0
-    del a, b
     return {"n": n, "steps": steps, "engine_s": med["engine"], "prange_s": med["prange"],
             "engine_dynamic_s": med["engine_dynamic"], "sequential_s": seq,
             "prange_small_pages_s": med["prange_small_pages"],
@@ -124,7 +122,6 @@ def step_overhead_figure(eng, steps):
 
     loop()
     med = interleaved({"loop": loop}, repeat=7)
-    del a, b
     return {"per_step_us": med["loop"] / steps * 1e6}
 
 
@@ -144,7 +141,6 @@ def reduction_figures(eng, n, repeat):
     med = interleaved(fns, repeat=repeat, pause=0.02)
     hist_same = bool(np.array_equal(fns["histogram_engine"](), fns["histogram_prange"]()))
     var_same = fns["variance_engine"]() == fns["variance_prange"]()
-    del x
     return {"n": n,
             "histogram": {"engine_s": med["histogram_engine"], "prange_s": med["histogram_prange"],
                           "ratio": med["histogram_engine"] / med["histogram_prange"],
@@ -178,7 +174,6 @@ def bandwidth_figures(eng, n, repeat):
         out[spec.name] = {"bytes": nbytes,
                           "sequential_GBps": nbytes / med["sequential"] / 1e9,
                           "engine_GBps": nbytes / med["engine"] / 1e9}
-        del shared
     return out
 
 
@@ -196,7 +191,6 @@ def main() -> int:
         triad_bytes = 3 * 8 * len(pair.a)
         fig["triad_ceiling_GBps"] = {"engine": triad_bytes / med["engine"] / 1e9,
                                      "prange": triad_bytes / med["prange"] / 1e9}
-        del pair
         fig["mandelbrot"] = mandelbrot_figure(eng, *((500, 1000) if q else (1500, 3000)), 300,
                                               repeat=3 if q else 7)
         fig["jacobi"] = jacobi_figure(eng, 1024 if q else 4096, 20, repeat=3 if q else 9)

@@ -86,7 +86,6 @@ def periodic_heat_figure(eng, n: int, steps: int, repeat: int) -> dict:
     first = eng.from_numpy(np.zeros_like(u0))
     eng.map(heat_step, first, eng.from_numpy(u0), args=(ALPHA,), halo=1, boundary="wrap")
     matches_pad = bool(np.array_equal(first[1:-1, 1:-1], check_out[1:-1, 1:-1]))
-    del ea, eb, sa, sb, first
     return {"n": n, "steps": steps, "identical": identical, "matches_numpy_pad": matches_pad,
             "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
             "engine_over_prange": ratios(t["engine"], t["prange"]),
@@ -157,7 +156,6 @@ def row_offset_figure(eng, quick: bool, repeat: int) -> dict:
     out["mandelbrot"]["shape"] = (h, w)
     out["pi_hits"]["rows"], out["pi_hits"]["samples"] = n_pi, samples
     out["random_walks"]["shape"] = walks
-    del rows, img_o, img_r, cnt_o, cnt_r, wlk_o, wlk_r
     return out
 
 
@@ -190,7 +188,6 @@ def axis_figure(eng, shape: tuple[int, ...], repeat: int) -> dict:
            "seconds": {k: summary(v) for k, v in t.items()}}
     for k in (0, 1, 2):
         res[f"speedup_axis_{k}"] = seq_med / summary(t[f"axis {k}"])["median"]
-    del src, outs
     return res
 
 

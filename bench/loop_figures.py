@@ -23,12 +23,11 @@ import time
 import numba
 import numpy as np
 import psutil
-from numba import njit
-from numba import prange as numba_prange
-from workloads import machine_info, ratios, rounds, save, summary
+from numba import njit, prange as numba_prange
 
 import shmarray
 from shmarray.kernels.stencils import heat_step, heat_step_prange
+from workloads import machine_info, ratios, rounds, save, summary
 
 ALPHA = 0.2
 WORKERS = 2
@@ -70,7 +69,6 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
         fn()
     t = rounds(fns, repeat)
     identical = all(np.array_equal(x, px) for x in xs.values())
-    del step, xs
     out = {name: summary([v * 1e6 for v in times]) for name, times in t.items()}
     return {"us": out, "identical": identical,
             "list_over_tuple": ratios(t["map_list_chunklist"], t["map_tuple_int"]),
@@ -119,7 +117,6 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
     # every side ran the same number of steps from the same grid
     identical = all(np.array_equal(a, pa) and np.array_equal(b, pb)
                     for a, b in ((ma, mb), (qa, qb), (ia, ib)))
-    del step, ma, mb, qa, qb, ia, ib
     return {"n": n, "steps_per_round": steps, "identical": identical,
             "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
             "maps_over_prange": ratios(t["maps"], t["prange"]),
@@ -149,7 +146,6 @@ def workers_figure(wait: str, n: int, repeat: int, many: int) -> dict:
             fn()
         t = rounds(fns, repeat, pause=0.05)
         identical = all(np.array_equal(a, b) for a, b in zip(arrays[few], arrays[lots]))
-        del arrays
     return {"n": n, "wait": wait, "workers": many, "identical": identical,
             "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
             "many_over_2": ratios(t[f"{many}w"], t["2w"])}
@@ -169,7 +165,6 @@ def idle_figure(eng, seconds: float) -> dict:
     before = cpu()
     time.sleep(seconds)       # what is measured is the idleness itself
     used = [a - b for a, b in zip(cpu(), before)]
-    del x
     return {"seconds": seconds, "cpu_s_total": sum(used),
             "cpu_s_coordinator": used[0], "cpu_s_workers": used[1:]}
 

@@ -20,14 +20,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
-
-import math
 
 import numpy as np
 from numba import njit

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import shmarray
+from peers import histogram_prange, jacobi_prange, mandelbrot_prange
 from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.reductions import histogram
 from shmarray.kernels.stencils import jacobi
-from peers import histogram_prange, jacobi_prange, mandelbrot_prange
 
 H, W, ITER = 1500, 3000, 300
 ARGS = (-2.0, 3.0 / W, -0.75, 1.5 / H, ITER)

@@ -12,11 +12,19 @@ from shmarray.batch import ChunkStream, WorkerStats
 from shmarray.compare import Comparison
 from shmarray.descriptors import row_offset, worker_id
 from shmarray.engine import Engine, MapFuture
-from shmarray.errors import (CopyWarning, EngineClosedError, KernelError,
-                             MapCancelledError, MapReport, RemoteTraceback,
-                             SharedMemoryFullError, ShmarrayError,
-                             TaskTimeoutError, WorkerCrashedError,
-                             WorkerStartError)
+from shmarray.errors import (
+                             CopyWarning,
+                             EngineClosedError,
+                             KernelError,
+                             MapCancelledError,
+                             MapReport,
+                             RemoteTraceback,
+                             SharedMemoryFullError,
+                             ShmarrayError,
+                             TaskTimeoutError,
+                             WorkerCrashedError,
+                             WorkerStartError,
+)
 
 __version__ = "0.1.0"
 

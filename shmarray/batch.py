@@ -7,7 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import queue
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from shmarray.dispatch import MapFuture

@@ -16,13 +16,12 @@ import functools
 import html
 import operator
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from shmarray.timing import first_difference, identical, interleaved, same
-
 
 
 @dataclass(repr=False)
@@ -294,4 +293,4 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
                     break
         return result
     finally:
-        del shared
+        shared.clear()      # the engine's copies go now, not when the closures do

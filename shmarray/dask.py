@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,9 +46,17 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 from shmarray.boundary import Boundary
 from shmarray.descriptors import row_offset, worker_id
-from shmarray.options import (check_boundary, check_combine, check_kernel,
-                              check_placeholders, coerce_args, coerce_axis,
-                              coerce_boundary, coerce_halo, usable_cpus)
+from shmarray.options import (
+    check_boundary,
+    check_combine,
+    check_kernel,
+    check_placeholders,
+    coerce_args,
+    coerce_axis,
+    coerce_boundary,
+    coerce_halo,
+    usable_cpus,
+)
 from shmarray.partition import split_rows
 
 __all__ = ["map", "reduce", "row_chunks"]

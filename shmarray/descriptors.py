@@ -16,8 +16,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
 import cloudpickle
+import numpy as np
 
 from shmarray.blocks import BlockTable
 

@@ -23,7 +23,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shmarray.errors import EngineClosedError, MapCancelledError
 from shmarray.jobs import Call, JobCache
@@ -254,7 +255,7 @@ class Dispatcher:
             # call the engine again.
             try:
                 values = self.runner.run(call, self._should_stop)
-            except BaseException as exc:
+            except BaseException:
                 self._let_go()
                 if not future._commit():
                     exc = _stopped()

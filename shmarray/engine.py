@@ -12,8 +12,8 @@ import math
 import operator
 import os
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable, Literal, overload
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -25,13 +25,12 @@ from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import EngineClosedError, MapReport
 from shmarray.jobs import Call, Calls, JobCache
-from shmarray.options import (BoundaryMode, CallOptions, Errors, Order, Schedule, StartMethod,
-                              Wait)
+from shmarray.options import BoundaryMode, CallOptions, Errors, Order, Schedule, StartMethod, Wait
 from shmarray.pool import Pool
 from shmarray.prepared import PreparedMap
 
 if TYPE_CHECKING:
-    from shmarray.compare import Comparison     # imported when first used
+    from shmarray.compare import Comparison  # imported when first used
 
 Kernel = Callable[..., Any]
 

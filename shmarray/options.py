@@ -15,15 +15,22 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
-from typing import Any, Callable, Literal, NamedTuple, NoReturn, TypeGuard
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, NoReturn, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
 
 from shmarray import control, launch, waiting
 from shmarray.boundary import MODES, Boundary
-from shmarray.descriptors import ArrayDescriptor, by_value, describe, pack_args, row_offset, worker_id
+from shmarray.descriptors import (
+    ArrayDescriptor,
+    by_value,
+    describe,
+    pack_args,
+    row_offset,
+    worker_id,
+)
 from shmarray.errors import CopyWarning
 
 Schedule = Literal["static", "dynamic"]

@@ -28,8 +28,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import psutil
 
-from shmarray import blocks, control, launch, output
-from shmarray import watchdog
+from shmarray import blocks, launch, output, watchdog
 from shmarray.control import ControlBlock
 from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
 from shmarray.errors import EngineClosedError, WorkerStartError

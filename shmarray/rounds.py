@@ -45,7 +45,8 @@ import logging
 import pickle
 import select
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shmarray import boundary, control, deaths, tracked
 from shmarray.descriptors import WAKE, Failed, Values, decode
@@ -53,8 +54,7 @@ from shmarray.errors import EngineClosedError
 from shmarray.holdings import Holdings
 from shmarray.jobs import Call, JobCache, same_args
 from shmarray.pool import Pool, WorkerProcess
-from shmarray.progress import ChunkProgress
-from shmarray.progress import resolve as resolve_progress
+from shmarray.progress import ChunkProgress, resolve as resolve_progress
 from shmarray.wakeup import Wakeup
 
 # Crashes and timeouts of workers, at WARNING (shmarray.pool logs the

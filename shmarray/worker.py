@@ -22,6 +22,7 @@ import signal
 import time
 import traceback
 import weakref
+from multiprocessing.connection import Connection
 from typing import Literal
 
 import cloudpickle
@@ -31,15 +32,30 @@ import threadpoolctl
 from numba.core.errors import NumbaError
 from numba.extending import is_jitted
 
-from multiprocessing.connection import Connection
-
 from shmarray import blocks, boundary, control, launch, output
 from shmarray.control import step_word
-from shmarray.descriptors import (WAKE, ArrayDescriptor, Define, Failed, Forget,
-                                  Install, MainNamespace, Ready, Rebind, Release,
-                                  StartFailed, Stop, Values, decode, encode,
-                                  load, load_kernel, pack_values, row_offset,
-                                  worker_id)
+from shmarray.descriptors import (
+    WAKE,
+    ArrayDescriptor,
+    Define,
+    Failed,
+    Forget,
+    Install,
+    MainNamespace,
+    Ready,
+    Rebind,
+    Release,
+    StartFailed,
+    Stop,
+    Values,
+    decode,
+    encode,
+    load,
+    load_kernel,
+    pack_values,
+    row_offset,
+    worker_id,
+)
 
 _limits = None
 _forked = False          # set in a child a kernel forked off this worker

@@ -100,14 +100,19 @@ class Failure(Exception):
 def episode(seed: int, workers: int | None = None) -> dict:
     """Run episode ``seed``; returns its report (``failures`` empty if every
     invariant held)."""
+    from concurrent.futures import CancelledError
+
     import psutil
 
     import shmarray
     from shmarray import launch
-    from concurrent.futures import CancelledError
-
-    from shmarray.errors import (EngineClosedError, KernelError, MapCancelledError,
-                                 TaskTimeoutError, WorkerCrashedError)
+    from shmarray.errors import (
+        EngineClosedError,
+        KernelError,
+        MapCancelledError,
+        TaskTimeoutError,
+        WorkerCrashedError,
+    )
 
     rng = random.Random(seed)
     n_workers = workers or rng.choice((2, 3, 5))
@@ -246,7 +251,7 @@ def episode(seed: int, workers: int | None = None) -> dict:
                 fail(f"a future never ended ({exc!r})")
     # The loop's variable would keep the last future, its exception, the
     # exception's traceback and the arrays of the frames in it alive.
-    del future
+    future = None
     if not eng.closed:
         # Nothing left running: the last calls and stray messages are over.
         try:
@@ -271,7 +276,7 @@ def episode(seed: int, workers: int | None = None) -> dict:
     # The futures hold their exceptions, whose tracebacks hold the calls'
     # arrays (their mappings, and on Python < 3.13 a descriptor each).
     futures.clear()
-    del base
+    base = None          # every thread is done; let the block go before close
     eng.close()
     launch.stop_server()
     import gc

@@ -156,7 +156,7 @@ def run_case(case: str) -> dict:
                 free = shmarray.blocks.free_space()[0]
                 eng.empty(free + 2**30, np.uint8)
             elif case == "out_of_inodes":
-                kept = [eng.zeros(10) for _ in range(100)]
+                kept = [eng.zeros(10) for _ in range(100)]  # noqa: F841  (held until the exit)
             elif case == "forked_child_exit":
                 pid = os.fork()
                 if pid == 0:

@@ -51,7 +51,7 @@ def wait_for_release(flag, limit):
     it as one chunk (``chunks=1``): it reads both rows.  ``flag`` holds
     int64, read with an atomic load so the compiler cannot hoist it."""
     flag[0] = 1
-    for i in range(limit):
+    for _ in range(limit):
         if control.load(flag, 1) != 0:
             break
     return 0.0
@@ -78,7 +78,6 @@ def test_submit_returns_a_future_and_runs_in_place(engine):
     assert np.array_equal(x, np.arange(6.0) + 1)
     total = engine.submit_reduce(lambda a: float(a.sum()), x).result(timeout=60)
     assert total == float(np.sum(np.arange(6.0) + 1))
-    del x
 
 
 def test_bad_arguments_raise_in_the_caller(engine):
@@ -94,7 +93,6 @@ def test_submitted_maps_run_in_submission_order(engine):
     concurrent.futures.wait(futures, timeout=120)
     assert all(f.done() and f.exception() is None for f in futures)
     assert x[0] == 49.0
-    del x
 
 
 def test_maps_from_many_threads_are_queued_safely(engine):
@@ -113,7 +111,6 @@ def test_maps_from_many_threads_are_queued_safely(engine):
     for t in threads:
         t.join(120)
     assert np.all(x == 100.0)       # no increment lost, none doubled
-    del x
 
 
 def test_cancel_a_queued_map(engine):
@@ -123,7 +120,6 @@ def test_cancel_a_queued_map(engine):
     assert queued.cancel() and queued.cancelled()
     running.result(timeout=60)
     assert x[0] == 0.0
-    del x
 
 
 @pytest.fixture
@@ -152,7 +148,6 @@ def test_cancel_follows_the_future_contract_and_stop_ends_a_running_map(own_engi
     x = engine.zeros(4)
     engine.map(bump, x)                       # usable afterwards
     assert np.all(x == 1.0)
-    del x, flag
 
 
 def test_map_async_keeps_the_event_loop_responsive(engine):
@@ -179,7 +174,6 @@ def test_map_async_keeps_the_event_loop_responsive(engine):
     # the loop kept turning while the workers ran: about one beat per 10 ms
     assert beats >= 0.5 * took / 0.01, (beats, took)
     assert value == 0.0
-    del x
 
 
 @pytest.mark.breaks_things
@@ -202,7 +196,6 @@ def test_cancelling_the_task_stops_the_map(own_engine):
     asyncio.run(main())
     assert before[0] not in engine.worker_pids
     assert np.all(x == 1.0)
-    del x, flag
 
 
 def test_close_cancels_queued_maps_and_ends_the_running_one():
@@ -219,7 +212,6 @@ def test_close_cancels_queued_maps_and_ends_the_running_one():
         running.result(timeout=30)
     with pytest.raises(shmarray.EngineClosedError):
         eng.submit(bump, flag)
-    del flag
 
 
 def test_submit_returns_at_once_while_a_map_runs(engine):
@@ -236,7 +228,6 @@ def test_submit_returns_at_once_while_a_map_runs(engine):
     second.result(timeout=60)
     assert took < 0.05, took
     assert np.all(x == 1.0)
-    del flag, x
 
 
 def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
@@ -259,7 +250,6 @@ def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
     assert not waiter.is_alive() and first.done()
     # It ran after the first was released, never beside it.
     assert np.all(x == 1.0)
-    del flag, x
 
 
 def test_a_submitted_map_keeps_its_arrays_alive(engine):
@@ -270,4 +260,3 @@ def test_a_submitted_map_keeps_its_arrays_alive(engine):
     for f in futures[:-1]:
         assert f.result(timeout=60) is None
     assert futures[-1].result(timeout=60) == 28.0
-    del x

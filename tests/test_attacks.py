@@ -19,11 +19,10 @@ import pytest
 from numba import njit
 
 import shmarray
+from conftest import run_python
 from shmarray.descriptors import ArrayDescriptor
-
-from conftest import run_python, shm_entries
 from test_dispatch import HOLD
-from test_lifecycle import _gone, _report
+from test_lifecycle import _gone
 
 pytestmark = pytest.mark.breaks_things
 

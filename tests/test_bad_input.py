@@ -8,12 +8,10 @@ import numbers
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from numba import njit
 
 import shmarray
-
 from conftest import shm_entries
 
 

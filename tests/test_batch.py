@@ -16,10 +16,9 @@ import pytest
 from numba import njit
 
 import shmarray
+from conftest import WORKER_COUNTS, run_python
 from shmarray import row_offset
 from shmarray.partition import assign_static
-
-from conftest import WORKER_COUNTS, run_python
 
 N, SIZE = 8, 10               # chunks of the maps below, rows a chunk
 FAILS = {"exception": ValueError, "crash": shmarray.WorkerCrashedError,
@@ -276,7 +275,7 @@ def slow_row(a, off, counts):
 def test_abandoning_imap_stops_the_rest(eng, schedule):
     n = 40
     a, counts = eng.zeros(n), eng.zeros(n, np.int64)
-    for first in eng.imap(slow_row, a, args=(row_offset, counts), chunks=n,
+    for _first in eng.imap(slow_row, a, args=(row_offset, counts), chunks=n,
                           schedule=schedule):
         break                                  # dropped: the map stops
     # The next map waits its turn behind what was still running.

@@ -10,12 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from numba import njit
 
 import shmarray
-from numba import njit
-from shmarray import blocks
-
 from conftest import run_python, shm_entries
+from shmarray import blocks
 
 SHM = blocks.SHM_DIR
 

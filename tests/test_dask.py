@@ -17,12 +17,18 @@ import shmarray.dask as sd
 from shmarray.kernels.elementwise import triad
 from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.montecarlo import pi_hits
-from shmarray.kernels.reductions import min_index, combine_min
+from shmarray.kernels.reductions import (
+    combine_min,
+    combine_moments,
+    histogram,
+    min_index,
+    moments,
+    total,
+)
+from shmarray.kernels.stencils import heat_step, jacobi
 from shmarray.kernels.table import mandelbrot_args
 from shmarray.partition import split_rows
 from test_kernel_model import box, layouts, padded
-from shmarray.kernels.reductions import combine_moments, histogram, moments, total
-from shmarray.kernels.stencils import heat_step, jacobi
 
 distributed = pytest.importorskip("distributed")
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from shmarray.blocks import attach
-from shmarray.descriptors import (ArrayDescriptor, Define, Values, decode,
-                                  describe, encode)
+from shmarray.descriptors import ArrayDescriptor, Define, Values, decode, describe, encode
 from shmarray.worker import Mappings
 
 

@@ -17,7 +17,6 @@ import pytest
 from numba import njit
 
 import shmarray
-
 from conftest import WORKER_COUNTS, run_python
 from test_lifecycle import _gone, _report
 

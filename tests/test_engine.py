@@ -17,10 +17,9 @@ import threadpoolctl
 from numba import njit
 
 import shmarray
+from conftest import WORKER_COUNTS, shm_entries
 from shmarray.kernels.stencils import heat_step
 from shmarray.partition import split_rows
-
-from conftest import WORKER_COUNTS, shm_entries
 
 
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
@@ -521,7 +520,7 @@ def test_workers_are_recycled_without_losing_tasks():
     with shmarray.Engine(workers=2, max_tasks_per_worker=3) as eng:
         rows = eng.from_numpy(np.arange(40))
         seen = []
-        for step in range(7):
+        for _ in range(7):
             starts = eng.reduce(chunk_start, rows, chunks=8)
             assert starts == tuple(range(0, 40, 5))      # every chunk ran
             seen.append(tuple(eng.worker_pids))

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from conftest import run_python
 from test_lifecycle import _gone, _report
 

@@ -11,13 +11,11 @@ import signal
 import numpy as np
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from numba import njit
 
 import shmarray
 from conftest import WORKER_COUNTS
-from shmarray.partition import split_rows
 
 MODES = ["wrap", "reflect", "symmetric", "edge", 2.5]
 

@@ -15,8 +15,7 @@ from shmarray.kernels import TABLE
 from shmarray.kernels.montecarlo import pi_hits
 from shmarray.kernels.reductions import histogram, moments
 from shmarray.kernels.stencils import GAUSS3, convolve, jacobi
-from shmarray.partition import DYNAMIC_CHUNKS_PER_WORKER
-from shmarray.partition import split_rows
+from shmarray.partition import DYNAMIC_CHUNKS_PER_WORKER, split_rows
 
 IDS = [f"{s.name}{'-' + s.notes.split()[0] if s.notes else ''}" for s in TABLE]
 ROWS = 61

@@ -5,7 +5,6 @@ NumPy scalars, the wait policy, and the worker count in a container."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +17,9 @@ import pytest
 from numba import njit
 
 import shmarray
+from conftest import WORKER_COUNTS, run_python
 from shmarray import options
 from shmarray.kernels.stencils import heat_step
-
-from conftest import WORKER_COUNTS, run_python
 
 
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
@@ -131,7 +129,6 @@ def killed_under_a_prepared_map(eng):
     x2 = eng.zeros(10)
     eng.map(add, x2, args=(1.0,))
     assert np.all(x2 == 1.0)
-    del x, x2, flag, step
 
 
 def test_swap_needs_two_interchangeable_arrays(eng):
@@ -150,7 +147,6 @@ def test_a_prepared_map_of_a_closed_engine_says_so():
     eng.close()
     with pytest.raises(shmarray.EngineClosedError):
         step()
-    del x, step
 
 
 @pytest.mark.parametrize("form", ["list args", "chunk list", "numpy scalar boundary",

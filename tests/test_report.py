@@ -18,9 +18,9 @@ import pytest
 from numba import njit
 
 import shmarray
+from shmarray import report
 from shmarray.kernels.reductions import total
 from shmarray.kernels.stencils import heat_step
-from shmarray import report
 
 
 @njit(cache=True)

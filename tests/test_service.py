@@ -16,7 +16,6 @@ pytest.importorskip("uvicorn")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import service  # noqa: E402
-
 from shmarray.partition import split_rows  # noqa: E402
 
 

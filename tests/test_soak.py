@@ -10,7 +10,6 @@ import psutil
 from numba import njit
 
 import shmarray
-
 from conftest import shm_entries
 
 

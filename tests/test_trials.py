@@ -3,7 +3,6 @@ child interpreter and observed from outside."""
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import pytest

@@ -4,13 +4,8 @@ from outside, with a time limit."""
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 import textwrap
-import time
 
-import psutil
 import pytest
 
 from conftest import run_python

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from shmarray.report.peers import Pools, heat_prange, noop_kernel, triad_prange
-from shmarray.report.render import METHODS, SEQUENTIAL, plots, table
+from shmarray.report.render import METHODS, plots, table
 from shmarray.report.workloads import SETUP, SIZES, WORKLOADS, nbytes_moved
 from shmarray.timing import identical, interleaved, machine, medians
 

@@ -46,7 +46,7 @@ def noop_kernel(x):
 
 @njit(parallel=True, cache=True)
 def noop_prange(x):
-    for i in prange(x.shape[0]):
+    for _ in prange(x.shape[0]):
         pass
 
 

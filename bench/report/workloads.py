@@ -4,7 +4,7 @@ the functions that run it by every method (``runners``), sequentially
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -14,11 +14,24 @@ from shmarray.kernels.irregular import mandelbrot
 from shmarray.kernels.reductions import histogram
 from shmarray.kernels.stencils import heat_step
 from shmarray.kernels.table import heat_numpy, mandelbrot_numpy
-from shmarray.report.peers import (ALPHA, _heat_block, _hist_block, _mandel_block,
-                                   bounds_for, heat_chunk, heat_prange, hist_chunk,
-                                   histogram_parts, mandel_chunk, mandelbrot_prange,
-                                   noop_kernel, noop_prange, nothing, triad_chunk,
-                                   triad_prange)
+from shmarray.report.peers import (
+    ALPHA,
+    _heat_block,
+    _hist_block,
+    _mandel_block,
+    bounds_for,
+    heat_chunk,
+    heat_prange,
+    hist_chunk,
+    histogram_parts,
+    mandel_chunk,
+    mandelbrot_prange,
+    noop_kernel,
+    noop_prange,
+    nothing,
+    triad_chunk,
+    triad_prange,
+)
 
 WORKLOADS = ("triad", "histogram", "heat", "mandelbrot", "noop")
 MEMORY_BOUND = ("triad", "histogram", "heat")
@@ -208,8 +221,8 @@ def noop_runners(d, pools):
     x = np.zeros(16)
     if pools is None:
         return {"numba": repeat(lambda: noop_kernel(x))}
-    from joblib import delayed
     import dask
+    from joblib import delayed
     eng = pools.engine
     X = eng.zeros(16)
     return {"prange": repeat(lambda: noop_prange(x)),
