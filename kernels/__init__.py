@@ -17,7 +17,8 @@ the global index of the chunk's first row.  Table entries with a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

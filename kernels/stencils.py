@@ -9,7 +9,6 @@ the same array.
 """
 
 import numpy as np
-
 from numba import prange
 
 from shmarray.kernels._jit import jit, jit_inline, jit_parallel

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from shmarray.descriptors import row_offset
-from shmarray.kernels import elementwise as ew
-from shmarray.kernels import irregular, linalg, montecarlo
-from shmarray.kernels import reductions as rd
-from shmarray.kernels import stencils as st
+from shmarray.kernels import (
+    elementwise as ew,
+    irregular,
+    linalg,
+    montecarlo,
+    reductions as rd,
+    stencils as st,
+)
 
 
 @dataclass(frozen=True)

@@ -255,12 +255,12 @@ class Dispatcher:
             # call the engine again.
             try:
                 values = self.runner.run(call, self._should_stop)
-            except BaseException:
+            except BaseException as raised:
                 self._let_go()
-                if not future._commit():
-                    exc = _stopped()
-                future.set_exception(exc)
-                del future, call, exc     # release the caller's arrays now
+                # a map stopped in time ends as stopped, whatever it raised
+                failure = raised if future._commit() else _stopped()
+                future.set_exception(failure)
+                del future, call, failure  # release the caller's arrays now
                 continue
             self._let_go()
             try:
