@@ -571,11 +571,12 @@ SPUN_OUT, OTHER_RING, WAKE_DRIVER = 0, 1, 2
 
 
 @njit(nogil=True)
-def serve(ctl, at, last, key, received, kernel, calls, indices, spin_ns):
-    """A worker's lean path: serve rings of job ``key`` (whose chunks'
-    arguments are ``calls``, at ``indices`` in the map) for as long as they
-    come, each with no new pipe message (``received`` handled), spinning up
-    to ``spin_ns`` for the next.  Returns (SPUN_OUT, the last ring served)
+def serve(ctl, at, last, keys, received, kernel, calls_by, indices_by, spin_ns):
+    """A worker's lean path: serve rings of the jobs ``keys`` (two: the two
+    halves of a double-buffered loop, or one job twice), whose chunks'
+    arguments are ``calls_by[j]``, at ``indices_by[j]`` in the map, for as
+    long as they come, each with no new pipe message (``received``
+    handled), spinning up to ``spin_ns`` for the next.  Returns (SPUN_OUT, the last ring served)
     when none came, (OTHER_RING, seq) for a ring it does not serve,
     (WAKE_DRIVER, seq) after finishing ring ``seq`` for a driver that
     sleeps.  The kernel's
@@ -594,14 +595,17 @@ def serve(ctl, at, last, key, received, kernel, calls, indices, spin_ns):
                 _sched_yield()
             if k % 64 == 0 and _now_ns() > deadline:
                 return SPUN_OUT, last
-        if _load(ctl, at + JOB) != key or _load(ctl, at + PIPED) != received:
+        job = _load(ctl, at + JOB)
+        j = 0 if job == keys[0] else 1 if job == keys[1] else -1
+        if j < 0 or _load(ctl, at + PIPED) != received:
             return OTHER_RING, seq
         _store(ctl, at + RAN, 0)
         _store(ctl, at + CHUNK, -1)
         _store(ctl, at + STARTED, seq)
         t0 = _now_ns()
+        calls = calls_by[j]
         for c in range(len(calls)):
-            _store(ctl, at + CHUNK, indices[c])
+            _store(ctl, at + CHUNK, indices_by[j, c])
             kernel(*calls[c])
             _store(ctl, at + RAN, c + 1)
         _store(ctl, at + REPLY, 0)
@@ -839,7 +843,11 @@ class WorkerWords:
     def ran_so_far(self) -> int:
         return int(load(self.words, self.at + RAN))
 
-    def serve(self, last: int, key: int, received: int, kernel, calls: tuple,
-              indices: np.ndarray, spin_ns: int) -> tuple[int, int]:
-        return serve(self.words, self.at, last, key, received, kernel, calls, indices,
-                     spin_ns)
+    def serve(self, last: int, keys: np.ndarray, received: int, kernel, calls_by: tuple,
+              indices_by: np.ndarray, spin_ns: int) -> tuple[int, int]:
+        return serve(self.words, self.at, last, keys, received, kernel, calls_by,
+                     indices_by, spin_ns)
+
+    def ring_job(self) -> int:
+        """The job of the last ring (read before ``take``, to choose a path)."""
+        return int(load(self.words, self.at + JOB))

@@ -257,15 +257,19 @@ class _Worker:
         self.maps = Mappings(owner_pid)
         self.main = MainNamespace()
         self.rows: tuple[int, int] | None = None   # the chunk running, for output
-        self.serving: _Job | None = None           # the hot job control.serve runs
+        # The hot jobs control.serve runs: one, or the two halves of a
+        # double-buffered loop (same kernel, same argument types).
+        self.serving: list[_Job] = []
         self.idle_spin_ns = int(self.idle_spin * 1e9)
 
     def current_rows(self) -> tuple[int, int] | None:
         """The rows of the chunk running, for the tag on what it prints."""
         if self.rows is not None:
             return self.rows
-        if self.serving is not None:
-            return self.serving.rows_of.get(self.ctl.where()[1])
+        key = self.ctl.ring_job()
+        for job in self.serving:
+            if job.spec.job == key:
+                return job.rows_of.get(self.ctl.where()[1])
         return None
 
     # -- messages ------------------------------------------------------------
@@ -292,8 +296,8 @@ class _Worker:
         elif kind is Release:
             gone = set(msg.names)
             self.jobs = {k: j for k, j in self.jobs.items() if not (j.blocks & gone)}
-            if self.serving is not None and self.serving.blocks & gone:
-                self.serving = None        # its views must go, to unmap the blocks
+            # their views must go, to unmap the blocks
+            self.serving = [j for j in self.serving if not (j.blocks & gone)]
             self.maps.release(gone)
         elif kind is Stop:
             return False
@@ -491,17 +495,22 @@ class _Worker:
         # The last ring answered: a ring given before this loop started
         # (a fresh worker is rung as soon as it is ready) is not missed.
         last = ctl.done()
-        key = 0                       # the job served by the compiled loop
         while True:
-            job = self.serving
-            if job is not None and (self.jobs.get(key) is not job or not job.lean):
-                # Forgotten, its blocks gone, or rebound (new arguments: the
-                # Python path runs it once, then lean_path builds it again).
-                job = self.serving = None
-            if job is not None:
-                code, seq = self.lean(key, job, last)
+            # Forgotten, its blocks gone, or rebound (new arguments: the
+            # Python path runs it once, then lean_path builds it again).
+            jobs = self.serving = [j for j in self.serving
+                                   if self.jobs.get(j.spec.job) is j and j.lean]
+            if jobs:
+                code, seq = self.lean(jobs, last)
                 if code == control.OTHER_RING:
-                    self.serving = None            # a ring for Python: below
+                    other = self.jobs.get(self.ctl.ring_job())
+                    if other is not None and other.lean and other not in jobs \
+                            and _pairs(jobs[-1], other):
+                        # The other half of a double-buffered loop: served
+                        # beside the last one, from this very ring.
+                        self.serving = [jobs[-1], other]
+                        continue
+                    self.serving = []              # a ring for Python: below
                 else:
                     last = seq                     # the last ring served
                     if code != control.SPUN_OUT:
@@ -529,24 +538,30 @@ class _Worker:
                 self.run(key, seq, steps)
                 job = self.jobs.get(key)
                 if job is not None and job.lean_path():
-                    self.serving = job
+                    serving = [j for j in self.serving if j is not job]
+                    self.serving = ([serving[-1], job] if serving and _pairs(serving[-1], job)
+                                    else [job])
             else:
                 ctl.finish(seq, 0, 0, 0)
 
-    def lean(self, key: int, job: _Job, last: int) -> tuple[int, int]:
-        """Serve ``job``'s rings in compiled code (``control.serve``).
+    def lean(self, jobs: list[_Job], last: int) -> tuple[int, int]:
+        """Serve ``jobs``' rings in compiled code (``control.serve``).
         Returns (``control.SPUN_OUT``, the last ring served) when no ring
         came in the spin; (OTHER_RING, ring) for a ring the Python path must
         take; (WAKE_DRIVER, ring) once ring ``ring`` was served and its
         driver woken, or its kernel's exception reported."""
-        assert job.lean                 # it is serving: lean_path() gave one
-        calls, indices = job.lean
+        first, second = jobs[0], jobs[-1]      # one job: served as both halves
+        assert first.lean and second.lean      # serving: lean_path() gave them
+        keys = np.array([first.spec.job, second.spec.job], np.int64)
+        calls_by = (first.lean[0], second.lean[0])
+        indices_by = np.stack([first.lean[1], second.lean[1]])
         try:
-            code, seq = self.ctl.serve(last, key, self.received, job.kernel, calls,
-                                       indices, self.idle_spin_ns)
+            code, seq = self.ctl.serve(last, keys, self.received, first.kernel, calls_by,
+                                       indices_by, self.idle_spin_ns)
         except NumbaError:
-            job.lean = False               # cannot be compiled: the Python path
-            self.serving = None
+            for job in jobs:
+                job.lean = False           # cannot be compiled: the Python path
+            self.serving = []
             return control.SPUN_OUT, last
         except SystemExit:
             raise
@@ -561,6 +576,20 @@ class _Worker:
         if code == control.WAKE_DRIVER:
             self.results.send_bytes(WAKE)
         return code, seq
+
+
+def _pairs(a: _Job, b: _Job) -> bool:
+    """Whether hot jobs ``a`` and ``b`` can be served by one compiled loop:
+    one kernel, as many chunks, arguments of the same types (the two halves
+    of a double-buffered loop, whose arrays swap places)."""
+    if a.kernel is not b.kernel or not a.lean or not b.lean:
+        return False
+    if len(a.lean[0]) != len(b.lean[0]):
+        return False
+    try:
+        return bool(numba.typeof(a.lean[0]) == numba.typeof(b.lean[0]))
+    except Exception:
+        return False
 
 
 def failure(seq: int, index: int, exc: BaseException) -> Failed:

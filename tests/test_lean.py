@@ -63,6 +63,36 @@ def test_a_prepared_heat_loop_equals_the_sequential_one(eng):
     assert np.array_equal(last, a)
 
 
+def test_a_double_buffered_loop_of_maps_is_served_in_pairs_and_stays_exact(eng):
+    # The two halves of the loop (a -> b, b -> a) are two jobs the workers
+    # serve from one compiled loop; a third job joining, and a kernel that
+    # raises on such a pair, must change nothing about the results.
+    rng = np.random.default_rng(2)
+    u0 = rng.random((90, 40))
+    a, b = u0.copy(), u0.copy()
+    for _ in range(40):
+        heat_step(b, a, 0.2)
+        a, b = b, a
+    x, y, z = eng.from_numpy(u0), eng.from_numpy(u0), eng.from_numpy(u0)
+    for _ in range(20):                        # 40 steps, alternating
+        eng.map(heat_step, y, x, args=(0.2,), halo=1)
+        eng.map(heat_step, x, y, args=(0.2,), halo=1)
+    assert np.array_equal(x, a)
+    for _ in range(5):                         # a third job joins the loop
+        eng.map(heat_step, z, x, args=(0.2,), halo=1)
+        eng.map(heat_step, y, z, args=(0.2,), halo=1)
+    heat_step(b, a, 0.2)
+    assert np.array_equal(z, b)
+    r, s = eng.zeros(60), eng.zeros(60)
+    for _ in range(4):                         # hot, as a pair, then one raises
+        eng.map(fail_at, r, args=(shmarray.row_offset, -1))
+        eng.map(fail_at, s, args=(shmarray.row_offset, -1))
+    with pytest.raises(ZeroDivisionError, match="bad row"):
+        eng.map(fail_at, s, args=(shmarray.row_offset, 7))
+    eng.map(fail_at, r, args=(shmarray.row_offset, -1))
+    assert np.array_equal(r, np.arange(60.0))
+
+
 def test_a_prepared_map_sends_nothing_once_it_runs(eng):
     x = eng.zeros(40)
     step = eng.prepare(add, x, args=(1.0,))
