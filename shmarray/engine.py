@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, overload
 import numpy as np
 import numpy.typing as npt
 
-from shmarray import options
+from shmarray import blocks, options
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.dispatch import Dispatcher, MapFuture
@@ -78,6 +78,14 @@ class Engine:
     wait : {"auto", "spin", "passive"}, optional
         The wait policy (see ``shmarray.waiting``); None: ``SHMARRAY_WAIT``,
         else "auto".
+    storage : {"shm", "memfd"} or path, optional
+        Where blocks live (see ``shmarray.blocks``).  "shm": named blocks in
+        ``/dev/shm``, bounded by its size (64 MB in a default Docker
+        container).  "memfd": anonymous shared memory, bounded only by the
+        machine's memory, which cannot outlive its processes, whatever
+        kills them (Linux).  A directory: blocks are files there, mapped
+        shared, for data bigger than ``/dev/shm`` or than RAM.  None:
+        ``SHMARRAY_STORAGE`` if set, else "shm".
 
     Raises
     ------
@@ -111,15 +119,18 @@ class Engine:
                  initializer: Callable[..., Any] | None = None,
                  initargs: Sequence[Any] = (),
                  max_worker_memory: int | None = None,
-                 wait: Wait | None = None):
+                 wait: Wait | None = None,
+                 storage: str | os.PathLike | None = None):
         opts = options.engine_options(workers, start_method, max_tasks_per_worker,
                                       startup_timeout, initializer, initargs,
-                                      max_worker_memory, wait)
+                                      max_worker_memory, wait, storage)
         self._owner = _pid
         cache = JobCache()
+        store = blocks.storage_for(opts.storage)
         pool = Pool(opts.workers, opts.start_method, opts.startup_timeout,
-                    opts.max_tasks, opts.max_memory, opts.initializer, opts.wait)
-        table = BlockTable()
+                    opts.max_tasks, opts.max_memory, opts.initializer, opts.wait,
+                    store)
+        table = BlockTable(store)
         watchdog = pool.watchdog
         table.on_create = lambda name: watchdog.blocks(created=(name,))
         self._calls = Calls(cache, table, pool.size)
@@ -165,6 +176,7 @@ class Engine:
         uss = max((s.uss for s in stats), default=0)
         return (f"<shmarray.Engine workers={d.pool.size} "
                 f"start_method={d.pool.start_method!r} "
+                f"storage={d.table.storage.spec!r} "
                 f"blocks={len(d.table.live())} "
                 f"tasks={sum(s.tasks for s in stats)} "
                 f"busy={sum(s.busy for s in stats):.1f}s "
@@ -204,6 +216,11 @@ class Engine:
     def wait(self) -> str:
         """The wait policy: "auto", "spin" or "passive"."""
         return self._live().pool.policy.name
+
+    @property
+    def storage(self) -> str:
+        """Where the blocks live: "shm", "memfd", or a directory's absolute path."""
+        return self._live().table.storage.spec
 
     @property
     def blocks(self) -> list[Block]:

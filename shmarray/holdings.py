@@ -116,7 +116,8 @@ class Holdings:
         are forgotten."""
         released = self.table.take_released()
         if released:
-            self.pool.watchdog.blocks(gone=released)
+            if self.table.storage.leaks:
+                self.pool.watchdog.blocks(gone=released)
             gone = set(released)
             self.cache.drop_blocks(gone)
             dropped = [k for k, b in self.defined.items() if b & gone]
