@@ -19,7 +19,7 @@ import shmarray
 from shmarray import row_offset
 from shmarray.partition import assign_static
 
-from conftest import WORKER_COUNTS, run_python
+from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
 
 N, SIZE = 8, 10               # chunks of the maps below, rows a chunk
 FAILS = {"exception": ValueError, "crash": shmarray.WorkerCrashedError,
@@ -43,11 +43,12 @@ def flaky(a, off, counts, bad, how, times):
     return float(a.sum())
 
 
-@pytest.fixture(params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
     # One per test: a replaced worker is a new process, which the leak check
     # would count against the test that happened to be running.
-    with shmarray.Engine(workers=request.param) as engine:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as engine:
         yield engine
 
 

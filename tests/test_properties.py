@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS
+from conftest import WORKER_COUNTS, engine_id, storage_for
 from shmarray.partition import assign_static, split_rows
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64, np.complex128, np.bool_]
@@ -101,9 +101,10 @@ def _make(eng, n, dtype, tail, order, view, rng):
 
 # Each property runs at every worker count, so with fewer examples each than
 # it had at one count (120, 80, 60): more worker counts, fewer examples.
-@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param) as engine:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as engine:
         yield engine
 
 
