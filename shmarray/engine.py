@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, overload
 import numpy as np
 import numpy.typing as npt
 
-from shmarray import blocks, options
+from shmarray import blocks, loading, options
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.dispatch import Dispatcher, MapFuture
@@ -293,19 +293,50 @@ class Engine:
         Parameters
         ----------
         array : array_like
+            A NumPy array, or an array-like read in slabs of about 64 MB so
+            that memory peaks near one copy: a ``np.memmap`` (whose pages
+            are let go as they are copied), an h5py dataset, a zarr array,
+            a dask array (computed into place), or anything with ``shape``,
+            ``dtype`` and NumPy slicing.  Anything else goes through
+            ``np.asarray``.
 
         Returns
         -------
         numpy.ndarray
             Same shape and dtype; Fortran order kept for Fortran-contiguous
-            input, C order otherwise.
+            NumPy input, C order otherwise.
         """
-        a = np.asarray(array)
-        options.coerce_dtype(a.dtype, "array")
-        order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
-        out = self.empty(a.shape, a.dtype, order)
-        np.copyto(out, a, casting="no")
-        return out
+        self._live()
+        return loading.from_array_like(array, self.empty)
+
+    def load(self, path: str | os.PathLike | Any) -> np.ndarray:
+        """The array of an ``.npy`` file, read straight into a new shared
+        array: no private copy, so memory peaks at one copy (``np.load``
+        then ``from_numpy`` holds two).
+
+        Parameters
+        ----------
+        path : str, os.PathLike or binary file object
+            A file written by ``np.save``.  Write results back the same way:
+            ``np.save(path, x)`` of a shared array writes straight from it.
+
+        Returns
+        -------
+        numpy.ndarray
+            The dtype, shape and order (C or Fortran) saved in the file.
+
+        Raises
+        ------
+        ValueError
+            Not an ``.npy`` file (an ``.npz`` archive or HDF5 file is named,
+            with what to do instead), or a truncated one.
+        TypeError
+            Object or structured dtypes: shared arrays hold plain numbers.
+        SharedMemoryFullError
+            The storage cannot hold it.
+        """
+        self._live()
+        return loading.load(path, self.empty)
 
     # -- compute -----------------------------------------------------------
 
