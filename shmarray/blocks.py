@@ -452,7 +452,7 @@ class DirStorage(Storage):
 
     def full_error(self, nbytes: int, err: int | None = None) -> SharedMemoryFullError:
         try:
-            free, total = free_space(self.directory)
+            free, total = free_space(self.directory) or (0, 0)
         except OSError:
             free = total = 0
         why = {errno.EDQUOT: " (your disk quota is used up)",
