@@ -93,6 +93,8 @@ _MFD_FLAGS = getattr(os, "MFD_CLOEXEC", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+# Reading a file into a block from several threads at once (eng.load).
+HAVE_PREADV = hasattr(os, "preadv")
 
 # "/sha-<owner pid>-<64 random bits>": at most 29 characters with pid_max at
 # its Linux ceiling (4194304), under macOS's 30-character limit.

@@ -185,6 +185,8 @@ def _info(args: argparse.Namespace) -> int:
     if free is not None:
         print(f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
               f"free of {blocks.format_bytes(data['shm_total_bytes'])}")
+    print(f"storage            : {data['storage']} (Engine(storage=...) or "
+          f"SHMARRAY_STORAGE; memfd {'available' if data['memfd_available'] else 'not available here'})")
     fresh = data["fresh_workers"]
     stats = fresh["workers"]
     print(f"a fresh engine     : {len(stats)} workers started in {fresh['start_s']:.2f} s; "

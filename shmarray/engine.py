@@ -324,6 +324,8 @@ class Engine:
         -------
         numpy.ndarray
             The dtype, shape and order (C or Fortran) saved in the file.
+            A path is read by as many threads of this process as the
+            engine has workers, a 64 MB slab each.
 
         Raises
         ------
@@ -335,8 +337,8 @@ class Engine:
         SharedMemoryFullError
             The storage cannot hold it.
         """
-        self._live()
-        return loading.load(path, self.empty)
+        d = self._live()
+        return loading.load(path, self.empty, threads=d.pool.size)
 
     # -- compute -----------------------------------------------------------
 
