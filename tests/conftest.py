@@ -19,6 +19,7 @@ import gc
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import secrets
 import signal
 import shutil
 import subprocess
@@ -40,10 +41,18 @@ WORKER_COUNTS = (2, 3, 5)
 # ... and each count on another storage, so every suite covers every storage
 # without running three times: 2 workers on /dev/shm, 3 on memfd, 5 on
 # files in a directory (under /tmp: a real filesystem where it is one).
-STORAGE_ROOT = tempfile.mkdtemp(prefix="shmarray-tests-")       # 0700, ours
+# The directories are made in pytest_configure, by pytest's process only:
+# workers import this module too (with a test module's kernels), and must
+# create nothing.
+STORAGE_ROOT = os.path.join(tempfile.gettempdir(),
+                            f"shmarray-tests-{os.getpid()}-{secrets.token_hex(8)}")
 STORAGE_DIR = os.path.join(STORAGE_ROOT, "engines")
-os.mkdir(STORAGE_DIR, 0o700)
 STORAGES = {2: "shm", 3: "memfd" if blocks.HAVE_MEMFD else "shm", 5: STORAGE_DIR}
+
+
+def pytest_configure(config):
+    os.mkdir(STORAGE_ROOT, 0o700)         # fails if anything is there: never shared
+    os.mkdir(STORAGE_DIR, 0o700)
 
 
 def storage_for(workers: int) -> str:
@@ -107,7 +116,7 @@ def dir_entries() -> set[str]:
     """The block files under STORAGE_ROOT made by this session's processes
     (absolute paths)."""
     _note_descendants()
-    out = set()
+    out: set[str] = set()
     for here, _, files in os.walk(STORAGE_ROOT):
         for name in files:
             pid = blocks.owner_of(name)

@@ -49,6 +49,12 @@ def eng(request):
     # would count against the test that happened to be running.
     with shmarray.Engine(workers=request.param,
                          storage=storage_for(request.param)) as engine:
+        # A worker's first run of `flaky` imports this module, pytest and
+        # all, which on a loaded machine can pass the tests' timeout=1 by
+        # itself: done here, so the timeouts measure the chunks.
+        a, counts = fresh(engine)
+        engine.map(flaky, a, args=(row_offset, counts, -1, "", 0), chunks=N)
+        del a, counts
         yield engine
 
 
