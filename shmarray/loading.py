@@ -52,7 +52,7 @@ _OTHER_FORMATS = {
 def _raw_bytes(out: np.ndarray) -> np.ndarray:
     """A flat uint8 view of a contiguous array's memory, in memory order."""
     raw = out.reshape(-1, order="A").view(np.uint8)
-    assert raw.size == out.nbytes and (out.nbytes == 0 or np.shares_memory(raw, out))
+    assert raw.size == out.nbytes and (out.nbytes == 0 or np.may_share_memory(raw, out))
     return raw
 
 
@@ -69,19 +69,24 @@ def _header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             f"formats open the data with its library and pass the array-like to "
             f"eng.from_numpy (np.memmap, h5py, zarr and dask arrays are read in "
             f"slabs).")
-    version = (f.read(1)[0], f.read(1)[0])
+    version = tuple(f.read(2))
     fmt = np.lib.format
-    if version == (1, 0):
-        shape, fortran, dtype = fmt.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = fmt.read_array_header_2_0(f)
-    else:
+    try:
+        if version == (1, 0):
+            return fmt.read_array_header_1_0(f)
+        if version == (2, 0):
+            return fmt.read_array_header_2_0(f)
+    except ValueError as exc:
+        raise ValueError(f"{what} has a damaged .npy header: {exc}") from None
+    if version == (3, 0):
         # 3.0 only adds UTF-8 field names: structured dtypes, refused anyway.
-        raise ValueError(f"{what} is an .npy file of format version "
-                         f"{version[0]}.{version[1]}, which holds a structured dtype; "
-                         f"shared arrays hold plain numbers. Load it with np.load "
-                         f"and pass each field to eng.from_numpy.")
-    return shape, fortran, dtype
+        raise ValueError(f"{what} is an .npy file of format version 3.0, which "
+                         f"holds a structured dtype; shared arrays hold plain "
+                         f"numbers. Load it with np.load and pass each field to "
+                         f"eng.from_numpy.")
+    got = ".".join(map(str, version)) if len(version) == 2 else "cut off"
+    raise ValueError(f"{what} has a damaged .npy header: its format version is "
+                     f"{got}; NumPy writes 1.0, 2.0 or 3.0.")
 
 
 def load(path: Any, allocate: Allocate, threads: int = 1) -> np.ndarray:

@@ -119,6 +119,7 @@ def test_load_refuses_what_it_cannot_read_and_leaves_no_block(eng, tmp_path):
     whole = (tmp_path / "ok.npy").read_bytes()
     _write(tmp_path / "short.npy", whole[:-8])
     _write(tmp_path / "text.npy", b"1, 2, 3\n")
+    _write(tmp_path / "v7.npy", b"\x93NUMPY\x07\x00")
     _write(tmp_path / "data.h5", b"\x89HDF\r\n\x1a\n" + bytes(100))
     (tmp_path / "store.zarr").mkdir()
     _write(tmp_path / "store.zarr" / "zarr.json", b"{}")
@@ -129,6 +130,7 @@ def test_load_refuses_what_it_cannot_read_and_leaves_no_block(eng, tmp_path):
         ("short.npy", ValueError, "truncated: its header promises 80 bytes of data, and it "
                                   "holds only 72"),
         ("text.npy", ValueError, "is not an .npy file"),
+        ("v7.npy", ValueError, "damaged .npy header: its format version is 7.0"),
         ("data.h5", ValueError, r"an HDF5 file.*shmarray\[hdf5\].*h5py\.File"),
         ("store.zarr", ValueError, r"a zarr store.*shmarray\[zarr\].*zarr\.open_array"),
         ("missing.npy", FileNotFoundError, "missing.npy"),
