@@ -1,19 +1,49 @@
-"""One POSIX shared-memory segment per allocation: create, attach, unmap, unlink.
+"""Shared blocks: create, attach, unmap, unlink; and where they live.
+
+Where blocks live (``Engine(storage=...)``)
+-------------------------------------------
+A :class:`Storage` makes an engine's blocks; the kind is chosen once per
+engine (``storage_for``), and a block's name says which kind made it, so
+workers, the watchdog and ``shmarray ls``/``gc`` need no other word:
+
+=========  =================================  ================================
+kind       a block is                         its name (``Block.name``)
+=========  =================================  ================================
+"shm"      a POSIX shared-memory object in    ``/sha-<owner pid>-<64 random
+           ``/dev/shm`` (the default)         bits>``
+"memfd"    anonymous shared memory            ``memfd:<owner pid>:<fd>:<dev>:
+           (``memfd_create``): no name, no    <inode>``: the creator's
+           size limit but memory's, freed     descriptor, which a worker opens
+           by the kernel with the last        as ``/proc/<pid>/fd/<fd>`` (and
+           process that maps it               checks the inode, so a reused
+                                              descriptor is never mapped)
+a path     a file in that directory, mapped   ``<directory>/sha-<owner pid>-
+           shared: data bigger than           <64 random bits>``
+           ``/dev/shm`` or than RAM
+=========  =================================  ================================
 
 Who does what, and how many times
 ---------------------------------
-* The coordinator creates each segment once (:func:`create`, through
-  :meth:`BlockTable.allocate`) and unlinks its name once: when the last array
-  over it dies, or when the engine closes, whichever comes first.
-* The coordinator never unmaps a segment explicitly.  The mapping belongs to
+* The coordinator creates each block once (``Storage.create``, through
+  :meth:`BlockTable.allocate`) and unlinks it once (``Storage.unlink``):
+  when the last array over it dies, or when the engine closes, whichever
+  comes first.  For a memfd block "unlink" closes the coordinator's
+  descriptor, after which no worker can attach it any more: the same rule
+  as a removed name.
+* The coordinator never unmaps a block explicitly.  The mapping belongs to
   the arrays built on it and goes away with the last of them, so an array
   still held after ``Engine.close()`` stays readable.
-* Workers attach a segment at most once each (:func:`attach`) and unmap it
-  when the coordinator tells them the name is gone.
-* The coordinator holds a shared ``flock`` on each segment it created, for
-  as long as it maps it: the proof of life ``shmarray gc`` tests, which a
-  pid cannot give across pid namespaces (containers sharing ``/dev/shm``).
-* Nobody registers a segment with multiprocessing's resource tracker.  An
+* Workers attach a block at most once each (:func:`attach`) and unmap it
+  when the coordinator tells them it is gone.
+* For named blocks (shm, files) the coordinator holds a shared ``flock``
+  on each block it created, for as long as it maps it: the proof of life
+  ``shmarray gc`` tests, which a pid cannot give across pid namespaces
+  (containers sharing ``/dev/shm``).  A memfd block needs none: it cannot
+  outlive the processes that map it.
+* Every block's space is reserved when it is made (``posix_fallocate``),
+  so a full filesystem, or a machine out of memory, is an error at
+  allocation and never a SIGBUS on first touch later (cpython #114390).
+* Nobody registers a block with multiprocessing's resource tracker.  An
   attaching ``SharedMemory`` registers on 3.11 and 3.12 (cpython #82300) and
   the tracker then unlinks the coordinator's blocks when a worker exits, with
   a warning; ``track=False`` fixes that only from 3.13.  Calling
@@ -25,6 +55,7 @@ decided here, once, at import.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import collections
 import errno
@@ -33,6 +64,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -56,12 +88,23 @@ SHM_DIR: str | None = "/dev/shm" if os.path.isdir("/dev/shm") else None
 _HAVE_FALLOCATE = hasattr(os, "posix_fallocate")          # not on macOS
 _MMAP_KWARGS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _HAVE_PROC = os.path.isdir("/proc/self")
+# memfd blocks reach workers through /proc/<pid>/fd: Linux only.
+HAVE_MEMFD = hasattr(os, "memfd_create") and _HAVE_PROC
+_MFD_FLAGS = getattr(os, "MFD_CLOEXEC", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+# Reading a file into a block from several threads at once (eng.load).
+HAVE_PREADV = hasattr(os, "preadv")
 
 # "/sha-<owner pid>-<64 random bits>": at most 29 characters with pid_max at
 # its Linux ceiling (4194304), under macOS's 30-character limit.
 PREFIX = "sha-"
 _NAME_RE = re.compile(r"^/?sha-(\d{1,7})-([0-9a-f]{16})$")
+_MEMFD_RE = re.compile(r"^memfd:(\d{1,7}):(\d{1,9}):(\d{1,20}):(\d{1,20})$")
+MEMFD_PREFIX = "memfd:"
 MODE = 0o600
+STORAGE_KINDS = ("shm", "memfd")          # or a directory path
 
 
 def new_name(owner_pid: int | None = None) -> str:
@@ -75,14 +118,38 @@ def new_name(owner_pid: int | None = None) -> str:
     return f"/{PREFIX}{pid}-{secrets.token_hex(8)}"
 
 
+def kind_of(name: str) -> str | None:
+    """Which storage made the block ``name``: "shm", "memfd", "file" (a
+    block in a directory), or None if it is no shmarray block name.
+
+    >>> kind_of("/sha-1234-0123456789abcdef"), kind_of("memfd:1234:7:1:99")
+    ('shm', 'memfd')
+    >>> kind_of("/data/run/sha-1234-0123456789abcdef"), kind_of("/etc/passwd")
+    ('file', None)
+    """
+    if name.startswith(MEMFD_PREFIX):
+        return "memfd" if _MEMFD_RE.match(name) else None
+    head, base = os.path.split(name)
+    if not _NAME_RE.match(base):
+        return None
+    return "file" if head not in ("", "/") else "shm"
+
+
 def owner_of(name: str) -> int | None:
     """The owner pid in a shmarray block name, or None if it is not one.
 
     >>> owner_of("/sha-1234-0123456789abcdef"), owner_of("psm_1234")
     (1234, None)
+    >>> owner_of("memfd:1234:7:1:99"), owner_of("/scratch/sha-1234-0123456789abcdef")
+    (1234, 1234)
     """
-    match = _NAME_RE.match(name)
-    return int(match.group(1)) if match else None
+    kind = kind_of(name)
+    if kind is None:
+        return None
+    match = (_MEMFD_RE.match(name) if kind == "memfd"
+             else _NAME_RE.match(os.path.basename(name)))
+    assert match is not None            # kind_of matched it
+    return int(match.group(1))
 
 
 def format_bytes(n: float) -> str:
@@ -97,30 +164,67 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def free_space() -> tuple[int, int] | None:
-    """(free, total) bytes of the shared-memory filesystem, if it has one."""
-    if SHM_DIR is None:
+def free_space(directory: str | None = None) -> tuple[int, int] | None:
+    """(free, total) bytes of the filesystem of ``directory`` (default: the
+    shared-memory filesystem), if it has one."""
+    where = SHM_DIR if directory is None else directory
+    if where is None:
         return None
-    st = os.statvfs(SHM_DIR)
+    st = os.statvfs(where)
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def _full_error(nbytes: int, inodes: bool = False) -> SharedMemoryFullError:
-    space = free_space()
-    free, total = space if space else (0, 0)
-    where = SHM_DIR or "shared memory"
-    what = (f"{where} has no free inode left (it holds as many files as its "
-            f"nr_inodes allows), with {format_bytes(free)} free of "
-            f"{format_bytes(total)}" if inodes else
-            f"{where} has {format_bytes(free)} free of {format_bytes(total)}")
-    return SharedMemoryFullError(
-        f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) of shared "
-        f"memory: {what}. Drop arrays you no longer need (their blocks "
-        f"are freed with the last reference), run `shmarray gc` to remove "
-        f"blocks left by dead processes, or make {where} larger "
-        f"(Docker: `docker run --shm-size=8g ...`; Linux: "
-        f"`mount -o remount,size=8G /dev/shm`).",
-        requested=nbytes, free=free, path=SHM_DIR)
+def _meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if parts:
+                out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def _cgroup_memory_left() -> int | None:
+    """Bytes this process's cgroup (v2) may still charge, if it is capped."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f
+                        if line.startswith("0::"))
+        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as f:
+            return max(int(limit) - int(f.read().strip()), 0)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def memory_available() -> tuple[int, int] | None:
+    """(available, total) bytes that anonymous shared memory may take: the
+    kernel's MemAvailable plus free swap, capped by a container's memory
+    limit (cgroup v2); None where this cannot be read."""
+    if not _HAVE_PROC:
+        return None
+    try:
+        info = _meminfo()
+        free = info["MemAvailable"] + info.get("SwapFree", 0)
+        total = info["MemTotal"] + info.get("SwapTotal", 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    left = _cgroup_memory_left()
+    if left is not None:
+        free = min(free, left)
+    return free, total
+
+
+_ELSEWHERE = ('keep blocks elsewhere: Engine(storage="memfd") (anonymous shared '
+              'memory, bounded by the machine\'s memory, not by /dev/shm) or '
+              'Engine(storage="/a/directory") (files on a disk, for data bigger '
+              'than /dev/shm or RAM); the environment variable SHMARRAY_STORAGE '
+              'sets it for every engine')
 
 
 def out_of_descriptors(exc: OSError, doing: str) -> OSError:
@@ -147,8 +251,10 @@ def _map(fd: int, size: int, **kwargs) -> mmap.mmap:
 
 
 def _reserve(fd: int, size: int) -> None:
-    """Give the segment its pages now, so a full tmpfs is an error here and
-    never a SIGBUS on first touch later (cpython #114390)."""
+    """Give the block its pages (or disk blocks) now, so a full filesystem
+    is an error here and never a SIGBUS on first touch later (cpython
+    #114390).  glibc writes the blocks itself where the filesystem has no
+    fallocate."""
     if _HAVE_FALLOCATE:
         try:
             os.posix_fallocate(fd, 0, size)
@@ -160,59 +266,310 @@ def _reserve(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
-def create(nbytes: int) -> tuple[str, mmap.mmap]:
-    """Create, reserve and map a new segment of ``max(nbytes, 1)`` bytes.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 
-    Raises SharedMemoryFullError at once when the filesystem cannot hold it.
-    Leaves nothing behind on failure.
-    """
-    size = max(int(nbytes), 1)
-    space = free_space()
-    if space is not None and size > space[0]:
-        raise _full_error(size)
-    while True:
-        name = new_name()
-        try:
-            fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR,
-                                      mode=MODE)
-            break
-        except FileExistsError:  # 64 random bits: never, but be correct
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:   # no inode left (nr_inodes)
-                raise _full_error(size, inodes=True) from None
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise out_of_descriptors(exc, "create a shared block") from None
-            raise
-    try:
+
+def _made(fd: int, size: int, lock: bool, full) -> mmap.mmap:
+    """Lock (named blocks), reserve and map a new block's descriptor;
+    ``full(errno)`` is the error when its space cannot be reserved."""
+    if lock:
         # The lock belongs to the open file, which the mapping keeps (mmap
         # holds a duplicate of the descriptor): it lasts as long as the
         # mapping, and a dead process holds none.
         fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        _reserve(fd, size)
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise full(exc.errno) from None
+        raise
+    try:
+        return _map(fd, size)       # keeps a duplicate descriptor before 3.13
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise out_of_descriptors(exc, "map a shared block") from None
+        raise
+
+
+class Storage(abc.ABC):
+    """Where one engine's blocks live: the contract every kind fulfils.
+
+    One per engine, made by :func:`storage_for` and held by the engine's
+    BlockTable (its arrays) and Pool (the control block).  Only the
+    coordinator calls it: ``create`` makes and maps a block, ``unlink``
+    ends it once (the mappings stay with their arrays).  Workers attach by
+    name with the module's :func:`attach`, which needs no Storage.
+    """
+
+    #: what ``Engine(storage=...)`` was given, normalised
+    spec: str
+    #: a block outlives its processes unless unlinked: the watchdog and
+    #: ``shmarray gc`` must know its name
+    leaks: bool = True
+
+    @abc.abstractmethod
+    def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
+        """Create, reserve and map a new block of ``max(nbytes, 1)`` bytes.
+
+        Raises SharedMemoryFullError at once when it cannot be held.
+        Leaves nothing behind on failure."""
+
+    @abc.abstractmethod
+    def unlink(self, name: str) -> bool:
+        """End block ``name`` (no new attach will succeed); False if it was
+        already gone.  Safe from a finalizer on any thread."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec!r}>"
+
+
+class ShmStorage(Storage):
+    """Named POSIX shared memory in /dev/shm (the default): found by name by
+    other processes, ``shmarray ls``/``gc`` and the watchdog; bounded by the
+    size of the /dev/shm mount."""
+
+    spec = "shm"
+
+    def full_error(self, nbytes: int, inodes: bool = False) -> SharedMemoryFullError:
+        space = free_space()
+        free, total = space if space else (0, 0)
+        where = SHM_DIR or "shared memory"
+        what = (f"{where} has no free inode left (it holds as many files as its "
+                f"nr_inodes allows), with {format_bytes(free)} free of "
+                f"{format_bytes(total)}" if inodes else
+                f"{where} has {format_bytes(free)} free of {format_bytes(total)}")
+        return SharedMemoryFullError(
+            f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) of shared "
+            f"memory: {what}. Drop arrays you no longer need (their blocks "
+            f"are freed with the last reference), run `shmarray gc` to remove "
+            f"blocks left by dead processes, make {where} larger "
+            f"(Docker: `docker run --shm-size=8g ...`; Linux: "
+            f"`mount -o remount,size=8G /dev/shm`), or {_ELSEWHERE}.",
+            requested=nbytes, free=free, path=SHM_DIR, storage="shm")
+
+    def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
+        size = max(int(nbytes), 1)
+        space = free_space()
+        if space is not None and size > space[0]:
+            raise self.full_error(size)
+        while True:
+            name = new_name()
+            try:
+                fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR,
+                                          mode=MODE)
+                break
+            except FileExistsError:  # 64 random bits: never, but be correct
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:   # no inode left (nr_inodes)
+                    raise self.full_error(size, inodes=True) from None
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise out_of_descriptors(exc, "create a shared block") from None
+                raise
         try:
-            _reserve(fd, size)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise _full_error(size) from None
+            mm = _made(fd, size, True, lambda _: self.full_error(size))
+        except BaseException:
+            unlink(name)
             raise
+        finally:
+            os.close(fd)
+        return name, mm
+
+    def unlink(self, name: str) -> bool:
+        return unlink(name)
+
+
+class MemfdStorage(Storage):
+    """Anonymous shared memory (``memfd_create``, Linux): no name, so
+    nothing to leak and nothing for /dev/shm's size to bound; the kernel
+    frees a block when the last process that maps it or holds its
+    descriptor is gone, however it ended.
+
+    The coordinator keeps each block's descriptor (close-on-exec) until the
+    block is unlinked; workers open it as ``/proc/<pid>/fd/<fd>`` and check
+    its inode.  Costs one descriptor per live block (two before Python
+    3.13, whose mmap keeps a duplicate).
+    """
+
+    spec = "memfd"
+    leaks = False
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def full_error(self, nbytes: int, err: int | None = None) -> SharedMemoryFullError:
+        space = memory_available()
+        free, total = space if space else (0, 0)
+        what = (f"this machine has {format_bytes(free)} available of "
+                f"{format_bytes(total)} (memory and swap, within any container "
+                f"limit)" if space else "the kernel refused it")
+        if err is not None:
+            what += f" ({os.strerror(err)})"
+        return SharedMemoryFullError(
+            f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) of "
+            f"anonymous shared memory (storage=\"memfd\"): {what}. Drop arrays "
+            f"you no longer need (their blocks are freed with the last "
+            f"reference), use fewer or smaller arrays, or keep the data in "
+            f"files: Engine(storage=\"/a/directory\") on a disk with room.",
+            requested=nbytes, free=free, path=None, storage="memfd")
+
+    def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
+        size = max(int(nbytes), 1)
+        space = memory_available()
+        if space is not None and size > space[0]:
+            raise self.full_error(size)
         try:
-            mm = _map(fd, size)       # keeps a duplicate descriptor before 3.13
+            fd = os.memfd_create(f"shmarray-{self._pid}", _MFD_FLAGS)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise out_of_descriptors(exc, "map a shared block") from None
+                raise out_of_descriptors(exc, "create a shared block") from None
             raise
-    except BaseException:
-        unlink(name)
-        raise
-    finally:
+        try:
+            mm = _made(fd, size, False, lambda err: self.full_error(size, err))
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        name = f"{MEMFD_PREFIX}{self._pid}:{fd}:{st.st_dev}:{st.st_ino}"
+        self._fds[name] = fd
+        return name, mm
+
+    def unlink(self, name: str) -> bool:
+        fd = self._fds.pop(name, None)        # at most once: the number may be reused
+        if fd is None:
+            return False
         os.close(fd)
-    return name, mm
+        return True
+
+
+class DirStorage(Storage):
+    """Files in a directory, mapped shared: for data bigger than /dev/shm or
+    than RAM (the kernel writes pages back to the disk as it needs).  Made
+    with the care of /dev/shm blocks: owner-only (0600), unguessable names
+    tagged with the owner's pid, space reserved on the disk up front,
+    locked while mapped, and removed like them (close, finalizer, watchdog,
+    ``shmarray gc --dir``)."""
+
+    def __init__(self, directory: str):
+        self.spec = self.directory = directory
+
+    def full_error(self, nbytes: int, err: int | None = None) -> SharedMemoryFullError:
+        try:
+            free, total = free_space(self.directory) or (0, 0)
+        except OSError:
+            free = total = 0
+        why = {errno.EDQUOT: " (your disk quota is used up)",
+               errno.EFBIG: " (the filesystem cannot hold a file this large)"}.get(err or 0, "")
+        return SharedMemoryFullError(
+            f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) in "
+            f"{self.directory} (storage={self.directory!r}): its filesystem has "
+            f"{format_bytes(free)} free of {format_bytes(total)}{why}. Drop arrays "
+            f"you no longer need, free space there (`shmarray gc --dir "
+            f"{self.directory}` removes blocks of dead processes), or pass "
+            f"storage= a directory on a filesystem with room (`df -h` lists "
+            f"them), or storage=\"memfd\" if the data fits in memory.",
+            requested=nbytes, free=free, path=self.directory, storage=self.directory)
+
+    def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
+        size = max(int(nbytes), 1)
+        try:
+            space = free_space(self.directory)
+        except FileNotFoundError:
+            space = None                     # os.open below says it clearly
+        if space is not None and size > space[0]:
+            raise self.full_error(size)
+        while True:
+            name = os.path.join(self.directory, new_name()[1:])
+            try:
+                fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_CLOEXEC
+                             | _O_NOFOLLOW, MODE)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self.full_error(size, exc.errno) from None
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise out_of_descriptors(exc, "create a shared block") from None
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EROFS):
+                    raise OSError(exc.errno, f"cannot create a block in the storage "
+                                  f"directory {self.directory}: {exc.strerror}. Pass "
+                                  f"Engine(storage=...) a directory you can write.") from None
+                raise
+        try:
+            mm = _made(fd, size, True, lambda err: self.full_error(size, err))
+        except BaseException:
+            unlink(name)
+            raise
+        finally:
+            os.close(fd)
+        return name, mm
+
+    def unlink(self, name: str) -> bool:
+        return unlink(name)
+
+
+def storage_for(spec: str) -> Storage:
+    """The Storage for a checked ``storage=`` value (``options.coerce_storage``)."""
+    if spec == "shm":
+        return ShmStorage()
+    if spec == "memfd":
+        return MemfdStorage()
+    return DirStorage(spec)
+
+
+def _open_memfd(name: str) -> int:
+    """The descriptor of memfd block ``name``, opened anew through its
+    creator's ``/proc/<pid>/fd``; checked to be that very file."""
+    match = _MEMFD_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a memfd block's name")
+    pid, fd, dev, ino = (int(g) for g in match.groups())
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        new = os.open(path, os.O_RDWR | _O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, f"block {name!r} is gone: its creator (pid {pid}) has "
+            f"closed it or exited") from None
+    except PermissionError:
+        raise PermissionError(
+            errno.EACCES, f"cannot open {path} to attach block {name!r}: this "
+            f"process may not look at process {pid}'s descriptors (another "
+            f"user, a /proc mounted with hidepid, or a security policy). Use "
+            f"Engine(storage=\"shm\") or a directory instead.") from None
+    st = os.fstat(new)
+    if (st.st_dev, st.st_ino) != (dev, ino):
+        os.close(new)
+        raise FileNotFoundError(
+            errno.ENOENT, f"block {name!r} is gone: descriptor {fd} of process "
+            f"{pid} now refers to another file")
+    return new
+
+
+def _open_file(name: str) -> int:
+    fd = os.open(name, os.O_RDWR | _O_CLOEXEC | _O_NOFOLLOW)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise PermissionError(
+            errno.EACCES, f"refusing to map {name!r}: a block is a regular file "
+            f"of this user, readable by nobody else (mode 0600); this one is not")
+    return fd
 
 
 def attach(name: str) -> mmap.mmap:
-    """Map an existing segment read-write (worker side).  Registers nothing,
-    and keeps no descriptor where Python allows (3.13: ``trackfd=False``)."""
-    fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+    """Map an existing block read-write (worker side), whatever storage made
+    it.  Registers nothing, and keeps no descriptor where Python allows
+    (3.13: ``trackfd=False``)."""
+    kind = kind_of(name)
+    if kind == "memfd":
+        fd = _open_memfd(name)
+    elif kind == "file":
+        fd = _open_file(name)
+    else:
+        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
     try:
         return _map(fd, os.fstat(fd).st_size, **_MMAP_KWARGS)
     finally:
@@ -220,12 +577,53 @@ def attach(name: str) -> mmap.mmap:
 
 
 def unlink(name: str) -> bool:
-    """Remove a segment's name; False if it was already gone."""
+    """Remove a named block (shm or file); False if it was already gone.  A
+    memfd block has no name: only its Storage can end it (False here)."""
+    kind = kind_of(name)
     try:
-        _posixshmem.shm_unlink(name)
+        if kind == "file":
+            os.unlink(name)
+        elif kind == "memfd":
+            return False
+        else:
+            _posixshmem.shm_unlink(name)
         return True
     except FileNotFoundError:
         return False
+
+
+def exists(name: str) -> bool:
+    """Whether block ``name`` can still be attached (it was not unlinked)."""
+    kind = kind_of(name)
+    if kind == "memfd":
+        try:
+            os.close(_open_memfd(name))
+            return True
+        except OSError:
+            return False
+    if kind == "file":
+        return os.path.exists(name)
+    return SHM_DIR is not None and os.path.exists(SHM_DIR + "/" + name.lstrip("/"))
+
+
+def create(nbytes: int) -> tuple[str, mmap.mmap]:
+    """A new /dev/shm block (``ShmStorage().create``)."""
+    return ShmStorage().create(nbytes)
+
+
+def drop_pages(mapping: mmap.mmap, start: int, stop: int) -> None:
+    """This process is done reading bytes [start, stop) of a file mapping:
+    their pages leave its resident set (the page cache keeps them; a
+    shared mapping's writes are kept too).  Never call it on a private
+    (copy-on-write) mapping: its changes would be lost.  A no-op where
+    madvise is missing."""
+    if _MADV_DONTNEED is None:
+        return
+    page = mmap.PAGESIZE
+    lo = max(start, 0) // page * page
+    hi = min(-(-stop // page) * page, len(mapping))
+    if hi > lo:
+        mapping.madvise(_MADV_DONTNEED, lo, hi - lo)
 
 
 def address_of(buf: np.ndarray) -> int:
@@ -271,7 +669,8 @@ class BlockTable:
     overlaps, and a late report removes only the block it names.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, storage: Storage | None = None) -> None:
+        self.storage = storage if storage is not None else ShmStorage()
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._blocks: dict[int, Block] = {}
@@ -281,7 +680,7 @@ class BlockTable:
         self._descriptors: dict = {}
         self.closed = False
         self.warned_copy = False        # a CopyWarning was shown for this engine
-        self.on_create: Callable[[str], object] | None = None   # told each new name (the watchdog)
+        self.on_create: Callable[[str], object] | None = None   # told each new name that can leak (the watchdog)
         _TABLES.add(self)
 
     @property
@@ -300,8 +699,8 @@ class BlockTable:
         with self._lock:
             if self.closed:
                 raise EngineClosedError("this engine is closed; create a new one")
-            name, mm = create(nbytes)
-            if self.on_create is not None:
+            name, mm = self.storage.create(nbytes)
+            if self.on_create is not None and self.storage.leaks:
                 self.on_create(name)
             buf = np.frombuffer(mm, dtype=np.uint8)
             start = address_of(buf)
@@ -310,16 +709,17 @@ class BlockTable:
             bisect.insort(self._starts, start)
             self._blocks[start] = Block(name, len(mm), start)
             fin = weakref.finalize(mm, self._mapping_died, start, name,
-                                   self._dead, self._released, os.getpid())
+                                   self._dead, self._released, os.getpid(),
+                                   self.storage.unlink)
             fin.atexit = False  # Engine.close() covers interpreter exit
             self._finalizers[name] = fin
         return buf[:nbytes]
 
     @staticmethod
-    def _mapping_died(start, name, dead, released, owner) -> None:
+    def _mapping_died(start, name, dead, released, owner, unlink_block) -> None:
         if os.getpid() != owner:
             return           # a forked child's copy: the parent owns the name
-        unlink(name)
+        unlink_block(name)
         dead.append((start, name))
         released.append(name)
 
@@ -379,7 +779,7 @@ class BlockTable:
             for start in self._starts:
                 name = self._blocks[start].name
                 if self._finalizers[name].detach() is not None:
-                    unlink(name)
+                    self.storage.unlink(name)
                     names.append(name)
             self._starts.clear()
             self._blocks.clear()
@@ -425,14 +825,14 @@ def process_start_time(pid: int) -> float | None:
 
 
 def lock_held(name: str) -> bool | None:
-    """Whether a live process maps the block ``name`` as its creator (holds
-    its lock); None if this user may not look, or it is gone.  Unlike a pid
-    test this holds across pid namespaces: a container sharing /dev/shm has
-    its own pids, and the pid in a name may belong to anybody here."""
-    if SHM_DIR is None:
-        return None
+    """Whether a live process maps the block ``name`` (in /dev/shm, or a
+    block file's path) as its creator (holds its lock); None if this user
+    may not look, or it is gone.  Unlike a pid test this holds across pid
+    namespaces: a container sharing /dev/shm has its own pids, and the pid
+    in a name may belong to anybody here."""
+    path = name if kind_of(name) == "file" else os.path.join(SHM_DIR or "/", name.lstrip("/"))
     try:
-        fd = os.open(os.path.join(SHM_DIR, name.lstrip("/")), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -448,16 +848,18 @@ def lock_held(name: str) -> bool | None:
         os.close(fd)
 
 
-def scan() -> list[BlockInfo]:
-    """Every shmarray block in the shared-memory filesystem, sorted by name.
+def scan(directory: str | None = None) -> list[BlockInfo]:
+    """Every shmarray block in the shared-memory filesystem, or in
+    ``directory`` (blocks of ``storage=directory``), sorted by name.
 
-    Only names of shmarray's own form are considered; anything else in
-    /dev/shm is never listed and never touched.
+    Only regular files with names of shmarray's own form are considered;
+    anything else there is never listed and never touched.
     """
-    if SHM_DIR is None:
+    where = SHM_DIR if directory is None else directory
+    if where is None:
         return []
     found = []
-    for entry in os.scandir(SHM_DIR):
+    for entry in os.scandir(where):
         pid = owner_of(entry.name)
         if pid is None:
             continue
@@ -465,8 +867,10 @@ def scan() -> list[BlockInfo]:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        found.append(BlockInfo("/" + entry.name, st.st_size, pid,
-                               lock_held(entry.name), st.st_uid,
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        name = "/" + entry.name if directory is None else os.path.join(where, entry.name)
+        found.append(BlockInfo(name, st.st_size, pid, lock_held(name), st.st_uid,
                                time.time() - st.st_ctime))
     return sorted(found, key=lambda b: b.name)
 
@@ -476,12 +880,13 @@ def scan() -> list[BlockInfo]:
 GC_MIN_AGE = 5.0
 
 
-def collect_orphans(min_age: float = GC_MIN_AGE) -> list[BlockInfo]:
-    """Unlink this user's shmarray blocks that no live process holds;
-    returns those removed.  In doubt (cannot look, younger than
-    ``min_age`` seconds), leave it."""
+def collect_orphans(min_age: float = GC_MIN_AGE,
+                    directory: str | None = None) -> list[BlockInfo]:
+    """Unlink this user's shmarray blocks (in /dev/shm, or in ``directory``)
+    that no live process holds; returns those removed.  In doubt (cannot
+    look, younger than ``min_age`` seconds), leave it."""
     removed = []
-    for info in scan():
+    for info in scan(directory):
         # Nobody holds the lock of a dead creator, and nobody can take it
         # back: the verdict still holds when we unlink.
         if (info.owner_alive is False and info.uid == os.getuid()

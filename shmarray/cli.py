@@ -96,15 +96,16 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  warm cells (>1)   : {np.count_nonzero(u0 > 1):,} at the start, "
               f"{np.count_nonzero(a > 1):,} after {steps} steps")
         used = [blk for blk in eng.blocks if blk.size >= a.nbytes]
+        storage = eng.storage
         print("  blocks used       :")
         for blk in used:
             print(f"    {blk.name}  {blocks.format_bytes(blk.size)}")
         # Drop every array before the engine closes, so its blocks go now.
         del a, results
         grids.clear()
-    left = [blk.name for blk in used if os.path.exists(f"{blocks.SHM_DIR}{blk.name}")]
-    print(f"  after close       : {len(left)} of those blocks left in "
-          f"{blocks.SHM_DIR}, workers stopped")
+    left = [blk.name for blk in used if blocks.exists(blk.name)]
+    print(f"  after close       : {len(left)} of those blocks left "
+          f"({storage}), workers stopped")
     return 0 if identical and not left else 1
 
 
@@ -193,6 +194,8 @@ def info(engine: bool = False) -> dict:
         "numba": numba.__version__,
         "numba_threading_layer": layer,
         "shm_dir": blocks.SHM_DIR,
+        "storage": options.coerce_storage(None),
+        "memfd_available": blocks.HAVE_MEMFD,
         "shm_free_bytes": space[0] if space else None,
         "shm_total_bytes": space[1] if space else None,
         "blocks": [{"name": b.name, "size": b.size, "owner_pid": b.owner_pid,
@@ -236,6 +239,8 @@ def _info(args: argparse.Namespace) -> int:
     if free is not None:
         print(f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
               f"free of {blocks.format_bytes(data['shm_total_bytes'])}")
+    print(f"storage            : {data['storage']} (Engine(storage=...) or "
+          f"SHMARRAY_STORAGE; memfd {'available' if data['memfd_available'] else 'not available here'})")
     if "fresh_workers" in data:
         _print_fresh(data["fresh_workers"])
     print(f"live blocks        : {len(data['blocks'])}")
@@ -280,14 +285,27 @@ def _bench(args: argparse.Namespace) -> int:
     return report.main(size, args.out, args.max_workers)
 
 
+def _where(args: argparse.Namespace) -> str | None:
+    """``--dir``, checked: None for /dev/shm."""
+    if args.dir is None:
+        return None
+    path = os.path.abspath(args.dir)
+    if not os.path.isdir(path):
+        raise SystemExit(f"shmarray {args.command}: --dir {args.dir!r} is not a "
+                         f"directory; pass the directory given as Engine(storage=...).")
+    return path
+
+
 def _ls(args: argparse.Namespace) -> int:
-    found = blocks.scan()
+    where = _where(args)
+    found = blocks.scan(where)
     if not found:
-        print(f"no shmarray blocks in {blocks.SHM_DIR}")
+        print(f"no shmarray blocks in {where or blocks.SHM_DIR}")
         return 0
-    print(f"{'name':<30} {'size':>10} {'owner pid':>10}  owner")
+    width = max(30, *(len(b.name) for b in found))
+    print(f"{'name':<{width}} {'size':>10} {'owner pid':>10}  owner")
     for b in found:
-        print(f"{b.name:<30} {blocks.format_bytes(b.size):>10} "
+        print(f"{b.name:<{width}} {blocks.format_bytes(b.size):>10} "
               f"{b.owner_pid:>10}  {_state(b.owner_alive)}")
     return 0
 
@@ -297,7 +315,7 @@ def _state(alive: bool | None) -> str:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    removed = blocks.collect_orphans(args.min_age)
+    removed = blocks.collect_orphans(args.min_age, _where(args))
     for b in removed:
         print(f"unlinked {b.name} ({blocks.format_bytes(b.size)}, created by pid "
               f"{b.owner_pid}; no live process holds it)")
@@ -352,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "start-up time and memory (takes seconds)")
     p.set_defaults(func=_info)
 
+    dir_help = ("look in this directory (blocks of Engine(storage=DIR)) instead of "
+                "/dev/shm; memfd blocks have no name and need no cleaning")
     p = command("ls", "list shmarray blocks: name, size, owner pid, owner alive")
+    p.add_argument("--dir", metavar="PATH", help=dir_help)
     p.set_defaults(func=_ls)
 
     p = command("gc", "unlink shmarray blocks that no live process holds "
@@ -361,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave blocks younger than this many seconds alone "
                         f"(default {blocks.GC_MIN_AGE:g}: a block is locked a "
                         f"moment after it is created)")
+    p.add_argument("--dir", metavar="PATH", help=dir_help)
     p.set_defaults(func=_gc)
 
     return parser

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.typing import NDArray
 
-from shmarray import display, options
+from shmarray import blocks, display, loading, options
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.dispatch import Dispatcher, MapFuture
@@ -81,6 +81,14 @@ class Engine:
     wait : {"auto", "spin", "passive"}, optional
         The wait policy (see ``shmarray.waiting``); None: ``SHMARRAY_WAIT``,
         else "auto".
+    storage : {"shm", "memfd"} or path, optional
+        Where blocks live (see ``shmarray.blocks``).  "shm": named blocks in
+        ``/dev/shm``, bounded by its size (64 MB in a default Docker
+        container).  "memfd": anonymous shared memory, bounded only by the
+        machine's memory, which cannot outlive its processes, whatever
+        kills them (Linux).  A directory: blocks are files there, mapped
+        shared, for data bigger than ``/dev/shm`` or than RAM.  None:
+        ``SHMARRAY_STORAGE`` if set, else "shm".
 
     Raises
     ------
@@ -136,15 +144,18 @@ class Engine:
                  initializer: Callable[..., Any] | None = None,
                  initargs: Sequence[Any] = (),
                  max_worker_memory: int | None = None,
-                 wait: Wait | None = None):
+                 wait: Wait | None = None,
+                 storage: str | os.PathLike | None = None):
         opts = options.engine_options(workers, start_method, max_tasks_per_worker,
                                       startup_timeout, initializer, initargs,
-                                      max_worker_memory, wait)
+                                      max_worker_memory, wait, storage)
         self._owner = _pid
         cache = JobCache()
+        store = blocks.storage_for(opts.storage)
         pool = Pool(opts.workers, opts.start_method, opts.startup_timeout,
-                    opts.max_tasks, opts.max_memory, opts.initializer, opts.wait)
-        table = BlockTable()
+                    opts.max_tasks, opts.max_memory, opts.initializer, opts.wait,
+                    store)
+        table = BlockTable(store)
         watchdog = pool.watchdog
         assert watchdog is not None             # a Pool is built whole or not at all
         table.on_create = lambda name: watchdog.blocks(created=(name,))
@@ -196,6 +207,7 @@ class Engine:
         uss = max((s.uss for s in stats), default=0)
         return (f"<shmarray.Engine workers={d.pool.size} "
                 f"start_method={d.pool.start_method!r} "
+                f"storage={d.table.storage.spec!r} "
                 f"blocks={len(d.table.live())} "
                 f"tasks={sum(s.tasks for s in stats)} "
                 f"busy={sum(s.busy for s in stats):.1f}s "
@@ -237,6 +249,11 @@ class Engine:
     def wait(self) -> str:
         """The wait policy: "auto", "spin" or "passive"."""
         return self._live().pool.policy.name
+
+    @property
+    def storage(self) -> str:
+        """Where the blocks live: "shm", "memfd", or a directory's absolute path."""
+        return self._live().table.storage.spec
 
     @property
     def blocks(self) -> list[Block]:
@@ -347,21 +364,25 @@ class Engine:
         Parameters
         ----------
         array : array_like
-            Anything ``numpy.asarray`` accepts, with items of a fixed size
-            (no Python objects, no records).
+            A NumPy array, or an array-like read in slabs of about 64 MB so
+            that memory peaks near one copy: a ``np.memmap`` (whose pages
+            are let go as they are copied), an h5py dataset, a zarr array,
+            a dask array (computed into place), or anything with ``shape``,
+            ``dtype`` and NumPy slicing.  Anything else goes through
+            ``np.asarray``.
 
         Returns
         -------
         numpy.ndarray
-            A copy in a shared block: same shape and dtype; Fortran order
-            kept for Fortran-contiguous input, C order otherwise.
+            Same shape and dtype; Fortran order kept for Fortran-contiguous
+            NumPy input, C order otherwise.
 
         Raises
         ------
         TypeError
             The array holds Python objects or records.
         SharedMemoryFullError
-            The shared-memory filesystem cannot hold it.
+            The engine's storage cannot hold it.
         EngineClosedError
             The engine is closed.
 
@@ -370,13 +391,41 @@ class Engine:
         ::
 
             x = eng.from_numpy(np.random.rand(10**7))
+            y = eng.from_numpy(np.load("big.npy", mmap_mode="r"))   # in slabs
         """
-        a = np.asarray(array)
-        options.coerce_dtype(a.dtype, "array")
-        order: Order = "F" if a.flags.f_contiguous and not a.flags.c_contiguous else "C"
-        out = self.empty(a.shape, a.dtype, order)
-        np.copyto(out, a, casting="no")
-        return out
+        self._live()
+        return loading.from_array_like(array, self.empty)
+
+    def load(self, path: str | os.PathLike | Any) -> NDArray[Any]:
+        """The array of an ``.npy`` file, read straight into a new shared
+        array: no private copy, so memory peaks at one copy (``np.load``
+        then ``from_numpy`` holds two).
+
+        Parameters
+        ----------
+        path : str, os.PathLike or binary file object
+            A file written by ``np.save``.  Write results back the same way:
+            ``np.save(path, x)`` of a shared array writes straight from it.
+
+        Returns
+        -------
+        numpy.ndarray
+            The dtype, shape and order (C or Fortran) saved in the file.
+            A path is read by as many threads of this process as the
+            engine has workers, a 64 MB slab each.
+
+        Raises
+        ------
+        ValueError
+            Not an ``.npy`` file (an ``.npz`` archive or HDF5 file is named,
+            with what to do instead), or a truncated one.
+        TypeError
+            Object or structured dtypes: shared arrays hold plain numbers.
+        SharedMemoryFullError
+            The storage cannot hold it.
+        """
+        d = self._live()
+        return loading.load(path, self.empty, threads=d.pool.size)
 
     # -- compute -----------------------------------------------------------
 

@@ -27,7 +27,8 @@ class EngineClosedError(ShmarrayError, ValueError):
 
 
 class SharedMemoryFullError(ShmarrayError, MemoryError):
-    """The shared-memory filesystem cannot hold the requested block.
+    """The engine's storage cannot hold the requested block: /dev/shm, the
+    machine's memory (``storage="memfd"``) or a directory's disk.
 
     Attributes
     ----------
@@ -36,18 +37,23 @@ class SharedMemoryFullError(ShmarrayError, MemoryError):
     free : int
         Bytes free there when it was asked.
     path : str or None
-        The shared-memory filesystem (``/dev/shm``); None where there is
-        none.
+        The filesystem that is full (``/dev/shm`` or the directory); None for
+        memfd, or where there is no shared-memory filesystem.
+    storage : str
+        The engine's ``storage=``.
     """
 
-    def __init__(self, message: str, requested: int, free: int, path: str | None):
+    def __init__(self, message: str, requested: int, free: int, path: str | None,
+                 storage: str = "shm"):
         super().__init__(message)
         self.requested = requested
         self.free = free
         self.path = path
+        self.storage = storage
 
     def __reduce__(self):
-        return type(self), (str(self), self.requested, self.free, self.path)
+        return type(self), (str(self), self.requested, self.free, self.path,
+                            self.storage)
 
 
 class WorkerCrashedError(ShmarrayError):

@@ -117,8 +117,9 @@ class Holdings:
         are forgotten."""
         released = self.table.take_released()
         if released:
-            assert self.pool.watchdog is not None   # a Pool is built whole or not at all
-            self.pool.watchdog.blocks(gone=released)
+            if self.table.storage.leaks:
+                assert self.pool.watchdog is not None   # a Pool is built whole or not at all
+                self.pool.watchdog.blocks(gone=released)
             gone = set(released)
             self.cache.drop_blocks(gone)
             dropped = [k for k, b in self.defined.items() if b & gone]

@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple, NoReturn, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
-from shmarray import control, launch, waiting
+from shmarray import blocks, control, launch, waiting
 from shmarray.boundary import MODES, Boundary
 from shmarray.descriptors import (
     ArrayDescriptor,
@@ -254,6 +254,54 @@ def pack_initializer(initializer: object, initargs: object) -> tuple[bytes, byte
                         f"to reach the workers: {exc}") from None
 
 
+def coerce_storage(storage: object) -> str:
+    """``storage=``, or ``SHMARRAY_STORAGE`` when it is None: "shm", "memfd",
+    or an existing, writable directory (returned absolute, so workers
+    started elsewhere find it).
+
+    >>> coerce_storage(None) in ("shm", "memfd") or os.path.isabs(coerce_storage(None))
+    True
+    >>> coerce_storage("memfd" if blocks.HAVE_MEMFD else "shm") in ("shm", "memfd")
+    True
+    >>> coerce_storage("/no/such/dir")
+    Traceback (most recent call last):
+    ...
+    ValueError: storage must be "shm", "memfd" or an existing directory; got '/no/such/dir', which does not exist. Create it first (os.makedirs), or pick another.
+    """
+    where = "storage"
+    if storage is None:
+        env = os.environ.get("SHMARRAY_STORAGE", "").strip()
+        if not env:
+            return "shm"
+        storage, where = env, "SHMARRAY_STORAGE"
+    if isinstance(storage, os.PathLike):
+        storage = os.fspath(storage)
+    if not isinstance(storage, str):
+        raise TypeError(f'{where} must be "shm", "memfd" or a directory path (str or '
+                        f'os.PathLike); got {_got(storage)} instead.')
+    if storage in blocks.STORAGE_KINDS:
+        if storage == "memfd" and not blocks.HAVE_MEMFD:
+            raise ValueError(
+                f'{where}="memfd" needs Linux (memfd_create, and /proc to hand the '
+                f'blocks to workers); this system has not both. Use "shm" or a '
+                f'directory path instead.')
+        return storage
+    expect = f'{where} must be "shm", "memfd" or an existing directory; got {storage!r}'
+    if not storage:
+        raise ValueError(f"{expect}. Leave it unset for \"shm\".")
+    path = os.path.abspath(os.path.expanduser(storage))
+    if not os.path.exists(path):
+        raise ValueError(f"{expect}, which does not exist. Create it first "
+                         f"(os.makedirs), or pick another.")
+    if not os.path.isdir(path):
+        raise ValueError(f"{expect}, which is not a directory. Blocks are files "
+                         f"made inside a directory: pass one.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{expect}, where this user may not create files. Pass a "
+                         f"directory you can write.")
+    return path
+
+
 class EngineOptions(NamedTuple):
     """A checked ``Engine(...)``."""
     workers: int
@@ -263,10 +311,12 @@ class EngineOptions(NamedTuple):
     max_memory: int | None
     initializer: tuple[bytes, bytes] | None
     wait: waiting.WaitPolicy
+    storage: str
 
 
 def engine_options(workers, start_method, max_tasks_per_worker, startup_timeout,
-                   initializer, initargs, max_worker_memory, wait) -> EngineOptions:
+                   initializer, initargs, max_worker_memory, wait,
+                   storage=None) -> EngineOptions:
     n = coerce_workers(workers)
     return EngineOptions(
         n, coerce_start_method(start_method),
@@ -277,7 +327,8 @@ def engine_options(workers, start_method, max_tasks_per_worker, startup_timeout,
                      "bytes of unique memory above which a worker is replaced "
                      "between maps"),
         pack_initializer(initializer, initargs),
-        waiting.resolve(waiting.coerce_wait(wait), n, usable_cpus()))
+        waiting.resolve(waiting.coerce_wait(wait), n, usable_cpus()),
+        coerce_storage(storage))
 
 
 # -- allocation -------------------------------------------------------------------

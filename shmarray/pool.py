@@ -250,8 +250,9 @@ class Pool:
     of the moment calls it (see ``shmarray.dispatch``), except ``close``,
     which the Dispatcher calls once the driver has let go.  The pool starts
     every worker, replaces one that dies, times out or is interrupted, and
-    stops all of them in ``close()``.  The control block is created here and
-    unlinked in ``close()`` (or by the watchdog if the coordinator dies).
+    stops all of them in ``close()``.  The control block is created here, on
+    the engine's storage, and unlinked in ``close()`` (or by the watchdog if
+    the coordinator dies; a memfd one goes with the last process mapping it).
     """
 
     workers: list[WorkerProcess] = []   # so close() works after a failed __init__
@@ -267,8 +268,12 @@ class Pool:
 
     def __init__(self, n_workers: int, start_method: str, startup_timeout: float,
                  max_tasks: int | None, max_memory: int | None,
-                 initializer: tuple[bytes, bytes] | None, policy: WaitPolicy):
+                 initializer: tuple[bytes, bytes] | None, policy: WaitPolicy,
+                 storage: blocks.Storage | None = None):
         self.start_method = start_method
+        # The control block lives where the engine's blocks do: with memfd,
+        # nothing of the engine needs /dev/shm.
+        self.storage = storage if storage is not None else blocks.ShmStorage()
         self.max_tasks = max_tasks
         self.max_memory = max_memory
         self.policy = policy
@@ -286,8 +291,9 @@ class Pool:
         try:
             # The watchdog first: from now on it knows every block to clean.
             self.watchdog = watchdog.Watchdog(self.start_method)
-            self._control_name, mapping = blocks.create(ControlBlock.nbytes(n_workers))
-            self.watchdog.blocks(created=(self._control_name,))
+            self._control_name, mapping = self.storage.create(ControlBlock.nbytes(n_workers))
+            if self.storage.leaks:
+                self.watchdog.blocks(created=(self._control_name,))
             self.ctl = ControlBlock(mapping, n_workers)
             for i in range(n_workers):
                 self.workers.append(self._start(i))
@@ -501,7 +507,7 @@ class Pool:
             self.watchdog.close(timeout)
         name, self._control_name = self._control_name, None
         if name is not None:
-            blocks.unlink(name)
+            self.storage.unlink(name)
         if self.ctl is not None:
             self.ctl.release()
 

@@ -1,12 +1,16 @@
-"""Every test runs under a leak check: no shmarray block left in /dev/shm by
-the test's own processes, and no child process left alive.
+"""Every test runs under a leak check: no shmarray block left in /dev/shm,
+or in the session's storage directories, by the test's own processes, and
+no child process left alive.
 
 The check judges only what this test session made.  A shmarray block name
-carries its creator's pid (``/sha-<pid>-<random>``), and the session
-records the pid of every process it starts (``subprocess.Popen``,
-``os.fork``) besides its own and the descendants it can see, so a block of
-another program, or another user's shmarray, is never judged, never
-listed and never deleted.
+carries its creator's pid (``/sha-<pid>-<random>``, and the same file name
+in a storage directory), and the session records the pid of every process
+it starts (``subprocess.Popen``, ``os.fork``) besides its own and the
+descendants it can see, so a block of another program, or another user's
+shmarray, is never judged, never listed and never deleted.  File-backed
+blocks are looked for only under :data:`STORAGE_ROOT`, a private directory
+this session made; memfd blocks have no name and cannot outlive their
+processes, so the process check covers them.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import gc
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -33,6 +40,33 @@ SHM_DIR = blocks.SHM_DIR
 # 3- and 5-worker engines load what the first engine's workers compiled
 # rather than each compiling every kernel again.
 WORKER_COUNTS = (2, 3, 5)
+
+# ... and each count on another storage, so every suite covers every storage
+# without running three times: 2 workers on /dev/shm, 3 on memfd, 5 on
+# files in a directory (under /tmp: a real filesystem where it is one).
+# The directories are made in pytest_configure, by pytest's process only:
+# workers import this module too (with a test module's kernels), and must
+# create nothing.
+STORAGE_ROOT = os.path.join(tempfile.gettempdir(),
+                            f"shmarray-tests-{os.getpid()}-{secrets.token_hex(8)}")
+STORAGE_DIR = os.path.join(STORAGE_ROOT, "engines")
+STORAGES = {2: "shm", 3: "memfd" if blocks.HAVE_MEMFD else "shm", 5: STORAGE_DIR}
+
+
+def pytest_configure(config):
+    os.mkdir(STORAGE_ROOT, 0o700)         # fails if anything is there: never shared
+    os.mkdir(STORAGE_DIR, 0o700)
+
+
+def storage_for(workers: int) -> str:
+    """The storage the suites pair with ``workers`` (see STORAGES)."""
+    return STORAGES.get(workers, "shm")
+
+
+def engine_id(workers: int) -> str:
+    """A test id naming the worker count and its storage: "3w-memfd"."""
+    storage = storage_for(workers)
+    return f"{workers}w-{'dir' if storage == STORAGE_DIR else storage}"
 
 # -- the processes this session started ---------------------------------------------
 
@@ -81,6 +115,44 @@ def shm_entries() -> set[str]:
     return out
 
 
+def dir_entries() -> set[str]:
+    """The block files under STORAGE_ROOT made by this session's processes
+    (absolute paths)."""
+    _note_descendants()
+    out: set[str] = set()
+    for here, _, files in os.walk(STORAGE_ROOT):
+        for name in files:
+            pid = blocks.owner_of(name)
+            if pid is not None and pid in OURS:
+                out.add(os.path.join(here, name))
+    return out
+
+
+def block_entries() -> set[str]:
+    """shm_entries() and dir_entries() together."""
+    return shm_entries() | dir_entries()
+
+
+def gone(name: str) -> bool:
+    """Whether block ``name`` (any storage; a /dev/shm name with or without
+    its slash) can no longer be attached."""
+    return not blocks.exists(name)
+
+
+@pytest.fixture
+def storage_dir():
+    """A fresh directory for file-backed blocks, under STORAGE_ROOT (so the
+    leak check judges what is made there); removed afterwards."""
+    path = tempfile.mkdtemp(dir=STORAGE_ROOT)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove STORAGE_ROOT: this session's private directory."""
+    shutil.rmtree(STORAGE_ROOT, ignore_errors=True)
+
+
 def _helper_pids() -> set[int]:
     """Long-lived helpers of this process, started once and shared: the
     shmarray fork server, and multiprocessing's fork server and resource
@@ -106,12 +178,12 @@ def children() -> set[int]:
 
 @pytest.fixture(autouse=True)
 def no_leaks(request):
-    shm_before, kids_before = shm_entries(), children()
+    shm_before, kids_before = block_entries(), children()
     yield
     deadline = time.monotonic() + 10.0
     while True:
         gc.collect()
-        shm_left = shm_entries() - shm_before
+        shm_left = block_entries() - shm_before
         kids_left = children() - kids_before
         if not shm_left and not kids_left:
             return
@@ -121,7 +193,7 @@ def no_leaks(request):
     # Clean up what is ours, by name and by pid, so the next test is
     # judged on its own.  Nothing else is touched.
     for name in shm_left:
-        blocks.unlink("/" + name)
+        blocks.unlink(name if os.path.isabs(name) else "/" + name)
     for pid in kids_left:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -158,10 +230,12 @@ def engine():
         yield eng
 
 
-@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def engines(request):
-    """An engine at each of WORKER_COUNTS, one per module and count: the
-    suites that must hold at any worker count take this one."""
+    """An engine at each of WORKER_COUNTS, one per module and count, each on
+    its storage (STORAGES): the suites that must hold at any worker count
+    and on any storage take this one."""
     import shmarray
-    with shmarray.Engine(workers=request.param) as eng:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as eng:
         yield eng

@@ -16,7 +16,7 @@ import pytest
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS, run_python
+from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
 from shmarray import row_offset
 from shmarray.partition import assign_static
 
@@ -42,11 +42,18 @@ def flaky(a, off, counts, bad, how, times):
     return float(a.sum())
 
 
-@pytest.fixture(params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
     # One per test: a replaced worker is a new process, which the leak check
     # would count against the test that happened to be running.
-    with shmarray.Engine(workers=request.param) as engine:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as engine:
+        # A worker's first run of `flaky` imports this module, pytest and
+        # all, which on a loaded machine can pass the tests' timeout=1 by
+        # itself: done here, so the timeouts measure the chunks.
+        a, counts = fresh(engine)
+        engine.map(flaky, a, args=(row_offset, counts, -1, "", 0), chunks=N)
+        del a, counts
         yield engine
 
 

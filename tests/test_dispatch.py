@@ -17,7 +17,7 @@ import pytest
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS, run_python
+from conftest import WORKER_COUNTS, run_python, storage_for
 from test_lifecycle import _gone, _report
 
 HOLD = """
@@ -46,7 +46,7 @@ def wait_running(flag):
 @pytest.mark.parametrize("workers", WORKER_COUNTS)
 def test_close_from_another_thread_ends_the_running_map(workers):
     code = HOLD + textwrap.dedent(f"""
-        eng = shmarray.Engine(workers={workers})
+        eng = shmarray.Engine(workers={workers}, storage={storage_for(workers)!r})
         flag = eng.zeros(2)
         print("pids:", *eng.worker_pids)
         print("blocks:", *[b.name for b in eng.blocks])
@@ -82,7 +82,7 @@ def test_close_from_another_thread_ends_the_running_map(workers):
 @pytest.mark.parametrize("workers", WORKER_COUNTS)
 def test_exit_with_a_submitted_map_running_is_clean(workers, run):
     code = HOLD + textwrap.dedent(f"""
-        eng = shmarray.Engine(workers={workers})
+        eng = shmarray.Engine(workers={workers}, storage={storage_for(workers)!r})
         flag = eng.zeros(2)
         future = eng.submit(hold, flag, chunks=1)
         wait_running(flag)
@@ -109,7 +109,7 @@ def scale(x, s):
 @pytest.mark.parametrize("same_args", [True, False])
 @pytest.mark.parametrize("workers", WORKER_COUNTS)
 def test_a_worker_killed_while_idle_is_replaced_without_losing_the_map(workers, same_args):
-    with shmarray.Engine(workers=workers) as eng:
+    with shmarray.Engine(workers=workers, storage=storage_for(workers)) as eng:
         x = eng.from_numpy(np.ones(10))
         eng.map(scale, x, args=(2.0,))          # both workers hold the kernel
         victim = eng.worker_pids[0]

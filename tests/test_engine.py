@@ -17,15 +17,17 @@ import threadpoolctl
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS, shm_entries
+from conftest import WORKER_COUNTS, block_entries, engine_id, gone, shm_entries, storage_for
 from shmarray.kernels.stencils import heat_step
 from shmarray.partition import split_rows
 
 
-@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def engine(request):
-    """The contract holds at any worker count: 2, and more than the cores."""
-    with shmarray.Engine(workers=request.param) as eng:
+    """The contract holds at any worker count: 2, and more than the cores;
+    and on every storage (conftest.STORAGES)."""
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as eng:
         yield eng
 
 
@@ -137,7 +139,7 @@ def test_allocations_are_plain_ndarrays_in_shared_blocks(engine):
     assert not z.any()
     assert len(engine.blocks) == before + 3
     for blk in engine.blocks:
-        assert os.path.exists(f"{shmarray.blocks.SHM_DIR}{blk.name}")
+        assert not gone(blk.name)
 
 
 def test_from_numpy_keeps_fortran_order(engine):
@@ -153,10 +155,10 @@ def test_dropping_the_last_array_unlinks_its_block(engine):
     view = x[10:20]
     del x
     gc.collect()
-    assert name.lstrip("/") in shm_entries()      # the view keeps it alive
+    assert not gone(name)                   # the view keeps it alive
     del view
     gc.collect()
-    assert name.lstrip("/") not in shm_entries()
+    assert gone(name)
 
 
 # -- map -------------------------------------------------------------------
@@ -409,10 +411,10 @@ BAD_ALLOCATIONS = [
 @pytest.mark.parametrize("case", BAD_ALLOCATIONS, ids=[c[0] for c in BAD_ALLOCATIONS])
 def test_bad_allocations_are_refused(engine, case):
     _, exc_type, pattern, call = case
-    before = shm_entries()
+    before, live = block_entries(), len(engine.blocks)
     with pytest.raises(exc_type, match=pattern):
         call(engine)
-    assert shm_entries() == before
+    assert block_entries() == before and len(engine.blocks) == live
 
 
 @pytest.mark.parametrize("workers, exc_type", [(0, ValueError), (-2, ValueError),

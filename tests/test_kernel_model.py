@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS
+from conftest import WORKER_COUNTS, engine_id, storage_for
 
 MODES = ["wrap", "reflect", "symmetric", "edge", 2.5]
 
@@ -54,9 +54,10 @@ def layouts(draw):
     return interior, h, mode, axis, chunks, dtype, order, seed
 
 
-@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param) as engine:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as engine:
         yield engine
 
 

@@ -17,14 +17,15 @@ import pytest
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS, run_python
+from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
 from shmarray import options
 from shmarray.kernels.stencils import heat_step
 
 
-@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param) as engine:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as engine:
         yield engine
 
 
@@ -123,7 +124,7 @@ def test_a_prepared_map_raises_like_map_and_the_engine_goes_on(eng):
 def test_a_worker_killed_under_a_prepared_map_is_a_clear_error(workers):
     # An engine of its own: the replacement is a new process, which the leak
     # check would count against the next test of a shared engine.
-    with shmarray.Engine(workers=workers) as eng:
+    with shmarray.Engine(workers=workers, storage=storage_for(workers)) as eng:
         killed_under_a_prepared_map(eng)
 
 

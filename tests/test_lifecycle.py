@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from conftest import run_python, shm_entries
+from conftest import gone, run_python
 
 KERNEL = """
 import numpy as np
@@ -28,7 +28,7 @@ def _gone(pids, names, within=10.0) -> bool:
     while time.monotonic() < deadline:
         alive = [p for p in pids if psutil.pid_exists(p)
                  and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive and not set(names) & shm_entries():
+        if not alive and all(gone(n) for n in names):
             return True
         time.sleep(0.05)
     return False
@@ -41,7 +41,7 @@ def _report(stdout: str) -> tuple[list[int], list[str]]:
         if line.startswith("pids:"):
             pids = [int(p) for p in line.split()[1:]]
         if line.startswith("blocks:"):
-            names = [n.lstrip("/") for n in line.split()[1:]]
+            names = line.split()[1:]
     return pids, names
 
 

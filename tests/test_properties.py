@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from numba import njit
 
 import shmarray
-from conftest import WORKER_COUNTS
+from conftest import WORKER_COUNTS, engine_id, storage_for
 from shmarray.partition import assign_static, split_rows
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64, np.complex128, np.bool_]
@@ -103,9 +103,10 @@ def _make(eng, n, dtype, tail, order, view, rng):
 # derandomize: every worker count gets the same examples, whose kernels the
 # workers of the later engines load from numba's cache (cache=True) instead
 # of compiling each dtype and layout again; and a failure replays as it is.
-@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=lambda n: f"{n}w")
+@pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param) as engine:
+    with shmarray.Engine(workers=request.param,
+                         storage=storage_for(request.param)) as engine:
         yield engine
 
 
