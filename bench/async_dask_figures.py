@@ -35,7 +35,7 @@ def busy(x, iterations):
 
 
 def calibrate(eng, x, seconds: float) -> int:
-    eng.map(busy, x, args=(10,))          # compile in the workers first
+    eng.map(busy, x, args=(10,))  # compile in the workers first
     n = 10**8
     t0 = time.perf_counter()
     eng.map(busy, x, args=(n,))
@@ -61,7 +61,7 @@ def heartbeat_figure(eng, seconds: float) -> dict:
         late.clear()
         t0 = time.perf_counter()
         if blocking:
-            eng.map(busy, x, args=(iterations,))        # holds the loop
+            eng.map(busy, x, args=(iterations,))  # holds the loop
             await asyncio.sleep(0)
         else:
             await eng.map_async(busy, x, args=(iterations,))
@@ -70,8 +70,13 @@ def heartbeat_figure(eng, seconds: float) -> dict:
         stop = True
         await hb
         ms = np.array(late) * 1e3
-        return {"map_seconds": took, "beats": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-                "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+        return {
+            "map_seconds": took,
+            "beats": len(ms),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max()),
+        }
 
     out = {"map_async": asyncio.run(measure(False)), "blocking_map": asyncio.run(measure(True))}
     return out
@@ -87,9 +92,14 @@ def dask_figures(eng, n: int, steps: int, triad_n: int, repeat: int) -> dict:
 
     import shmarray.dask as sd
 
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       host="127.0.0.1", dashboard_address=":0",
-                                       silence_logs=40)
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        silence_logs=40,
+    )
     client = distributed.Client(cluster)
     try:
         rng = np.random.default_rng(0)
@@ -135,11 +145,16 @@ def dask_figures(eng, n: int, steps: int, triad_n: int, repeat: int) -> dict:
             moved.append(_transfer_bytes(client) - before)
         identical = bool(np.array_equal(cur.compute(), local_result))
         placement = client.who_has(start)
-        jac = {"n": n, "steps": steps, "local_s": statistics.median(t_local),
-               "workers_holding_blocks": len({w for ws in placement.values() for w in ws}),
-               "dask_s": statistics.median(t_dask), "identical": identical,
-               "dask_transfer_bytes": int(statistics.median(moved)),
-               "array_bytes": u.nbytes}
+        jac = {
+            "n": n,
+            "steps": steps,
+            "local_s": statistics.median(t_local),
+            "workers_holding_blocks": len({w for ws in placement.values() for w in ws}),
+            "dask_s": statistics.median(t_dask),
+            "identical": identical,
+            "dask_transfer_bytes": int(statistics.median(moved)),
+            "array_bytes": u.nbytes,
+        }
         jac["ratio_dask_over_local"] = jac["dask_s"] / jac["local_s"]
 
         bb, cc = rng.random(triad_n), rng.random(triad_n)
@@ -169,9 +184,13 @@ def dask_figures(eng, n: int, steps: int, triad_n: int, repeat: int) -> dict:
             r = dask_triad(run)
             td.append(time.perf_counter() - t0)
             mv.append(_transfer_bytes(client) - before)
-        tri = {"n": triad_n, "local_s": statistics.median(tl), "dask_s": statistics.median(td),
-               "identical": bool(np.array_equal(r.compute(), A)),
-               "dask_transfer_bytes": int(statistics.median(mv))}
+        tri = {
+            "n": triad_n,
+            "local_s": statistics.median(tl),
+            "dask_s": statistics.median(td),
+            "identical": bool(np.array_equal(r.compute(), A)),
+            "dask_transfer_bytes": int(statistics.median(mv)),
+        }
         tri["ratio_dask_over_local"] = tri["dask_s"] / tri["local_s"]
         return {"jacobi": jac, "triad": tri}
     finally:
@@ -188,17 +207,22 @@ def main() -> int:
     fig = {"machine": machine_info()}
     with shmarray.Engine(workers=2) as eng:
         fig["heartbeat"] = heartbeat_figure(eng, 0.5 if q else 2.0)
-        fig["dask"] = dask_figures(eng, 1024 if q else 4096, 20, 2_000_000 if q else 20_000_000,
-                                   repeat=2 if q else 5)
+        fig["dask"] = dask_figures(
+            eng, 1024 if q else 4096, 20, 2_000_000 if q else 20_000_000, repeat=2 if q else 5
+        )
     h = fig["heartbeat"]
     for name, v in h.items():
-        print(f"heartbeat during {name:13s} ({v['map_seconds']:.2f} s): {v['beats']} beats, "
-              f"lateness p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms, max {v['max_ms']:.1f} ms"
-              + ("  (target p99 < 20 ms)" if name == "map_async" else ""))
+        print(
+            f"heartbeat during {name:13s} ({v['map_seconds']:.2f} s): {v['beats']} beats, "
+            f"lateness p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms, max {v['max_ms']:.1f} ms"
+            + ("  (target p99 < 20 ms)" if name == "map_async" else "")
+        )
     for name, v in fig["dask"].items():
-        print(f"{name:7s} local {v['local_s'] * 1e3:9.1f} ms  dask {v['dask_s'] * 1e3:9.1f} ms  "
-              f"dask/local {v['ratio_dask_over_local']:6.1f}  moved between Dask workers "
-              f"{v['dask_transfer_bytes'] / 1e6:.1f} MB  identical {v['identical']}")
+        print(
+            f"{name:7s} local {v['local_s'] * 1e3:9.1f} ms  dask {v['dask_s'] * 1e3:9.1f} ms  "
+            f"dask/local {v['ratio_dask_over_local']:6.1f}  moved between Dask workers "
+            f"{v['dask_transfer_bytes'] / 1e6:.1f} MB  identical {v['identical']}"
+        )
     save(fig, args.json)
     return 0
 

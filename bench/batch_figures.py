@@ -43,15 +43,34 @@ def overhead_figures(eng, repeat: int) -> dict:
     small = [eng.from_numpy(rng.random(2**22)) for _ in range(2)] + [eng.empty(2**22)]
     image = eng.zeros((1000, 1000), np.int32)
     cases = {
-        "triad 2^24, static": (lambda **kw: eng.map(triad, big[2], big[0], big[1],
-                                                    args=(3.0,), **kw), big[2]),
+        "triad 2^24, static": (
+            lambda **kw: eng.map(triad, big[2], big[0], big[1], args=(3.0,), **kw),
+            big[2],
+        ),
         "mandelbrot 1000x1000, 1000 dynamic chunks": (
-            lambda **kw: eng.map(mandelbrot, image,
-                                 args=(shmarray.row_offset, *mandelbrot_args(1000, 1000, 200)),
-                                 chunks=1000, schedule="dynamic", **kw), image),
+            lambda **kw: eng.map(
+                mandelbrot,
+                image,
+                args=(shmarray.row_offset, *mandelbrot_args(1000, 1000, 200)),
+                chunks=1000,
+                schedule="dynamic",
+                **kw,
+            ),
+            image,
+        ),
         "triad 2^22, 1000 dynamic chunks (worst case)": (
-            lambda **kw: eng.map(triad, small[2], small[0], small[1], args=(3.0,),
-                                 chunks=1000, schedule="dynamic", **kw), small[2]),
+            lambda **kw: eng.map(
+                triad,
+                small[2],
+                small[0],
+                small[1],
+                args=(3.0,),
+                chunks=1000,
+                schedule="dynamic",
+                **kw,
+            ),
+            small[2],
+        ),
     }
     forwarder = eng._dispatcher.pool.forwarder
     real_pending = forwarder.pending
@@ -71,18 +90,20 @@ def overhead_figures(eng, repeat: int) -> dict:
             report = run(**kw)
             assert report is None or report.ok
             assert np.array_equal(result, plain), name
-        times = rounds({
-            "plain": (run, 1),
-            "collect": (lambda: run(errors="collect"), 1),
-            "retries=1": (lambda: run(retries=1), 1),
-            "no forwarding check": (lambda: unforwarded(run), 1),
-        }, repeat)
+        times = rounds(
+            {
+                "plain": (run, 1),
+                "collect": (lambda: run(errors="collect"), 1),
+                "retries=1": (lambda: run(retries=1), 1),
+                "no forwarding check": (lambda: unforwarded(run), 1),
+            },
+            repeat,
+        )
         out[name] = {
             "plain_s": summary(times["plain"]),
             "collect/plain": ratios(times["collect"], times["plain"]),
             "retries=1/plain": ratios(times["retries=1"], times["plain"]),
-            "plain/no forwarding check": ratios(times["plain"],
-                                                times["no forwarding check"]),
+            "plain/no forwarding check": ratios(times["plain"], times["no forwarding check"]),
             "identical": True,
         }
     return out
@@ -102,15 +123,20 @@ def imap_latency(eng, chunks: int, busy: float) -> dict:
     for schedule in ("static", "dynamic"):
         a = eng.zeros(chunks)
         lags = []
-        for _rows, returned in eng.imap(stamp, a, args=(shmarray.row_offset, busy),
-                                       chunks=chunks, schedule=schedule):
+        for _rows, returned in eng.imap(
+            stamp, a, args=(shmarray.row_offset, busy), chunks=chunks, schedule=schedule
+        ):
             lags.append(time.perf_counter() - returned)
         assert np.array_equal(a, np.arange(chunks)), schedule
         q = statistics.quantiles(lags, n=10)
-        figures[schedule] = {"chunks": chunks, "chunk_s": busy,
-                             "median_us": statistics.median(lags) * 1e6,
-                             "p10_us": q[0] * 1e6, "p90_us": q[-1] * 1e6,
-                             "max_us": max(lags) * 1e6}
+        figures[schedule] = {
+            "chunks": chunks,
+            "chunk_s": busy,
+            "median_us": statistics.median(lags) * 1e6,
+            "p10_us": q[0] * 1e6,
+            "p90_us": q[-1] * 1e6,
+            "max_us": max(lags) * 1e6,
+        }
     return figures
 
 
@@ -129,12 +155,19 @@ def main() -> None:
             "imap_latency": imap_latency(eng, 100 if opts.quick else 400, 0.005),
         }
     for name, f in figures["overhead"].items():
-        print(f"{name}: plain {f['plain_s']['median'] * 1e3:.2f} ms; "
-              + "; ".join(f"{k} {v['median']:.3f} [{v['q1']:.3f}-{v['q3']:.3f}]"
-                          for k, v in f.items() if "/" in k))
+        print(
+            f"{name}: plain {f['plain_s']['median'] * 1e3:.2f} ms; "
+            + "; ".join(
+                f"{k} {v['median']:.3f} [{v['q1']:.3f}-{v['q3']:.3f}]"
+                for k, v in f.items()
+                if "/" in k
+            )
+        )
     for schedule, f in figures["imap_latency"].items():
-        print(f"imap {schedule}: chunk done -> yielded median {f['median_us']:.0f} us, "
-              f"p90 {f['p90_us']:.0f} us, max {f['max_us']:.0f} us")
+        print(
+            f"imap {schedule}: chunk done -> yielded median {f['median_us']:.0f} us, "
+            f"p90 {f['p90_us']:.0f} us, max {f['max_us']:.0f} us"
+        )
     save(figures, opts.json)
 
 

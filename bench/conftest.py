@@ -11,8 +11,10 @@ MEDIANS: dict[str, dict[str, float]] = {}
 @pytest.fixture
 def record(benchmark):
     """Call after ``benchmark(...)``: remembers the median under its group."""
+
     def done(role: str) -> None:
         MEDIANS.setdefault(benchmark.group, {})[role] = benchmark.stats.stats.median
+
     return done
 
 
@@ -25,4 +27,5 @@ def pytest_terminal_summary(terminalreporter):
         for role, median in sorted(roles.items()):
             if role != "shmarray" and engine:
                 terminalreporter.write_line(
-                    f"{group:<28} shmarray / {role:<24} {engine / median:7.3f}")
+                    f"{group:<28} shmarray / {role:<24} {engine / median:7.3f}"
+                )

@@ -66,20 +66,22 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
     engine(), prange()
     t = rounds({"engine": (engine, inner), "prange": (prange, inner)}, repeat)
     assert np.array_equal(x, px)
-    return {"engine_us": summary([v * 1e6 for v in t["engine"]]),
-            "prange_us": summary([v * 1e6 for v in t["prange"]]),
-            "ratio": ratios(t["engine"], t["prange"])}
+    return {
+        "engine_us": summary([v * 1e6 for v in t["engine"]]),
+        "prange_us": summary([v * 1e6 for v in t["prange"]]),
+        "ratio": ratios(t["engine"], t["prange"]),
+    }
 
 
 def heat_figure(eng, n: int, repeat: int) -> dict:
     steps = max(20, int(4e7 // (n * n)))
     rng = np.random.default_rng(n)
     u0 = rng.random((n, n))
-    ea, eb = eng.from_numpy(u0), eng.from_numpy(u0)          # engine, a loop of maps
-    ia, ib = eng.from_numpy(u0), eng.from_numpy(u0)          # engine, iterate
-    sa, sb = eng.from_numpy(u0), eng.from_numpy(u0)          # prange on shared
-    pa, pb = u0.copy(), u0.copy()                            # prange, private
-    qa, qb = u0.copy(), u0.copy()                            # sequential
+    ea, eb = eng.from_numpy(u0), eng.from_numpy(u0)  # engine, a loop of maps
+    ia, ib = eng.from_numpy(u0), eng.from_numpy(u0)  # engine, iterate
+    sa, sb = eng.from_numpy(u0), eng.from_numpy(u0)  # prange on shared
+    pa, pb = u0.copy(), u0.copy()  # prange, private
+    qa, qb = u0.copy(), u0.copy()  # sequential
 
     def loop(step, a, b):
         def run():
@@ -87,6 +89,7 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
             for _ in range(steps):
                 step(y, x)
                 x, y = y, x
+
         return run
 
     def eng_step(out, inp):
@@ -101,27 +104,35 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
     def iterate():
         eng.iterate(heat_step, ib, ia, steps=steps, args=(ALPHA,), halo=1)
 
-    fns = {"engine": (loop(eng_step, ea, eb), steps),
-           "engine_iterate": (iterate, steps),
-           "prange": (loop(prange_step, pa, pb), steps),
-           "prange_on_shared": (loop(prange_step, sa, sb), steps),
-           "sequential": (loop(seq_step, qa, qb), steps)}
+    fns = {
+        "engine": (loop(eng_step, ea, eb), steps),
+        "engine_iterate": (iterate, steps),
+        "prange": (loop(prange_step, pa, pb), steps),
+        "prange_on_shared": (loop(prange_step, sa, sb), steps),
+        "sequential": (loop(seq_step, qa, qb), steps),
+    }
     for fn, _ in fns.values():
         fn()
     t = rounds(fns, repeat)
     # Every side has run the same number of steps from the same grid.
-    identical = all(np.array_equal(ea, other) and np.array_equal(eb, other_b)
-                    for other, other_b in ((ia, ib), (pa, pb), (sa, sb), (qa, qb)))
+    identical = all(
+        np.array_equal(ea, other) and np.array_equal(eb, other_b)
+        for other, other_b in ((ia, ib), (pa, pb), (sa, sb), (qa, qb))
+    )
     per_step = {k: summary([s * 1e6 for s in v]) for k, v in t.items()}
-    return {"n": n, "steps_per_round": steps, "identical": identical,
-            "per_step_us": per_step,
-            "engine_speedup": statistics.median(t["sequential"]) / statistics.median(t["engine"]),
-            "prange_speedup": statistics.median(t["sequential"]) / statistics.median(t["prange"]),
-            "engine_over_prange": ratios(t["engine"], t["prange"]),
-            "iterate_over_prange": ratios(t["engine_iterate"], t["prange"]),
-            "iterate_over_prange_on_shared": ratios(t["engine_iterate"], t["prange_on_shared"]),
-            "engine_over_prange_on_shared": ratios(t["engine"], t["prange_on_shared"]),
-            "prange_on_shared_over_prange": ratios(t["prange_on_shared"], t["prange"])}
+    return {
+        "n": n,
+        "steps_per_round": steps,
+        "identical": identical,
+        "per_step_us": per_step,
+        "engine_speedup": statistics.median(t["sequential"]) / statistics.median(t["engine"]),
+        "prange_speedup": statistics.median(t["sequential"]) / statistics.median(t["prange"]),
+        "engine_over_prange": ratios(t["engine"], t["prange"]),
+        "iterate_over_prange": ratios(t["engine_iterate"], t["prange"]),
+        "iterate_over_prange_on_shared": ratios(t["engine_iterate"], t["prange_on_shared"]),
+        "engine_over_prange_on_shared": ratios(t["engine"], t["prange_on_shared"]),
+        "prange_on_shared_over_prange": ratios(t["prange_on_shared"], t["prange"]),
+    }
 
 
 def triad_figure(eng, n: int, repeat: int) -> dict:
@@ -138,10 +149,13 @@ def triad_figure(eng, n: int, repeat: int) -> dict:
     engine(), prange()
     t = rounds({"engine": (engine, 1), "prange_on_shared": (prange, 1)}, repeat)
     identical = bool(np.array_equal(a, a2))
-    return {"n": n, "identical": identical,
-            "engine_ms": summary([v * 1e3 for v in t["engine"]]),
-            "prange_on_shared_ms": summary([v * 1e3 for v in t["prange_on_shared"]]),
-            "ratio": ratios(t["engine"], t["prange_on_shared"])}
+    return {
+        "n": n,
+        "identical": identical,
+        "engine_ms": summary([v * 1e3 for v in t["engine"]]),
+        "prange_on_shared_ms": summary([v * 1e3 for v in t["prange_on_shared"]]),
+        "ratio": ratios(t["engine"], t["prange_on_shared"]),
+    }
 
 
 def jacobi_figure(eng, n: int, steps: int, repeat: int) -> dict:
@@ -164,10 +178,14 @@ def jacobi_figure(eng, n: int, steps: int, repeat: int) -> dict:
     engine(), prange()
     t = rounds({"engine": (engine, steps), "prange_on_shared": (prange, steps)}, repeat)
     identical = bool(np.array_equal(ea, sa) and np.array_equal(eb, sb))
-    return {"n": n, "steps": steps, "identical": identical,
-            "engine_ms": summary([v * 1e3 for v in t["engine"]]),
-            "prange_on_shared_ms": summary([v * 1e3 for v in t["prange_on_shared"]]),
-            "ratio": ratios(t["engine"], t["prange_on_shared"])}
+    return {
+        "n": n,
+        "steps": steps,
+        "identical": identical,
+        "engine_ms": summary([v * 1e3 for v in t["engine"]]),
+        "prange_on_shared_ms": summary([v * 1e3 for v in t["prange_on_shared"]]),
+        "ratio": ratios(t["engine"], t["prange_on_shared"]),
+    }
 
 
 def idle_figure(eng, seconds: float) -> dict:
@@ -185,8 +203,12 @@ def idle_figure(eng, seconds: float) -> dict:
     time.sleep(seconds)
     after = cpu()
     used = [a - b for a, b in zip(after, before)]
-    return {"seconds": seconds, "cpu_s_total": sum(used),
-            "cpu_s_coordinator": used[0], "cpu_s_workers": used[1:]}
+    return {
+        "seconds": seconds,
+        "cpu_s_total": sum(used),
+        "cpu_s_coordinator": used[0],
+        "cpu_s_workers": used[1:],
+    }
 
 
 def main() -> int:
@@ -201,44 +223,58 @@ def main() -> int:
     with shmarray.Engine(workers=WORKERS) as eng:
         fig["noop"] = noop_figure(eng, repeat=5 if quick else 21, inner=2000)
         fig["heat"] = [heat_figure(eng, n, repeat=5 if quick else 15) for n in sizes]
-        fig["triad"] = triad_figure(eng, 5_000_000 if quick else 50_000_000,
-                                    repeat=5 if quick else 21)
-        fig["jacobi"] = jacobi_figure(eng, 1024 if quick else 4096, steps=20,
-                                      repeat=3 if quick else 11)
+        fig["triad"] = triad_figure(
+            eng, 5_000_000 if quick else 50_000_000, repeat=5 if quick else 21
+        )
+        fig["jacobi"] = jacobi_figure(
+            eng, 1024 if quick else 4096, steps=20, repeat=3 if quick else 11
+        )
         fig["idle"] = idle_figure(eng, 2.0 if quick else 10.0)
     fig["machine"]["threading_layer"] = numba.threading_layer()
 
     m, v = fig["machine"], fig["machine"]["versions"]
-    print(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs, Python {v['python']}, "
-          f"numba {v['numba']} ({m['threading_layer']}); {WORKERS} workers, "
-          f"prange on {WORKERS} threads; medians [quartiles] over rounds")
+    print(
+        f"machine: {m['cpu']}, {m['usable_cpus']} CPUs, Python {v['python']}, "
+        f"numba {v['numba']} ({m['threading_layer']}); {WORKERS} workers, "
+        f"prange on {WORKERS} threads; medians [quartiles] over rounds"
+    )
     r = fig["noop"]
-    print(f"no-op map        engine {r['engine_us']['median']:6.1f} us "
-          f"[{r['engine_us']['q1']:.1f}-{r['engine_us']['q3']:.1f}]   prange "
-          f"{r['prange_us']['median']:5.1f} us [{r['prange_us']['q1']:.1f}-"
-          f"{r['prange_us']['q3']:.1f}]   (target: engine <= 20 us)")
-    print("iterated heat, us per step: sequential, prange, prange on shared, engine "
-          "loop of maps, engine.iterate;\n  then over prange [quartiles]: loop of "
-          "maps, iterate; and prange on shared over prange; identical")
+    print(
+        f"no-op map        engine {r['engine_us']['median']:6.1f} us "
+        f"[{r['engine_us']['q1']:.1f}-{r['engine_us']['q3']:.1f}]   prange "
+        f"{r['prange_us']['median']:5.1f} us [{r['prange_us']['q1']:.1f}-"
+        f"{r['prange_us']['q3']:.1f}]   (target: engine <= 20 us)"
+    )
+    print(
+        "iterated heat, us per step: sequential, prange, prange on shared, engine "
+        "loop of maps, engine.iterate;\n  then over prange [quartiles]: loop of "
+        "maps, iterate; and prange on shared over prange; identical"
+    )
     for h in fig["heat"]:
         s = h["per_step_us"]
         e, i = h["engine_over_prange"], h["iterate_over_prange"]
         sh = h["prange_on_shared_over_prange"]
-        print(f"  {h['n']:>5}^2  {s['sequential']['median']:8.1f} {s['prange']['median']:8.1f} "
-              f"{s['prange_on_shared']['median']:8.1f} {s['engine']['median']:8.1f} "
-              f"{s['engine_iterate']['median']:8.1f}   loop {e['median']:.3f} [{e['q1']:.3f}-"
-              f"{e['q3']:.3f}]  iterate {i['median']:.3f} [{i['q1']:.3f}-{i['q3']:.3f}]  "
-              f"shared {sh['median']:.3f}  {h['identical']}")
+        print(
+            f"  {h['n']:>5}^2  {s['sequential']['median']:8.1f} {s['prange']['median']:8.1f} "
+            f"{s['prange_on_shared']['median']:8.1f} {s['engine']['median']:8.1f} "
+            f"{s['engine_iterate']['median']:8.1f}   loop {e['median']:.3f} [{e['q1']:.3f}-"
+            f"{e['q3']:.3f}]  iterate {i['median']:.3f} [{i['q1']:.3f}-{i['q3']:.3f}]  "
+            f"shared {sh['median']:.3f}  {h['identical']}"
+        )
     for name in ("triad", "jacobi"):
         f = fig[name]
-        print(f"{name:<8} n={f['n']:<10} engine {f['engine_ms']['median']:7.2f} ms  "
-              f"prange on shared {f['prange_on_shared_ms']['median']:7.2f} ms  ratio "
-              f"{f['ratio']['median']:.3f} [{f['ratio']['q1']:.3f}-{f['ratio']['q3']:.3f}]"
-              f"  (target <= 1.05)  identical {f['identical']}")
+        print(
+            f"{name:<8} n={f['n']:<10} engine {f['engine_ms']['median']:7.2f} ms  "
+            f"prange on shared {f['prange_on_shared_ms']['median']:7.2f} ms  ratio "
+            f"{f['ratio']['median']:.3f} [{f['ratio']['q1']:.3f}-{f['ratio']['q3']:.3f}]"
+            f"  (target <= 1.05)  identical {f['identical']}"
+        )
     i = fig["idle"]
-    print(f"idle {i['seconds']:.0f} s: {i['cpu_s_total']:.3f} CPU s in all (coordinator "
-          f"{i['cpu_s_coordinator']:.3f}, workers "
-          f"{', '.join(f'{w:.3f}' for w in i['cpu_s_workers'])}; target <= 0.05)")
+    print(
+        f"idle {i['seconds']:.0f} s: {i['cpu_s_total']:.3f} CPU s in all (coordinator "
+        f"{i['cpu_s_coordinator']:.3f}, workers "
+        f"{', '.join(f'{w:.3f}' for w in i['cpu_s_workers'])}; target <= 0.05)"
+    )
     save(fig, args.json)
     return 0
 

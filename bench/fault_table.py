@@ -41,10 +41,12 @@ HOW = {
     "kernel_keyboard_interrupt": "the kernel raises KeyboardInterrupt",
     "ctrl_c_during_close": "Ctrl-C while close() waits for a stopped worker, then close() again",
 }
-STAGE_NAMES = {"kernel_unpickling": "unpickling the kernel in a worker",
-               "run": "running the kernel",
-               "result_pickling": "pickling its value in the worker",
-               "result_unpickling": "unpickling its value in the caller"}
+STAGE_NAMES = {
+    "kernel_unpickling": "unpickling the kernel in a worker",
+    "run": "running the kernel",
+    "result_pickling": "pickling its value in the worker",
+    "result_unpickling": "unpickling its value in the caller",
+}
 HOW_NAMES = {"error": "raises", "exit": "calls sys.exit(5)", "segfault": "segfaults"}
 
 
@@ -64,21 +66,26 @@ def row(name: str, how: str, r: dict) -> str:
         return f"| {name} | {how} | skipped: {r['skipped']} | | | | | | |"
     text, usable = sees(r, name)
     stderr = "empty" if not r["stderr"] else f"{len(r['stderr'])} chars"
-    return (f"| {name} | {how} | {text} | {r['seconds']:.2f} s | {r['clean_after']:.2f} s | "
-            f"{usable} | {len(r['blocks_left'])} | {len(r['workers_left'])} | {stderr} |")
+    return (
+        f"| {name} | {how} | {text} | {r['seconds']:.2f} s | {r['clean_after']:.2f} s | "
+        f"{usable} | {len(r['blocks_left'])} | {len(r['workers_left'])} | {stderr} |"
+    )
 
 
 def main() -> int:
-    print("| fault | injected by | user sees | time to error | time to a clean "
-          "/dev/shm | usable after | blocks left | processes left | stderr |")
+    print(
+        "| fault | injected by | user sees | time to error | time to a clean "
+        "/dev/shm | usable after | blocks left | processes left | stderr |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in CASES:
         print(row(case, HOW[case], observe(case)), flush=True)
     for stage in STAGES:
         for how in HOWS:
             r = run_crash_case(stage, how)
-            print(row(f"{stage}/{how}", f"{STAGE_NAMES[stage]}: it {HOW_NAMES[how]}", r),
-                  flush=True)
+            print(
+                row(f"{stage}/{how}", f"{STAGE_NAMES[stage]}: it {HOW_NAMES[how]}", r), flush=True
+            )
     return 0
 
 

@@ -34,7 +34,8 @@ HEADER = textwrap.dedent("""
 
 SCRIPTS = {
     # The contract's own example.
-    "spec_example": HEADER + textwrap.dedent("""
+    "spec_example": HEADER
+    + textwrap.dedent("""
         @njit
         def scale(out, inp, s):
             for i in range(inp.shape[0]):
@@ -55,7 +56,8 @@ SCRIPTS = {
             print("total", round(eng.reduce(total, y) / 1e7, 2))
     """),
     # Parameters as a dataclass of the script, a plain-Python kernel.
-    "dataclass_params": HEADER + textwrap.dedent("""
+    "dataclass_params": HEADER
+    + textwrap.dedent("""
         import dataclasses
 
         @dataclasses.dataclass
@@ -74,7 +76,8 @@ SCRIPTS = {
             print("sum", y.sum())
     """),
     # Data loaded at module level, then a stencil loop.
-    "heat_loop": HEADER + textwrap.dedent("""
+    "heat_loop": HEADER
+    + textwrap.dedent("""
         from shmarray.kernels.stencils import heat_step
 
         grid = np.random.default_rng(0).random((1000, 1000))   # "loading data"
@@ -138,17 +141,24 @@ def run_file(code: str, directory: str, name: str) -> dict:
     with open(path, "w") as f:
         f.write(code)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, path], capture_output=True, text=True,
-                          timeout=300, cwd=directory)
+    proc = subprocess.run(
+        [sys.executable, path], capture_output=True, text=True, timeout=300, cwd=directory
+    )
     wall = time.perf_counter() - t0
     out = proc.stdout.splitlines()
     err = proc.stderr.splitlines()
     first = [float(ln.split()[-2]) for ln in out if ln.startswith("first map after")]
-    return {"returncode": proc.returncode, "wall_s": wall, "stdout_lines": len(out),
-            "stderr_lines": len(err), "lines": len(out) + len(err),
-            "tracebacks": proc.stderr.count("Traceback (most recent call last)"),
-            "first_map_s": first[0] if first else None,
-            "last_stderr_line": err[-1] if err else "", "stdout": proc.stdout}
+    return {
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "stdout_lines": len(out),
+        "stderr_lines": len(err),
+        "lines": len(out) + len(err),
+        "tracebacks": proc.stderr.count("Traceback (most recent call last)"),
+        "first_map_s": first[0] if first else None,
+        "last_stderr_line": err[-1] if err else "",
+        "stdout": proc.stdout,
+    }
 
 
 def import_numba_s(runs: int) -> float:
@@ -164,14 +174,17 @@ def slow_import_figure(directory: str) -> dict:
     with open(os.path.join(directory, "slowmod.py"), "w") as f:
         f.write(SLOW_MODULE)
     out = {}
-    for label, code in (("shmarray", SLOW_SHMARRAY),
-                        ("multiprocessing_forkserver",
-                         SLOW_MULTIPROCESSING.replace("METHOD", "forkserver")),
-                        ("multiprocessing_spawn",
-                         SLOW_MULTIPROCESSING.replace("METHOD", "spawn"))):
+    for label, code in (
+        ("shmarray", SLOW_SHMARRAY),
+        ("multiprocessing_forkserver", SLOW_MULTIPROCESSING.replace("METHOD", "forkserver")),
+        ("multiprocessing_spawn", SLOW_MULTIPROCESSING.replace("METHOD", "spawn")),
+    ):
         r = run_file(code, directory, "slow_" + label)
-        value = [float(ln.split()[1]) for ln in r["stdout"].splitlines()
-                 if ln.startswith("start_and_first_map")]
+        value = [
+            float(ln.split()[1])
+            for ln in r["stdout"].splitlines()
+            if ln.startswith("start_and_first_map")
+        ]
         out[label] = value[0] if value else None
     return out
 
@@ -185,23 +198,33 @@ def main() -> int:
         for name, code in SCRIPTS.items():
             fig["scripts"][name] = run_file(code.replace("INIT", ""), d, name)
             fig["failing"][name] = run_file(
-                code.replace("INIT", FAILING_INIT).replace("import time\n", "import time\n" + FAILING_DEF, 1),
-                d, name + "_failing")
+                code.replace("INIT", FAILING_INIT).replace(
+                    "import time\n", "import time\n" + FAILING_DEF, 1
+                ),
+                d,
+                name + "_failing",
+            )
         fig["import_numba_s"] = import_numba_s(5)
         fig["slow_import_start_s"] = slow_import_figure(d)
     for r in list(fig["scripts"].values()) + list(fig["failing"].values()):
         r.pop("stdout")
-    print(f"{'script':<18} {'exit':>4} {'lines':>5} {'first map':>10} {'wall':>7}   "
-          f"with a failing initializer: exit, lines (tracebacks), last line")
+    print(
+        f"{'script':<18} {'exit':>4} {'lines':>5} {'first map':>10} {'wall':>7}   "
+        f"with a failing initializer: exit, lines (tracebacks), last line"
+    )
     for name in SCRIPTS:
         ok, bad = fig["scripts"][name], fig["failing"][name]
-        print(f"{name:<18} {ok['returncode']:>4} {ok['lines']:>5} "
-              f"{ok['first_map_s']:>9.3f}s {ok['wall_s']:>6.2f}s   {bad['returncode']}, "
-              f"{bad['lines']} ({bad['tracebacks']}), {bad['last_stderr_line'][:110]}")
+        print(
+            f"{name:<18} {ok['returncode']:>4} {ok['lines']:>5} "
+            f"{ok['first_map_s']:>9.3f}s {ok['wall_s']:>6.2f}s   {bad['returncode']}, "
+            f"{bad['lines']} ({bad['tracebacks']}), {bad['last_stderr_line'][:110]}"
+        )
     print(f"python -c 'import numba': {fig['import_numba_s']:.3f} s")
     s = fig["slow_import_start_s"]
-    print("start + first task, a script importing a 1 s module at top level: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in s.items() if v is not None))
+    print(
+        "start + first task, a script importing a 1 s module at top level: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in s.items() if v is not None)
+    )
     save(fig, args.json)
     return 0
 

@@ -31,7 +31,7 @@ from workloads import machine_info, ratios, rounds, save, summary
 
 ALPHA = 0.2
 WORKERS = 2
-ROWS = WORKERS * 8          # the no-op maps: 8 rows a worker
+ROWS = WORKERS * 8  # the no-op maps: 8 rows a worker
 
 
 @njit(cache=True)
@@ -57,11 +57,14 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
         def run():
             for _ in range(inner):
                 fn()
+
         return run, inner
 
     fns = {
         "map_tuple_int": loop(lambda: eng.map(touch, xs["tuple"], args=(1.0,), chunks=WORKERS)),
-        "map_list_chunklist": loop(lambda: eng.map(touch, xs["list"], args=[1.0], chunks=[8] * WORKERS)),
+        "map_list_chunklist": loop(
+            lambda: eng.map(touch, xs["list"], args=[1.0], chunks=[8] * WORKERS)
+        ),
         "prepared": loop(step),
         "prange": loop(lambda: touch_prange(px, 1.0)),
     }
@@ -70,10 +73,13 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
     t = rounds(fns, repeat)
     identical = all(np.array_equal(x, px) for x in xs.values())
     out = {name: summary([v * 1e6 for v in times]) for name, times in t.items()}
-    return {"us": out, "identical": identical,
-            "list_over_tuple": ratios(t["map_list_chunklist"], t["map_tuple_int"]),
-            "map_over_prange": ratios(t["map_tuple_int"], t["prange"]),
-            "prepared_over_prange": ratios(t["prepared"], t["prange"])}
+    return {
+        "us": out,
+        "identical": identical,
+        "list_over_tuple": ratios(t["map_list_chunklist"], t["map_tuple_int"]),
+        "map_over_prange": ratios(t["map_tuple_int"], t["prange"]),
+        "prepared_over_prange": ratios(t["prepared"], t["prange"]),
+    }
 
 
 def steps_for(n: int) -> int:
@@ -83,10 +89,10 @@ def steps_for(n: int) -> int:
 def heat_figure(eng, n: int, repeat: int) -> dict:
     steps = steps_for(n)
     u0 = np.random.default_rng(n).random((n, n))
-    ma, mb = eng.from_numpy(u0), eng.from_numpy(u0)      # a loop of eng.map
-    qa, qb = eng.from_numpy(u0), eng.from_numpy(u0)      # a loop of a prepared map
-    ia, ib = eng.from_numpy(u0), eng.from_numpy(u0)      # eng.iterate
-    pa, pb = u0.copy(), u0.copy()                        # prange, private arrays
+    ma, mb = eng.from_numpy(u0), eng.from_numpy(u0)  # a loop of eng.map
+    qa, qb = eng.from_numpy(u0), eng.from_numpy(u0)  # a loop of a prepared map
+    ia, ib = eng.from_numpy(u0), eng.from_numpy(u0)  # eng.iterate
+    pa, pb = u0.copy(), u0.copy()  # prange, private arrays
     step = eng.prepare(heat_step, qb, qa, args=(ALPHA,), halo=1)
 
     def maps():
@@ -109,19 +115,28 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
             heat_step_prange(y, x, ALPHA)
             x, y = y, x
 
-    fns = {"maps": (maps, steps), "prepared": (prepared, steps),
-           "iterate": (iterate, steps), "prange": (prange, steps)}
+    fns = {
+        "maps": (maps, steps),
+        "prepared": (prepared, steps),
+        "iterate": (iterate, steps),
+        "prange": (prange, steps),
+    }
     for fn, _ in fns.values():
         fn()
     t = rounds(fns, repeat)
     # every side ran the same number of steps from the same grid
-    identical = all(np.array_equal(a, pa) and np.array_equal(b, pb)
-                    for a, b in ((ma, mb), (qa, qb), (ia, ib)))
-    return {"n": n, "steps_per_round": steps, "identical": identical,
-            "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
-            "maps_over_prange": ratios(t["maps"], t["prange"]),
-            "prepared_over_prange": ratios(t["prepared"], t["prange"]),
-            "iterate_over_prange": ratios(t["iterate"], t["prange"])}
+    identical = all(
+        np.array_equal(a, pa) and np.array_equal(b, pb) for a, b in ((ma, mb), (qa, qb), (ia, ib))
+    )
+    return {
+        "n": n,
+        "steps_per_round": steps,
+        "identical": identical,
+        "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
+        "maps_over_prange": ratios(t["maps"], t["prange"]),
+        "prepared_over_prange": ratios(t["prepared"], t["prange"]),
+        "iterate_over_prange": ratios(t["iterate"], t["prange"]),
+    }
 
 
 def workers_figure(wait: str, n: int, repeat: int, many: int) -> dict:
@@ -129,8 +144,10 @@ def workers_figure(wait: str, n: int, repeat: int, many: int) -> dict:
     of 2, each round one engine's loop after the other's."""
     steps = steps_for(n)
     u0 = np.random.default_rng(n).random((n, n))
-    with shmarray.Engine(workers=WORKERS, wait=wait) as few, \
-            shmarray.Engine(workers=many, wait=wait) as lots:
+    with (
+        shmarray.Engine(workers=WORKERS, wait=wait) as few,
+        shmarray.Engine(workers=many, wait=wait) as lots,
+    ):
         arrays = {e: (e.from_numpy(u0), e.from_numpy(u0)) for e in (few, lots)}
 
         def loop(eng):
@@ -139,6 +156,7 @@ def workers_figure(wait: str, n: int, repeat: int, many: int) -> dict:
                 for _ in range(steps):
                     eng.map(heat_step, y, x, args=(ALPHA,), halo=1)
                     x, y = y, x
+
             return run, steps
 
         fns = {"2w": loop(few), f"{many}w": loop(lots)}
@@ -146,9 +164,14 @@ def workers_figure(wait: str, n: int, repeat: int, many: int) -> dict:
             fn()
         t = rounds(fns, repeat, pause=0.05)
         identical = all(np.array_equal(a, b) for a, b in zip(arrays[few], arrays[lots]))
-    return {"n": n, "wait": wait, "workers": many, "identical": identical,
-            "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
-            "many_over_2": ratios(t[f"{many}w"], t["2w"])}
+    return {
+        "n": n,
+        "wait": wait,
+        "workers": many,
+        "identical": identical,
+        "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
+        "many_over_2": ratios(t[f"{many}w"], t["2w"]),
+    }
 
 
 def idle_figure(eng, seconds: float) -> dict:
@@ -163,10 +186,14 @@ def idle_figure(eng, seconds: float) -> dict:
         return [sum(p.cpu_times()[:2]) for p in procs]
 
     before = cpu()
-    time.sleep(seconds)       # what is measured is the idleness itself
+    time.sleep(seconds)  # what is measured is the idleness itself
     used = [a - b for a, b in zip(cpu(), before)]
-    return {"seconds": seconds, "cpu_s_total": sum(used),
-            "cpu_s_coordinator": used[0], "cpu_s_workers": used[1:]}
+    return {
+        "seconds": seconds,
+        "cpu_s_total": sum(used),
+        "cpu_s_coordinator": used[0],
+        "cpu_s_workers": used[1:],
+    }
 
 
 def q(s: dict, fmt: str = ".2f") -> str:
@@ -176,10 +203,15 @@ def q(s: dict, fmt: str = ".2f") -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, fewer sizes")
-    parser.add_argument("--wait", default="auto", choices=("auto", "spin", "passive"),
-                        help="the wait policy of every engine (default: auto)")
-    parser.add_argument("--many", type=int, default=5,
-                        help="the worker count set against 2 workers (default: 5)")
+    parser.add_argument(
+        "--wait",
+        default="auto",
+        choices=("auto", "spin", "passive"),
+        help="the wait policy of every engine (default: auto)",
+    )
+    parser.add_argument(
+        "--many", type=int, default=5, help="the worker count set against 2 workers (default: 5)"
+    )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     quick = args.quick
@@ -190,33 +222,47 @@ def main() -> int:
         fig["noop"] = noop_figure(eng, repeat=5 if quick else 21, inner=2000)
         fig["heat"] = [heat_figure(eng, n, repeat=5 if quick else 15) for n in sizes]
         fig["idle"] = idle_figure(eng, 2.0 if quick else 10.0)
-    fig["workers_5_vs_2"] = workers_figure(args.wait, 1024, repeat=5 if quick else 11,
-                                           many=args.many)
+    fig["workers_5_vs_2"] = workers_figure(
+        args.wait, 1024, repeat=5 if quick else 11, many=args.many
+    )
     fig["machine"]["threading_layer"] = numba.threading_layer()
 
     m, v = fig["machine"], fig["machine"]["versions"]
-    print(f"machine: {m['cpu']}, {m['usable_cpus']} CPUs, Python {v['python']}, numba "
-          f"{v['numba']} ({m['threading_layer']}); {WORKERS} workers, wait={args.wait}, "
-          f"prange on {WORKERS} threads; medians [quartiles] over rounds")
+    print(
+        f"machine: {m['cpu']}, {m['usable_cpus']} CPUs, Python {v['python']}, numba "
+        f"{v['numba']} ({m['threading_layer']}); {WORKERS} workers, wait={args.wait}, "
+        f"prange on {WORKERS} threads; medians [quartiles] over rounds"
+    )
     n = fig["noop"]
-    print("no-op map, us:  " + "   ".join(f"{k} {q(s, '.1f')}" for k, s in n["us"].items())
-          + f"   identical {n['identical']}")
-    print(f"  list args + chunk list over tuple + int: {q(n['list_over_tuple'], '.3f')}"
-          "  (target <= 1.3)")
+    print(
+        "no-op map, us:  "
+        + "   ".join(f"{k} {q(s, '.1f')}" for k, s in n["us"].items())
+        + f"   identical {n['identical']}"
+    )
+    print(
+        f"  list args + chunk list over tuple + int: {q(n['list_over_tuple'], '.3f')}"
+        "  (target <= 1.3)"
+    )
     print("heat loop, us per step (maps, prepared, iterate, prange) and over prange [quartiles]:")
     for h in fig["heat"]:
         s = h["per_step_us"]
-        print(f"  {h['n']:>5}^2  {s['maps']['median']:8.1f} {s['prepared']['median']:8.1f} "
-              f"{s['iterate']['median']:8.1f} {s['prange']['median']:8.1f}   maps "
-              f"{q(h['maps_over_prange'], '.3f')}  prepared {q(h['prepared_over_prange'], '.3f')}"
-              f"  iterate {q(h['iterate_over_prange'], '.3f')}  identical {h['identical']}")
+        print(
+            f"  {h['n']:>5}^2  {s['maps']['median']:8.1f} {s['prepared']['median']:8.1f} "
+            f"{s['iterate']['median']:8.1f} {s['prange']['median']:8.1f}   maps "
+            f"{q(h['maps_over_prange'], '.3f')}  prepared {q(h['prepared_over_prange'], '.3f')}"
+            f"  iterate {q(h['iterate_over_prange'], '.3f')}  identical {h['identical']}"
+        )
     w = fig["workers_5_vs_2"]
-    print(f"heat loop {w['n']}^2, {w['workers']} workers over 2 (wait={w['wait']}): "
-          f"{q(w['many_over_2'], '.3f')}  (target <= 1.3)  identical {w['identical']}")
+    print(
+        f"heat loop {w['n']}^2, {w['workers']} workers over 2 (wait={w['wait']}): "
+        f"{q(w['many_over_2'], '.3f')}  (target <= 1.3)  identical {w['identical']}"
+    )
     i = fig["idle"]
-    print(f"idle {i['seconds']:.0f} s: {i['cpu_s_total']:.3f} CPU s in all (coordinator "
-          f"{i['cpu_s_coordinator']:.3f}, workers "
-          f"{', '.join(f'{x:.3f}' for x in i['cpu_s_workers'])})")
+    print(
+        f"idle {i['seconds']:.0f} s: {i['cpu_s_total']:.3f} CPU s in all (coordinator "
+        f"{i['cpu_s_coordinator']:.3f}, workers "
+        f"{', '.join(f'{x:.3f}' for x in i['cpu_s_workers'])})"
+    )
     save(fig, args.json)
     return 0
 

@@ -23,7 +23,7 @@ def _moment_parts(x, bounds):
     mean = np.zeros(k)
     m2 = np.zeros(k)
     for t in prange(k):
-        n[t], mean[t], m2[t] = moments(x[bounds[t]:bounds[t + 1]])
+        n[t], mean[t], m2[t] = moments(x[bounds[t] : bounds[t + 1]])
     return n, mean, m2
 
 
@@ -48,5 +48,11 @@ def moments_prange(x, threads):
     return acc
 
 
-__all__ = ["jacobi_prange", "mandelbrot_prange", "histogram_prange",
-           "moments_prange", "heat_step", "jacobi"]
+__all__ = [
+    "jacobi_prange",
+    "mandelbrot_prange",
+    "histogram_prange",
+    "moments_prange",
+    "heat_step",
+    "jacobi",
+]

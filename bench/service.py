@@ -33,7 +33,7 @@ from numba import njit
 
 from shmarray import control
 
-ROWS = 1_000_000          # one computation: about 13 ms of sequential numba
+ROWS = 1_000_000  # one computation: about 13 ms of sequential numba
 
 
 @njit(cache=True, nogil=True)
@@ -69,8 +69,7 @@ def make_app(mode: str = "engine", workers: int = 2):
         data = np.random.default_rng(0).random(ROWS)
         if mode == "engine":
             with shmarray.Engine(workers=workers) as eng:
-                state.update(eng=eng, x=eng.from_numpy(data),
-                             flag=eng.zeros(2, np.int64))
+                state.update(eng=eng, x=eng.from_numpy(data), flag=eng.zeros(2, np.int64))
                 await eng.reduce_async(damped_sine, state["x"], args=(1.0,))
                 yield
                 state.clear()
@@ -89,8 +88,7 @@ def make_app(mode: str = "engine", workers: int = 2):
     @app.post("/compute")
     async def compute(scale: float = 1.0):
         if mode == "engine":
-            value = await state["eng"].reduce_async(damped_sine, state["x"],
-                                                    args=(scale,))
+            value = await state["eng"].reduce_async(damped_sine, state["x"], args=(scale,))
         else:
             value = damped_sine(state["x"], scale)
         return {"value": value}
@@ -119,6 +117,7 @@ def make_app(mode: str = "engine", workers: int = 2):
 
 def serve(port: int, mode: str) -> None:
     import uvicorn
+
     uvicorn.run(make_app(mode), host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -134,9 +133,12 @@ def server(mode: str, timeout: float = 120.0):
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve",
-                             "--port", str(port), "--mode", mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "serve", "--port", str(port), "--mode", mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -152,7 +154,7 @@ def server(mode: str, timeout: float = 120.0):
         yield url, proc
     finally:
         if proc.poll() is None:
-            proc.terminate()            # uvicorn shuts down; the lifespan closes
+            proc.terminate()  # uvicorn shuts down; the lifespan closes
         try:
             _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -172,6 +174,7 @@ async def load(url: str, clients: int, seconds: float, poll: float) -> dict:
     stop = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
         async def worker(k: int):
             nonlocal computed
             while time.monotonic() < stop:
@@ -191,10 +194,15 @@ async def load(url: str, clients: int, seconds: float, poll: float) -> dict:
         await asyncio.gather(health(), *(worker(k) for k in range(clients)))
         took = time.monotonic() - started
     q = statistics.quantiles(latencies, n=100)
-    return {"computations": computed, "seconds": took,
-            "throughput_per_s": computed / took, "health_checks": len(latencies),
-            "health_p50_ms": statistics.median(latencies) * 1e3,
-            "health_p99_ms": q[98] * 1e3, "health_max_ms": max(latencies) * 1e3}
+    return {
+        "computations": computed,
+        "seconds": took,
+        "throughput_per_s": computed / took,
+        "health_checks": len(latencies),
+        "health_p50_ms": statistics.median(latencies) * 1e3,
+        "health_p99_ms": q[98] * 1e3,
+        "health_max_ms": max(latencies) * 1e3,
+    }
 
 
 def main() -> int:
@@ -214,13 +222,17 @@ def main() -> int:
         with server(mode) as (url, _):
             fig[mode] = asyncio.run(load(url, args.clients, args.seconds, 0.01))
     for mode, f in fig.items():
-        print(f"{mode:<10} /health p50 {f['health_p50_ms']:6.2f} ms  p99 "
-              f"{f['health_p99_ms']:6.2f} ms  max {f['health_max_ms']:6.1f} ms  "
-              f"({f['health_checks']} checks)   compute {f['throughput_per_s']:6.1f}/s "
-              f"({f['computations']} in {f['seconds']:.1f} s)")
-    print(f"engine / sequential throughput: "
-          f"{fig['engine']['throughput_per_s'] / fig['sequential']['throughput_per_s']:.2f}x"
-          f"  (health p99 target <= 20 ms with the engine)")
+        print(
+            f"{mode:<10} /health p50 {f['health_p50_ms']:6.2f} ms  p99 "
+            f"{f['health_p99_ms']:6.2f} ms  max {f['health_max_ms']:6.1f} ms  "
+            f"({f['health_checks']} checks)   compute {f['throughput_per_s']:6.1f}/s "
+            f"({f['computations']} in {f['seconds']:.1f} s)"
+        )
+    print(
+        f"engine / sequential throughput: "
+        f"{fig['engine']['throughput_per_s'] / fig['sequential']['throughput_per_s']:.2f}x"
+        f"  (health p99 target <= 20 ms with the engine)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(fig, f, indent=2)

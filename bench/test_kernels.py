@@ -39,8 +39,11 @@ def images(eng):
 @pytest.mark.benchmark(group="mandelbrot 3000x1500x300")
 def test_mandelbrot_shmarray_dynamic(benchmark, record, eng, images):
     shared, _ = images
-    benchmark.pedantic(lambda: eng.map(mandelbrot, shared, args=(shmarray.row_offset, *ARGS),
-                                       schedule="dynamic"), rounds=5, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: eng.map(mandelbrot, shared, args=(shmarray.row_offset, *ARGS), schedule="dynamic"),
+        rounds=5,
+        warmup_rounds=1,
+    )
     record("shmarray")
 
 
@@ -87,8 +90,9 @@ def samples(eng):
 @pytest.mark.benchmark(group="histogram 100M")
 def test_histogram_shmarray(benchmark, record, eng, samples):
     shared, private = samples
-    counts = benchmark.pedantic(lambda: eng.reduce(histogram, shared, args=BINS),
-                                rounds=7, warmup_rounds=1)
+    counts = benchmark.pedantic(
+        lambda: eng.reduce(histogram, shared, args=BINS), rounds=7, warmup_rounds=1
+    )
     assert np.array_equal(counts, histogram_prange(private, *BINS, 2))
     record("shmarray")
 

@@ -15,8 +15,18 @@ from shmarray.kernels.elementwise import triad
 from shmarray.report.peers import triad_prange
 from shmarray.timing import machine, ratios, summary
 
-__all__ = ["TriadPair", "interleaved", "machine_info", "noop", "nothing", "ratios", "rounds",
-           "small_pages_copy", "summary", "triad_prange"]
+__all__ = [
+    "TriadPair",
+    "interleaved",
+    "machine_info",
+    "noop",
+    "nothing",
+    "ratios",
+    "rounds",
+    "small_pages_copy",
+    "summary",
+    "triad_prange",
+]
 
 
 @njit(cache=True)
@@ -100,12 +110,10 @@ def rounds(fns: dict, repeat: int, pause: float = 0.02) -> dict[str, list[float]
     return timing.interleaved(fns, repeat, pause=pause)
 
 
-def interleaved(fns: dict, repeat: int, pause: float = 0.0,
-                inner: int = 1) -> dict[str, float]:
+def interleaved(fns: dict, repeat: int, pause: float = 0.0, inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, timed ``inner`` calls at a
     time (``shmarray.timing.interleaved``)."""
-    loops = {name: ((lambda f=f: [f() for _ in range(inner)]), inner)
-             for name, f in fns.items()}
+    loops = {name: ((lambda f=f: [f() for _ in range(inner)]), inner) for name, f in fns.items()}
     return timing.medians(timing.interleaved(loops, repeat, pause=pause))
 
 

@@ -29,9 +29,11 @@ from shmarray.kernels.table import TABLE, KernelSpec, mandelbrot_args, spec_of
 __all__ = ["TABLE", "KernelSpec", "run", "standardize", "spec_of", "mandelbrot_args"]
 
 _KINDS = {"f": ("f",), "i": ("i", "u"), "u": ("u", "i", "b")}
-_KIND_NAMES = {"f": "a floating dtype (float32 or float64)",
-               "i": "an integer dtype",
-               "u": "an integer or bool dtype (0/1 cells)"}
+_KIND_NAMES = {
+    "f": "a floating dtype (float32 or float64)",
+    "i": "an integer dtype",
+    "u": "an integer or bool dtype (0/1 cells)",
+}
 
 
 def check_arguments(spec: KernelSpec, arrays: tuple, args: tuple) -> None:
@@ -44,32 +46,37 @@ def check_arguments(spec: KernelSpec, arrays: tuple, args: tuple) -> None:
         raise TypeError(
             f"kernels.{spec.name} takes {n_arr} array(s) ({', '.join(array_names)}) "
             f"and {len(arg_names)} argument(s) in args ({', '.join(arg_names) or 'none'}); "
-            f"got {len(arrays)} array(s) and {len(args)} argument(s).")
+            f"got {len(arrays)} array(s) and {len(args)} argument(s)."
+        )
     for a, name, want in zip(arrays, array_names, spec.arrays):
         kind, ndim = want[0], int(want[1])
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"kernels.{spec.name}: {name} must be a NumPy array; "
-                            f"got {type(a).__name__}.")
+            raise TypeError(
+                f"kernels.{spec.name}: {name} must be a NumPy array; got {type(a).__name__}."
+            )
         if a.dtype.kind not in _KINDS[kind]:
             raise TypeError(
                 f"kernels.{spec.name}: {name} has dtype {a.dtype}; expected "
                 f"{_KIND_NAMES[kind]}. Convert with {name}.astype(...) or "
-                f"allocate it with the right dtype.")
+                f"allocate it with the right dtype."
+            )
         if a.ndim != ndim:
-            raise ValueError(
-                f"kernels.{spec.name}: {name} must be {ndim}-D; got shape {a.shape}.")
+            raise ValueError(f"kernels.{spec.name}: {name} must be {ndim}-D; got shape {a.shape}.")
     lengths = {a.shape[0] for a in arrays}
     if len(lengths) > 1:
         raise ValueError(
             f"kernels.{spec.name}: arrays must have the same number of rows; got "
-            + ", ".join(f"{n} {a.shape}" for n, a in zip(array_names, arrays)) + ".")
+            + ", ".join(f"{n} {a.shape}" for n, a in zip(array_names, arrays))
+            + "."
+        )
     top = max(a.ndim for a in arrays)
     shapes = {a.shape for a in arrays if a.ndim == top}
     if spec.same_shape and len(shapes) > 1:
         raise ValueError(
             f"kernels.{spec.name}: mismatched shapes "
-            + ", ".join(f"{n} {a.shape}" for n, a in zip(array_names, arrays)
-                        if a.ndim == top) + "; they must be equal.")
+            + ", ".join(f"{n} {a.shape}" for n, a in zip(array_names, arrays) if a.ndim == top)
+            + "; they must be equal."
+        )
     if spec.check is not None:
         spec.check(arrays, args)
     halo = spec.halo_for(args)
@@ -77,11 +84,19 @@ def check_arguments(spec: KernelSpec, arrays: tuple, args: tuple) -> None:
     if halo and rows < 2 * halo + 1:
         raise ValueError(
             f"kernels.{spec.name} reaches {halo} row(s) to each side, so it needs "
-            f"at least {2 * halo + 1} rows; the arrays have {rows}.")
+            f"at least {2 * halo + 1} rows; the arrays have {rows}."
+        )
 
 
-def run(kernel: Callable, *arrays: np.ndarray, args: tuple = (), engine=None,
-        chunks=None, schedule: str | None = None, notes: str | None = None) -> Any:
+def run(
+    kernel: Callable,
+    *arrays: np.ndarray,
+    args: tuple = (),
+    engine=None,
+    chunks=None,
+    schedule: str | None = None,
+    notes: str | None = None,
+) -> Any:
     """Check the arguments, then run ``kernel`` sequentially (``engine=None``)
     or through ``engine`` with the table's halo, combine and schedule.
 
@@ -103,17 +118,29 @@ def run(kernel: Callable, *arrays: np.ndarray, args: tuple = (), engine=None,
         if spec.boundary is not None:
             for a in arrays:
                 boundary.fill(a, halo, spec.boundary)
-        result = kernel(*arrays, *[0 if a is row_offset or a is worker_id else a
-                                   for a in args])
+        result = kernel(*arrays, *[0 if a is row_offset or a is worker_id else a for a in args])
     elif spec.kind == "map":
-        engine.map(kernel, *arrays, args=args, halo=halo, chunks=chunks,
-                   schedule=schedule or spec.schedule, boundary=spec.boundary)
+        engine.map(
+            kernel,
+            *arrays,
+            args=args,
+            halo=halo,
+            chunks=chunks,
+            schedule=schedule or spec.schedule,
+            boundary=spec.boundary,
+        )
         return None
     else:
-        result = engine.reduce(kernel, *arrays, args=args, combine=spec.combine,
-                               halo=halo, chunks=chunks,
-                               schedule=schedule or spec.schedule,
-                               boundary=spec.boundary)
+        result = engine.reduce(
+            kernel,
+            *arrays,
+            args=args,
+            combine=spec.combine,
+            halo=halo,
+            chunks=chunks,
+            schedule=schedule or spec.schedule,
+            boundary=spec.boundary,
+        )
     return spec.finish(result) if spec.kind == "reduce" else None
 
 

@@ -2,8 +2,8 @@
 
 from shmarray.kernels._jit import jit
 
-_BLOCK = 64   # columns of A (rows of B) per pass, so a block of B stays in cache
-_TILE = 32    # a transpose moves 32 x 32 tiles
+_BLOCK = 64  # columns of A (rows of B) per pass, so a block of B stays in cache
+_TILE = 32  # a transpose moves 32 x 32 tiles
 
 
 @jit

@@ -25,8 +25,7 @@ GAUSS5 = np.outer([1.0, 4.0, 6.0, 4.0, 1.0], [1.0, 4.0, 6.0, 4.0, 1.0]) / 256.0
 @jit_inline
 def _jacobi_row(out, inp, i):
     for j in range(1, inp.shape[1] - 1):
-        out[i, j] = 0.25 * (inp[i - 1, j] + inp[i + 1, j]
-                            + inp[i, j - 1] + inp[i, j + 1])
+        out[i, j] = 0.25 * (inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1])
 
 
 @jit
@@ -53,8 +52,8 @@ def jacobi_prange(out, inp):
 def _heat_row(out, inp, i, alpha):
     for j in range(1, inp.shape[1] - 1):
         out[i, j] = inp[i, j] + alpha * (
-            inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1]
-            - 4.0 * inp[i, j])
+            inp[i - 1, j] + inp[i + 1, j] + inp[i, j - 1] + inp[i, j + 1] - 4.0 * inp[i, j]
+        )
 
 
 @jit
@@ -91,10 +90,14 @@ def heat3d_step(out, inp, alpha):
         for j in range(1, m - 1):
             for k in range(1, p - 1):
                 out[i, j, k] = inp[i, j, k] + alpha * (
-                    inp[i - 1, j, k] + inp[i + 1, j, k]
-                    + inp[i, j - 1, k] + inp[i, j + 1, k]
-                    + inp[i, j, k - 1] + inp[i, j, k + 1]
-                    - 6.0 * inp[i, j, k])
+                    inp[i - 1, j, k]
+                    + inp[i + 1, j, k]
+                    + inp[i, j - 1, k]
+                    + inp[i, j + 1, k]
+                    + inp[i, j, k - 1]
+                    + inp[i, j, k + 1]
+                    - 6.0 * inp[i, j, k]
+                )
 
 
 @jit

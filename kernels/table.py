@@ -28,22 +28,23 @@ from shmarray.kernels import (
 @dataclass(frozen=True)
 class KernelSpec:
     """How to call one kernel, check its arguments and verify its result."""
+
     kernel: Callable
-    kind: str                                   # "map" or "reduce"
+    kind: str  # "map" or "reduce"
     inputs: Callable[[np.random.Generator, int], tuple[tuple, tuple]]
-    reference: Callable[[tuple, tuple], Any]    # NumPy: (arrays, args) -> result
-    arrays: tuple[str, ...]                     # per array: dtype kind and ndim, "f2"
-    halo: int | Callable[[tuple], int] = 0      # or a function of the args
+    reference: Callable[[tuple, tuple], Any]  # NumPy: (arrays, args) -> result
+    arrays: tuple[str, ...]  # per array: dtype kind and ndim, "f2"
+    halo: int | Callable[[tuple], int] = 0  # or a function of the args
     combine: Callable = operator.add
     finish: Callable = lambda partial: partial  # noqa: E731
-    rtol: float = 0.0                           # against the NumPy reference
+    rtol: float = 0.0  # against the NumPy reference
     atol: float = 0.0
     schedule: str = "static"
-    check: Callable[[tuple, tuple], None] | None = None   # extra argument checks
-    same_shape: bool = True                     # arrays of the top ndim share a shape
-    out: int | None = 0                         # the array a map writes
-    out_arg: int | None = None                  # or the argument (a whole array) it writes
-    boundary: str | float | None = None         # ghost cells filled as numpy.pad would
+    check: Callable[[tuple, tuple], None] | None = None  # extra argument checks
+    same_shape: bool = True  # arrays of the top ndim share a shape
+    out: int | None = 0  # the array a map writes
+    out_arg: int | None = None  # or the argument (a whole array) it writes
+    boundary: str | float | None = None  # ghost cells filled as numpy.pad would
     notes: str = ""
 
     @property
@@ -70,27 +71,33 @@ def _stencil_ref(core):
         out, inp = (a.copy() for a in arrays)
         core(out, inp, *args)
         return out
+
     return ref
 
 
 def _jacobi_ref(out, inp):
-    out[1:-1, 1:-1] = 0.25 * (inp[:-2, 1:-1] + inp[2:, 1:-1]
-                              + inp[1:-1, :-2] + inp[1:-1, 2:])
+    out[1:-1, 1:-1] = 0.25 * (inp[:-2, 1:-1] + inp[2:, 1:-1] + inp[1:-1, :-2] + inp[1:-1, 2:])
 
 
 def heat_numpy(out, inp, alpha):
     """One 2-D heat step in NumPy, the same arithmetic as ``heat_step``."""
     c = inp[1:-1, 1:-1]
-    out[1:-1, 1:-1] = c + alpha * (inp[:-2, 1:-1] + inp[2:, 1:-1]
-                                   + inp[1:-1, :-2] + inp[1:-1, 2:] - 4.0 * c)
+    out[1:-1, 1:-1] = c + alpha * (
+        inp[:-2, 1:-1] + inp[2:, 1:-1] + inp[1:-1, :-2] + inp[1:-1, 2:] - 4.0 * c
+    )
 
 
 def _heat3d_ref(out, inp, alpha):
     c = inp[1:-1, 1:-1, 1:-1]
     out[1:-1, 1:-1, 1:-1] = c + alpha * (
-        inp[:-2, 1:-1, 1:-1] + inp[2:, 1:-1, 1:-1]
-        + inp[1:-1, :-2, 1:-1] + inp[1:-1, 2:, 1:-1]
-        + inp[1:-1, 1:-1, :-2] + inp[1:-1, 1:-1, 2:] - 6.0 * c)
+        inp[:-2, 1:-1, 1:-1]
+        + inp[2:, 1:-1, 1:-1]
+        + inp[1:-1, :-2, 1:-1]
+        + inp[1:-1, 2:, 1:-1]
+        + inp[1:-1, 1:-1, :-2]
+        + inp[1:-1, 1:-1, 2:]
+        - 6.0 * c
+    )
 
 
 def _convolve_ref(out, inp, w):
@@ -99,8 +106,8 @@ def _convolve_ref(out, inp, w):
     acc = np.zeros((n - 2 * r, m - 2 * r))
     for di in range(-r, r + 1):
         for dj in range(-r, r + 1):
-            acc += w[di + r, dj + r] * inp[r + di:n - r + di, r + dj:m - r + dj]
-    out[r:n - r, r:m - r] = acc
+            acc += w[di + r, dj + r] * inp[r + di : n - r + di, r + dj : m - r + dj]
+    out[r : n - r, r : m - r] = acc
 
 
 def _life_ref(out, inp):
@@ -108,7 +115,7 @@ def _life_ref(out, inp):
     for di in (-1, 0, 1):
         for dj in (-1, 0, 1):
             if di or dj:
-                live += inp[1 + di:inp.shape[0] - 1 + di, 1 + dj:inp.shape[1] - 1 + dj] != 0
+                live += inp[1 + di : inp.shape[0] - 1 + di, 1 + dj : inp.shape[1] - 1 + dj] != 0
     alive = inp[1:-1, 1:-1] != 0
     out[1:-1, 1:-1] = (alive & ((live == 2) | (live == 3))) | (~alive & (live == 3))
 
@@ -126,8 +133,10 @@ def mandelbrot_numpy(shape, rows, args):
         active &= zr * zr + zi * zi <= 4.0
         if not active.any():
             break
-        zr, zi = (np.where(active, zr * zr - zi * zi + cr, zr),
-                  np.where(active, 2.0 * zr * zi + ci, zi))
+        zr, zi = (
+            np.where(active, zr * zr - zi * zi + cr, zr),
+            np.where(active, 2.0 * zr * zi + ci, zi),
+        )
         counts += active
     return counts
 
@@ -150,8 +159,16 @@ def _pi_ref(arrays, args):
 def _walks_ref(arrays, args):
     (out,) = arrays
     _, seed = args
-    return np.stack([np.cumsum(np.random.RandomState(int(montecarlo.row_seed(seed, r)))
-                               .standard_normal(out.shape[1])) for r in range(out.shape[0])])
+    return np.stack(
+        [
+            np.cumsum(
+                np.random.RandomState(int(montecarlo.row_seed(seed, r))).standard_normal(
+                    out.shape[1]
+                )
+            )
+            for r in range(out.shape[0])
+        ]
+    )
 
 
 def _ghosted(rng, n, m, h=1):
@@ -164,12 +181,14 @@ def _ghosted(rng, n, m, h=1):
 
 def _padded_ref(core, mode, h=1):
     """Fill the ghosts as numpy.pad would, then run ``core``."""
+
     def ref(arrays, args):
         out, inp = (a.copy() for a in arrays)
         inner = inp[h:-h, h:-h]
         inp = np.pad(inner, h, mode)
         core(out, inp, *args)
         return out
+
     return ref
 
 
@@ -179,7 +198,8 @@ def _check_weights(arrays, args):
     if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] % 2 == 0:
         raise ValueError(
             f"convolve: weights must be a square array of odd size (3x3, "
-            f"5x5, ...); got shape {w.shape}.")
+            f"5x5, ...); got shape {w.shape}."
+        )
 
 
 def _radius(args) -> int:
@@ -192,14 +212,16 @@ def _check_matmul(arrays, args):
     if a.shape[1] != b.shape[0] or c.shape != (a.shape[0], b.shape[1]):
         raise ValueError(
             f"matmul_rows: shapes do not chain: c {c.shape} = a {a.shape} @ "
-            f"b {b.shape}; need c (n, m), a (n, k), b (k, m).")
+            f"b {b.shape}; need c (n, m), a (n, k), b (k, m)."
+        )
 
 
 def _check_histogram(arrays, args):
     lo, hi, nbins = args
     if not hi > lo or int(nbins) < 1:
-        raise ValueError(f"histogram: need lo < hi and nbins >= 1; got "
-                         f"lo={lo!r}, hi={hi!r}, nbins={nbins!r}.")
+        raise ValueError(
+            f"histogram: need lo < hi and nbins >= 1; got lo={lo!r}, hi={hi!r}, nbins={nbins!r}."
+        )
 
 
 def mandelbrot_args(height: int, width: int, max_iter: int = 300) -> tuple:
@@ -210,90 +232,227 @@ def mandelbrot_args(height: int, width: int, max_iter: int = 300) -> tuple:
 
 
 TABLE: tuple[KernelSpec, ...] = (
-    KernelSpec(ew.axpy, "map", arrays=("f1", "f1"), rtol=1e-15,
-               inputs=lambda rng, n: ((_f64(rng, n), _f64(rng, n)), (2.5,)),
-               reference=lambda a, p: a[0] + p[0] * a[1]),
-    KernelSpec(ew.triad, "map", arrays=("f1", "f1", "f1"), rtol=1e-15,
-               inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n), _f64(rng, n)), (3.0,)),
-               reference=lambda a, p: a[1] + p[0] * a[2]),
-    KernelSpec(ew.scale, "map", arrays=("f1", "f1"),
-               inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n)), (0.5,)),
-               reference=lambda a, p: p[0] * a[1]),
-    KernelSpec(ew.clip, "map", arrays=("f1", "f1"),
-               inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n)), (-0.5, 0.7)),
-               reference=lambda a, p: np.clip(a[1], *p)),
-    KernelSpec(ew.normalize, "map", arrays=("f1", "f1"), rtol=1e-15,
-               inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n) * 3 + 1), (1.0, 3.0)),
-               reference=lambda a, p: (a[1] - p[0]) / p[1]),
-    KernelSpec(rd.total, "reduce", arrays=("f1",), rtol=1e-9, out=None,
-               inputs=lambda rng, n: ((_f64(rng, n),), ()),
-               reference=lambda a, p: np.sum(a[0])),
-    KernelSpec(rd.dot, "reduce", arrays=("f1", "f1"), rtol=1e-9, out=None,
-               inputs=lambda rng, n: ((_f64(rng, n), _f64(rng, n)), ()),
-               reference=lambda a, p: np.dot(a[0], a[1])),
-    KernelSpec(rd.min_index, "reduce", arrays=("f1",), out=None,
-               combine=rd.combine_min,
-               inputs=lambda rng, n: ((np.round(_f64(rng, n), 1),), (row_offset,)),
-               reference=lambda a, p: (a[0].min(), int(np.argmin(a[0]))) if len(a[0]) else (np.inf, -1)),
-    KernelSpec(rd.max_index, "reduce", arrays=("f1",), out=None,
-               combine=rd.combine_max,
-               inputs=lambda rng, n: ((np.round(_f64(rng, n), 1),), (row_offset,)),
-               reference=lambda a, p: (a[0].max(), int(np.argmax(a[0]))) if len(a[0]) else (-np.inf, -1)),
-    KernelSpec(rd.moments, "reduce", arrays=("f1",), rtol=1e-9, out=None,
-               combine=rd.combine_moments, finish=rd.variance,
-               inputs=lambda rng, n: ((_f64(rng, n) * 2 + 5,), ()),
-               reference=lambda a, p: np.var(a[0])),
-    KernelSpec(rd.histogram, "reduce", arrays=("f1",), out=None,
-               check=_check_histogram,
-               inputs=lambda rng, n: ((_f64(rng, n),), (-2.0, 2.0, 37)),
-               reference=lambda a, p: np.histogram(a[0], p[2], (p[0], p[1]))[0]),
-    KernelSpec(st.jacobi, "map", arrays=("f2", "f2"), halo=1,
-               inputs=lambda rng, n: ((_f64(rng, n, 37), _f64(rng, n, 37)), ()),
-               reference=_stencil_ref(_jacobi_ref)),
-    KernelSpec(st.heat_step, "map", arrays=("f2", "f2"), halo=1,
-               inputs=lambda rng, n: ((_f64(rng, n, 37), _f64(rng, n, 37)), (0.2,)),
-               reference=_stencil_ref(heat_numpy)),
-    KernelSpec(st.heat_step, "map", arrays=("f2", "f2"), halo=1, boundary="wrap",
-               notes="periodic heat step",
-               inputs=lambda rng, n: ((np.zeros((n, 39)), _ghosted(rng, n, 39)), (0.2,)),
-               reference=_padded_ref(heat_numpy, "wrap")),
-    KernelSpec(st.heat3d_step, "map", arrays=("f3", "f3"), halo=1, rtol=1e-14,
-               inputs=lambda rng, n: ((_f64(rng, n, 9, 11), _f64(rng, n, 9, 11)), (0.1,)),
-               reference=_stencil_ref(_heat3d_ref)),
-    KernelSpec(st.convolve, "map", arrays=("f2", "f2"), halo=_radius, rtol=1e-14,
-               check=_check_weights, notes="3x3 Gaussian blur",
-               inputs=lambda rng, n: ((np.zeros((n, 41)), _f64(rng, n, 41)), (st.GAUSS3,)),
-               reference=_stencil_ref(_convolve_ref)),
-    KernelSpec(st.convolve, "map", arrays=("f2", "f2"), halo=_radius, rtol=1e-14,
-               check=_check_weights, notes="5x5 Gaussian blur",
-               inputs=lambda rng, n: ((np.zeros((n, 41)), _f64(rng, n, 41)), (st.GAUSS5,)),
-               reference=_stencil_ref(_convolve_ref)),
-    KernelSpec(st.convolve, "map", arrays=("f2", "f2"), halo=_radius, rtol=1e-14,
-               check=_check_weights, boundary="reflect", notes="reflecting 3x3 blur",
-               inputs=lambda rng, n: ((np.zeros((n, 41)), _ghosted(rng, n, 41)), (st.GAUSS3,)),
-               reference=_padded_ref(lambda o, i, w: _convolve_ref(o, i, w), "reflect")),
-    KernelSpec(st.life_step, "map", arrays=("u2", "u2"), halo=1,
-               inputs=lambda rng, n: ((np.zeros((n, 43), np.uint8),
-                                       (rng.random((n, 43)) < 0.35).astype(np.uint8)), ()),
-               reference=_stencil_ref(_life_ref)),
-    KernelSpec(irregular.mandelbrot, "map", arrays=("i2",), schedule="dynamic",
-               inputs=lambda rng, n: ((np.zeros((n, 64), np.int32),),
-                                      (row_offset, *mandelbrot_args(n, 64, 200))),
-               reference=_mandelbrot_ref),
-    KernelSpec(montecarlo.pi_hits, "reduce", arrays=("i1",), out=None,
-               inputs=lambda rng, n: ((np.zeros(n, np.int64),), (row_offset, 200, 42)),
-               reference=_pi_ref),
-    KernelSpec(montecarlo.random_walks, "map", arrays=("f2",), rtol=1e-12,
-               inputs=lambda rng, n: ((np.zeros((n, 50)),), (row_offset, 7)),
-               reference=_walks_ref),
-    KernelSpec(linalg.transpose_rows, "map", arrays=("f2",), out=None, out_arg=0,
-               inputs=lambda rng, n: ((_f64(rng, n, 70),), (np.zeros((70, n)), row_offset)),
-               reference=lambda a, p: a[0].T),
-    KernelSpec(linalg.matmul_rows, "map", arrays=("f2", "f2"), rtol=1e-12, atol=1e-12,
-               check=_check_matmul, same_shape=False,
-               inputs=lambda rng, n: ((np.zeros((n, 29)), _f64(rng, n, 150)),
-                                      (_f64(rng, 150, 29),)),
-               reference=lambda a, p: a[1] @ p[0]),
+    KernelSpec(
+        ew.axpy,
+        "map",
+        arrays=("f1", "f1"),
+        rtol=1e-15,
+        inputs=lambda rng, n: ((_f64(rng, n), _f64(rng, n)), (2.5,)),
+        reference=lambda a, p: a[0] + p[0] * a[1],
+    ),
+    KernelSpec(
+        ew.triad,
+        "map",
+        arrays=("f1", "f1", "f1"),
+        rtol=1e-15,
+        inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n), _f64(rng, n)), (3.0,)),
+        reference=lambda a, p: a[1] + p[0] * a[2],
+    ),
+    KernelSpec(
+        ew.scale,
+        "map",
+        arrays=("f1", "f1"),
+        inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n)), (0.5,)),
+        reference=lambda a, p: p[0] * a[1],
+    ),
+    KernelSpec(
+        ew.clip,
+        "map",
+        arrays=("f1", "f1"),
+        inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n)), (-0.5, 0.7)),
+        reference=lambda a, p: np.clip(a[1], *p),
+    ),
+    KernelSpec(
+        ew.normalize,
+        "map",
+        arrays=("f1", "f1"),
+        rtol=1e-15,
+        inputs=lambda rng, n: ((np.zeros(n), _f64(rng, n) * 3 + 1), (1.0, 3.0)),
+        reference=lambda a, p: (a[1] - p[0]) / p[1],
+    ),
+    KernelSpec(
+        rd.total,
+        "reduce",
+        arrays=("f1",),
+        rtol=1e-9,
+        out=None,
+        inputs=lambda rng, n: ((_f64(rng, n),), ()),
+        reference=lambda a, p: np.sum(a[0]),
+    ),
+    KernelSpec(
+        rd.dot,
+        "reduce",
+        arrays=("f1", "f1"),
+        rtol=1e-9,
+        out=None,
+        inputs=lambda rng, n: ((_f64(rng, n), _f64(rng, n)), ()),
+        reference=lambda a, p: np.dot(a[0], a[1]),
+    ),
+    KernelSpec(
+        rd.min_index,
+        "reduce",
+        arrays=("f1",),
+        out=None,
+        combine=rd.combine_min,
+        inputs=lambda rng, n: ((np.round(_f64(rng, n), 1),), (row_offset,)),
+        reference=lambda a, p: (a[0].min(), int(np.argmin(a[0]))) if len(a[0]) else (np.inf, -1),
+    ),
+    KernelSpec(
+        rd.max_index,
+        "reduce",
+        arrays=("f1",),
+        out=None,
+        combine=rd.combine_max,
+        inputs=lambda rng, n: ((np.round(_f64(rng, n), 1),), (row_offset,)),
+        reference=lambda a, p: (a[0].max(), int(np.argmax(a[0]))) if len(a[0]) else (-np.inf, -1),
+    ),
+    KernelSpec(
+        rd.moments,
+        "reduce",
+        arrays=("f1",),
+        rtol=1e-9,
+        out=None,
+        combine=rd.combine_moments,
+        finish=rd.variance,
+        inputs=lambda rng, n: ((_f64(rng, n) * 2 + 5,), ()),
+        reference=lambda a, p: np.var(a[0]),
+    ),
+    KernelSpec(
+        rd.histogram,
+        "reduce",
+        arrays=("f1",),
+        out=None,
+        check=_check_histogram,
+        inputs=lambda rng, n: ((_f64(rng, n),), (-2.0, 2.0, 37)),
+        reference=lambda a, p: np.histogram(a[0], p[2], (p[0], p[1]))[0],
+    ),
+    KernelSpec(
+        st.jacobi,
+        "map",
+        arrays=("f2", "f2"),
+        halo=1,
+        inputs=lambda rng, n: ((_f64(rng, n, 37), _f64(rng, n, 37)), ()),
+        reference=_stencil_ref(_jacobi_ref),
+    ),
+    KernelSpec(
+        st.heat_step,
+        "map",
+        arrays=("f2", "f2"),
+        halo=1,
+        inputs=lambda rng, n: ((_f64(rng, n, 37), _f64(rng, n, 37)), (0.2,)),
+        reference=_stencil_ref(heat_numpy),
+    ),
+    KernelSpec(
+        st.heat_step,
+        "map",
+        arrays=("f2", "f2"),
+        halo=1,
+        boundary="wrap",
+        notes="periodic heat step",
+        inputs=lambda rng, n: ((np.zeros((n, 39)), _ghosted(rng, n, 39)), (0.2,)),
+        reference=_padded_ref(heat_numpy, "wrap"),
+    ),
+    KernelSpec(
+        st.heat3d_step,
+        "map",
+        arrays=("f3", "f3"),
+        halo=1,
+        rtol=1e-14,
+        inputs=lambda rng, n: ((_f64(rng, n, 9, 11), _f64(rng, n, 9, 11)), (0.1,)),
+        reference=_stencil_ref(_heat3d_ref),
+    ),
+    KernelSpec(
+        st.convolve,
+        "map",
+        arrays=("f2", "f2"),
+        halo=_radius,
+        rtol=1e-14,
+        check=_check_weights,
+        notes="3x3 Gaussian blur",
+        inputs=lambda rng, n: ((np.zeros((n, 41)), _f64(rng, n, 41)), (st.GAUSS3,)),
+        reference=_stencil_ref(_convolve_ref),
+    ),
+    KernelSpec(
+        st.convolve,
+        "map",
+        arrays=("f2", "f2"),
+        halo=_radius,
+        rtol=1e-14,
+        check=_check_weights,
+        notes="5x5 Gaussian blur",
+        inputs=lambda rng, n: ((np.zeros((n, 41)), _f64(rng, n, 41)), (st.GAUSS5,)),
+        reference=_stencil_ref(_convolve_ref),
+    ),
+    KernelSpec(
+        st.convolve,
+        "map",
+        arrays=("f2", "f2"),
+        halo=_radius,
+        rtol=1e-14,
+        check=_check_weights,
+        boundary="reflect",
+        notes="reflecting 3x3 blur",
+        inputs=lambda rng, n: ((np.zeros((n, 41)), _ghosted(rng, n, 41)), (st.GAUSS3,)),
+        reference=_padded_ref(lambda o, i, w: _convolve_ref(o, i, w), "reflect"),
+    ),
+    KernelSpec(
+        st.life_step,
+        "map",
+        arrays=("u2", "u2"),
+        halo=1,
+        inputs=lambda rng, n: (
+            (np.zeros((n, 43), np.uint8), (rng.random((n, 43)) < 0.35).astype(np.uint8)),
+            (),
+        ),
+        reference=_stencil_ref(_life_ref),
+    ),
+    KernelSpec(
+        irregular.mandelbrot,
+        "map",
+        arrays=("i2",),
+        schedule="dynamic",
+        inputs=lambda rng, n: (
+            (np.zeros((n, 64), np.int32),),
+            (row_offset, *mandelbrot_args(n, 64, 200)),
+        ),
+        reference=_mandelbrot_ref,
+    ),
+    KernelSpec(
+        montecarlo.pi_hits,
+        "reduce",
+        arrays=("i1",),
+        out=None,
+        inputs=lambda rng, n: ((np.zeros(n, np.int64),), (row_offset, 200, 42)),
+        reference=_pi_ref,
+    ),
+    KernelSpec(
+        montecarlo.random_walks,
+        "map",
+        arrays=("f2",),
+        rtol=1e-12,
+        inputs=lambda rng, n: ((np.zeros((n, 50)),), (row_offset, 7)),
+        reference=_walks_ref,
+    ),
+    KernelSpec(
+        linalg.transpose_rows,
+        "map",
+        arrays=("f2",),
+        out=None,
+        out_arg=0,
+        inputs=lambda rng, n: ((_f64(rng, n, 70),), (np.zeros((70, n)), row_offset)),
+        reference=lambda a, p: a[0].T,
+    ),
+    KernelSpec(
+        linalg.matmul_rows,
+        "map",
+        arrays=("f2", "f2"),
+        rtol=1e-12,
+        atol=1e-12,
+        check=_check_matmul,
+        same_shape=False,
+        inputs=lambda rng, n: ((np.zeros((n, 29)), _f64(rng, n, 150)), (_f64(rng, 150, 29),)),
+        reference=lambda a, p: a[1] @ p[0],
+    ),
 )
 
 

@@ -13,17 +13,17 @@ from shmarray.compare import Comparison
 from shmarray.descriptors import row_offset, worker_id
 from shmarray.engine import Engine, MapFuture
 from shmarray.errors import (
-                             CopyWarning,
-                             EngineClosedError,
-                             KernelError,
-                             MapCancelledError,
-                             MapReport,
-                             RemoteTraceback,
-                             SharedMemoryFullError,
-                             ShmarrayError,
-                             TaskTimeoutError,
-                             WorkerCrashedError,
-                             WorkerStartError,
+    CopyWarning,
+    EngineClosedError,
+    KernelError,
+    MapCancelledError,
+    MapReport,
+    RemoteTraceback,
+    SharedMemoryFullError,
+    ShmarrayError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+    WorkerStartError,
 )
 
 __version__ = "0.1.0"

@@ -61,8 +61,7 @@ class ChunkStream:
                     break                  # stops the map: no new chunk starts
     """
 
-    def __init__(self, sink: Sink, future: MapFuture,
-                 interrupt: Callable[[], None]):
+    def __init__(self, sink: Sink, future: MapFuture, interrupt: Callable[[], None]):
         self._sink = sink
         self._future = future
         self._interrupt = interrupt
@@ -81,16 +80,17 @@ class ChunkStream:
         if os.getpid() != self._pid:
             raise RuntimeError(
                 f"this imap stream belongs to process {self._pid}; a forked "
-                f"child cannot read it. Create an Engine in the child instead.")
+                f"child cannot read it. Create an Engine in the child instead."
+            )
         try:
             item = self._sink.queue.get()
-        except BaseException:       # Ctrl-C while waiting: as for map, kill
+        except BaseException:  # Ctrl-C while waiting: as for map, kill
             self._done = True
             self._future.stop()
             raise
         if item is _END:
             self._done = True
-            self.result = self._future.result()     # raises the map's error
+            self.result = self._future.result()  # raises the map's error
             raise StopIteration
         return item
 
@@ -120,7 +120,7 @@ class ChunkStream:
             try:
                 concurrent.futures.wait([self._future])
             except BaseException:
-                self._future.stop()       # Ctrl-C while waiting: kill them
+                self._future.stop()  # Ctrl-C while waiting: kill them
                 raise
 
     def __del__(self) -> None:
@@ -153,11 +153,12 @@ class WorkerStats(NamedTuple):
         Times a worker in this place was replaced (crash, timeout,
         recycling).
     """
-    worker: int            # its index, 0 .. workers-1 (shmarray.worker_id)
+
+    worker: int  # its index, 0 .. workers-1 (shmarray.worker_id)
     pid: int
-    rss: int               # resident bytes, shared blocks it maps included
-    uss: int               # unique bytes: what it alone holds
-    tasks: int             # chunks run by this process
-    kernels: int           # kernels it holds
-    busy: float            # seconds this process spent running jobs
-    replaced: int          # times a worker in this place was replaced
+    rss: int  # resident bytes, shared blocks it maps included
+    uss: int  # unique bytes: what it alone holds
+    tasks: int  # chunks run by this process
+    kernels: int  # kernels it holds
+    busy: float  # seconds this process spent running jobs
+    replaced: int  # times a worker in this place was replaced

@@ -81,11 +81,12 @@ try:
 except ImportError as exc:  # Windows
     raise ImportError(
         "shmarray needs POSIX shared memory (Linux or macOS); "
-        "this platform has no _posixshmem module") from exc
+        "this platform has no _posixshmem module"
+    ) from exc
 
 # Decided once, at import.
 SHM_DIR: str | None = "/dev/shm" if os.path.isdir("/dev/shm") else None
-_HAVE_FALLOCATE = hasattr(os, "posix_fallocate")          # not on macOS
+_HAVE_FALLOCATE = hasattr(os, "posix_fallocate")  # not on macOS
 _MMAP_KWARGS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _HAVE_PROC = os.path.isdir("/proc/self")
 # memfd blocks reach workers through /proc/<pid>/fd: Linux only.
@@ -104,7 +105,7 @@ _NAME_RE = re.compile(r"^/?sha-(\d{1,7})-([0-9a-f]{16})$")
 _MEMFD_RE = re.compile(r"^memfd:(\d{1,7}):(\d{1,9}):(\d{1,20}):(\d{1,20})$")
 MEMFD_PREFIX = "memfd:"
 MODE = 0o600
-STORAGE_KINDS = ("shm", "memfd")          # or a directory path
+STORAGE_KINDS = ("shm", "memfd")  # or a directory path
 
 
 def new_name(owner_pid: int | None = None) -> str:
@@ -146,9 +147,8 @@ def owner_of(name: str) -> int | None:
     kind = kind_of(name)
     if kind is None:
         return None
-    match = (_MEMFD_RE.match(name) if kind == "memfd"
-             else _NAME_RE.match(os.path.basename(name)))
-    assert match is not None            # kind_of matched it
+    match = _MEMFD_RE.match(name) if kind == "memfd" else _NAME_RE.match(os.path.basename(name))
+    assert match is not None  # kind_of matched it
     return int(match.group(1))
 
 
@@ -189,8 +189,7 @@ def _cgroup_memory_left() -> int | None:
     """Bytes this process's cgroup (v2) may still charge, if it is capped."""
     try:
         with open("/proc/self/cgroup") as f:
-            path = next(line.split(":", 2)[2].strip() for line in f
-                        if line.startswith("0::"))
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
         base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
         with open(os.path.join(base, "memory.max")) as f:
             limit = f.read().strip()
@@ -220,34 +219,38 @@ def memory_available() -> tuple[int, int] | None:
     return free, total
 
 
-_ELSEWHERE = ('keep blocks elsewhere: Engine(storage="memfd") (anonymous shared '
-              'memory, bounded by the machine\'s memory, not by /dev/shm) or '
-              'Engine(storage="/a/directory") (files on a disk, for data bigger '
-              'than /dev/shm or RAM); the environment variable SHMARRAY_STORAGE '
-              'sets it for every engine')
+_ELSEWHERE = (
+    'keep blocks elsewhere: Engine(storage="memfd") (anonymous shared '
+    "memory, bounded by the machine's memory, not by /dev/shm) or "
+    'Engine(storage="/a/directory") (files on a disk, for data bigger '
+    "than /dev/shm or RAM); the environment variable SHMARRAY_STORAGE "
+    "sets it for every engine"
+)
 
 
 def out_of_descriptors(exc: OSError, doing: str) -> OSError:
     """EMFILE/ENFILE, said so a user can act on it."""
     import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         opened = len(os.listdir("/proc/self/fd")) if _HAVE_PROC else None
     except OSError:
         opened = None
-    which = ("this process" if exc.errno == errno.EMFILE else "the whole system")
+    which = "this process" if exc.errno == errno.EMFILE else "the whole system"
     held = f" (it has {opened} open)" if opened is not None and exc.errno == errno.EMFILE else ""
-    return OSError(exc.errno,
-                   f"cannot {doing}: {which} is out of file descriptors{held}; the "
-                   f"limit (ulimit -n) is {soft}, at most {hard}. Raise it in the "
-                   f"shell with `ulimit -n {min(max(4 * soft, 4096), hard)}`, or in "
-                   f"Python with resource.setrlimit(resource.RLIMIT_NOFILE, ...), "
-                   f"or close files you no longer need.")
+    return OSError(
+        exc.errno,
+        f"cannot {doing}: {which} is out of file descriptors{held}; the "
+        f"limit (ulimit -n) is {soft}, at most {hard}. Raise it in the "
+        f"shell with `ulimit -n {min(max(4 * soft, 4096), hard)}`, or in "
+        f"Python with resource.setrlimit(resource.RLIMIT_NOFILE, ...), "
+        f"or close files you no longer need.",
+    )
 
 
 def _map(fd: int, size: int, **kwargs) -> mmap.mmap:
-    return mmap.mmap(fd, size, mmap.MAP_SHARED,
-                     mmap.PROT_READ | mmap.PROT_WRITE, **kwargs)
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **kwargs)
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -284,7 +287,7 @@ def _made(fd: int, size: int, lock: bool, full) -> mmap.mmap:
             raise full(exc.errno) from None
         raise
     try:
-        return _map(fd, size)       # keeps a duplicate descriptor before 3.13
+        return _map(fd, size)  # keeps a duplicate descriptor before 3.13
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise out_of_descriptors(exc, "map a shared block") from None
@@ -334,10 +337,13 @@ class ShmStorage(Storage):
         space = free_space()
         free, total = space if space else (0, 0)
         where = SHM_DIR or "shared memory"
-        what = (f"{where} has no free inode left (it holds as many files as its "
-                f"nr_inodes allows), with {format_bytes(free)} free of "
-                f"{format_bytes(total)}" if inodes else
-                f"{where} has {format_bytes(free)} free of {format_bytes(total)}")
+        what = (
+            f"{where} has no free inode left (it holds as many files as its "
+            f"nr_inodes allows), with {format_bytes(free)} free of "
+            f"{format_bytes(total)}"
+            if inodes
+            else f"{where} has {format_bytes(free)} free of {format_bytes(total)}"
+        )
         return SharedMemoryFullError(
             f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) of shared "
             f"memory: {what}. Drop arrays you no longer need (their blocks "
@@ -345,7 +351,11 @@ class ShmStorage(Storage):
             f"blocks left by dead processes, make {where} larger "
             f"(Docker: `docker run --shm-size=8g ...`; Linux: "
             f"`mount -o remount,size=8G /dev/shm`), or {_ELSEWHERE}.",
-            requested=nbytes, free=free, path=SHM_DIR, storage="shm")
+            requested=nbytes,
+            free=free,
+            path=SHM_DIR,
+            storage="shm",
+        )
 
     def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
         size = max(int(nbytes), 1)
@@ -355,13 +365,12 @@ class ShmStorage(Storage):
         while True:
             name = new_name()
             try:
-                fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR,
-                                          mode=MODE)
+                fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=MODE)
                 break
             except FileExistsError:  # 64 random bits: never, but be correct
                 continue
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:   # no inode left (nr_inodes)
+                if exc.errno == errno.ENOSPC:  # no inode left (nr_inodes)
                     raise self.full_error(size, inodes=True) from None
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise out_of_descriptors(exc, "create a shared block") from None
@@ -401,18 +410,26 @@ class MemfdStorage(Storage):
     def full_error(self, nbytes: int, err: int | None = None) -> SharedMemoryFullError:
         space = memory_available()
         free, total = space if space else (0, 0)
-        what = (f"this machine has {format_bytes(free)} available of "
-                f"{format_bytes(total)} (memory and swap, within any container "
-                f"limit)" if space else "the kernel refused it")
+        what = (
+            f"this machine has {format_bytes(free)} available of "
+            f"{format_bytes(total)} (memory and swap, within any container "
+            f"limit)"
+            if space
+            else "the kernel refused it"
+        )
         if err is not None:
             what += f" ({os.strerror(err)})"
         return SharedMemoryFullError(
             f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) of "
-            f"anonymous shared memory (storage=\"memfd\"): {what}. Drop arrays "
+            f'anonymous shared memory (storage="memfd"): {what}. Drop arrays '
             f"you no longer need (their blocks are freed with the last "
             f"reference), use fewer or smaller arrays, or keep the data in "
-            f"files: Engine(storage=\"/a/directory\") on a disk with room.",
-            requested=nbytes, free=free, path=None, storage="memfd")
+            f'files: Engine(storage="/a/directory") on a disk with room.',
+            requested=nbytes,
+            free=free,
+            path=None,
+            storage="memfd",
+        )
 
     def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
         size = max(int(nbytes), 1)
@@ -436,7 +453,7 @@ class MemfdStorage(Storage):
         return name, mm
 
     def unlink(self, name: str) -> bool:
-        fd = self._fds.pop(name, None)        # at most once: the number may be reused
+        fd = self._fds.pop(name, None)  # at most once: the number may be reused
         if fd is None:
             return False
         os.close(fd)
@@ -459,8 +476,10 @@ class DirStorage(Storage):
             free, total = free_space(self.directory) or (0, 0)
         except OSError:
             free = total = 0
-        why = {errno.EDQUOT: " (your disk quota is used up)",
-               errno.EFBIG: " (the filesystem cannot hold a file this large)"}.get(err or 0, "")
+        why = {
+            errno.EDQUOT: " (your disk quota is used up)",
+            errno.EFBIG: " (the filesystem cannot hold a file this large)",
+        }.get(err or 0, "")
         return SharedMemoryFullError(
             f"cannot allocate {format_bytes(nbytes)} ({nbytes} bytes) in "
             f"{self.directory} (storage={self.directory!r}): its filesystem has "
@@ -468,22 +487,27 @@ class DirStorage(Storage):
             f"you no longer need, free space there (`shmarray gc --dir "
             f"{self.directory}` removes blocks of dead processes), or pass "
             f"storage= a directory on a filesystem with room (`df -h` lists "
-            f"them), or storage=\"memfd\" if the data fits in memory.",
-            requested=nbytes, free=free, path=self.directory, storage=self.directory)
+            f'them), or storage="memfd" if the data fits in memory.',
+            requested=nbytes,
+            free=free,
+            path=self.directory,
+            storage=self.directory,
+        )
 
     def create(self, nbytes: int) -> tuple[str, mmap.mmap]:
         size = max(int(nbytes), 1)
         try:
             space = free_space(self.directory)
         except FileNotFoundError:
-            space = None                     # os.open below says it clearly
+            space = None  # os.open below says it clearly
         if space is not None and size > space[0]:
             raise self.full_error(size)
         while True:
             name = os.path.join(self.directory, new_name()[1:])
             try:
-                fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_CLOEXEC
-                             | _O_NOFOLLOW, MODE)
+                fd = os.open(
+                    name, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_CLOEXEC | _O_NOFOLLOW, MODE
+                )
                 break
             except FileExistsError:
                 continue
@@ -493,9 +517,12 @@ class DirStorage(Storage):
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     raise out_of_descriptors(exc, "create a shared block") from None
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EROFS):
-                    raise OSError(exc.errno, f"cannot create a block in the storage "
-                                  f"directory {self.directory}: {exc.strerror}. Pass "
-                                  f"Engine(storage=...) a directory you can write.") from None
+                    raise OSError(
+                        exc.errno,
+                        f"cannot create a block in the storage "
+                        f"directory {self.directory}: {exc.strerror}. Pass "
+                        f"Engine(storage=...) a directory you can write.",
+                    ) from None
                 raise
         try:
             mm = _made(fd, size, True, lambda err: self.full_error(size, err))
@@ -531,20 +558,24 @@ def _open_memfd(name: str) -> int:
         new = os.open(path, os.O_RDWR | _O_CLOEXEC)
     except FileNotFoundError:
         raise FileNotFoundError(
-            errno.ENOENT, f"block {name!r} is gone: its creator (pid {pid}) has "
-            f"closed it or exited") from None
+            errno.ENOENT,
+            f"block {name!r} is gone: its creator (pid {pid}) has closed it or exited",
+        ) from None
     except PermissionError:
         raise PermissionError(
-            errno.EACCES, f"cannot open {path} to attach block {name!r}: this "
+            errno.EACCES,
+            f"cannot open {path} to attach block {name!r}: this "
             f"process may not look at process {pid}'s descriptors (another "
             f"user, a /proc mounted with hidepid, or a security policy). Use "
-            f"Engine(storage=\"shm\") or a directory instead.") from None
+            f'Engine(storage="shm") or a directory instead.',
+        ) from None
     st = os.fstat(new)
     if (st.st_dev, st.st_ino) != (dev, ino):
         os.close(new)
         raise FileNotFoundError(
-            errno.ENOENT, f"block {name!r} is gone: descriptor {fd} of process "
-            f"{pid} now refers to another file")
+            errno.ENOENT,
+            f"block {name!r} is gone: descriptor {fd} of process {pid} now refers to another file",
+        )
     return new
 
 
@@ -554,8 +585,10 @@ def _open_file(name: str) -> int:
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         os.close(fd)
         raise PermissionError(
-            errno.EACCES, f"refusing to map {name!r}: a block is a regular file "
-            f"of this user, readable by nobody else (mode 0600); this one is not")
+            errno.EACCES,
+            f"refusing to map {name!r}: a block is a regular file "
+            f"of this user, readable by nobody else (mode 0600); this one is not",
+        )
     return fd
 
 
@@ -633,12 +666,13 @@ def address_of(buf: np.ndarray) -> int:
 @dataclass(frozen=True)
 class Block:
     """One live segment as the coordinator sees it."""
+
     name: str
     size: int
     address: int
 
 
-_TABLES: weakref.WeakSet = weakref.WeakSet()      # every engine's table
+_TABLES: weakref.WeakSet = weakref.WeakSet()  # every engine's table
 
 
 def blocks_of_other_engines(array: np.ndarray, mine: BlockTable) -> Block | None:
@@ -679,8 +713,10 @@ class BlockTable:
         self._released: collections.deque[str] = collections.deque()
         self._descriptors: dict = {}
         self.closed = False
-        self.warned_copy = False        # a CopyWarning was shown for this engine
-        self.on_create: Callable[[str], object] | None = None   # told each new name that can leak (the watchdog)
+        self.warned_copy = False  # a CopyWarning was shown for this engine
+        self.on_create: Callable[[str], object] | None = (
+            None  # told each new name that can leak (the watchdog)
+        )
         _TABLES.add(self)
 
     @property
@@ -708,9 +744,16 @@ class BlockTable:
             self._evict(start, start + len(mm))
             bisect.insort(self._starts, start)
             self._blocks[start] = Block(name, len(mm), start)
-            fin = weakref.finalize(mm, self._mapping_died, start, name,
-                                   self._dead, self._released, os.getpid(),
-                                   self.storage.unlink)
+            fin = weakref.finalize(
+                mm,
+                self._mapping_died,
+                start,
+                name,
+                self._dead,
+                self._released,
+                os.getpid(),
+                self.storage.unlink,
+            )
             fin.atexit = False  # Engine.close() covers interpreter exit
             self._finalizers[name] = fin
         return buf[:nbytes]
@@ -718,7 +761,7 @@ class BlockTable:
     @staticmethod
     def _mapping_died(start, name, dead, released, owner, unlink_block) -> None:
         if os.getpid() != owner:
-            return           # a forked child's copy: the parent owns the name
+            return  # a forked child's copy: the parent owns the name
         unlink_block(name)
         dead.append((start, name))
         released.append(name)
@@ -731,7 +774,7 @@ class BlockTable:
             self._finalizers.pop(name, None)
             block = self._blocks.get(start)
             if block is None or block.name != name:
-                continue     # that address already holds a newer block
+                continue  # that address already holds a newer block
             self._starts.pop(bisect.bisect_left(self._starts, start))
             del self._blocks[start]
 
@@ -739,8 +782,11 @@ class BlockTable:
         """Forget blocks over [lo, hi): they are unmapped, whatever their
         finalizers have said so far."""
         i = bisect.bisect_right(self._starts, lo) - 1
-        if i < 0 or self._blocks[self._starts[i]].address + self._blocks[self._starts[i]].size <= lo:
-            i += 1                   # the block before lo ends before it
+        if (
+            i < 0
+            or self._blocks[self._starts[i]].address + self._blocks[self._starts[i]].size <= lo
+        ):
+            i += 1  # the block before lo ends before it
         while i < len(self._starts) and self._starts[i] < hi:
             del self._blocks[self._starts.pop(i)]
             self._descriptors = {}
@@ -791,17 +837,19 @@ class BlockTable:
 
 # -- Blocks of every process, for `shmarray ls` / `shmarray gc` -------------
 
+
 @dataclass(frozen=True)
 class BlockInfo:
     """A shmarray block found in the shared-memory filesystem.
     ``owner_alive``: True when a live process holds its lock, False when
     none does, None when this user cannot tell (another user's block)."""
+
     name: str
     size: int
     owner_pid: int
     owner_alive: bool | None
     uid: int
-    age: float                     # seconds since it was created
+    age: float  # seconds since it was created
 
 
 def _boot_time() -> float:
@@ -870,8 +918,9 @@ def scan(directory: str | None = None) -> list[BlockInfo]:
         if not stat.S_ISREG(st.st_mode):
             continue
         name = "/" + entry.name if directory is None else os.path.join(where, entry.name)
-        found.append(BlockInfo(name, st.st_size, pid, lock_held(name), st.st_uid,
-                               time.time() - st.st_ctime))
+        found.append(
+            BlockInfo(name, st.st_size, pid, lock_held(name), st.st_uid, time.time() - st.st_ctime)
+        )
     return sorted(found, key=lambda b: b.name)
 
 
@@ -880,8 +929,7 @@ def scan(directory: str | None = None) -> list[BlockInfo]:
 GC_MIN_AGE = 5.0
 
 
-def collect_orphans(min_age: float = GC_MIN_AGE,
-                    directory: str | None = None) -> list[BlockInfo]:
+def collect_orphans(min_age: float = GC_MIN_AGE, directory: str | None = None) -> list[BlockInfo]:
     """Unlink this user's shmarray blocks (in /dev/shm, or in ``directory``)
     that no live process holds; returns those removed.  In doubt (cannot
     look, younger than ``min_age`` seconds), leave it."""
@@ -889,7 +937,11 @@ def collect_orphans(min_age: float = GC_MIN_AGE,
     for info in scan(directory):
         # Nobody holds the lock of a dead creator, and nobody can take it
         # back: the verdict still holds when we unlink.
-        if (info.owner_alive is False and info.uid == os.getuid()
-                and info.age >= min_age and unlink(info.name)):
+        if (
+            info.owner_alive is False
+            and info.uid == os.getuid()
+            and info.age >= min_age
+            and unlink(info.name)
+        ):
             removed.append(info)
     return removed

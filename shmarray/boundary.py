@@ -30,8 +30,9 @@ MODES = ("wrap", "reflect", "symmetric", "edge")
 class Boundary(NamedTuple):
     """A checked ``boundary=``: a numpy.pad mode, or "constant" and its
     value."""
+
     mode: str
-    value: complex = 0.0     # a number: int, float or complex
+    value: complex = 0.0  # a number: int, float or complex
 
 
 def _sources(n: int, h: int, mode: str) -> tuple[slice | None, slice | None]:
@@ -66,6 +67,7 @@ def _neg_safe(s: slice) -> slice:
 
 class Copy(NamedTuple):
     """``dst`` (an index tuple) gets ``src`` (an index tuple) or ``value``."""
+
     dst: tuple
     src: tuple | None
     value: complex
@@ -79,14 +81,24 @@ def _axis_copies(shape, h, b: Boundary, k: int, region: dict[int, slice]) -> lis
     out = []
     for dst_k, src_k in ((slice(0, h), lo_src), (slice(n - h, n), hi_src)):
         dst = tuple(dst_k if j == k else region[j] for j in range(len(shape)))
-        src = None if src_k is None else tuple(
-            _neg_safe(src_k) if j == k else region[j] for j in range(len(shape)))
+        src = (
+            None
+            if src_k is None
+            else tuple(_neg_safe(src_k) if j == k else region[j] for j in range(len(shape)))
+        )
         out.append(Copy(dst, src, b.value))
     return out
 
 
-def ghost_copies(shape: tuple[int, ...], h: int, b: Boundary, axis: int,
-                 rows: tuple[int, int], first: bool, last: bool) -> tuple[list[Copy], list[Copy]]:
+def ghost_copies(
+    shape: tuple[int, ...],
+    h: int,
+    b: Boundary,
+    axis: int,
+    rows: tuple[int, int],
+    first: bool,
+    last: bool,
+) -> tuple[list[Copy], list[Copy]]:
     """The copies that fill the ghost cells next to the interior rows
     ``rows`` (along ``axis``), in two stages: the axes before ``axis``; then
     ``axis`` itself (the lower slab if ``first``, the upper if ``last``) and
@@ -132,12 +144,14 @@ def fill(array: np.ndarray, halo: int, boundary: object, axis: int = 0) -> None:
     True
     """
     from shmarray.options import check_ghosts, coerce_boundary
+
     b = boundary if isinstance(boundary, Boundary) else coerce_boundary(boundary)
     if b is None:
-        return                  # boundary=None: there are no ghost cells
+        return  # boundary=None: there are no ghost cells
     check_ghosts(array.shape, halo, b, "the array")
-    before, after = ghost_copies(array.shape, halo, b, axis,
-                                 (halo, array.shape[axis] - halo), True, True)
+    before, after = ghost_copies(
+        array.shape, halo, b, axis, (halo, array.shape[axis] - halo), True, True
+    )
     apply(array, before)
     apply(array, after)
 
@@ -152,6 +166,7 @@ def readers(groups: list[tuple[int, int]], n: int, h: int, b: Boundary | None) -
     >>> readers([(1, 4), (4, 6), (6, 9)], 10, 1, None)
     [{1}, {0, 2}, {1}]
     """
+
     def owner(r: int) -> int:
         for g, (lo, hi) in enumerate(groups):
             if lo <= r < hi:
@@ -163,7 +178,7 @@ def readers(groups: list[tuple[int, int]], n: int, h: int, b: Boundary | None) -
         rows = set(range(max(lo - h, 0), min(hi + h, n)))
         if b is not None and b.mode != "constant":
             lo_src, hi_src = _sources(n, h, b.mode)
-            assert lo_src is not None and hi_src is not None   # not a constant
+            assert lo_src is not None and hi_src is not None  # not a constant
             if g == 0:
                 rows.update(range(n)[_neg_safe(lo_src)])
             if g == len(groups) - 1:

@@ -29,16 +29,21 @@ def _demo(args: argparse.Namespace) -> int:
     yy, xx = np.ogrid[:n, :n]
     u0[(yy - n / 2) ** 2 + (xx - n / 3) ** 2 < (n / 8) ** 2] = 100.0
 
-    print(f"shmarray demo: 2-D heat diffusion on a {n} x {n} float64 grid, "
-          f"{steps} steps (5-point stencil, halo 1, double buffered)")
+    print(
+        f"shmarray demo: 2-D heat diffusion on a {n} x {n} float64 grid, "
+        f"{steps} steps (5-point stencil, halo 1, double buffered)"
+    )
     for line in load_report(machine_load(), args.workers or _default_workers()):
         print(f"  {line}")
     with shmarray.Engine(workers=args.workers) as eng:
         workers = eng.workers
         numba.set_num_threads(min(workers, numba.config.NUMBA_NUM_THREADS))
-        grids = {"sequential": (u0.copy(), u0.copy()), "prange": (u0.copy(), u0.copy()),
-                 "map": (eng.from_numpy(u0), eng.from_numpy(u0)),
-                 "iterate": (eng.from_numpy(u0), eng.from_numpy(u0))}
+        grids = {
+            "sequential": (u0.copy(), u0.copy()),
+            "prange": (u0.copy(), u0.copy()),
+            "map": (eng.from_numpy(u0), eng.from_numpy(u0)),
+            "iterate": (eng.from_numpy(u0), eng.from_numpy(u0)),
+        }
 
         def loop(step, name):
             def run():
@@ -46,6 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
                 for _ in range(steps):
                     step(nxt, cur)
                     cur, nxt = nxt, cur
+
             return run
 
         def iterate():
@@ -70,31 +76,37 @@ def _demo(args: argparse.Namespace) -> int:
         times: dict[str, list[float]] = {k: [] for k in methods}
         names = list(methods)
         for r in range(rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names if r % 2 == 0 else names[::-1]:
                 for grid in grids[name]:
                     grid[...] = u0
                 t0 = time.perf_counter()
                 methods[name]()
                 times[name].append(time.perf_counter() - t0)
-        last = steps % 2                       # which buffer holds the result
+        last = steps % 2  # which buffer holds the result
         results = {k: v[last] for k, v in grids.items()}
         identical = all(np.array_equal(results["sequential"], r) for r in results.values())
         median = {k: statistics.median(v) for k, v in times.items()}
         seq = median["sequential"]
-        labels = {"sequential": "sequential numba",
-                  "prange": f"numba prange, {numba.get_num_threads()} threads",
-                  "map": "shmarray, a loop of eng.map",
-                  "iterate": "shmarray, eng.iterate"}
-        print(f"  {workers} workers ({eng.start_method}); each time is the median of "
-              f"{rounds} rounds run in alternating order")
+        labels = {
+            "sequential": "sequential numba",
+            "prange": f"numba prange, {numba.get_num_threads()} threads",
+            "map": "shmarray, a loop of eng.map",
+            "iterate": "shmarray, eng.iterate",
+        }
+        print(
+            f"  {workers} workers ({eng.start_method}); each time is the median of "
+            f"{rounds} rounds run in alternating order"
+        )
         print(f"  {'':34} {'time':>9} {'speedup':>9}")
         for name in names:
             note = "   (threads in one process: the ceiling here)" if name == "prange" else ""
             print(f"  {labels[name]:<34} {median[name]:8.3f}s {seq / median[name]:8.2f}x{note}")
         print(f"  identical results : {'yes, all four bit for bit' if identical else 'NO'}")
         a = results["map"]
-        print(f"  warm cells (>1)   : {np.count_nonzero(u0 > 1):,} at the start, "
-              f"{np.count_nonzero(a > 1):,} after {steps} steps")
+        print(
+            f"  warm cells (>1)   : {np.count_nonzero(u0 > 1):,} at the start, "
+            f"{np.count_nonzero(a > 1):,} after {steps} steps"
+        )
         used = [blk for blk in eng.blocks if blk.size >= a.nbytes]
         storage = eng.storage
         print("  blocks used       :")
@@ -104,8 +116,7 @@ def _demo(args: argparse.Namespace) -> int:
         del a, results
         grids.clear()
     left = [blk.name for blk in used if blocks.exists(blk.name)]
-    print(f"  after close       : {len(left)} of those blocks left "
-          f"({storage}), workers stopped")
+    print(f"  after close       : {len(left)} of those blocks left ({storage}), workers stopped")
     return 0 if identical and not left else 1
 
 
@@ -134,13 +145,17 @@ def load_report(load: dict, workers: int | str) -> list[str]:
     other programs leave the workers too few CPUs for a fair speedup (fewer
     than 80% of the CPUs the workers could use)."""
     usable, free = load["usable"], load["free"]
-    lines = [f"machine: {usable} usable CPUs, {free:.1f} free now; load average "
-             f"{', '.join(f'{x:.2f}' for x in load['load'])} (1, 5, 15 min)"]
+    lines = [
+        f"machine: {usable} usable CPUs, {free:.1f} free now; load average "
+        f"{', '.join(f'{x:.2f}' for x in load['load'])} (1, 5, 15 min)"
+    ]
     wanted = min(workers, usable) if isinstance(workers, int) else usable
     if free < 0.8 * wanted:
-        lines.append(f"hint: the machine is busy (other programs use {usable - free:.1f} "
-                     f"of {usable} CPUs): the workers compete with them, so expect a "
-                     f"poor speedup; run again when it is idle for fair figures")
+        lines.append(
+            f"hint: the machine is busy (other programs use {usable - free:.1f} "
+            f"of {usable} CPUs): the workers compete with them, so expect a "
+            f"poor speedup; run again when it is idle for fair figures"
+        )
     return lines
 
 
@@ -151,12 +166,14 @@ def threading_layer() -> str:
     same end took seconds.  ``_launch_threads`` is numba's internal function
     for it: should it move, info says so rather than compile."""
     import numba
+
     try:
         return numba.threading_layer()
     except ValueError:
         pass
     try:
         from numba.np.ufunc.parallel import _launch_threads
+
         _launch_threads()
         return numba.threading_layer()
     except Exception as exc:
@@ -165,6 +182,7 @@ def threading_layer() -> str:
 
 def _default_workers() -> int | str:
     from shmarray import options
+
     try:
         return options.coerce_workers(None)
     except ValueError as exc:
@@ -198,8 +216,15 @@ def info(engine: bool = False) -> dict:
         "memfd_available": blocks.HAVE_MEMFD,
         "shm_free_bytes": space[0] if space else None,
         "shm_total_bytes": space[1] if space else None,
-        "blocks": [{"name": b.name, "size": b.size, "owner_pid": b.owner_pid,
-                    "owner_alive": b.owner_alive} for b in blocks.scan()],
+        "blocks": [
+            {
+                "name": b.name,
+                "size": b.size,
+                "owner_pid": b.owner_pid,
+                "owner_alive": b.owner_alive,
+            }
+            for b in blocks.scan()
+        ],
     }
     if engine:
         data["fresh_workers"] = fresh_workers()
@@ -229,37 +254,49 @@ def _info(args: argparse.Namespace) -> int:
         return 0
     free = data["shm_free_bytes"]
     print(f"shmarray           : {data['shmarray']}")
-    print(f"usable CPUs        : {data['usable_cpus']} (default workers: "
-          f"{data['default_workers']})")
-    print(f"start method       : {data['start_method']} (available: "
-          f"{', '.join(data['start_methods_available'])})")
+    print(
+        f"usable CPUs        : {data['usable_cpus']} (default workers: {data['default_workers']})"
+    )
+    print(
+        f"start method       : {data['start_method']} (available: "
+        f"{', '.join(data['start_methods_available'])})"
+    )
     print(f"python / numpy     : {data['python']} / {data['numpy']}")
-    print(f"numba              : {data['numba']}, threading layer "
-          f"{data['numba_threading_layer']}")
+    print(f"numba              : {data['numba']}, threading layer {data['numba_threading_layer']}")
     if free is not None:
-        print(f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
-              f"free of {blocks.format_bytes(data['shm_total_bytes'])}")
-    print(f"storage            : {data['storage']} (Engine(storage=...) or "
-          f"SHMARRAY_STORAGE; memfd {'available' if data['memfd_available'] else 'not available here'})")
+        print(
+            f"shared memory      : {data['shm_dir']}, {blocks.format_bytes(free)} "
+            f"free of {blocks.format_bytes(data['shm_total_bytes'])}"
+        )
+    print(
+        f"storage            : {data['storage']} (Engine(storage=...) or "
+        f"SHMARRAY_STORAGE; memfd {'available' if data['memfd_available'] else 'not available here'})"
+    )
     if "fresh_workers" in data:
         _print_fresh(data["fresh_workers"])
     print(f"live blocks        : {len(data['blocks'])}")
     for b in data["blocks"]:
-        print(f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
-              f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}")
+        print(
+            f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
+            f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}"
+        )
     return 0
 
 
 def _print_fresh(fresh: dict) -> None:
     stats = fresh["workers"]
-    print(f"a fresh engine     : {len(stats)} workers started in {fresh['start_s']:.2f} s; "
-          f"each holds {_mib(min(s['uss'] for s in stats))}-"
-          f"{_mib(max(s['uss'] for s in stats))} of its own memory (USS), "
-          f"{_mib(max(s['rss'] for s in stats))} resident")
+    print(
+        f"a fresh engine     : {len(stats)} workers started in {fresh['start_s']:.2f} s; "
+        f"each holds {_mib(min(s['uss'] for s in stats))}-"
+        f"{_mib(max(s['uss'] for s in stats))} of its own memory (USS), "
+        f"{_mib(max(s['rss'] for s in stats))} resident"
+    )
     for s in stats:
-        print(f"  worker {s['worker']}: pid {s['pid']}, RSS {_mib(s['rss'])}, "
-              f"USS {_mib(s['uss'])}, {s['tasks']} tasks, {s['kernels']} kernels, "
-              f"busy {s['busy'] * 1e3:.1f} ms, replaced {s['replaced']} times")
+        print(
+            f"  worker {s['worker']}: pid {s['pid']}, RSS {_mib(s['rss'])}, "
+            f"USS {_mib(s['uss'])}, {s['tasks']} tasks, {s['kernels']} kernels, "
+            f"busy {s['busy'] * 1e3:.1f} ms, replaced {s['replaced']} times"
+        )
 
 
 def _mib(n: int) -> str:
@@ -272,11 +309,15 @@ BENCH_NEEDS = ("matplotlib", "joblib", "dask", "distributed")
 def _bench(args: argparse.Namespace) -> int:
     import importlib
     import importlib.util
+
     missing = [m for m in BENCH_NEEDS if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"shmarray bench compares against peers it cannot find here "
-              f"({', '.join(missing)}). Install them with: "
-              f"pip install 'shmarray[bench]'", file=sys.stderr)
+        print(
+            f"shmarray bench compares against peers it cannot find here "
+            f"({', '.join(missing)}). Install them with: "
+            f"pip install 'shmarray[bench]'",
+            file=sys.stderr,
+        )
         return 2
     # By name: shmarray.report installs from bench/report (package-dir in
     # pyproject.toml), which a checker of shmarray/ alone cannot see.
@@ -291,8 +332,10 @@ def _where(args: argparse.Namespace) -> str | None:
         return None
     path = os.path.abspath(args.dir)
     if not os.path.isdir(path):
-        raise SystemExit(f"shmarray {args.command}: --dir {args.dir!r} is not a "
-                         f"directory; pass the directory given as Engine(storage=...).")
+        raise SystemExit(
+            f"shmarray {args.command}: --dir {args.dir!r} is not a "
+            f"directory; pass the directory given as Engine(storage=...)."
+        )
     return path
 
 
@@ -305,8 +348,10 @@ def _ls(args: argparse.Namespace) -> int:
     width = max(30, *(len(b.name) for b in found))
     print(f"{'name':<{width}} {'size':>10} {'owner pid':>10}  owner")
     for b in found:
-        print(f"{b.name:<{width}} {blocks.format_bytes(b.size):>10} "
-              f"{b.owner_pid:>10}  {_state(b.owner_alive)}")
+        print(
+            f"{b.name:<{width}} {blocks.format_bytes(b.size):>10} "
+            f"{b.owner_pid:>10}  {_state(b.owner_alive)}"
+        )
     return 0
 
 
@@ -317,8 +362,10 @@ def _state(alive: bool | None) -> str:
 def _gc(args: argparse.Namespace) -> int:
     removed = blocks.collect_orphans(args.min_age, _where(args))
     for b in removed:
-        print(f"unlinked {b.name} ({blocks.format_bytes(b.size)}, created by pid "
-              f"{b.owner_pid}; no live process holds it)")
+        print(
+            f"unlinked {b.name} ({blocks.format_bytes(b.size)}, created by pid "
+            f"{b.owner_pid}; no live process holds it)"
+        )
     print(f"{len(removed)} block(s) removed")
     return 0
 
@@ -330,12 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmarray",
         description="Shared-memory NumPy arrays with numba kernels run in "
-                    "place by a pool of worker processes.",
-        epilog="Run `shmarray COMMAND --help` for a command's options.")
-    parser.add_argument("--version", action="version", version=f"shmarray {__version__}",
-                        help="print shmarray's version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
-                                help="one of these (none: print this help)")
+        "place by a pool of worker processes.",
+        epilog="Run `shmarray COMMAND --help` for a command's options.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"shmarray {__version__}",
+        help="print shmarray's version and exit",
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        title="commands",
+        help="one of these (none: print this help)",
+    )
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         # The one-line help in `shmarray --help`, and the description of
@@ -345,43 +401,70 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "heat diffusion: sequential numba vs the engine")
     p.add_argument("--size", type=int, default=3000, metavar="N", help="grid side (default 3000)")
     p.add_argument("--steps", type=int, default=300, metavar="N", help="time steps (default 300)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes (default: usable CPUs)")
-    p.add_argument("--rounds", type=int, default=3, metavar="N",
-                   help="rounds of every method, in alternating order (default 3)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes (default: usable CPUs)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="rounds of every method, in alternating order (default 3)",
+    )
     p.set_defaults(func=_demo)
 
     p = command("bench", "every workload through every method, with plots")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true",
-                       help="small sizes, few repeats: under 2 minutes on 2 CPUs")
-    group.add_argument("--tiny", action="store_true",
-                       help="smallest sizes: checks every method end to end (tests)")
+    group.add_argument(
+        "--quick", action="store_true", help="small sizes, few repeats: under 2 minutes on 2 CPUs"
+    )
+    group.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smallest sizes: checks every method end to end (tests)",
+    )
     p.add_argument("--out", metavar="DIR", help="directory for bench.json and the PNG plots")
-    p.add_argument("--max-workers", type=int, default=None, metavar="N",
-                   help="sweep workers from 1 to this (default: usable CPUs)")
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sweep workers from 1 to this (default: usable CPUs)",
+    )
     p.set_defaults(func=_bench)
 
-    p = command("info", "versions, CPUs, start method, numba, /dev/shm space, "
-                        "live blocks")
+    p = command("info", "versions, CPUs, start method, numba, /dev/shm space, live blocks")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--engine", action="store_true",
-                   help="also start a fresh engine and report its workers: "
-                        "start-up time and memory (takes seconds)")
+    p.add_argument(
+        "--engine",
+        action="store_true",
+        help="also start a fresh engine and report its workers: "
+        "start-up time and memory (takes seconds)",
+    )
     p.set_defaults(func=_info)
 
-    dir_help = ("look in this directory (blocks of Engine(storage=DIR)) instead of "
-                "/dev/shm; memfd blocks have no name and need no cleaning")
+    dir_help = (
+        "look in this directory (blocks of Engine(storage=DIR)) instead of "
+        "/dev/shm; memfd blocks have no name and need no cleaning"
+    )
     p = command("ls", "list shmarray blocks: name, size, owner pid, owner alive")
     p.add_argument("--dir", metavar="PATH", help=dir_help)
     p.set_defaults(func=_ls)
 
-    p = command("gc", "unlink shmarray blocks that no live process holds "
-                      "(their creator is dead)")
-    p.add_argument("--min-age", type=float, default=blocks.GC_MIN_AGE, metavar="SECONDS",
-                   help="leave blocks younger than this many seconds alone "
-                        f"(default {blocks.GC_MIN_AGE:g}: a block is locked a "
-                        f"moment after it is created)")
+    p = command("gc", "unlink shmarray blocks that no live process holds (their creator is dead)")
+    p.add_argument(
+        "--min-age",
+        type=float,
+        default=blocks.GC_MIN_AGE,
+        metavar="SECONDS",
+        help="leave blocks younger than this many seconds alone "
+        f"(default {blocks.GC_MIN_AGE:g}: a block is locked a "
+        f"moment after it is created)",
+    )
     p.add_argument("--dir", metavar="PATH", help=dir_help)
     p.set_defaults(func=_gc)
 

@@ -62,16 +62,17 @@ class Comparison:
         How the check was made (output arrays started from a poison value,
         say).
     """
+
     kernel: str
     workers: int
     schedule: str
     chunks: int
-    kind: str                         # "map" or "reduce"
+    kind: str  # "map" or "reduce"
     sequential_s: list[float]
     engine_s: list[float]
-    nbytes: int                       # bytes of every array, counted once
+    nbytes: int  # bytes of every array, counted once
     identical: bool
-    mismatch: str = ""                # where the results first differ
+    mismatch: str = ""  # where the results first differ
     max_abs_diff: float | None = None  # reduce: vs the whole-array result
     notes: list[str] = field(default_factory=list)
 
@@ -108,16 +109,15 @@ class Comparison:
     def rows(self) -> list[tuple[str, str]]:
         """The table's rows, as (label, value) text pairs."""
         check = "identical" if self.identical else f"DIFFERENT: {self.mismatch}"
-        out = [("kernel", f"{self.kernel} ({self.kind}, {self.chunks} chunks, "
-                          f"{self.schedule})"),
-               ("sequential (median)", f"{self.sequential_median * 1e3:.3f} ms"),
-               (f"engine, {self.workers} workers (median)",
-                f"{self.engine_median * 1e3:.3f} ms"),
-               ("speedup", f"{self.speedup:.2f}x"),
-               ("parallel efficiency", f"{self.efficiency:.0%}"),
-               ("GB/s (sequential / engine)",
-                f"{self.sequential_gbps:.2f} / {self.engine_gbps:.2f}"),
-               ("results", check)]
+        out = [
+            ("kernel", f"{self.kernel} ({self.kind}, {self.chunks} chunks, {self.schedule})"),
+            ("sequential (median)", f"{self.sequential_median * 1e3:.3f} ms"),
+            (f"engine, {self.workers} workers (median)", f"{self.engine_median * 1e3:.3f} ms"),
+            ("speedup", f"{self.speedup:.2f}x"),
+            ("parallel efficiency", f"{self.efficiency:.0%}"),
+            ("GB/s (sequential / engine)", f"{self.sequential_gbps:.2f} / {self.engine_gbps:.2f}"),
+            ("results", check),
+        ]
         if self.max_abs_diff is not None:
             out.append(("vs whole-array reduce", f"max abs diff {self.max_abs_diff:.3g}"))
         out += [("note", n) for n in self.notes]
@@ -130,9 +130,11 @@ class Comparison:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                       f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
-                       for k, v in self.rows())
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self.rows()
+        )
         return f"<table>{body}</table>"
 
     def plot(self, ax=None):
@@ -155,8 +157,7 @@ class Comparison:
         try:
             import matplotlib.pyplot as plt
         except ImportError as exc:
-            raise ImportError("plot() needs matplotlib: pip install "
-                              "'shmarray[plot]'") from exc
+            raise ImportError("plot() needs matplotlib: pip install 'shmarray[plot]'") from exc
         if ax is None:
             _, ax = plt.subplots(figsize=(5, 3))
         labels = ["sequential", f"engine ({self.workers} workers)"]
@@ -164,8 +165,9 @@ class Comparison:
         bars = ax.bar(labels, times, color=["#999999", "#1f77b4"])
         ax.bar_label(bars, [f"{t:.2f} ms" for t in times])
         ax.set_ylabel("median time (ms)")
-        ax.set_title(f"{self.kernel}: {self.speedup:.2f}x"
-                     + ("" if self.identical else " (RESULTS DIFFER)"))
+        ax.set_title(
+            f"{self.kernel}: {self.speedup:.2f}x" + ("" if self.identical else " (RESULTS DIFFER)")
+        )
         return ax
 
 
@@ -184,7 +186,7 @@ def poison(dtype: np.dtype) -> object:
         return int(np.iinfo(dtype).max)
     if kind in "mM":
         return np.array("NaT", dtype)
-    return True                                    # bool: the best there is
+    return True  # bool: the best there is
 
 
 def write_only(kernel: Callable, originals: list[np.ndarray], args: tuple) -> list[int]:
@@ -204,17 +206,25 @@ def write_only(kernel: Callable, originals: list[np.ndarray], args: tuple) -> li
             kernel(*trial, *args)
         except Exception:
             continue
-        others = all(np.all(same(b, t)) for j, (b, t) in enumerate(zip(base, trial))
-                     if j != i)
+        others = all(np.all(same(b, t)) for j, (b, t) in enumerate(zip(base, trial)) if j != i)
         untouched = same(base[i], o) & same(trial[i], np.full_like(o, poison(o.dtype)))
         if others and np.all(same(base[i], trial[i]) | untouched):
             found.append(i)
     return found
 
 
-def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
-            chunks=None, schedule: str = "static", repeat: int = 5,
-            reduce: bool = False, combine: Callable = operator.add) -> Comparison:
+def compare(
+    eng,
+    kernel: Callable,
+    *arrays: np.ndarray,
+    args=(),
+    halo: int = 0,
+    chunks=None,
+    schedule: str = "static",
+    repeat: int = 5,
+    reduce: bool = False,
+    combine: Callable = operator.add,
+) -> Comparison:
     originals = [np.asarray(a) for a in arrays]
     private = [a.copy() for a in originals]
     shared = [eng.from_numpy(a) for a in originals]
@@ -231,6 +241,7 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
                     a[...] = poison(o.dtype)
                 else:
                     np.copyto(a, o)
+
         return run
 
     def sequential():
@@ -248,35 +259,54 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
         prepare = {"sequential": reset(private), "engine": reset(shared)}
         # One untimed round warms both sides up (compiling, attaching).
         interleaved({"sequential": sequential, "engine": engine}, 1, prepare=prepare)
-        times = interleaved({"sequential": sequential, "engine": engine},
-                            max(int(repeat), 1), prepare=prepare)
+        times = interleaved(
+            {"sequential": sequential, "engine": engine}, max(int(repeat), 1), prepare=prepare
+        )
         seq_t, eng_t = times["sequential"], times["engine"]
         # The results checked are those of the last round of each side.
         from shmarray.partition import plan_for
-        parts = plan_for(originals[0].shape[0], chunks, halo, eng.workers,
-                         schedule == "dynamic").chunks
+
+        parts = plan_for(
+            originals[0].shape[0], chunks, halo, eng.workers, schedule == "dynamic"
+        ).chunks
         result = Comparison(
-            kernel=getattr(kernel, "__name__", repr(kernel)), workers=eng.workers,
-            schedule=schedule, chunks=len(parts), kind="reduce" if reduce else "map",
-            sequential_s=seq_t, engine_s=eng_t,
-            nbytes=sum(a.nbytes for a in originals), identical=True)
+            kernel=getattr(kernel, "__name__", repr(kernel)),
+            workers=eng.workers,
+            schedule=schedule,
+            chunks=len(parts),
+            kind="reduce" if reduce else "map",
+            sequential_s=seq_t,
+            engine_s=eng_t,
+            nbytes=sum(a.nbytes for a in originals),
+            identical=True,
+        )
         if outputs:
             result.notes.append(
                 f"array{'s' if len(outputs) > 1 else ''} "
                 f"{', '.join(map(str, outputs))} (only written by the kernel) "
-                f"started from a poison value on both sides")
+                f"started from a poison value on both sides"
+            )
         if reduce:
             # The engine combines per-chunk values in chunk order: the same
             # computed sequentially, chunk by chunk, must match bit for bit.
-            expected = functools.reduce(combine, [
-                kernel(*[a[lo - halo:hi + halo] for a in originals], *run_args)
-                for lo, hi in parts])
+            expected = functools.reduce(
+                combine,
+                [
+                    kernel(*[a[lo - halo : hi + halo] for a in originals], *run_args)
+                    for lo, hi in parts
+                ],
+            )
             result.identical = identical(expected, eng_value)
             if not result.identical:
                 result.mismatch = f"sequential by chunks {expected!r}, engine {eng_value!r}"
             try:
-                result.max_abs_diff = float(np.max(np.abs(
-                    np.asarray(seq_value, dtype=float) - np.asarray(eng_value, dtype=float))))
+                result.max_abs_diff = float(
+                    np.max(
+                        np.abs(
+                            np.asarray(seq_value, dtype=float) - np.asarray(eng_value, dtype=float)
+                        )
+                    )
+                )
             except (TypeError, ValueError):
                 result.max_abs_diff = None
         else:
@@ -289,8 +319,9 @@ def compare(eng, kernel: Callable, *arrays: np.ndarray, args=(), halo: int = 0,
                         "rows that differ at chunk edges usually mean a "
                         "chunk-boundary bug: a stencil needs halo=, a kernel "
                         "using its local index as a global one needs "
-                        "shmarray.row_offset in args")
+                        "shmarray.row_offset in args"
+                    )
                     break
         return result
     finally:
-        shared.clear()      # the engine's copies go now, not when the closures do
+        shared.clear()  # the engine's copies go now, not when the closures do

@@ -105,13 +105,13 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LINE = 16                       # int64 words per 128-byte line
+LINE = 16  # int64 words per 128-byte line
 
 COORD_ASLEEP = 0
-NEXT = LINE                     # the next dynamic chunk to take
-STOP = LINE + 1                 # stop taking chunks
-ABORT = 2 * LINE                # close() or stop(): the waiting driver returns
-SLEEPERS = 3 * LINE             # workers asleep on a STEP word
+NEXT = LINE  # the next dynamic chunk to take
+STOP = LINE + 1  # stop taking chunks
+ABORT = 2 * LINE  # close() or stop(): the waiting driver returns
+SLEEPERS = 3 * LINE  # workers asleep on a STEP word
 
 _WORKERS_AT = 4 * LINE
 _PER_WORKER = 2 * LINE
@@ -119,10 +119,11 @@ _PER_WORKER = 2 * LINE
 RING, JOB, PIPED, STEPS = 0, 1, 2, 3
 # offsets in a worker's own line
 DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP, OUTPUT = (
-    LINE + k for k in range(10))
+    LINE + k for k in range(10)
+)
 
 STEP_BITS = 24
-STEP_LIMIT = (1 << STEP_BITS) - 1   # stages (3 a step) per call: fewer than this
+STEP_LIMIT = (1 << STEP_BITS) - 1  # stages (3 a step) per call: fewer than this
 
 
 def step_word(seq: int, step: int) -> int:
@@ -163,6 +164,7 @@ def slot(index: int) -> int:
 
 # -- atomics as LLVM instructions --------------------------------------------
 
+
 def _element(context, builder, array_type, array, index):
     ary = context.make_array(array_type)(context, builder, array)
     return builder.gep(ary.data, [index])
@@ -177,6 +179,7 @@ def _load(typingctx, array, index):
     def codegen(context, builder, sig, args):
         ptr = _element(context, builder, sig.args[0], *args)
         return builder.load_atomic(ptr, "seq_cst", _width(sig.args[0]))
+
     return array.dtype(array, index), codegen
 
 
@@ -187,6 +190,7 @@ def _store(typingctx, array, index, value):
         val = context.cast(builder, args[2], sig.args[2], sig.args[0].dtype)
         builder.store_atomic(val, ptr, "seq_cst", _width(sig.args[0]))
         return context.get_dummy_value()
+
     return types.void(array, index, value), codegen
 
 
@@ -195,14 +199,17 @@ def _fetch_add(typingctx, array, index, value):
     def codegen(context, builder, sig, args):
         ptr = _element(context, builder, sig.args[0], args[0], args[1])
         return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
     return types.int64(array, index, value), codegen
 
 
 # x86's PAUSE tells the core it is spinning (less power, no memory-order
 # flush when the word changes).  Other CPUs spin without a hint.
-_PAUSE = ("llvm.x86.sse2.pause"
-          if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-          else None)
+_PAUSE = (
+    "llvm.x86.sse2.pause"
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    else None
+)
 
 
 @intrinsic
@@ -210,9 +217,11 @@ def _relax(typingctx):
     def codegen(context, builder, sig, args):
         if _PAUSE is not None:
             fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), []), _PAUSE)
+                builder.module, ir.FunctionType(ir.VoidType(), []), _PAUSE
+            )
             builder.call(fn, [])
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 
@@ -222,9 +231,11 @@ def _sched_yield(typingctx):
     # (a ctypes pointer would stop numba from caching the machine code).
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield"
+        )
         builder.call(fn, [])
         return context.get_dummy_value()
+
     return types.void(), codegen
 
 
@@ -234,9 +245,12 @@ def _sched_yield(typingctx):
 # on a CPU whose futex call number we do not know) the sleeper naps for the
 # timeout and looks again.  Decided once, here.
 _FUTEX_CALLS = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}
-SYS_FUTEX = (_FUTEX_CALLS.get(platform.machine().lower(), -1)
-             if sys.platform.startswith("linux") and sys.byteorder == "little" else -1)
-FUTEX_WAIT, FUTEX_WAKE = 0, 1          # shared (not FUTEX_PRIVATE): across processes
+SYS_FUTEX = (
+    _FUTEX_CALLS.get(platform.machine().lower(), -1)
+    if sys.platform.startswith("linux") and sys.byteorder == "little"
+    else -1
+)
+FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE): across processes
 
 
 @intrinsic
@@ -244,27 +258,42 @@ def _futex(typingctx, array, index, op, value, timeout_ns):
     """``syscall(SYS_futex, &array[index], op, value, timeout, NULL, 0)`` on
     the word's low 32 bits (little-endian: its first four bytes); a
     timeout of 0 or less means none (FUTEX_WAKE ignores it)."""
+
     def codegen(context, builder, sig, args):
         ary, idx, op_, val, tmo = args
         i64, i32 = ir.IntType(64), ir.IntType(32)
-        ptr = builder.bitcast(_element(context, builder, sig.args[0], ary, idx),
-                              i32.as_pointer())
+        ptr = builder.bitcast(_element(context, builder, sig.args[0], ary, idx), i32.as_pointer())
         spec = ir.LiteralStructType([i64, i64])
         ts = cgutils.alloca_once(builder, spec)
         billion = ir.Constant(i64, 1_000_000_000)
-        builder.store(builder.sdiv(tmo, billion), builder.gep(
-            ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)]))
-        builder.store(builder.srem(tmo, billion), builder.gep(
-            ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)]))
+        builder.store(
+            builder.sdiv(tmo, billion), builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)])
+        )
+        builder.store(
+            builder.srem(tmo, billion), builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)])
+        )
         voidp = ir.IntType(8).as_pointer()
-        tsp = builder.select(builder.icmp_signed(">", tmo, ir.Constant(i64, 0)),
-                             builder.bitcast(ts, voidp), ir.Constant(voidp, None))
+        tsp = builder.select(
+            builder.icmp_signed(">", tmo, ir.Constant(i64, 0)),
+            builder.bitcast(ts, voidp),
+            ir.Constant(voidp, None),
+        )
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i64, [i64], var_arg=True), "syscall")
-        return builder.call(fn, [ir.Constant(i64, SYS_FUTEX),
-                                 builder.bitcast(ptr, voidp),
-                                 builder.trunc(op_, i32), builder.trunc(val, i32),
-                                 tsp, ir.Constant(voidp, None), ir.Constant(i32, 0)])
+            builder.module, ir.FunctionType(i64, [i64], var_arg=True), "syscall"
+        )
+        return builder.call(
+            fn,
+            [
+                ir.Constant(i64, SYS_FUTEX),
+                builder.bitcast(ptr, voidp),
+                builder.trunc(op_, i32),
+                builder.trunc(val, i32),
+                tsp,
+                ir.Constant(voidp, None),
+                ir.Constant(i32, 0),
+            ],
+        )
+
     return types.int64(array, index, op, value, timeout_ns), codegen
 
 
@@ -272,9 +301,11 @@ def _futex(typingctx, array, index, op, value, timeout_ns):
 def _usleep(typingctx, microseconds):
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32)]), "usleep")
+            builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32)]), "usleep"
+        )
         builder.call(fn, [builder.trunc(args[0], ir.IntType(32))])
         return context.get_dummy_value()
+
     return types.void(microseconds), codegen
 
 
@@ -285,16 +316,19 @@ _CLOCK = getattr(__import__("time"), "CLOCK_MONOTONIC", 1)
 def _now_ns(typingctx):
     """``clock_gettime(CLOCK_MONOTONIC)`` in nanoseconds (a vDSO call on
     Linux: no system call)."""
+
     def codegen(context, builder, sig, args):
         i64, i32 = ir.IntType(64), ir.IntType(32)
         spec = ir.LiteralStructType([i64, i64])
         ts = cgutils.alloca_once(builder, spec)
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32, [i32, spec.as_pointer()]), "clock_gettime")
+            builder.module, ir.FunctionType(i32, [i32, spec.as_pointer()]), "clock_gettime"
+        )
         builder.call(fn, [ir.Constant(i32, _CLOCK), ts])
         sec = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)]))
         nsec = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)]))
         return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
+
     return types.int64(), codegen
 
 
@@ -402,8 +436,9 @@ def announce_sleep(ctl, flag, watched, expected):
     return 0
 
 
-@njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64,
-                  types.int64), **_OPTS)
+@njit(
+    types.int64(_words, types.int64, types.int64, types.int64, types.int64, types.int64), **_OPTS
+)
 def ring(ctl, at, job, piped, steps, seq):
     """Give the worker whose lines start at ``at`` job ``job`` (``steps``
     times, for an iterated job), after ``piped`` pipe messages, as ring
@@ -415,8 +450,9 @@ def ring(ctl, at, job, piped, steps, seq):
     return _load(ctl, at + ASLEEP)
 
 
-@njit(types.int64(_words, types.int64, types.int64, types.int64, types.int64,
-                  types.int64), **_OPTS)
+@njit(
+    types.int64(_words, types.int64, types.int64, types.int64, types.int64, types.int64), **_OPTS
+)
 def finish(ctl, at, seq, replies, chunks, busy_ns):
     """A worker's end of a ring: its counts, then DONE; returns 1 if the
     coordinator sleeps (wake it through the results pipe), else 0."""
@@ -494,8 +530,7 @@ def take_chunk(ctl, n):
 QUIET, ATTEND, SPUN, ABORTED = 0, 1, 2, 3
 
 
-@njit(types.int64(_words, _indices, types.int64, types.int64, types.int64, types.int64),
-      **_OPTS)
+@njit(types.int64(_words, _indices, types.int64, types.int64, types.int64, types.int64), **_OPTS)
 def wait_all(ctl, workers, seq, spin_ns, n_all, output_seen):
     """Spin up to ``spin_ns`` until each worker in ``workers`` (indices) has
     finished ring ``seq``.  QUIET: done, and nothing to read (no reply, and
@@ -507,8 +542,7 @@ def wait_all(ctl, workers, seq, spin_ns, n_all, output_seen):
     k = 0
     deadline = _now_ns() + spin_ns
     while True:
-        while first < n and _load(ctl, _WORKERS_AT + workers[first] * _PER_WORKER
-                                  + DONE) >= seq:
+        while first < n and _load(ctl, _WORKERS_AT + workers[first] * _PER_WORKER + DONE) >= seq:
             first += 1
         if first == n:
             break
@@ -529,11 +563,22 @@ def wait_all(ctl, workers, seq, spin_ns, n_all, output_seen):
     return QUIET if out == output_seen else ATTEND
 
 
-@njit(types.UniTuple(types.int64, 2)(_words, _indices, types.int64, _indices, types.int64,
-                                     types.int64, types.int64, types.int64, types.int64,
-                                     types.int64), **_OPTS)
-def ring_and_wait(ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_seen,
-                  new_round):
+@njit(
+    types.UniTuple(types.int64, 2)(
+        _words,
+        _indices,
+        types.int64,
+        _indices,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+    ),
+    **_OPTS,
+)
+def ring_and_wait(ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_seen, new_round):
     """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
     before it for worker ``i``, then ``wait_all``; first, if ``new_round``,
     reset NEXT and STOP (between rounds: see the invariants).  Returns
@@ -619,6 +664,7 @@ def serve(ctl, at, last, keys, received, kernel, calls_by, indices_by, spin_ns):
 
 # -- the two sides ----------------------------------------------------------------
 
+
 class ControlBlock:
     """The coordinator's side of the control block.
 
@@ -630,7 +676,7 @@ class ControlBlock:
 
     def __init__(self, buffer, n_workers: int):
         self.words = np.frombuffer(buffer, dtype=np.int64)
-        self.board = self.words[self.words.size - BOARD_CHUNKS // 8:].view(np.uint8)
+        self.board = self.words[self.words.size - BOARD_CHUNKS // 8 :].view(np.uint8)
         self.n_workers = n_workers
 
     @staticmethod
@@ -642,7 +688,7 @@ class ControlBlock:
         gone): what still calls in, such as a late ``abort`` from another
         thread, writes to private words."""
         self.words = np.zeros(self.words.size, np.int64)
-        self.board = self.words[self.words.size - BOARD_CHUNKS // 8:].view(np.uint8)
+        self.board = self.words[self.words.size - BOARD_CHUNKS // 8 :].view(np.uint8)
 
     def _word(self, index: int, offset: int) -> int:
         return int(load(self.words, slot(index) + offset))
@@ -686,12 +732,30 @@ class ControlBlock:
         """The DONE words of these workers, for ``wait_done``."""
         return np.array([slot(i) + DONE for i in indices], np.int64)
 
-    def ring_and_wait(self, workers: np.ndarray, job: int, sent: np.ndarray, steps: int,
-                      seq: int, spin_ns: int, output_seen: int,
-                      new_round: bool) -> tuple[int, int]:
+    def ring_and_wait(
+        self,
+        workers: np.ndarray,
+        job: int,
+        sent: np.ndarray,
+        steps: int,
+        seq: int,
+        spin_ns: int,
+        output_seen: int,
+        new_round: bool,
+    ) -> tuple[int, int]:
         """The lean path's ring and spin (see ``ring_and_wait``)."""
-        return ring_and_wait(self.words, workers, job, sent, steps, seq, spin_ns,
-                             self.n_workers, output_seen, new_round)
+        return ring_and_wait(
+            self.words,
+            workers,
+            job,
+            sent,
+            steps,
+            seq,
+            spin_ns,
+            self.n_workers,
+            output_seen,
+            new_round,
+        )
 
     def wait_all(self, workers: np.ndarray, seq: int, spin_ns: int, output_seen: int) -> int:
         return int(wait_all(self.words, workers, seq, spin_ns, self.n_workers, output_seen))
@@ -775,7 +839,7 @@ class WorkerWords:
 
     def __init__(self, buffer, index: int):
         self.words = np.frombuffer(buffer, dtype=np.int64)
-        self.board = self.words[self.words.size - BOARD_CHUNKS // 8:].view(np.uint8)
+        self.board = self.words[self.words.size - BOARD_CHUNKS // 8 :].view(np.uint8)
         self.at = slot(index)
 
     def done(self) -> int:
@@ -837,16 +901,24 @@ class WorkerWords:
     def where(self) -> tuple[int, int]:
         """(the last ring taken, the chunk running): where a kernel that
         raised in ``serve`` was."""
-        return (int(load(self.words, self.at + STARTED)),
-                int(load(self.words, self.at + CHUNK)))
+        return (int(load(self.words, self.at + STARTED)), int(load(self.words, self.at + CHUNK)))
 
     def ran_so_far(self) -> int:
         return int(load(self.words, self.at + RAN))
 
-    def serve(self, last: int, keys: np.ndarray, received: int, kernel, calls_by: tuple,
-              indices_by: np.ndarray, spin_ns: int) -> tuple[int, int]:
-        return serve(self.words, self.at, last, keys, received, kernel, calls_by,
-                     indices_by, spin_ns)
+    def serve(
+        self,
+        last: int,
+        keys: np.ndarray,
+        received: int,
+        kernel,
+        calls_by: tuple,
+        indices_by: np.ndarray,
+        spin_ns: int,
+    ) -> tuple[int, int]:
+        return serve(
+            self.words, self.at, last, keys, received, kernel, calls_by, indices_by, spin_ns
+        )
 
     def ring_job(self) -> int:
         """The job of the last ring (read before ``take``, to choose a path)."""

@@ -83,10 +83,11 @@ def row_chunks(n_rows: int, chunks: object, halo: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class _Plan:
     """One map or reduce: where each kernel call's rows lie along ``axis``."""
+
     axis: int
     halo: int
     boundary: Boundary | None
-    parts: tuple[tuple[int, int], ...]      # interior rows [lo, hi) of each call
+    parts: tuple[tuple[int, int], ...]  # interior rows [lo, hi) of each call
 
     def sizes(self) -> tuple[int, ...]:
         """Row sizes of the blocks the calls own (the first and the last
@@ -106,25 +107,29 @@ class _Plan:
             inner = tuple(slice(h, n - h) for n in a.shape)
             x = _dask(a)[inner].rechunk({ax: tuple(hi - lo for lo, hi in self.parts), **whole})
             fill = OVERLAP_BOUNDARY.get(b.mode, b.value)
-            return da.overlap.overlap(x, depth={i: h for i in range(a.ndim)},
-                                      boundary={i: fill for i in range(a.ndim)})
+            return da.overlap.overlap(
+                x, depth={i: h for i in range(a.ndim)}, boundary={i: fill for i in range(a.ndim)}
+            )
         x = _dask(a)
-        if b is not None:                   # numpy's "reflect"
+        if b is not None:  # numpy's "reflect"
             inner = tuple(slice(h, n - h) for n in a.shape)
             x = da.pad(x[inner], h, mode=b.mode)
         x = x.rechunk({ax: self.sizes(), **whole})
         if not h:
             return x
-        return da.overlap.overlap(x, depth={i: (h if i == ax else 0) for i in range(a.ndim)},
-                                  boundary="none")
+        return da.overlap.overlap(
+            x, depth={i: (h if i == ax else 0) for i in range(a.ndim)}, boundary="none"
+        )
 
     def _overlap_fills(self, b: Boundary, shape: tuple[int, ...]) -> bool:
         """Dask's overlap can fill the ghosts: it knows the mode, and no
         block is thinner than the ghost layer."""
         h = self.halo
-        return (b.mode in (*OVERLAP_BOUNDARY, "constant")
-                and min(hi - lo for lo, hi in self.parts) >= h
-                and all(n - 2 * h >= h for i, n in enumerate(shape) if i != self.axis))
+        return (
+            b.mode in (*OVERLAP_BOUNDARY, "constant")
+            and min(hi - lo for lo, hi in self.parts) >= h
+            and all(n - 2 * h >= h for i, n in enumerate(shape) if i != self.axis)
+        )
 
     def args(self, args: tuple, k: int) -> tuple:
         lo = self.parts[k][0] - self.halo
@@ -148,24 +153,25 @@ def _plan(kernel, arrays: tuple, args, halo, chunks, boundary, axis) -> _Plan:
         raise TypeError("shmarray.dask needs at least one array after the kernel.")
     for a in arrays:
         if not isinstance(a, (da.Array, np.ndarray)):
-            raise TypeError(f"arrays must be dask or NumPy arrays; got "
-                            f"{type(a).__name__}.")
+            raise TypeError(f"arrays must be dask or NumPy arrays; got {type(a).__name__}.")
     if any(a.ndim == 0 for a in arrays):
         raise ValueError("arrays need at least one dimension: map splits one axis.")
     axis = coerce_axis(axis, arrays)
     if any(a.ndim <= axis for a in arrays):
-        raise ValueError(f"every array needs an axis {axis} to split; got "
-                         f"{[a.ndim for a in arrays]} dimensions.")
+        raise ValueError(
+            f"every array needs an axis {axis} to split; got "
+            f"{[a.ndim for a in arrays]} dimensions."
+        )
     lengths = [a.shape[axis] for a in arrays]
     if len(set(lengths)) > 1:
-        raise ValueError(f"all arrays must have the same length along axis {axis}; "
-                         f"got {lengths}.")
+        raise ValueError(f"all arrays must have the same length along axis {axis}; got {lengths}.")
     check_placeholders(args)
     if any(v is worker_id for v in args):
         raise ValueError(
             "shmarray.worker_id has no meaning on Dask: its workers have no "
             "fixed index and run several blocks at once. Allocate scratch "
-            "inside the kernel, or use the local Engine.")
+            "inside the kernel, or use the local Engine."
+        )
     halo = coerce_halo(halo)
     b = coerce_boundary(boundary)
     if b is not None:
@@ -180,7 +186,8 @@ def _plan(kernel, arrays: tuple, args, halo, chunks, boundary, axis) -> _Plan:
         raise ValueError(
             f"on Dask every chunk needs at least halo={halo} rows (its overlap "
             f"takes the halo from the next chunk alone); chunks={chunks!r} "
-            f"gives one of {thin[0]}. Pass fewer chunks.")
+            f"gives one of {thin[0]}. Pass fewer chunks."
+        )
     return _Plan(axis, halo, b, parts)
 
 
@@ -198,8 +205,16 @@ def _call(kernel: Callable, plan: _Plan, args: tuple, *blocks, block_id=None):
     return plan.own(copies[0], k)
 
 
-def map(kernel: Callable, *arrays, args=(), halo: int = 0, chunks=None,
-        boundary=None, axis: int = 0, name: str | None = None):
+def map(
+    kernel: Callable,
+    *arrays,
+    args=(),
+    halo: int = 0,
+    chunks=None,
+    boundary=None,
+    axis: int = 0,
+    name: str | None = None,
+):
     """The dask array of the first argument after
     ``kernel(*[a[lo-halo:hi+halo] for a in arrays], *args)`` ran on every
     chunk of rows along ``axis``, as ``Engine.map`` would leave it (with
@@ -213,24 +228,37 @@ def map(kernel: Callable, *arrays, args=(), halo: int = 0, chunks=None,
     plan = _plan(kernel, arrays, args, halo, chunks, boundary, axis)
     blocks = [plan.blocks(a) for a in arrays]
     first = arrays[0]
-    out_chunks = tuple(plan.sizes() if i == plan.axis else (n,)
-                       for i, n in enumerate(first.shape))
+    out_chunks = tuple(plan.sizes() if i == plan.axis else (n,) for i, n in enumerate(first.shape))
     named = {} if name is None else {"name": name}
-    return da.map_blocks(functools.partial(_call, kernel, plan, tuple(args)), *blocks,
-                         chunks=out_chunks, dtype=first.dtype,
-                         meta=np.empty((0,) * first.ndim, first.dtype), **named)
+    return da.map_blocks(
+        functools.partial(_call, kernel, plan, tuple(args)),
+        *blocks,
+        chunks=out_chunks,
+        dtype=first.dtype,
+        meta=np.empty((0,) * first.ndim, first.dtype),
+        **named,
+    )
 
 
-def reduce(kernel: Callable, *arrays, args=(), combine: Callable = operator.add,
-           halo: int = 0, chunks=None, boundary=None, axis: int = 0,
-           scheduler=None) -> Any:
+def reduce(
+    kernel: Callable,
+    *arrays,
+    args=(),
+    combine: Callable = operator.add,
+    halo: int = 0,
+    chunks=None,
+    boundary=None,
+    axis: int = 0,
+    scheduler=None,
+) -> Any:
     """``Engine.reduce`` on Dask: the kernel's value for every chunk of rows
     along ``axis``, combined in chunk order.  Computes now, on ``scheduler``
     (default: the current one, such as an active ``distributed.Client``)."""
     check_combine(combine)
     plan = _plan(kernel, arrays, args, halo, chunks, boundary, axis)
-    per_array = [np.moveaxis(plan.blocks(a).to_delayed(), plan.axis, 0).reshape(-1)
-                 for a in arrays]
+    per_array = [
+        np.moveaxis(plan.blocks(a).to_delayed(), plan.axis, 0).reshape(-1) for a in arrays
+    ]
     call = dask.delayed(kernel, pure=True)
     parts = [call(*row, *plan.args(tuple(args), k)) for k, row in enumerate(zip(*per_array))]
     total = dask.delayed(functools.reduce, pure=True)(combine, parts)

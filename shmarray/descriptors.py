@@ -22,8 +22,9 @@ import numpy as np
 from shmarray.blocks import BlockTable
 
 
-def byte_extent(shape: tuple[int, ...], strides: tuple[int, ...],
-                itemsize: int) -> tuple[int, int]:
+def byte_extent(
+    shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int
+) -> tuple[int, int]:
     """Bytes [lo, hi) an array touches, relative to its first element.
 
     >>> byte_extent((3, 4), (32, 8), 8)
@@ -47,18 +48,18 @@ def byte_extent(shape: tuple[int, ...], strides: tuple[int, ...],
 @dataclass(frozen=True, slots=True)
 class ArrayDescriptor:
     """Where an array lives inside a block: all a worker needs to rebuild it."""
+
     block: str
-    offset: int                 # of the first element, from the block start
+    offset: int  # of the first element, from the block start
     shape: tuple[int, ...]
     strides: tuple[int, ...]
-    dtype: str                  # ``np.dtype.str``, e.g. '<f8'
+    dtype: str  # ``np.dtype.str``, e.g. '<f8'
     writeable: bool = True
 
     @property
     def wire(self) -> tuple:
         """The fields as a plain tuple, the form in which Run carries it."""
-        return (self.block, self.offset, self.shape, self.strides, self.dtype,
-                self.writeable)
+        return (self.block, self.offset, self.shape, self.strides, self.dtype, self.writeable)
 
     def __reduce__(self):
         # Pickling through dataclass __getstate__ cost 7 us a message.
@@ -76,15 +77,18 @@ class ArrayDescriptor:
         if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
             raise ValueError(
                 f"descriptor of block {self.block!r} has dtype {dtype}; shared "
-                f"arrays hold plain numbers, so refusing to map it")
+                f"arrays hold plain numbers, so refusing to map it"
+            )
         lo, hi = byte_extent(self.shape, self.strides, dtype.itemsize)
         if self.offset + lo < 0 or self.offset + hi > buffer.size:
             raise ValueError(
                 f"descriptor reaches bytes [{self.offset + lo}, "
                 f"{self.offset + hi}) of block {self.block!r}, which has "
-                f"{buffer.size} bytes; refusing to map it")
-        out = np.ndarray(self.shape, dtype, buffer=buffer, offset=self.offset,
-                         strides=self.strides)
+                f"{buffer.size} bytes; refusing to map it"
+            )
+        out = np.ndarray(
+            self.shape, dtype, buffer=buffer, offset=self.offset, strides=self.strides
+        )
         if not self.writeable:
             out.flags.writeable = False
         return out
@@ -103,12 +107,18 @@ def describe(array: np.ndarray, table: BlockTable) -> ArrayDescriptor | None:
     if block is None:
         return None
     found = cache[key] = ArrayDescriptor(
-        block.name, data - block.address, array.shape, array.strides,
-        array.dtype.str, array.flags.writeable)
+        block.name,
+        data - block.address,
+        array.shape,
+        array.strides,
+        array.dtype.str,
+        array.flags.writeable,
+    )
     return found
 
 
 # -- Placeholders --------------------------------------------------------------
+
 
 class Placeholder:
     """Stands in ``args`` for a value only the worker knows, filled in for
@@ -126,7 +136,7 @@ class Placeholder:
         return f"shmarray.{self.name}"
 
     def __reduce__(self):
-        return self.name          # pickled as this module's global of that name
+        return self.name  # pickled as this module's global of that name
 
 
 row_offset = Placeholder("row_offset")
@@ -166,9 +176,11 @@ Examples
 
 # -- Kernels ---------------------------------------------------------------
 
+
 class KernelRef(NamedTuple):
     """A kernel importable by name: the worker imports it (and with it any
     on-disk numba cache) instead of receiving its code."""
+
     module: str
     qualname: str
 
@@ -203,6 +215,7 @@ class _Sourced(NamedTuple):
     """A function sent by value, and the file it came from: cloudpickle
     renames every file ``<dynamic-code>``, and a worker's traceback should
     name the caller's file and line."""
+
     function: Any
     filename: str
 
@@ -217,8 +230,9 @@ def by_value(obj: Any) -> bytes:
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
-    consts = tuple(_renamed(c, filename) if isinstance(c, types.CodeType) else c
-                   for c in code.co_consts)
+    consts = tuple(
+        _renamed(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
     return code.replace(co_filename=filename, co_consts=consts)
 
 
@@ -234,8 +248,18 @@ def load(payload: bytes) -> Any:
 # Arguments that plain pickle carries faithfully; anything else (an instance
 # of a class defined in the caller's __main__, a function, a closure) goes
 # by value with cloudpickle, since workers never import __main__.
-_PLAIN = (int, float, complex, bool, str, bytes, type(None), np.generic,
-          ArrayDescriptor, Placeholder)
+_PLAIN = (
+    int,
+    float,
+    complex,
+    bool,
+    str,
+    bytes,
+    type(None),
+    np.generic,
+    ArrayDescriptor,
+    Placeholder,
+)
 
 
 def pack_args(args: tuple) -> bytes:
@@ -276,10 +300,9 @@ class MainNamespace:
     """
 
     def __init__(self) -> None:
-        self.namespace: dict[str, Any] = {"__name__": "__main__",
-                                          "__builtins__": builtins}
-        self._sent: dict[str, Any] = {}      # name -> what the caller sent last
-        self._done: dict[int, Any] = {}      # id(object) -> adopted, per call
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self._sent: dict[str, Any] = {}  # name -> what the caller sent last
+        self._done: dict[int, Any] = {}  # id(object) -> adopted, per call
 
     def adopt(self, obj: Any) -> Any:
         """``obj``, rebound to this namespace if it comes from ``__main__``."""
@@ -293,8 +316,9 @@ class MainNamespace:
         if done is not None:
             return done
         if isinstance(obj, types.FunctionType) and self._foreign(obj.__globals__):
-            new = types.FunctionType(obj.__code__, self.namespace, obj.__name__,
-                                     obj.__defaults__, obj.__closure__)
+            new = types.FunctionType(
+                obj.__code__, self.namespace, obj.__name__, obj.__defaults__, obj.__closure__
+            )
             new.__kwdefaults__ = obj.__kwdefaults__
             new.__qualname__ = obj.__qualname__
             new.__module__ = obj.__module__
@@ -303,14 +327,19 @@ class MainNamespace:
             self._merge(obj.__globals__)
             return new
         py_func = getattr(obj, "py_func", None)
-        if (isinstance(py_func, types.FunctionType) and self._foreign(py_func.__globals__)
-                and hasattr(obj, "targetoptions")):
+        if (
+            isinstance(py_func, types.FunctionType)
+            and self._foreign(py_func.__globals__)
+            and hasattr(obj, "targetoptions")
+        ):
             try:
                 import numba
-                new = numba.jit(locals=dict(getattr(obj, "locals", {})),
-                                **obj.targetoptions)(self._adopt(py_func))
+
+                new = numba.jit(locals=dict(getattr(obj, "locals", {})), **obj.targetoptions)(
+                    self._adopt(py_func)
+                )
             except Exception:
-                return obj               # keep the dispatcher as it came
+                return obj  # keep the dispatcher as it came
             self._done[id(obj)] = new
             return new
         return obj
@@ -343,8 +372,10 @@ class MainNamespace:
 #
 # Coordinator -> worker
 
+
 class Install(NamedTuple):
     """Keep this kernel under ``key`` for later jobs."""
+
     key: int
     payload: bytes
 
@@ -363,10 +394,11 @@ class Define(NamedTuple):
     previous one; with a ``boundary``, the workers also fill the ghost cells
     next to their rows, in stages with the same waits.
     """
+
     job: int
     kernel: int
     arrays: tuple
-    args: bytes               # ``pack_args``
+    args: bytes  # ``pack_args``
     halo: int
     chunks: tuple[tuple[int, int], ...]
     indices: tuple[int, ...]
@@ -375,24 +407,27 @@ class Define(NamedTuple):
     iterated: bool = False
     neighbours: tuple[int, ...] = ()
     axis: int = 0
-    boundary: tuple | None = None   # boundary.Boundary: the workers fill ghosts
-    mode: int = 0                   # control.COLLECT | TRACK | STREAM
+    boundary: tuple | None = None  # boundary.Boundary: the workers fill ghosts
+    mode: int = 0  # control.COLLECT | TRACK | STREAM
 
 
 class Rebind(NamedTuple):
     """Job ``job`` keeps everything but takes these ``args`` from now on."""
+
     job: int
-    args: bytes               # ``pack_args``
+    args: bytes  # ``pack_args``
 
 
 class Forget(NamedTuple):
     """Drop these kernels and jobs."""
+
     kernels: tuple[int, ...]
     jobs: tuple[int, ...]
 
 
 class Release(NamedTuple):
     """These blocks were unlinked: unmap them, and drop jobs that use them."""
+
     names: tuple[str, ...]
 
 
@@ -405,6 +440,7 @@ class Stop(NamedTuple):
 
 class Ready(NamedTuple):
     """Started and waiting for work."""
+
     pid: int
 
 
@@ -412,6 +448,7 @@ class StartFailed(NamedTuple):
     """The worker could not start: what went wrong, for the coordinator to
     raise (nothing is printed in the worker).  ``stage``: "import",
     "start" or "initializer"."""
+
     stage: str
     type_name: str
     message: str
@@ -422,6 +459,7 @@ class Values(NamedTuple):
     """The kernel's return values for chunks ``indices`` of ring ``seq``,
     pickled apart (``pack_values``): the caller reads the ring number
     first, and unpickles only values of the ring it waits for."""
+
     seq: int
     indices: tuple[int, ...]
     payload: bytes
@@ -430,9 +468,10 @@ class Values(NamedTuple):
 class Failed(NamedTuple):
     """Chunk ``chunk`` (its index in the whole map) of ring ``seq`` raised.
     (Not named ``index``: that would hide ``tuple.index``.)"""
+
     seq: int
     chunk: int
-    error: bytes            # the pickled exception
+    error: bytes  # the pickled exception
     type_name: str
     message: str
     traceback: str
@@ -443,8 +482,7 @@ class Failed(NamedTuple):
 # tuple itself writes a class reference that costs about 3 us to pickle and
 # 2 us to unpickle, per message.
 
-MESSAGES = (Install, Define, Rebind, Forget, Release, Stop, Ready, StartFailed,
-            Values, Failed)
+MESSAGES = (Install, Define, Rebind, Forget, Release, Stop, Ready, StartFailed, Values, Failed)
 _TAGS = {cls: tag for tag, cls in enumerate(MESSAGES)}
 WAKE = b""
 

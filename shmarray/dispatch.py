@@ -56,7 +56,7 @@ class MapFuture(concurrent.futures.Future):
     def __init__(self, interrupt: Callable[[], None]):
         super().__init__()
         self._stop_requested = False
-        self._committed = False        # the driver has settled the outcome
+        self._committed = False  # the driver has settled the outcome
         self._stop_lock = threading.Lock()
         self._interrupt = interrupt
 
@@ -123,8 +123,7 @@ _get_ident = threading.get_ident
 
 
 def _stopped() -> MapCancelledError:
-    return MapCancelledError(
-        "the map was stopped while running; its workers were replaced")
+    return MapCancelledError("the map was stopped while running; its workers were replaced")
 
 
 class Dispatcher:
@@ -142,8 +141,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: collections.deque = collections.deque()
-        self._driver: int | None = None           # ident of the driving thread
-        self._current: MapFuture | None = None    # the queued call now running
+        self._driver: int | None = None  # ident of the driving thread
+        self._current: MapFuture | None = None  # the queued call now running
         self._thread: threading.Thread | None = None
         self._closing = False
         self._closed = False
@@ -164,7 +163,7 @@ class Dispatcher:
             with self._lock:
                 self._check_open()
                 if self._driver is None and not self._queue:
-                    driving = True        # first: _let_go is then harmless
+                    driving = True  # first: _let_go is then harmless
                     self._driver = threading.get_ident()
                 else:
                     future = self._enqueue(call)
@@ -182,7 +181,7 @@ class Dispatcher:
                 self._check_open()
             raise
         except BaseException:
-            future.stop()          # Ctrl-C while waiting stops it too
+            future.stop()  # Ctrl-C while waiting stops it too
             raise
 
     def run_prepared(self, call: Call) -> Any:
@@ -224,14 +223,16 @@ class Dispatcher:
             raise EngineClosedError(
                 "this Engine is closed (or closing): its blocks are unlinked "
                 "and its workers stopped. Create a new Engine (preferably in "
-                "a `with` block).")
+                "a `with` block)."
+            )
 
     def _enqueue(self, call: Call) -> MapFuture:
         future = MapFuture(self.interrupt)
         self._queue.append((future, call))
         if self._thread is None:
-            self._thread = threading.Thread(target=self._manage,
-                                            name="shmarray-manager", daemon=True)
+            self._thread = threading.Thread(
+                target=self._manage, name="shmarray-manager", daemon=True
+            )
             self._thread.start()
         self._changed.notify_all()
         return future
@@ -240,14 +241,13 @@ class Dispatcher:
         """The manager thread: drive queued calls in order."""
         while True:
             with self._lock:
-                while not self._closing and (self._driver is not None
-                                             or not self._queue):
+                while not self._closing and (self._driver is not None or not self._queue):
                     self._changed.wait()
                 if self._closing:
                     return
                 future, call = self._queue.popleft()
                 if not future.set_running_or_notify_cancel():
-                    del future, call      # release the caller's arrays now
+                    del future, call  # release the caller's arrays now
                     continue
                 self._driver = threading.get_ident()
                 self._current = future
@@ -286,8 +286,8 @@ class Dispatcher:
         with, or None to go on."""
         if self._closing:
             return EngineClosedError(
-                "the engine was closed while this map ran; its workers were "
-                "stopped")
+                "the engine was closed while this map ran; its workers were stopped"
+            )
         current = self._current
         if current is not None and current._stop_requested:
             return _stopped()
@@ -329,9 +329,12 @@ class Dispatcher:
                     break
             stuck = self._driver is not None
         if stuck:
-            warnings.warn("shmarray: a map did not stop within "
-                          f"{timeout:.0f} s of close(); its workers are killed",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "shmarray: a map did not stop within "
+                f"{timeout:.0f} s of close(); its workers are killed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._shutdown()
 
     def forget_in_child(self) -> None:
@@ -344,14 +347,15 @@ class Dispatcher:
 
     def _shutdown(self) -> None:
         # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
-        for what, step in (("unlinking blocks", self.table.close),
-                           ("stopping workers", self.pool.close),
-                           ("closing the dispatcher", self.runner.close)):
+        for what, step in (
+            ("unlinking blocks", self.table.close),
+            ("stopping workers", self.pool.close),
+            ("closing the dispatcher", self.runner.close),
+        ):
             try:
                 step()
             except Exception as exc:
-                warnings.warn(f"shmarray: {what} failed: {exc!r}",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(f"shmarray: {what} failed: {exc!r}", RuntimeWarning, stacklevel=3)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)

@@ -27,8 +27,9 @@ def engine_html(engine: Any) -> str:
     or closing meanwhile) falls back to its ``repr``."""
     try:
         if engine.closed:
-            return _box("shmarray.Engine", "<p>closed: its blocks are unlinked and its "
-                                           "workers stopped</p>")
+            return _box(
+                "shmarray.Engine", "<p>closed: its blocks are unlinked and its workers stopped</p>"
+            )
         return _live(engine)
     except Exception:
         return f"<pre>{html.escape(repr(engine))}</pre>"
@@ -37,18 +38,41 @@ def engine_html(engine: Any) -> str:
 def _live(engine: Any) -> str:
     stats = engine.stats()
     blocks = engine.blocks
-    title = (f"shmarray.Engine: {engine.workers} workers "
-             f"(start method {engine.start_method}, wait {engine.wait})")
-    head = ("worker", "pid", "RSS", "unique memory (USS)", "chunks run",
-            "kernels", "busy", "replaced")
-    rows = [(s.worker, s.pid, format_bytes(s.rss), format_bytes(s.uss), s.tasks,
-             s.kernels, f"{s.busy:.2f} s", s.replaced) for s in stats]
+    title = (
+        f"shmarray.Engine: {engine.workers} workers "
+        f"(start method {engine.start_method}, wait {engine.wait})"
+    )
+    head = (
+        "worker",
+        "pid",
+        "RSS",
+        "unique memory (USS)",
+        "chunks run",
+        "kernels",
+        "busy",
+        "replaced",
+    )
+    rows = [
+        (
+            s.worker,
+            s.pid,
+            format_bytes(s.rss),
+            format_bytes(s.uss),
+            s.tasks,
+            s.kernels,
+            f"{s.busy:.2f} s",
+            s.replaced,
+        )
+        for s in stats
+    ]
     workers = _table(head, rows)
     total = sum(b.size for b in blocks)
     shown = [(b.name, format_bytes(b.size)) for b in blocks[:BLOCKS_SHOWN]]
-    parts = [workers,
-             f"<p>{len(blocks)} shared block{'s' if len(blocks) != 1 else ''}, "
-             f"{_e(format_bytes(total))} in all</p>"]
+    parts = [
+        workers,
+        f"<p>{len(blocks)} shared block{'s' if len(blocks) != 1 else ''}, "
+        f"{_e(format_bytes(total))} in all</p>",
+    ]
     if shown:
         parts.append(_table(("block", "size"), shown))
         if len(blocks) > BLOCKS_SHOWN:
@@ -62,11 +86,12 @@ def _e(value: object) -> str:
 
 def _table(head: tuple[str, ...], rows: list[tuple]) -> str:
     th = "".join(f'<th style="{_STYLE}">{_e(h)}</th>' for h in head)
-    body = "".join("<tr>" + "".join(f'<td style="{_STYLE}">{_e(v)}</td>' for v in row)
-                   + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f'<td style="{_STYLE}">{_e(v)}</td>' for v in row) + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _box(title: str, body: str) -> str:
-    return (f'<div class="shmarray-engine"><strong>{_e(title)}</strong>'
-            f"{body}</div>")
+    return f'<div class="shmarray-engine"><strong>{_e(title)}</strong>{body}</div>'

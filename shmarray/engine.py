@@ -134,30 +134,49 @@ class Engine:
             eng.map(scale, y, x, args=(2.5,))
     """
 
-    _dispatcher: Dispatcher | None = None   # close() is safe after a failed __init__
+    _dispatcher: Dispatcher | None = None  # close() is safe after a failed __init__
     _finalizer: weakref.finalize | None = None
 
-    def __init__(self, workers: int | None = None, *,
-                 start_method: StartMethod | None = None,
-                 max_tasks_per_worker: int | None = None,
-                 startup_timeout: float = 120.0,
-                 initializer: Callable[..., Any] | None = None,
-                 initargs: Sequence[Any] = (),
-                 max_worker_memory: int | None = None,
-                 wait: Wait | None = None,
-                 storage: str | os.PathLike | None = None):
-        opts = options.engine_options(workers, start_method, max_tasks_per_worker,
-                                      startup_timeout, initializer, initargs,
-                                      max_worker_memory, wait, storage)
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        start_method: StartMethod | None = None,
+        max_tasks_per_worker: int | None = None,
+        startup_timeout: float = 120.0,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Sequence[Any] = (),
+        max_worker_memory: int | None = None,
+        wait: Wait | None = None,
+        storage: str | os.PathLike | None = None,
+    ):
+        opts = options.engine_options(
+            workers,
+            start_method,
+            max_tasks_per_worker,
+            startup_timeout,
+            initializer,
+            initargs,
+            max_worker_memory,
+            wait,
+            storage,
+        )
         self._owner = _pid
         cache = JobCache()
         store = blocks.storage_for(opts.storage)
-        pool = Pool(opts.workers, opts.start_method, opts.startup_timeout,
-                    opts.max_tasks, opts.max_memory, opts.initializer, opts.wait,
-                    store)
+        pool = Pool(
+            opts.workers,
+            opts.start_method,
+            opts.startup_timeout,
+            opts.max_tasks,
+            opts.max_memory,
+            opts.initializer,
+            opts.wait,
+            store,
+        )
         table = BlockTable(store)
         watchdog = pool.watchdog
-        assert watchdog is not None             # a Pool is built whole or not at all
+        assert watchdog is not None  # a Pool is built whole or not at all
         table.on_create = lambda name: watchdog.blocks(created=(name,))
         self._calls = Calls(cache, table, pool.size)
         self._dispatcher = Dispatcher(pool, table, cache)
@@ -183,7 +202,7 @@ class Engine:
         if self._finalizer is not None and self._finalizer.alive:
             self._finalizer()
         elif self._dispatcher is not None:
-            self._dispatcher.close()           # finish an interrupted close
+            self._dispatcher.close()  # finish an interrupted close
 
     @property
     def closed(self) -> bool:
@@ -202,19 +221,21 @@ class Engine:
             return "<shmarray.Engine closed>"
         try:
             stats = self.stats()
-        except Exception:        # closing meanwhile, or a forked child's copy
+        except Exception:  # closing meanwhile, or a forked child's copy
             return f"<shmarray.Engine workers={d.pool.size} (not this process's)>"
         uss = max((s.uss for s in stats), default=0)
-        return (f"<shmarray.Engine workers={d.pool.size} "
-                f"start_method={d.pool.start_method!r} "
-                f"storage={d.table.storage.spec!r} "
-                f"blocks={len(d.table.live())} "
-                f"tasks={sum(s.tasks for s in stats)} "
-                f"busy={sum(s.busy for s in stats):.1f}s "
-                f"max_worker_uss={format_bytes(uss)} "
-                f"replaced={sum(s.replaced for s in stats)}>")
+        return (
+            f"<shmarray.Engine workers={d.pool.size} "
+            f"start_method={d.pool.start_method!r} "
+            f"storage={d.table.storage.spec!r} "
+            f"blocks={len(d.table.live())} "
+            f"tasks={sum(s.tasks for s in stats)} "
+            f"busy={sum(s.busy for s in stats):.1f}s "
+            f"max_worker_uss={format_bytes(uss)} "
+            f"replaced={sum(s.replaced for s in stats)}>"
+        )
 
-    _repr_html_ = display.engine_html     # a notebook's view: workers and blocks
+    _repr_html_ = display.engine_html  # a notebook's view: workers and blocks
 
     def _live(self) -> Dispatcher:
         d = self._dispatcher
@@ -222,12 +243,14 @@ class Engine:
             raise RuntimeError(
                 "this Engine belongs to process "
                 f"{self._owner}; a forked child cannot use it. Create an "
-                "Engine in the child instead.")
+                "Engine in the child instead."
+            )
         if d is None or d.closing:
             raise EngineClosedError(
                 "this Engine is closed: its blocks are unlinked and its "
                 "workers stopped. Create a new Engine (preferably in a "
-                "`with` block).")
+                "`with` block)."
+            )
         return d
 
     @property
@@ -278,20 +301,30 @@ class Engine:
         """
         pool = self._live().pool
         ctl = pool.ctl
-        assert ctl is not None                  # a Pool is built whole or not at all
+        assert ctl is not None  # a Pool is built whole or not at all
         out = []
         for w in list(pool.workers):
             rss, uss = w.memory()
             chunks, busy_ns = ctl.totals(w.index)
-            out.append(WorkerStats(
-                w.index, w.pid, rss, uss, chunks - w.chunks_at_start, len(w.kernels),
-                (busy_ns - w.busy_at_start) / 1e9, pool.replaced[w.index]))
+            out.append(
+                WorkerStats(
+                    w.index,
+                    w.pid,
+                    rss,
+                    uss,
+                    chunks - w.chunks_at_start,
+                    len(w.kernels),
+                    (busy_ns - w.busy_at_start) / 1e9,
+                    pool.replaced[w.index],
+                )
+            )
         return out
 
     # -- allocation --------------------------------------------------------
 
-    def empty(self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64,
-              order: Order = "C") -> NDArray[Any]:
+    def empty(
+        self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64, order: Order = "C"
+    ) -> NDArray[Any]:
         """A new array in shared memory.
 
         Parameters
@@ -332,12 +365,13 @@ class Engine:
         dtype = options.coerce_dtype(dtype, "dtype")
         order = options.coerce_order(order)
         if d.table.has_released():
-            d.tidy()      # let workers unmap dead blocks before asking for more
+            d.tidy()  # let workers unmap dead blocks before asking for more
         buf = d.table.allocate(math.prod(shape) * dtype.itemsize)
         return np.ndarray(shape, dtype, buffer=buf, order=order)
 
-    def zeros(self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64,
-              order: Order = "C") -> NDArray[Any]:
+    def zeros(
+        self, shape: int | Sequence[int], dtype: npt.DTypeLike = np.float64, order: Order = "C"
+    ) -> NDArray[Any]:
         """A new zero-filled array in shared memory.
 
         Parameters
@@ -429,21 +463,41 @@ class Engine:
 
     # -- compute -----------------------------------------------------------
 
-    def _call(self, kernel: Kernel, arrays: tuple, args: Any, opts: CallOptions,
-              combine: Callable | None, steps: int = 1, stream: Sink | None = None,
-              iterated: bool = False, prepared: bool = False) -> tuple[Dispatcher, Call]:
+    def _call(
+        self,
+        kernel: Kernel,
+        arrays: tuple,
+        args: Any,
+        opts: CallOptions,
+        combine: Callable | None,
+        steps: int = 1,
+        stream: Sink | None = None,
+        iterated: bool = False,
+        prepared: bool = False,
+    ) -> tuple[Dispatcher, Call]:
         """Check everything in the caller's thread, before anything is sent."""
         d = self._dispatcher
         if d is None or d.closing or _pid != self._owner:
-            d = self._live()                 # raises the right error
-        return d, self._calls.make(kernel, arrays, args, opts, combine, steps,
-                                   stream, iterated, prepared)
+            d = self._live()  # raises the right error
+        return d, self._calls.make(
+            kernel, arrays, args, opts, combine, steps, stream, iterated, prepared
+        )
 
-    def prepare(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-                halo: int = 0, chunks: int | Sequence[int] | None = None,
-                timeout: float | None = None, schedule: Schedule = "static",
-                progress: bool | None = None, boundary: BoundaryMode = None,
-                axis: int = 0, retries: int = 0, errors: Errors = "raise") -> PreparedMap:
+    def prepare(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> PreparedMap:
         """A map made ready to run again and again at the least cost.
 
         Everything is checked once, here; then each ``step()`` rings the
@@ -480,47 +534,90 @@ class Engine:
                 step()
                 step.swap()
         """
-        opts = CallOptions(halo, chunks, schedule, axis, boundary, timeout, progress,
-                           retries, errors)
+        opts = CallOptions(
+            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
+        )
         d, call = self._call(kernel, arrays, args, opts, None, prepared=True)
         calls = self._calls
 
         def swapped() -> Call:
             if len(arrays) < 2:
-                raise ValueError("swap() exchanges the first two arrays; this map has "
-                                 f"{len(arrays)}.")
+                raise ValueError(
+                    f"swap() exchanges the first two arrays; this map has {len(arrays)}."
+                )
             options.check_swappable(arrays[0], arrays[1])
-            return calls.make(kernel, (arrays[1], arrays[0]) + arrays[2:], args, opts,
-                              None, prepared=True)
+            return calls.make(
+                kernel, (arrays[1], arrays[0]) + arrays[2:], args, opts, None, prepared=True
+            )
 
         return PreparedMap(d.run_prepared, call, swapped)
 
     @overload
-    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
-            halo: int = ..., chunks: int | Sequence[int] | None = ...,
-            timeout: float | None = ..., schedule: Schedule = ...,
-            progress: bool | None = ..., boundary: BoundaryMode = ..., axis: int = ...,
-            retries: int = ..., errors: Literal["raise"] = ...) -> None: ...
+    def map(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["raise"] = ...,
+    ) -> None: ...
 
     @overload
-    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
-            halo: int = ..., chunks: int | Sequence[int] | None = ...,
-            timeout: float | None = ..., schedule: Schedule = ...,
-            progress: bool | None = ..., boundary: BoundaryMode = ..., axis: int = ...,
-            retries: int = ..., errors: Literal["collect"]) -> MapReport: ...
+    def map(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["collect"],
+    ) -> MapReport: ...
 
     @overload
-    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
-            halo: int = ..., chunks: int | Sequence[int] | None = ...,
-            timeout: float | None = ..., schedule: Schedule = ...,
-            progress: bool | None = ..., boundary: BoundaryMode = ..., axis: int = ...,
-            retries: int = ..., errors: Errors = ...) -> MapReport | None: ...
+    def map(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Errors = ...,
+    ) -> MapReport | None: ...
 
-    def map(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-            halo: int = 0, chunks: int | Sequence[int] | None = None,
-            timeout: float | None = None, schedule: Schedule = "static",
-            progress: bool | None = None, boundary: BoundaryMode = None, axis: int = 0,
-            retries: int = 0, errors: Errors = "raise") -> MapReport | None:
+    def map(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> MapReport | None:
         """Run ``kernel`` on every chunk of rows, in the workers, in place.
 
         For every chunk ``(lo, hi)`` of rows along ``axis``, a worker calls
@@ -610,41 +707,87 @@ class Engine:
             eng.map(smooth, y, x, halo=1, boundary="wrap")   # ghost cells filled first
             report = eng.map(smooth, y, x, halo=1, errors="collect")
         """
-        d, call = self._call(kernel, arrays, args, CallOptions(
-            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
-            None)
+        d, call = self._call(
+            kernel,
+            arrays,
+            args,
+            CallOptions(
+                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
+            ),
+            None,
+        )
         return d.run(call)
 
     @overload
-    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
-               combine: Callable[[Any, Any], Any] = ..., halo: int = ...,
-               chunks: int | Sequence[int] | None = ..., timeout: float | None = ...,
-               schedule: Schedule = ..., progress: bool | None = ...,
-               boundary: BoundaryMode = ..., axis: int = ..., retries: int = ...,
-               errors: Literal["raise"] = ...) -> Any: ...
+    def reduce(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        combine: Callable[[Any, Any], Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["raise"] = ...,
+    ) -> Any: ...
 
     @overload
-    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
-               combine: Callable[[Any, Any], Any] = ..., halo: int = ...,
-               chunks: int | Sequence[int] | None = ..., timeout: float | None = ...,
-               schedule: Schedule = ..., progress: bool | None = ...,
-               boundary: BoundaryMode = ..., axis: int = ..., retries: int = ...,
-               errors: Literal["collect"]) -> MapReport: ...
+    def reduce(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        combine: Callable[[Any, Any], Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["collect"],
+    ) -> MapReport: ...
 
     @overload
-    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = ...,
-               combine: Callable[[Any, Any], Any] = ..., halo: int = ...,
-               chunks: int | Sequence[int] | None = ..., timeout: float | None = ...,
-               schedule: Schedule = ..., progress: bool | None = ...,
-               boundary: BoundaryMode = ..., axis: int = ..., retries: int = ...,
-               errors: Errors = ...) -> Any: ...
+    def reduce(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        combine: Callable[[Any, Any], Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Errors = ...,
+    ) -> Any: ...
 
-    def reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-               combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
-               chunks: int | Sequence[int] | None = None, timeout: float | None = None,
-               schedule: Schedule = "static", progress: bool | None = None,
-               boundary: BoundaryMode = None, axis: int = 0, retries: int = 0,
-               errors: Errors = "raise") -> Any:
+    def reduce(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        combine: Callable[[Any, Any], Any] = operator.add,
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> Any:
         """Run ``kernel`` on every chunk and combine the values it returns.
 
         As ``map``, but the kernel returns a value for its chunk, and the
@@ -685,17 +828,33 @@ class Engine:
             s = eng.reduce(total, x)                # x.sum(), up to rounding
             report = eng.reduce(total, x, errors="collect", retries=2)
         """
-        d, call = self._call(kernel, arrays, args, CallOptions(
-            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
-            options.check_combine(combine))
+        d, call = self._call(
+            kernel,
+            arrays,
+            args,
+            CallOptions(
+                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
+            ),
+            options.check_combine(combine),
+        )
         return d.run(call)
 
-    def imap(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-             combine: Callable[[Any, Any], Any] = operator.add, halo: int = 0,
-             chunks: int | Sequence[int] | None = None, timeout: float | None = None,
-             schedule: Schedule = "static", progress: bool | None = False,
-             boundary: BoundaryMode = None, axis: int = 0, retries: int = 0,
-             errors: Errors = "raise") -> ChunkStream:
+    def imap(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        combine: Callable[[Any, Any], Any] = operator.add,
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = False,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> ChunkStream:
         """Stream ``(rows, value)`` for each chunk as soon as it finishes.
 
         ``reduce`` as a stream: the values come in the order the chunks
@@ -733,16 +892,33 @@ class Engine:
             report = stream.result
         """
         sink = Sink()
-        d, call = self._call(kernel, arrays, args, CallOptions(
-            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
-            options.check_combine(combine), stream=sink)
+        d, call = self._call(
+            kernel,
+            arrays,
+            args,
+            CallOptions(
+                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
+            ),
+            options.check_combine(combine),
+            stream=sink,
+        )
         return ChunkStream(sink, d.submit(call), d.interrupt)
 
-    def iterate(self, kernel: Kernel, out: NDArray[Any], inp: NDArray[Any],
-                *arrays: NDArray[Any], steps: int, args: Sequence[Any] = (), halo: int = 0,
-                chunks: int | Sequence[int] | None = None, timeout: float | None = None,
-                progress: bool | None = None, boundary: BoundaryMode = None,
-                axis: int = 0) -> NDArray[Any]:
+    def iterate(
+        self,
+        kernel: Kernel,
+        out: NDArray[Any],
+        inp: NDArray[Any],
+        *arrays: NDArray[Any],
+        steps: int,
+        args: Sequence[Any] = (),
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+    ) -> NDArray[Any]:
         """Run ``steps`` steps of a double-buffered map inside the workers.
 
         The same as, and bit-identical to, ::
@@ -793,16 +969,30 @@ class Engine:
         if steps == 0:
             self._live()
             return inp
-        d, call = self._call(kernel, (out, inp) + arrays, args, CallOptions(
-            halo, chunks, "static", axis, boundary, timeout, progress), None, steps,
-            iterated=True)
+        d, call = self._call(
+            kernel,
+            (out, inp) + arrays,
+            args,
+            CallOptions(halo, chunks, "static", axis, boundary, timeout, progress),
+            None,
+            steps,
+            iterated=True,
+        )
         d.run(call)
         return out if steps % 2 else inp
 
-    def compare(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-                halo: int = 0, chunks: int | Sequence[int] | None = None,
-                schedule: Schedule = "static", repeat: int = 5, reduce: bool = False,
-                combine: Callable[[Any, Any], Any] = operator.add) -> Comparison:
+    def compare(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        schedule: Schedule = "static",
+        repeat: int = 5,
+        reduce: bool = False,
+        combine: Callable[[Any, Any], Any] = operator.add,
+    ) -> Comparison:
         """Time ``kernel`` sequentially and through this engine; check the results.
 
         Both run on copies of ``arrays`` (yours are not touched): the
@@ -839,19 +1029,39 @@ class Engine:
             print(eng.compare(heat_step, new, old, args=(0.2,), halo=1))
         """
         from shmarray.compare import compare
+
         self._live()
         options.check_kernel(kernel)
-        return compare(self, kernel, *arrays, args=args, halo=halo, chunks=chunks,
-                       schedule=schedule, repeat=repeat, reduce=reduce,
-                       combine=combine)
+        return compare(
+            self,
+            kernel,
+            *arrays,
+            args=args,
+            halo=halo,
+            chunks=chunks,
+            schedule=schedule,
+            repeat=repeat,
+            reduce=reduce,
+            combine=combine,
+        )
 
     # -- non-blocking ------------------------------------------------------
 
-    def submit(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-               halo: int = 0, chunks: int | Sequence[int] | None = None,
-               timeout: float | None = None, schedule: Schedule = "static",
-               progress: bool | None = None, boundary: BoundaryMode = None,
-               axis: int = 0, retries: int = 0, errors: Errors = "raise") -> MapFuture:
+    def submit(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> MapFuture:
         """Start ``map(kernel, *arrays, ...)`` and return at once.
 
         It returns whatever is running: submitted maps wait their turn on
@@ -885,18 +1095,33 @@ class Engine:
             ...                                  # other work meanwhile
             future.result()
         """
-        d, call = self._call(kernel, arrays, args, CallOptions(
-            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
-            None)
+        d, call = self._call(
+            kernel,
+            arrays,
+            args,
+            CallOptions(
+                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
+            ),
+            None,
+        )
         return d.submit(call)
 
-    def submit_reduce(self, kernel: Kernel, *arrays: NDArray[Any], args: Sequence[Any] = (),
-                      combine: Callable[[Any, Any], Any] = operator.add,
-                      halo: int = 0, chunks: int | Sequence[int] | None = None,
-                      timeout: float | None = None, schedule: Schedule = "static",
-                      progress: bool | None = None, boundary: BoundaryMode = None,
-                      axis: int = 0, retries: int = 0,
-                      errors: Errors = "raise") -> MapFuture:
+    def submit_reduce(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        combine: Callable[[Any, Any], Any] = operator.add,
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> MapFuture:
         """Start ``reduce(kernel, *arrays, ...)`` and return at once.
 
         ``submit`` for ``reduce``: the future's result is what ``reduce``
@@ -918,45 +1143,83 @@ class Engine:
         TypeError, ValueError, EngineClosedError
             As for ``submit``.
         """
-        d, call = self._call(kernel, arrays, args, CallOptions(
-            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors),
-            options.check_combine(combine))
+        d, call = self._call(
+            kernel,
+            arrays,
+            args,
+            CallOptions(
+                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
+            ),
+            options.check_combine(combine),
+        )
         return d.submit(call)
 
     @overload
-    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                        args: Sequence[Any] = ..., halo: int = ...,
-                        chunks: int | Sequence[int] | None = ...,
-                        timeout: float | None = ..., schedule: Schedule = ...,
-                        progress: bool | None = ..., boundary: BoundaryMode = ...,
-                        axis: int = ..., retries: int = ...,
-                        errors: Literal["raise"] = ...) -> None: ...
+    async def map_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["raise"] = ...,
+    ) -> None: ...
 
     @overload
-    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                        args: Sequence[Any] = ..., halo: int = ...,
-                        chunks: int | Sequence[int] | None = ...,
-                        timeout: float | None = ..., schedule: Schedule = ...,
-                        progress: bool | None = ..., boundary: BoundaryMode = ...,
-                        axis: int = ..., retries: int = ...,
-                        errors: Literal["collect"]) -> MapReport: ...
+    async def map_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["collect"],
+    ) -> MapReport: ...
 
     @overload
-    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                        args: Sequence[Any] = ..., halo: int = ...,
-                        chunks: int | Sequence[int] | None = ...,
-                        timeout: float | None = ..., schedule: Schedule = ...,
-                        progress: bool | None = ..., boundary: BoundaryMode = ...,
-                        axis: int = ..., retries: int = ...,
-                        errors: Errors = ...) -> MapReport | None: ...
+    async def map_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Errors = ...,
+    ) -> MapReport | None: ...
 
-    async def map_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                        args: Sequence[Any] = (), halo: int = 0,
-                        chunks: int | Sequence[int] | None = None,
-                        timeout: float | None = None, schedule: Schedule = "static",
-                        progress: bool | None = None, boundary: BoundaryMode = None,
-                        axis: int = 0, retries: int = 0,
-                        errors: Errors = "raise") -> MapReport | None:
+    async def map_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> MapReport | None:
         """``map`` for asyncio code: ``await eng.map_async(kernel, *arrays, ...)``.
 
         The event loop stays free while the workers run; cancelling the
@@ -984,49 +1247,93 @@ class Engine:
             async def handle(request):
                 await eng.map_async(scale, y, x, args=(request.factor,))
         """
-        return await _awaited(self.submit(
-            kernel, *arrays, args=args, halo=halo, chunks=chunks, timeout=timeout,
-            schedule=schedule, progress=progress, boundary=boundary, axis=axis,
-            retries=retries, errors=errors))
+        return await _awaited(
+            self.submit(
+                kernel,
+                *arrays,
+                args=args,
+                halo=halo,
+                chunks=chunks,
+                timeout=timeout,
+                schedule=schedule,
+                progress=progress,
+                boundary=boundary,
+                axis=axis,
+                retries=retries,
+                errors=errors,
+            )
+        )
 
     @overload
-    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                           args: Sequence[Any] = ...,
-                           combine: Callable[[Any, Any], Any] = ...,
-                           halo: int = ..., chunks: int | Sequence[int] | None = ...,
-                           timeout: float | None = ..., schedule: Schedule = ...,
-                           progress: bool | None = ..., boundary: BoundaryMode = ...,
-                           axis: int = ..., retries: int = ...,
-                           errors: Literal["raise"] = ...) -> Any: ...
+    async def reduce_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        combine: Callable[[Any, Any], Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["raise"] = ...,
+    ) -> Any: ...
 
     @overload
-    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                           args: Sequence[Any] = ...,
-                           combine: Callable[[Any, Any], Any] = ...,
-                           halo: int = ..., chunks: int | Sequence[int] | None = ...,
-                           timeout: float | None = ..., schedule: Schedule = ...,
-                           progress: bool | None = ..., boundary: BoundaryMode = ...,
-                           axis: int = ..., retries: int = ...,
-                           errors: Literal["collect"]) -> MapReport: ...
+    async def reduce_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        combine: Callable[[Any, Any], Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Literal["collect"],
+    ) -> MapReport: ...
 
     @overload
-    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                           args: Sequence[Any] = ...,
-                           combine: Callable[[Any, Any], Any] = ...,
-                           halo: int = ..., chunks: int | Sequence[int] | None = ...,
-                           timeout: float | None = ..., schedule: Schedule = ...,
-                           progress: bool | None = ..., boundary: BoundaryMode = ...,
-                           axis: int = ..., retries: int = ...,
-                           errors: Errors = ...) -> Any: ...
+    async def reduce_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = ...,
+        combine: Callable[[Any, Any], Any] = ...,
+        halo: int = ...,
+        chunks: int | Sequence[int] | None = ...,
+        timeout: float | None = ...,
+        schedule: Schedule = ...,
+        progress: bool | None = ...,
+        boundary: BoundaryMode = ...,
+        axis: int = ...,
+        retries: int = ...,
+        errors: Errors = ...,
+    ) -> Any: ...
 
-    async def reduce_async(self, kernel: Kernel, *arrays: NDArray[Any],
-                           args: Sequence[Any] = (),
-                           combine: Callable[[Any, Any], Any] = operator.add,
-                           halo: int = 0, chunks: int | Sequence[int] | None = None,
-                           timeout: float | None = None, schedule: Schedule = "static",
-                           progress: bool | None = None, boundary: BoundaryMode = None,
-                           axis: int = 0, retries: int = 0,
-                           errors: Errors = "raise") -> Any:
+    async def reduce_async(
+        self,
+        kernel: Kernel,
+        *arrays: NDArray[Any],
+        args: Sequence[Any] = (),
+        combine: Callable[[Any, Any], Any] = operator.add,
+        halo: int = 0,
+        chunks: int | Sequence[int] | None = None,
+        timeout: float | None = None,
+        schedule: Schedule = "static",
+        progress: bool | None = None,
+        boundary: BoundaryMode = None,
+        axis: int = 0,
+        retries: int = 0,
+        errors: Errors = "raise",
+    ) -> Any:
         """``reduce`` for asyncio code: ``await eng.reduce_async(kernel, *arrays, ...)``.
 
         The event loop stays free while the workers run; cancelling the
@@ -1048,15 +1355,28 @@ class Engine:
         TypeError, ValueError, WorkerCrashedError, TaskTimeoutError, EngineClosedError
             As for ``reduce``, when awaited; and the kernel's own exception.
         """
-        return await _awaited(self.submit_reduce(
-            kernel, *arrays, args=args, combine=combine, halo=halo, chunks=chunks,
-            timeout=timeout, schedule=schedule, progress=progress, boundary=boundary,
-            axis=axis, retries=retries, errors=errors))
+        return await _awaited(
+            self.submit_reduce(
+                kernel,
+                *arrays,
+                args=args,
+                combine=combine,
+                halo=halo,
+                chunks=chunks,
+                timeout=timeout,
+                schedule=schedule,
+                progress=progress,
+                boundary=boundary,
+                axis=axis,
+                retries=retries,
+                errors=errors,
+            )
+        )
 
 
 async def _awaited(future: MapFuture) -> Any:
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
-        future.stop()            # the task was cancelled: so is the map
+        future.stop()  # the task was cancelled: so is the map
         raise

@@ -43,8 +43,9 @@ class SharedMemoryFullError(ShmarrayError, MemoryError):
         The engine's ``storage=``.
     """
 
-    def __init__(self, message: str, requested: int, free: int, path: str | None,
-                 storage: str = "shm"):
+    def __init__(
+        self, message: str, requested: int, free: int, path: str | None, storage: str = "shm"
+    ):
         super().__init__(message)
         self.requested = requested
         self.free = free
@@ -52,8 +53,7 @@ class SharedMemoryFullError(ShmarrayError, MemoryError):
         self.storage = storage
 
     def __reduce__(self):
-        return type(self), (str(self), self.requested, self.free, self.path,
-                            self.storage)
+        return type(self), (str(self), self.requested, self.free, self.path, self.storage)
 
 
 class WorkerCrashedError(ShmarrayError):
@@ -73,8 +73,7 @@ class WorkerCrashedError(ShmarrayError):
         The rows ``(lo, hi)`` of the chunk it was running, if known.
     """
 
-    def __init__(self, message: str, pid: int, exitcode: int | None,
-                 rows: tuple[int, int] | None):
+    def __init__(self, message: str, pid: int, exitcode: int | None, rows: tuple[int, int] | None):
         super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode
@@ -210,8 +209,13 @@ class MapReport:
     value: Any
     chunks: int
 
-    def __init__(self, failed: list[tuple[tuple[int, int], BaseException]],
-                 retried: list[tuple[int, int]], value: Any, chunks: int):
+    def __init__(
+        self,
+        failed: list[tuple[tuple[int, int], BaseException]],
+        retried: list[tuple[int, int]],
+        value: Any,
+        chunks: int,
+    ):
         self.failed = failed
         self.retried = retried
         self.value = value
@@ -227,8 +231,10 @@ class MapReport:
         if self.retried:
             parts.append(f"{len(self.retried)} after a retry")
         for (lo, hi), exc in self.failed[:3]:
-            parts.append(f"rows {lo}:{hi} failed: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}")
+            parts.append(
+                f"rows {lo}:{hi} failed: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            )
         if len(self.failed) > 3:
             parts.append(f"... {len(self.failed) - 3} more failed")
         return "<MapReport " + "; ".join(parts) + ">"

@@ -30,15 +30,19 @@ class Holdings:
         self.table = table
         self.cache = cache
         self.kernels = KernelTable()
-        self.defined: dict[int, frozenset[str]] = {}   # job key -> its blocks
-        self.forgets = 0             # Forget and Release rounds sent
+        self.defined: dict[int, frozenset[str]] = {}  # job key -> its blocks
+        self.forgets = 0  # Forget and Release rounds sent
 
     def ready(self, job, args: tuple) -> bool:
         """The lean path: every worker ``job`` uses holds it, its kernel and
         these ``args``, and nothing is pending."""
-        return (job.ready == self.forgets and job.ready_pool == self.pool.generation
-                and not self.table.has_released() and not self.cache.forgotten
-                and (args is job.ready_args or same_args(job.ready_args, args)))
+        return (
+            job.ready == self.forgets
+            and job.ready_pool == self.pool.generation
+            and not self.table.has_released()
+            and not self.cache.forgotten
+            and (args is job.ready_args or same_args(job.ready_args, args))
+        )
 
     def prepare(self, job, args: tuple, wake, closing) -> None:
         """Make every worker ``job`` uses hold it, its kernel and ``args``."""
@@ -49,11 +53,13 @@ class Holdings:
             self.forget(kernels=evicted)
         if job.groups is None:
             job.groups = self.groups(job)
-            assert self.pool.ctl is not None    # a Pool is built whole or not at all
+            assert self.pool.ctl is not None  # a Pool is built whole or not at all
             job.done_at = self.pool.ctl.done_words([w for w, _, _ in job.groups])
             job.workers = np.array([w for w, _, _ in job.groups], np.int64)
-        job.busy = [self.provide(w, job, args, indices, chunks, wake, closing)
-                    for w, indices, chunks in job.groups]
+        job.busy = [
+            self.provide(w, job, args, indices, chunks, wake, closing)
+            for w, indices, chunks in job.groups
+        ]
         # Valid until a worker is replaced or something is forgotten.
         # (Bound, so the job holds descriptors, never the caller's arrays.)
         job.ready, job.ready_pool = self.forgets, self.pool.generation
@@ -66,8 +72,7 @@ class Holdings:
         if not job.dynamic:
             return job.plan.groups
         indices = job.indices or tuple(range(len(chunks)))
-        return tuple((w, indices, chunks)
-                     for w in range(min(self.pool.size, len(chunks))))
+        return tuple((w, indices, chunks) for w in range(min(self.pool.size, len(chunks))))
 
     @staticmethod
     def neighbours(job, index: int) -> tuple[int, ...]:
@@ -76,14 +81,15 @@ class Holdings:
         rows it reads, and those that read its rows (``boundary.readers``)."""
         if job.dynamic or job.tracked or not (job.iterated or job.boundary is not None):
             return ()
-        order = [w for w, _, _ in job.groups]      # groups run in row order
+        order = [w for w, _, _ in job.groups]  # groups run in row order
         rows = [(chunks[0][0], chunks[-1][1]) for _, _, chunks in job.groups]
         n = job.plan.chunks[-1][1] + job.halo
         waits = boundary.readers(rows, n, job.halo, job.boundary)[order.index(index)]
         return tuple(order[g] for g in sorted(waits))
 
-    def provide(self, index: int, job, args: tuple, indices: tuple, chunks: tuple,
-                wake, closing) -> WorkerProcess:
+    def provide(
+        self, index: int, job, args: tuple, indices: tuple, chunks: tuple, wake, closing
+    ) -> WorkerProcess:
         """Worker ``index`` with the kernel, the job and ``args``; a worker
         found dead while idle is replaced (nothing was lost)."""
         key, payload, _ = self.kernels.entry(job.kernel)
@@ -95,12 +101,26 @@ class Holdings:
             held = w.jobs.get(job.key)
             if held is None:
                 bound = job.bind(args)
-                w.send(Define(job.key, key, job.descriptors, pack_args(bound),
-                              job.halo, chunks, indices, job.want_values,
-                              job.dynamic, job.iterated,
-                              self.neighbours(job, index), job.axis,
-                              None if job.dynamic or job.tracked or job.boundary is None
-                              else tuple(job.boundary), job.mode))
+                w.send(
+                    Define(
+                        job.key,
+                        key,
+                        job.descriptors,
+                        pack_args(bound),
+                        job.halo,
+                        chunks,
+                        indices,
+                        job.want_values,
+                        job.dynamic,
+                        job.iterated,
+                        self.neighbours(job, index),
+                        job.axis,
+                        None
+                        if job.dynamic or job.tracked or job.boundary is None
+                        else tuple(job.boundary),
+                        job.mode,
+                    )
+                )
                 w.jobs[job.key] = bound
                 self.defined[job.key] = job.blocks
             elif held is not args and not same_args(held, args):
@@ -118,7 +138,7 @@ class Holdings:
         released = self.table.take_released()
         if released:
             if self.table.storage.leaks:
-                assert self.pool.watchdog is not None   # a Pool is built whole or not at all
+                assert self.pool.watchdog is not None  # a Pool is built whole or not at all
                 self.pool.watchdog.blocks(gone=released)
             gone = set(released)
             self.cache.drop_blocks(gone)
@@ -155,4 +175,4 @@ class Holdings:
         try:
             w.send(msg)
         except OSError:
-            pass            # dead: replaced before it is given work
+            pass  # dead: replaced before it is given work

@@ -39,7 +39,8 @@ class KernelTable:
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
         self._entries: collections.OrderedDict[int, tuple[int, Any, bytes]] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
         self._next_key = 0
 
     def entry(self, kernel) -> tuple[int, bytes, list[int]]:
@@ -67,15 +68,51 @@ class Job:
     for one call only, which the driver forgets after running it.
     """
 
-    __slots__ = ("key", "kernel", "descriptors", "args", "halo", "plan",
-                 "dynamic", "iterated", "want_values", "axis", "boundary", "blocks",
-                 "cached", "_refs", "mode", "indices",
-                 "groups", "done_at", "workers", "args_are_plain", "busy", "ready",
-                 "ready_pool", "ready_args", "tracked", "round_words")
+    __slots__ = (
+        "key",
+        "kernel",
+        "descriptors",
+        "args",
+        "halo",
+        "plan",
+        "dynamic",
+        "iterated",
+        "want_values",
+        "axis",
+        "boundary",
+        "blocks",
+        "cached",
+        "_refs",
+        "mode",
+        "indices",
+        "groups",
+        "done_at",
+        "workers",
+        "args_are_plain",
+        "busy",
+        "ready",
+        "ready_pool",
+        "ready_args",
+        "tracked",
+        "round_words",
+    )
 
-    def __init__(self, key: int, kernel: Callable, arrays: tuple, descriptors: tuple,
-                 args: tuple, halo: int, plan: Plan, dynamic: bool, want_values: bool,
-                 iterated: bool = False, axis: int = 0, boundary=None, mode: int = 0):
+    def __init__(
+        self,
+        key: int,
+        kernel: Callable,
+        arrays: tuple,
+        descriptors: tuple,
+        args: tuple,
+        halo: int,
+        plan: Plan,
+        dynamic: bool,
+        want_values: bool,
+        iterated: bool = False,
+        axis: int = 0,
+        boundary=None,
+        mode: int = 0,
+    ):
         """``args``: the template (see above); ``iterated``: swap the first
         two arrays after each of several steps (``Engine.iterate``);
         ``axis``: the split axis; ``boundary``: a ``boundary.Boundary``;
@@ -95,9 +132,12 @@ class Job:
         self.tracked = bool(mode & control.TRACK)
         # Its rounds use NEXT and STOP (reset before each).
         self.round_words = dynamic or iterated or boundary is not None or self.tracked
-        self.indices: tuple[int, ...] | None = None   # a retry's: the chunks' places in the whole map
-        self.blocks = frozenset([d.block for d in descriptors] + [
-            a.block for a in self.args if a is not None])
+        self.indices: tuple[int, ...] | None = (
+            None  # a retry's: the chunks' places in the whole map
+        )
+        self.blocks = frozenset(
+            [d.block for d in descriptors] + [a.block for a in self.args if a is not None]
+        )
         self.cached = False
         self._refs = tuple(weakref.ref(a) for a in arrays)
         self.args_are_plain = all(t is None for t in args)
@@ -106,7 +146,7 @@ class Job:
         # the pool's generations and the args when they last all held it.
         self.groups: tuple | None = None
         self.done_at: np.ndarray | None = None
-        self.workers: np.ndarray | None = None   # the indices of those workers, for the lean path
+        self.workers: np.ndarray | None = None  # the indices of those workers, for the lean path
         self.busy: list = []
         self.ready = self.ready_pool = -1
         self.ready_args: tuple = ()
@@ -143,26 +183,28 @@ class Job:
 class Layout(NamedTuple):
     """How a call lays its arrays out, and how it treats failures: part of
     what defines a job."""
+
     halo: int
     chunks: object
     schedule: str
     axis: int
     boundary: object
-    mode: int = 0             # control.COLLECT | TRACK | STREAM
+    mode: int = 0  # control.COLLECT | TRACK | STREAM
 
 
 class Call(NamedTuple):
     """One map or reduce to run: a job and what varies per call."""
+
     job: Job
     args: tuple
     timeout: float | None
     progress: bool | None
     combine: Callable | None
-    steps: int = 1            # an iterated job's steps
-    arrays: tuple = ()        # the caller's arrays: alive until the call ends
-    retries: int = 0          # runs again of a chunk whose worker died or timed out
-    collect: bool = False     # errors="collect": return a MapReport
-    stream: Any = None        # imap's Stream: values go there as they come
+    steps: int = 1  # an iterated job's steps
+    arrays: tuple = ()  # the caller's arrays: alive until the call ends
+    retries: int = 0  # runs again of a chunk whose worker died or timed out
+    collect: bool = False  # errors="collect": return a MapReport
+    stream: Any = None  # imap's Stream: values go there as they come
 
 
 # Plain values that compare cheaply and exactly; anything else (a list, a
@@ -189,7 +231,7 @@ def same_args(held: tuple, args: tuple) -> bool:
         return False
     for h, a in zip(held, args):
         if type(h) is ArrayDescriptor:
-            continue                # a shared array: fixed by the job
+            continue  # a shared array: fixed by the job
         if h is a and isinstance(a, _PLAIN):
             continue
         if type(h) is not type(a) or not isinstance(a, _PLAIN):
@@ -215,8 +257,18 @@ def _plain_chunks(chunks) -> object:
 _UNUSUAL = object()
 
 
-def signature(kernel, arrays: tuple, args, halo, chunks, schedule, axis, boundary,
-              mode: int, want_values: bool) -> tuple | None:
+def signature(
+    kernel,
+    arrays: tuple,
+    args,
+    halo,
+    chunks,
+    schedule,
+    axis,
+    boundary,
+    mode: int,
+    want_values: bool,
+) -> tuple | None:
     """A cheap key for a call, or None when the call must be checked in full
     (anything unusual: the full check then explains what is wrong).
 
@@ -245,8 +297,7 @@ def signature(kernel, arrays: tuple, args, halo, chunks, schedule, axis, boundar
             else:
                 return None
         boundary = (tb, boundary)
-    key: tuple = (id(kernel), halo, chunks, schedule, want_values, len(args), axis,
-                  boundary, mode)
+    key: tuple = (id(kernel), halo, chunks, schedule, want_values, len(args), axis, boundary, mode)
     for a in arrays:
         if type(a) is not np.ndarray:
             return None
@@ -294,7 +345,7 @@ class JobCache:
         return next(self._keys)
 
     def add(self, sig: tuple | None, job: Job) -> Job:
-        if sig is None:          # not cacheable: forgotten after its call
+        if sig is None:  # not cacheable: forgotten after its call
             return job
         job.cached = True
         with self._lock:
@@ -325,40 +376,67 @@ class Calls:
         self.table = table
         self.workers = workers
 
-    def make(self, kernel, arrays: tuple, args, opts, combine: Callable | None,
-             steps: int = 1, stream: Any = None, iterated: bool = False,
-             prepared: bool = False) -> Call:
+    def make(
+        self,
+        kernel,
+        arrays: tuple,
+        args,
+        opts,
+        combine: Callable | None,
+        steps: int = 1,
+        stream: Any = None,
+        iterated: bool = False,
+        prepared: bool = False,
+    ) -> Call:
         want_values = combine is not None
         halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors = opts
-        if (type(retries) is not int or retries != 0 or errors != "raise"
-                or stream is not None or prepared):
+        if (
+            type(retries) is not int
+            or retries != 0
+            or errors != "raise"
+            or stream is not None
+            or prepared
+        ):
             retries = options.coerce_retries(retries)
             collect = options.coerce_errors(errors)
-            mode = (control.TRACK | (control.COLLECT if collect else 0)
-                    | (control.STREAM if stream is not None else 0)
-                    if retries or collect or stream is not None else 0)
+            mode = (
+                control.TRACK
+                | (control.COLLECT if collect else 0)
+                | (control.STREAM if stream is not None else 0)
+                if retries or collect or stream is not None
+                else 0
+            )
             if prepared:
                 mode |= control.PREPARED
         else:
             collect, mode = False, 0
         if iterated:
             schedule = "iterate"
-        sig = signature(kernel, arrays, args, halo, chunks, schedule, axis, boundary, mode,
-                        want_values)
+        sig = signature(
+            kernel, arrays, args, halo, chunks, schedule, axis, boundary, mode, want_values
+        )
         job = self.cache.get(sig, kernel, arrays, args)
         if job is None:
             layout = Layout(halo, chunks, schedule, axis, boundary, mode)
-            job = self.cache.add(sig, self._new_job(kernel, arrays, args, layout,
-                                                    want_values))
+            job = self.cache.add(sig, self._new_job(kernel, arrays, args, layout, want_values))
         if timeout is not None:
             timeout = options.coerce_timeout(timeout)
         if progress is not None and progress is not True and progress is not False:
             options.coerce_progress(progress)
-        return Call(job, args if type(args) is tuple else tuple(args), timeout,
-                    progress, combine, steps, arrays, retries, collect, stream)
+        return Call(
+            job,
+            args if type(args) is tuple else tuple(args),
+            timeout,
+            progress,
+            combine,
+            steps,
+            arrays,
+            retries,
+            collect,
+            stream,
+        )
 
-    def _new_job(self, kernel, arrays: tuple, args, layout: Layout,
-                 want_values: bool) -> Job:
+    def _new_job(self, kernel, arrays: tuple, args, layout: Layout, want_values: bool) -> Job:
         options.check_kernel(kernel)
         args = options.coerce_args(args)
         halo = options.coerce_halo(layout.halo)
@@ -374,11 +452,26 @@ class Calls:
         # The arrays the job describes, including shared ones among the args
         # (those, and only those, become descriptors in its template).
         refs = tuple(arrays) + tuple(a for a in args if type(a) is np.ndarray)
-        template = tuple(d if isinstance(a, np.ndarray) and type(d) is ArrayDescriptor
-                         else None for a, d in zip(args, described))
+        template = tuple(
+            d if isinstance(a, np.ndarray) and type(d) is ArrayDescriptor else None
+            for a, d in zip(args, described)
+        )
         if iterated:
             options.check_swappable(arrays[0], arrays[1])
         if layout.mode & control.TRACK:
             options.check_trackable(len(where.chunks))
-        return Job(self.cache.new_key(), kernel, refs, descriptors, template,
-                   halo, where, dynamic, want_values, iterated, axis, bound, layout.mode)
+        return Job(
+            self.cache.new_key(),
+            kernel,
+            refs,
+            descriptors,
+            template,
+            halo,
+            where,
+            dynamic,
+            want_values,
+            iterated,
+            axis,
+            bound,
+            layout.mode,
+        )

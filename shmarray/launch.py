@@ -56,14 +56,20 @@ DEFAULT_METHOD = "forkserver"
 # cores must not each start N threads.  Set in the environment of the fork
 # server and of spawned children before they import numpy or numba, which
 # read them at import, so no library's internals need touching.
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-               "NUMBA_NUM_THREADS")
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+)
 PRELOAD = ("numpy", "numba", "shmarray.worker", "shmarray.watchdog")
 
 
 class Fd(NamedTuple):
     """Stands for the ``position``-th file descriptor passed with a request."""
+
     position: int
 
 
@@ -85,11 +91,12 @@ def _substitute(args: tuple, fds: list[int]) -> tuple:
 class Request(NamedTuple):
     """What a child is to run, and where: the coordinator's import path and
     working directory, so kernels importable there are importable here."""
-    target: str                 # "module:function"
+
+    target: str  # "module:function"
     args: tuple
     sys_path: list[str]
     cwd: str
-    report: int | None          # the fd (index) to report a failed import on
+    report: int | None  # the fd (index) to report a failed import on
 
     @classmethod
     def make(cls, target: str, args: tuple, report: int | None) -> Request:
@@ -136,9 +143,17 @@ def _report(fd: int, exc: BaseException) -> bool:
         from multiprocessing.connection import Connection
 
         from shmarray.descriptors import StartFailed, encode
-        Connection(fd, readable=False).send_bytes(encode(StartFailed(
-            "import", type(exc).__qualname__, str(exc),
-            "".join(traceback.format_exception(exc)))))
+
+        Connection(fd, readable=False).send_bytes(
+            encode(
+                StartFailed(
+                    "import",
+                    type(exc).__qualname__,
+                    str(exc),
+                    "".join(traceback.format_exception(exc)),
+                )
+            )
+        )
         return True
     except BaseException:
         return False
@@ -176,13 +191,13 @@ class Child:
         self._alive = alive
         self._pidfd = -1
         self._code: int | None = None
-        self.status_known = True      # False: it exited, but nobody could say how
+        self.status_known = True  # False: it exited, but nobody could say how
         self.closed = False
         if _HAVE_PIDFD:
             try:
                 fd = os.pidfd_open(pid)
             except OSError:
-                fd = -1               # gone already, or no pidfds here after all
+                fd = -1  # gone already, or no pidfds here after all
             # Opened while the pipe showed the process alive: then the pidfd
             # is surely this process's, not a recycled pid's.
             if fd >= 0 and wait_readable([alive], 0):
@@ -191,7 +206,7 @@ class Child:
             self._pidfd = fd
         self.sentinel = self._pidfd if self._pidfd >= 0 else alive
 
-    def _collect(self) -> int | None:           # launcher-specific
+    def _collect(self) -> int | None:  # launcher-specific
         raise NotImplementedError
 
     def exited(self) -> bool:
@@ -254,6 +269,7 @@ def wait_readable(fds: list, timeout: float | None) -> list:
 
 # -- fork server -----------------------------------------------------------------
 
+
 class _ServedChild(Child):
     """A child of the fork server, which reports its exit status on a pipe
     once it has reaped it."""
@@ -271,7 +287,7 @@ class _ServedChild(Child):
             except OSError:
                 pass
         if len(data) < 4:
-            self.status_known = False   # the server is gone: nobody can tell
+            self.status_known = False  # the server is gone: nobody can tell
             return 255
         return struct.unpack("i", data)[0]
 
@@ -299,21 +315,30 @@ class ForkServer:
         return self._proc.pid if self._proc is not None else None
 
     def _ensure(self) -> socket.socket:
-        if self._pid != os.getpid():        # a forked copy: not ours
+        if self._pid != os.getpid():  # a forked copy: not ours
             self._sock, self._proc, self._pid = None, None, os.getpid()
         if self._sock is not None and self._proc is not None and self._proc.poll() is None:
             return self._sock
         if self._proc is not None:
-            log.info("shmarray's fork server (pid %d) exited with code %s; "
-                     "starting a new one", self._proc.pid, self._proc.returncode)
+            log.info(
+                "shmarray's fork server (pid %d) exited with code %s; starting a new one",
+                self._proc.pid,
+                self._proc.returncode,
+            )
         self._stop()
         ours, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c",
-                 f"from shmarray.launch import serve; serve({theirs.fileno()})"],
-                pass_fds=(theirs.fileno(),), env=child_environment(),
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                [
+                    sys.executable,
+                    "-c",
+                    f"from shmarray.launch import serve; serve({theirs.fileno()})",
+                ],
+                pass_fds=(theirs.fileno(),),
+                env=child_environment(),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except BaseException:
             ours.close()
             raise
@@ -328,8 +353,7 @@ class ForkServer:
             with self._lock:
                 sock = self._ensure()
                 try:
-                    socket.send_fds(sock, [_frame(pickle.dumps(request))],
-                                    [*fds, alive_w])
+                    socket.send_fds(sock, [_frame(pickle.dumps(request))], [*fds, alive_w])
                     reply, got, _, _ = socket.recv_fds(sock, 16, 1)
                 except BaseException:
                     # Interrupted half-way: the conversation is lost, and
@@ -341,8 +365,11 @@ class ForkServer:
                     raise
                 if len(reply) < 8 or not got:
                     self._stop()
-                    raise OSError(errno.EPIPE, "the shmarray fork server stopped "
-                                  "answering; it is restarted on the next start")
+                    raise OSError(
+                        errno.EPIPE,
+                        "the shmarray fork server stopped "
+                        "answering; it is restarted on the next start",
+                    )
                 (pid,) = struct.unpack("q", reply[:8])
         except BaseException:
             os.close(alive_r)
@@ -355,7 +382,7 @@ class ForkServer:
         sock, proc = self._sock, self._proc
         self._sock = self._proc = None
         if sock is not None:
-            sock.close()                     # the server exits on EOF
+            sock.close()  # the server exits on EOF
         if proc is not None:
             try:
                 proc.wait(5.0)
@@ -395,8 +422,9 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def serve(fd: int) -> None:
     """The fork server's main loop (``python -c`` entry point)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # its children inherit this
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # its children inherit this
     import multiprocessing
+
     # numba guards its thread-pool start with a multiprocessing lock; under
     # the fork start method that lock is anonymous, never a named semaphore
     # in /dev/shm that a killed worker would leak.
@@ -432,7 +460,7 @@ def serve(fd: int) -> None:
                 (n,) = struct.unpack("q", head)
                 data = _recv_exactly(sock, n)
             except (EOFError, OSError):
-                return                          # the coordinator is gone
+                return  # the coordinator is gone
             request = pickle.loads(data)
             status_r, status_w = os.pipe()
             pid = os.fork()
@@ -450,7 +478,7 @@ def serve(fd: int) -> None:
             try:
                 socket.send_fds(sock, [struct.pack("q", pid)], [status_r])
             except OSError:
-                return      # the coordinator gave up on this start (Ctrl-C)
+                return  # the coordinator gave up on this start (Ctrl-C)
             finally:
                 os.close(status_r)
             _reap(status_pipes)
@@ -475,6 +503,7 @@ def _reap(status_pipes: dict[int, int]) -> None:
 
 # -- spawn -----------------------------------------------------------------------
 
+
 class _SpawnedChild(Child):
     def __init__(self, popen: subprocess.Popen, alive: int):
         self._popen = popen
@@ -486,7 +515,7 @@ class _SpawnedChild(Child):
     def close(self) -> None:
         if not self.closed and self._popen.poll() is None:
             self.kill()
-            self._popen.wait()        # reap: never leave a zombie
+            self._popen.wait()  # reap: never leave a zombie
         super().close()
 
 
@@ -499,14 +528,17 @@ def spawned() -> None:
 
 
 def _spawn(request: Request, fds: list[int]) -> Child:
-    alive_r, alive_w = os.pipe()          # closes, and wakes us, when it exits
+    alive_r, alive_w = os.pipe()  # closes, and wakes us, when it exits
     try:
         popen = subprocess.Popen(
             [sys.executable, "-c", "from shmarray.launch import spawned; spawned()"],
-            pass_fds=(*fds, alive_w), stdin=subprocess.PIPE,
-            env=child_environment(), start_new_session=True)
+            pass_fds=(*fds, alive_w),
+            stdin=subprocess.PIPE,
+            env=child_environment(),
+            start_new_session=True,
+        )
         try:
-            assert popen.stdin is not None              # stdin=PIPE
+            assert popen.stdin is not None  # stdin=PIPE
             pickle.dump((request, list(fds)), popen.stdin)
             popen.stdin.close()
         except BaseException:
@@ -523,6 +555,7 @@ def _spawn(request: Request, fds: list[int]) -> Child:
 
 # -- fork ------------------------------------------------------------------------
 
+
 class _ForkedChild(Child):
     def _collect(self) -> int | None:
         # It has exited (by its pidfd: a zombie now; by its pipe: about to
@@ -538,7 +571,7 @@ class _ForkedChild(Child):
         if not self.closed and self._code is None:
             if not self.exited():
                 self.kill()
-            self.join()               # reap: never leave a zombie
+            self.join()  # reap: never leave a zombie
         super().close()
 
 
@@ -571,8 +604,9 @@ atexit.register(_SERVER.stop)
 os.register_at_fork(after_in_child=_SERVER.forget_in_child)
 
 
-def start(method: str, target: str, args: tuple, fds: list[int],
-          report: int | None = None) -> Child:
+def start(
+    method: str, target: str, args: tuple, fds: list[int], report: int | None = None
+) -> Child:
     """Start ``target(*args)`` (``"module:function"``) in a new process by
     ``method``; ``fds`` are passed to it (the caller keeps its own copies:
     close them once started), and the target cannot be imported, the error
@@ -584,8 +618,7 @@ def start(method: str, target: str, args: tuple, fds: list[int],
         return _spawn(request, list(fds))
     if method == "fork":
         return _fork(request, list(fds))
-    raise ValueError(f"start_method must be one of {list(METHODS)}; got "
-                     f"{method!r} instead.")
+    raise ValueError(f"start_method must be one of {list(METHODS)}; got {method!r} instead.")
 
 
 def server_pid() -> int | None:

@@ -32,21 +32,21 @@ import numpy as np
 
 from shmarray import blocks, options
 
-SLAB = 64 * 2**20          # bytes copied at a time: the peak beyond one copy
+SLAB = 64 * 2**20  # bytes copied at a time: the peak beyond one copy
 
-Allocate = Callable[..., np.ndarray]     # Engine.empty(shape, dtype, order)
+Allocate = Callable[..., np.ndarray]  # Engine.empty(shape, dtype, order)
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZARR_MARKS = (".zarray", ".zgroup", "zarr.json")
 _OTHER_FORMATS = {
     b"PK\x03\x04": "an .npz archive (a zip of several arrays). eng.load reads one "
-                   "array from an .npy file; open the archive with np.load(path) "
-                   "and pass each array to eng.from_numpy(archive[name]), or save "
-                   "the arrays you need as .npy files (np.save) to load them "
-                   "without a private copy",
+    "array from an .npy file; open the archive with np.load(path) "
+    "and pass each array to eng.from_numpy(archive[name]), or save "
+    "the arrays you need as .npy files (np.save) to load them "
+    "without a private copy",
     b"\x89HDF": "an HDF5 file. Open the dataset with h5py (pip install "
-                "'shmarray[hdf5]') and pass it to eng.from_numpy(h5py.File(path)"
-                "[name]), which reads it in slabs",
+    "'shmarray[hdf5]') and pass it to eng.from_numpy(h5py.File(path)"
+    "[name]), which reads it in slabs",
 }
 
 
@@ -69,7 +69,8 @@ def _header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             f"{_NPY_MAGIC!r}). eng.load reads files written by np.save; for other "
             f"formats open the data with its library and pass the array-like to "
             f"eng.from_numpy (np.memmap, h5py, zarr and dask arrays are read in "
-            f"slabs).")
+            f"slabs)."
+        )
     version = tuple(f.read(2))
     fmt = np.lib.format
     try:
@@ -81,13 +82,17 @@ def _header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise ValueError(f"{what} has a damaged .npy header: {exc}") from None
     if version == (3, 0):
         # 3.0 only adds UTF-8 field names: structured dtypes, refused anyway.
-        raise ValueError(f"{what} is an .npy file of format version 3.0, which "
-                         f"holds a structured dtype; shared arrays hold plain "
-                         f"numbers. Load it with np.load and pass each field to "
-                         f"eng.from_numpy.")
+        raise ValueError(
+            f"{what} is an .npy file of format version 3.0, which "
+            f"holds a structured dtype; shared arrays hold plain "
+            f"numbers. Load it with np.load and pass each field to "
+            f"eng.from_numpy."
+        )
     got = ".".join(map(str, version)) if len(version) == 2 else "cut off"
-    raise ValueError(f"{what} has a damaged .npy header: its format version is "
-                     f"{got}; NumPy writes 1.0, 2.0 or 3.0.")
+    raise ValueError(
+        f"{what} has a damaged .npy header: its format version is "
+        f"{got}; NumPy writes 1.0, 2.0 or 3.0."
+    )
 
 
 def load(path: Any, allocate: Allocate, threads: int = 1) -> np.ndarray:
@@ -104,17 +109,21 @@ def load(path: Any, allocate: Allocate, threads: int = 1) -> np.ndarray:
     if hasattr(path, "readinto"):
         return _load_from(path, getattr(path, "name", "the file"), allocate, 1)
     if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"path must be a path (str or os.PathLike) or a binary file "
-                        f"object; got {path!r} of type {type(path).__name__} instead.")
+        raise TypeError(
+            f"path must be a path (str or os.PathLike) or a binary file "
+            f"object; got {path!r} of type {type(path).__name__} instead."
+        )
     what = os.fsdecode(path)
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(what, m)) for m in _ZARR_MARKS):
             raise ValueError(
                 f"{what} is a zarr store. Open it with zarr (pip install "
                 f"'shmarray[zarr]') and pass the array to "
-                f"eng.from_numpy(zarr.open_array(path)), which reads it in slabs.")
-        raise IsADirectoryError(errno.EISDIR, f"{what} is a directory; eng.load "
-                                f"reads one .npy file (np.save)")
+                f"eng.from_numpy(zarr.open_array(path)), which reads it in slabs."
+            )
+        raise IsADirectoryError(
+            errno.EISDIR, f"{what} is a directory; eng.load reads one .npy file (np.save)"
+        )
     # Unbuffered: readinto fills the shared block directly, with no buffer
     # in between.
     with open(path, "rb", buffering=0) as f:
@@ -122,8 +131,9 @@ def load(path: Any, allocate: Allocate, threads: int = 1) -> np.ndarray:
 
 
 def _truncated(what: str, n: int, held: int) -> ValueError:
-    return ValueError(f"{what} is truncated: its header promises {n} bytes of "
-                      f"data, and it holds only {held}.")
+    return ValueError(
+        f"{what} is truncated: its header promises {n} bytes of data, and it holds only {held}."
+    )
 
 
 def _load_from(f, what: str, allocate: Allocate, threads: int) -> np.ndarray:
@@ -131,7 +141,7 @@ def _load_from(f, what: str, allocate: Allocate, threads: int) -> np.ndarray:
     options.coerce_dtype(dtype, f"{what} (an .npy file)")
     n = math.prod(shape) * dtype.itemsize
     start, size = _where_data(f)
-    if size is not None and size - start < n:          # before allocating anything
+    if size is not None and size - start < n:  # before allocating anything
         raise _truncated(what, n, size - start)
     out = allocate(shape, dtype, "F" if fortran else "C")
     try:
@@ -140,7 +150,7 @@ def _load_from(f, what: str, allocate: Allocate, threads: int) -> np.ndarray:
         else:
             _read_into(f, _raw_bytes(out), what)
     except BaseException:
-        del out                 # its block goes now, not with the traceback
+        del out  # its block goes now, not with the traceback
         raise
     return out
 
@@ -159,7 +169,7 @@ def _read_into(f, raw: np.ndarray, what: str) -> None:
     view = memoryview(raw)  # type: ignore[arg-type]  # numpy's stubs lack the buffer protocol here
     done, n = 0, raw.size
     while done < n:
-        got = f.readinto(view[done:done + SLAB])
+        got = f.readinto(view[done : done + SLAB])
         if not got:
             raise _truncated(what, n, done)
         done += got
@@ -179,16 +189,21 @@ def _read_parallel(fd: int, start: int, raw: np.ndarray, threads: int, what: str
             done += got
 
     with concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="shmarray-load") as pool:
+        threads, thread_name_prefix="shmarray-load"
+    ) as pool:
         for future in [pool.submit(slab, lo) for lo in range(0, n, SLAB)]:
             future.result()
 
 
 # -- from_numpy of array-likes --------------------------------------------------
 
+
 def _is_dask(obj: Any) -> bool:
-    return (type(obj).__module__.split(".")[0] == "dask"
-            and hasattr(obj, "__dask_graph__") and hasattr(obj, "chunks"))
+    return (
+        type(obj).__module__.split(".")[0] == "dask"
+        and hasattr(obj, "__dask_graph__")
+        and hasattr(obj, "chunks")
+    )
 
 
 def _lazy_dtype(obj: Any) -> np.dtype | None:
@@ -255,15 +270,13 @@ def _file_mapping(a: np.ndarray) -> mmap.mmap | None:
         if isinstance(obj, np.memmap) and mode is None:
             mode = obj.mode
         obj = obj.base
-    if isinstance(obj, mmap.mmap) and mode in ("r", "r+", "w+", "readonly",
-                                               "readwrite", "write"):
+    if isinstance(obj, mmap.mmap) and mode in ("r", "r+", "w+", "readonly", "readwrite", "write"):
         return obj
     return None
 
 
 # NumPy 2 moved byte_bounds; 1.26 has it at the top level.
-_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) \
-    or np.byte_bounds  # type: ignore[attr-defined]  # NumPy 1.26 only
+_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or np.byte_bounds  # type: ignore[attr-defined]  # NumPy 1.26 only
 
 
 def _extent(a: np.ndarray) -> tuple[int, int]:
@@ -283,11 +296,11 @@ def _copy_slabs(out: np.ndarray, src: Any, chunks: Any) -> None:
     step = _rows_per_slab(out, 0)
     if isinstance(chunks, tuple) and chunks and options.is_int(chunks[0]) and chunks[0] > 0:
         step = int(max(chunks[0], step // chunks[0] * chunks[0]))
-    direct = getattr(src, "read_direct", None)       # h5py: no slab in between
+    direct = getattr(src, "read_direct", None)  # h5py: no slab in between
     if direct is not None and not out.flags.c_contiguous:
         direct = None
     for lo in range(0, n, step):
-        rows = np.s_[lo:min(lo + step, n)]
+        rows = np.s_[lo : min(lo + step, n)]
         if direct is not None:
             direct(out, source_sel=rows, dest_sel=rows)
             continue
@@ -296,17 +309,20 @@ def _copy_slabs(out: np.ndarray, src: Any, chunks: Any) -> None:
             raise ValueError(
                 f"reading rows {lo}:{min(lo + step, n)} of a {type(src).__name__} "
                 f"of shape {out.shape} gave an array of shape {part.shape}: its "
-                f"slicing does not follow NumPy's. Pass np.asarray(array) instead.")
+                f"slicing does not follow NumPy's. Pass np.asarray(array) instead."
+            )
         out[rows] = part
 
 
 def _from_dask(x: Any, allocate: Allocate) -> np.ndarray:
     import dask
     import dask.array as da
+
     if any(math.isnan(n) for n in x.shape):
         raise ValueError(
             f"the dask array has unknown chunk sizes (shape {x.shape}); call "
-            f"x.compute_chunk_sizes() first, or pass x.compute().")
+            f"x.compute_chunk_sizes() first, or pass x.compute()."
+        )
     options.coerce_dtype(x.dtype, "array (a dask array)")
     out = allocate(tuple(int(n) for n in x.shape), np.dtype(x.dtype), "C")
     if out.ndim == 0:

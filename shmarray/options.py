@@ -39,8 +39,9 @@ StartMethod = Literal["forkserver", "spawn", "fork"]
 Wait = Literal["auto", "spin", "passive"]
 Order = Literal["C", "F"]
 # None, a numpy.pad mode, or a number: the constant (numpy scalars too).
-BoundaryMode = (None | Literal["wrap", "reflect", "symmetric", "edge"] | float | int | complex
-                | np.number[Any])
+BoundaryMode = (
+    None | Literal["wrap", "reflect", "symmetric", "edge"] | float | int | complex | np.number[Any]
+)
 
 
 def is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
@@ -57,6 +58,7 @@ def _got(value: object) -> str:
 
 
 # -- the machine -----------------------------------------------------------------
+
 
 def _read_ints(path: str) -> list[str] | None:
     try:
@@ -138,6 +140,7 @@ def usable_cpus() -> int:
 
 # -- Engine(...) ------------------------------------------------------------------
 
+
 def coerce_workers(workers: object) -> int:
     """``workers=``; None means ``SHMARRAY_WORKERS`` if set, else one per
     usable CPU.
@@ -158,19 +161,23 @@ def coerce_workers(workers: object) -> int:
         try:
             workers = int(env)
         except ValueError:
-            raise ValueError(f"SHMARRAY_WORKERS must be a positive integer; got "
-                             f"{env!r} instead. Unset it for one worker per usable "
-                             f"CPU.") from None
+            raise ValueError(
+                f"SHMARRAY_WORKERS must be a positive integer; got "
+                f"{env!r} instead. Unset it for one worker per usable "
+                f"CPU."
+            ) from None
         if workers < 1:
-            raise ValueError(f"SHMARRAY_WORKERS must be a positive integer; got "
-                             f"{env!r} instead.")
+            raise ValueError(f"SHMARRAY_WORKERS must be a positive integer; got {env!r} instead.")
         return workers
     if not is_int(workers):
-        raise TypeError(f"workers must be an int or None (one per usable CPU); got "
-                        f"{_got(workers)} instead.")
+        raise TypeError(
+            f"workers must be an int or None (one per usable CPU); got {_got(workers)} instead."
+        )
     if workers < 1:
-        raise ValueError(f"workers must be at least 1; got {workers!r}. Pass None for "
-                         f"one worker per usable CPU.")
+        raise ValueError(
+            f"workers must be at least 1; got {workers!r}. Pass None for "
+            f"one worker per usable CPU."
+        )
     return int(workers)
 
 
@@ -186,11 +193,14 @@ def coerce_start_method(method: object) -> str:
     if method is None:
         return launch.DEFAULT_METHOD
     if not isinstance(method, str):
-        raise TypeError(f"start_method must be a str, one of {list(launch.METHODS)}; "
-                        f"got {_got(method)} instead.")
+        raise TypeError(
+            f"start_method must be a str, one of {list(launch.METHODS)}; "
+            f"got {_got(method)} instead."
+        )
     if method not in launch.METHODS:
-        raise ValueError(f"start_method must be one of {list(launch.METHODS)}; "
-                         f"got {method!r} instead.")
+        raise ValueError(
+            f"start_method must be one of {list(launch.METHODS)}; got {method!r} instead."
+        )
     return method
 
 
@@ -208,8 +218,9 @@ def coerce_seconds(value: object, name: str) -> float:
         raise TypeError(f"{name} must be a number of seconds; got {_got(value)} instead.")
     seconds = float(value)
     if not 0 < seconds < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of seconds; "
-                         f"got {value!r} instead.")
+        raise ValueError(
+            f"{name} must be a positive, finite number of seconds; got {value!r} instead."
+        )
     return seconds
 
 
@@ -222,11 +233,13 @@ def coerce_limit(value: object, name: str, what: str) -> int | None:
     if value is None:
         return None
     if not is_int(value):
-        raise TypeError(f"{name} must be a positive int ({what}) or None (never); "
-                        f"got {_got(value)} instead.")
+        raise TypeError(
+            f"{name} must be a positive int ({what}) or None (never); got {_got(value)} instead."
+        )
     if value < 1:
-        raise ValueError(f"{name} must be a positive int ({what}) or None (never); "
-                         f"got {value!r} instead.")
+        raise ValueError(
+            f"{name} must be a positive int ({what}) or None (never); got {value!r} instead."
+        )
     return int(value)
 
 
@@ -238,20 +251,27 @@ def pack_initializer(initializer: object, initargs: object) -> tuple[bytes, byte
             raise ValueError("initargs were given without an initializer.")
         return None
     if not callable(initializer):
-        raise TypeError(f"initializer must be callable (run once in every "
-                        f"worker) or None; got {initializer!r} instead.")
+        raise TypeError(
+            f"initializer must be callable (run once in every "
+            f"worker) or None; got {initializer!r} instead."
+        )
     if not isinstance(initargs, (tuple, list)):
-        raise TypeError(f"initargs must be a tuple; got {_got(initargs)}. Write "
-                        f"initargs=({initargs!r},) for one.")
+        raise TypeError(
+            f"initargs must be a tuple; got {_got(initargs)}. Write "
+            f"initargs=({initargs!r},) for one."
+        )
     if any(a is row_offset for a in initargs):
-        raise ValueError("shmarray.row_offset has no meaning in initargs (an "
-                         "initializer runs once per worker, not per chunk); "
-                         "shmarray.worker_id does.")
+        raise ValueError(
+            "shmarray.row_offset has no meaning in initargs (an "
+            "initializer runs once per worker, not per chunk); "
+            "shmarray.worker_id does."
+        )
     try:
         return by_value(initializer), pack_args(tuple(initargs))
     except Exception as exc:
-        raise TypeError(f"the initializer and its initargs must be picklable "
-                        f"to reach the workers: {exc}") from None
+        raise TypeError(
+            f"the initializer and its initargs must be picklable to reach the workers: {exc}"
+        ) from None
 
 
 def coerce_storage(storage: object) -> str:
@@ -277,33 +297,41 @@ def coerce_storage(storage: object) -> str:
     if isinstance(storage, os.PathLike):
         storage = os.fspath(storage)
     if not isinstance(storage, str):
-        raise TypeError(f'{where} must be "shm", "memfd" or a directory path (str or '
-                        f'os.PathLike); got {_got(storage)} instead.')
+        raise TypeError(
+            f'{where} must be "shm", "memfd" or a directory path (str or '
+            f"os.PathLike); got {_got(storage)} instead."
+        )
     if storage in blocks.STORAGE_KINDS:
         if storage == "memfd" and not blocks.HAVE_MEMFD:
             raise ValueError(
                 f'{where}="memfd" needs Linux (memfd_create, and /proc to hand the '
                 f'blocks to workers); this system has not both. Use "shm" or a '
-                f'directory path instead.')
+                f"directory path instead."
+            )
         return storage
     expect = f'{where} must be "shm", "memfd" or an existing directory; got {storage!r}'
     if not storage:
-        raise ValueError(f"{expect}. Leave it unset for \"shm\".")
+        raise ValueError(f'{expect}. Leave it unset for "shm".')
     path = os.path.abspath(os.path.expanduser(storage))
     if not os.path.exists(path):
-        raise ValueError(f"{expect}, which does not exist. Create it first "
-                         f"(os.makedirs), or pick another.")
+        raise ValueError(
+            f"{expect}, which does not exist. Create it first (os.makedirs), or pick another."
+        )
     if not os.path.isdir(path):
-        raise ValueError(f"{expect}, which is not a directory. Blocks are files "
-                         f"made inside a directory: pass one.")
+        raise ValueError(
+            f"{expect}, which is not a directory. Blocks are files "
+            f"made inside a directory: pass one."
+        )
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{expect}, where this user may not create files. Pass a "
-                         f"directory you can write.")
+        raise ValueError(
+            f"{expect}, where this user may not create files. Pass a directory you can write."
+        )
     return path
 
 
 class EngineOptions(NamedTuple):
     """A checked ``Engine(...)``."""
+
     workers: int
     start_method: str
     startup_timeout: float
@@ -314,24 +342,38 @@ class EngineOptions(NamedTuple):
     storage: str
 
 
-def engine_options(workers, start_method, max_tasks_per_worker, startup_timeout,
-                   initializer, initargs, max_worker_memory, wait,
-                   storage=None) -> EngineOptions:
+def engine_options(
+    workers,
+    start_method,
+    max_tasks_per_worker,
+    startup_timeout,
+    initializer,
+    initargs,
+    max_worker_memory,
+    wait,
+    storage=None,
+) -> EngineOptions:
     n = coerce_workers(workers)
     return EngineOptions(
-        n, coerce_start_method(start_method),
+        n,
+        coerce_start_method(start_method),
         coerce_seconds(startup_timeout, "startup_timeout"),
-        coerce_limit(max_tasks_per_worker, "max_tasks_per_worker",
-                     "tasks before a worker is replaced"),
-        coerce_limit(max_worker_memory, "max_worker_memory",
-                     "bytes of unique memory above which a worker is replaced "
-                     "between maps"),
+        coerce_limit(
+            max_tasks_per_worker, "max_tasks_per_worker", "tasks before a worker is replaced"
+        ),
+        coerce_limit(
+            max_worker_memory,
+            "max_worker_memory",
+            "bytes of unique memory above which a worker is replaced between maps",
+        ),
         pack_initializer(initializer, initargs),
         waiting.resolve(waiting.coerce_wait(wait), n, usable_cpus()),
-        coerce_storage(storage))
+        coerce_storage(storage),
+    )
 
 
 # -- allocation -------------------------------------------------------------------
+
 
 def coerce_shape(shape: object) -> tuple[int, ...]:
     """
@@ -343,8 +385,11 @@ def coerce_shape(shape: object) -> tuple[int, ...]:
     ValueError: shape must not have negative sizes; got (2, -1) instead.
     """
     dims = (shape,) if is_int(shape) else shape
-    if (not isinstance(dims, Sequence) or isinstance(dims, (str, bytes))
-            or not all(is_int(d) for d in dims)):
+    if (
+        not isinstance(dims, Sequence)
+        or isinstance(dims, (str, bytes))
+        or not all(is_int(d) for d in dims)
+    ):
         raise TypeError(f"shape must be an int or a tuple of ints; got {shape!r} instead.")
     dims = tuple(int(d) for d in dims)
     if any(d < 0 for d in dims):
@@ -358,7 +403,7 @@ def coerce_order(order: object) -> Order:
     raise ValueError(f"order must be 'C' or 'F'; got {order!r} instead.")
 
 
-_PLAIN_DTYPES: set[np.dtype] = set()   # already checked: 2 us saved per array
+_PLAIN_DTYPES: set[np.dtype] = set()  # already checked: 2 us saved per array
 
 
 def coerce_dtype(dtype: npt.DTypeLike, what: str) -> np.dtype:
@@ -381,15 +426,18 @@ def coerce_dtype(dtype: npt.DTypeLike, what: str) -> np.dtype:
         raise TypeError(
             f"{what} has dtype {dt}; shared arrays hold plain numbers (bool, "
             f"int, float, complex, datetime). Object arrays hold pointers into "
-            f"one process's heap and cannot be shared.")
+            f"one process's heap and cannot be shared."
+        )
     if dt.fields is not None or dt.subdtype is not None or dt.kind == "V":
         raise TypeError(
             f"{what} has the structured dtype {dt}; shared arrays hold plain "
-            f"numbers. Use one array per field instead.")
+            f"numbers. Use one array per field instead."
+        )
     if dt.itemsize == 0:
         raise TypeError(
             f"{what} has the zero-size dtype {dt}; give strings a length "
-            f"(for example 'S8' or 'U8').")
+            f"(for example 'S8' or 'U8')."
+        )
     if isinstance(dtype, np.dtype):
         _PLAIN_DTYPES.add(dtype)
     return dt
@@ -397,17 +445,23 @@ def coerce_dtype(dtype: npt.DTypeLike, what: str) -> np.dtype:
 
 # -- a call -----------------------------------------------------------------------
 
+
 def check_kernel(kernel: object) -> None:
     """A callable that computes when called: not a generator function or a
     coroutine function, which would return an object and do nothing."""
     if not callable(kernel):
         raise TypeError(
             f"kernel must be callable: a numba @njit function or any "
-            f"picklable callable; got {_got(kernel)} instead.")
+            f"picklable callable; got {_got(kernel)} instead."
+        )
     func = getattr(kernel, "py_func", kernel)
-    what = ("a generator function" if inspect.isgeneratorfunction(func)
-            or inspect.isasyncgenfunction(func)
-            else "an async def function" if inspect.iscoroutinefunction(func) else None)
+    what = (
+        "a generator function"
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
+        else "an async def function"
+        if inspect.iscoroutinefunction(func)
+        else None
+    )
     if what is not None:
         name = getattr(func, "__qualname__", repr(kernel))
         raise TypeError(
@@ -415,13 +469,16 @@ def check_kernel(kernel: object) -> None:
             f"{'generator' if 'generator' in what else 'coroutine'} and runs none "
             f"of its body, so the map would silently do nothing. Write the kernel "
             f"as a plain function that writes into its arrays (and returns a "
-            f"value, for reduce).")
+            f"value, for reduce)."
+        )
 
 
 def check_combine(combine: object) -> Callable:
     if not callable(combine):
-        raise TypeError(f"combine must be a callable taking two partial results "
-                        f"(default operator.add); got {_got(combine)} instead.")
+        raise TypeError(
+            f"combine must be a callable taking two partial results "
+            f"(default operator.add); got {_got(combine)} instead."
+        )
     return combine
 
 
@@ -435,11 +492,15 @@ def coerce_halo(halo: object) -> int:
     ValueError: halo must be a non-negative int (rows on each side of a chunk); got -1 instead.
     """
     if not is_int(halo):
-        raise TypeError(f"halo must be a non-negative int (rows on each side of a "
-                        f"chunk); got {_got(halo)} instead.")
+        raise TypeError(
+            f"halo must be a non-negative int (rows on each side of a "
+            f"chunk); got {_got(halo)} instead."
+        )
     if halo < 0:
-        raise ValueError(f"halo must be a non-negative int (rows on each side of a "
-                         f"chunk); got {halo!r} instead.")
+        raise ValueError(
+            f"halo must be a non-negative int (rows on each side of a "
+            f"chunk); got {halo!r} instead."
+        )
     return int(halo)
 
 
@@ -458,23 +519,26 @@ def coerce_chunks(chunks: object) -> int | tuple[int, ...] | None:
         return None
     if is_int(chunks):
         if chunks < 1:
-            raise ValueError(f"chunks must be at least 1; got {chunks!r}. Pass a number "
-                             f"of chunks, a sequence of chunk sizes, or None for one "
-                             f"chunk per worker.")
+            raise ValueError(
+                f"chunks must be at least 1; got {chunks!r}. Pass a number "
+                f"of chunks, a sequence of chunk sizes, or None for one "
+                f"chunk per worker."
+            )
         return int(chunks)
     if isinstance(chunks, (Sequence, np.ndarray)) and not isinstance(chunks, (str, bytes)):
         sizes = tuple(chunks)
         bad = [s for s in sizes if not is_int(s)]
         if bad:
-            raise TypeError(f"chunk sizes must be ints; got {bad[0]!r} in "
-                            f"chunks={chunks!r}.")
+            raise TypeError(f"chunk sizes must be ints; got {bad[0]!r} in chunks={chunks!r}.")
         bad = [s for s in sizes if s < 1]
         if bad:
-            raise ValueError(f"chunk sizes must be positive ints; got {bad[0]!r} in "
-                             f"chunks={chunks!r}.")
+            raise ValueError(
+                f"chunk sizes must be positive ints; got {bad[0]!r} in chunks={chunks!r}."
+            )
         return tuple(int(s) for s in sizes)
-    raise TypeError(f"chunks must be None, an int or a sequence of ints; got "
-                    f"{_got(chunks)} instead.")
+    raise TypeError(
+        f"chunks must be None, an int or a sequence of ints; got {_got(chunks)} instead."
+    )
 
 
 def check_rows(n_rows: int, halo: int) -> tuple[int, int]:
@@ -490,7 +554,8 @@ def check_rows(n_rows: int, halo: int) -> tuple[int, int]:
     if n_rows < 2 * halo:
         raise ValueError(
             f"halo={halo} needs arrays of at least {2 * halo} rows ({halo} on each "
-            f"side); they have {n_rows}. Use a smaller halo or larger arrays.")
+            f"side); they have {n_rows}. Use a smaller halo or larger arrays."
+        )
     return halo, n_rows - halo
 
 
@@ -501,7 +566,8 @@ def check_sizes(sizes: tuple[int, ...], start: int, stop: int, halo: int) -> lis
         raise ValueError(
             f"chunks={sizes!r} adds up to {sum(sizes)} rows, but there are {rows} "
             f"rows to split (rows {start} to {stop} with halo={halo}). Pass sizes "
-            f"that add up to {rows}, or a number of chunks.")
+            f"that add up to {rows}, or a number of chunks."
+        )
     return list(sizes)
 
 
@@ -515,7 +581,8 @@ def coerce_schedule(schedule: object) -> bool:
         raise ValueError(
             f"schedule must be 'static' (the same rows to the same worker every "
             f"call) or 'dynamic' (chunks to whichever worker is free); got "
-            f"{schedule!r} instead.")
+            f"{schedule!r} instead."
+        )
     return schedule == "dynamic"
 
 
@@ -527,18 +594,21 @@ def coerce_timeout(timeout: object) -> float | None:
     if timeout is None:
         return None
     if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be a number of seconds or None; got "
-                        f"{_got(timeout)} instead.")
+        raise TypeError(
+            f"timeout must be a number of seconds or None; got {_got(timeout)} instead."
+        )
     seconds = float(timeout)
-    if not seconds > 0:                  # NaN too
+    if not seconds > 0:  # NaN too
         raise ValueError(f"timeout must be positive (seconds); got {timeout!r} instead.")
     return None if seconds == math.inf else seconds
 
 
 def coerce_progress(progress: object) -> bool | None:
     if progress is not None and progress is not True and progress is not False:
-        raise TypeError(f"progress must be True, False or None (show after about a "
-                        f"second); got {_got(progress)} instead.")
+        raise TypeError(
+            f"progress must be True, False or None (show after about a "
+            f"second); got {_got(progress)} instead."
+        )
     return progress
 
 
@@ -553,8 +623,10 @@ def coerce_axis(axis: object, arrays: tuple) -> int:
         raise TypeError(f"axis must be an int; got {_got(axis)} instead.")
     ndim = arrays[0].ndim if arrays and hasattr(arrays[0], "ndim") else 1
     if not -ndim <= axis < max(ndim, 1):
-        raise ValueError(f"axis {axis} is out of range for an array of {ndim} "
-                         f"dimension(s); use 0 to {ndim - 1} (or -{ndim} to -1).")
+        raise ValueError(
+            f"axis {axis} is out of range for an array of {ndim} "
+            f"dimension(s); use 0 to {ndim - 1} (or -{ndim} to -1)."
+        )
     return int(axis) % max(ndim, 1)
 
 
@@ -568,11 +640,14 @@ def coerce_steps(steps: object) -> int:
     ValueError: steps must be a non-negative int below 5592405; got -1 instead.
     """
     if not is_int(steps):
-        raise TypeError(f"steps must be an int (how many steps to run); got "
-                        f"{_got(steps)} instead.")
+        raise TypeError(
+            f"steps must be an int (how many steps to run); got {_got(steps)} instead."
+        )
     if not 0 <= steps < control.STEP_LIMIT // 3:
-        raise ValueError(f"steps must be a non-negative int below "
-                         f"{control.STEP_LIMIT // 3}; got {steps!r} instead.")
+        raise ValueError(
+            f"steps must be a non-negative int below "
+            f"{control.STEP_LIMIT // 3}; got {steps!r} instead."
+        )
     return int(steps)
 
 
@@ -582,11 +657,15 @@ def coerce_retries(value: object) -> int:
     (0, 3)
     """
     if not is_int(value):
-        raise TypeError(f"retries must be an int >= 0 (runs again of a chunk whose "
-                        f"worker crashed or timed out); got {_got(value)} instead.")
+        raise TypeError(
+            f"retries must be an int >= 0 (runs again of a chunk whose "
+            f"worker crashed or timed out); got {_got(value)} instead."
+        )
     if value < 0:
-        raise ValueError(f"retries must be an int >= 0 (runs again of a chunk whose "
-                         f"worker crashed or timed out); got {value!r} instead.")
+        raise ValueError(
+            f"retries must be an int >= 0 (runs again of a chunk whose "
+            f"worker crashed or timed out); got {value!r} instead."
+        )
     return int(value)
 
 
@@ -598,17 +677,20 @@ def coerce_errors(value: object) -> bool:
     """
     if type(value) is str and value in ("raise", "collect"):
         return value == "collect"
-    raise ValueError(f'errors must be "raise" (the first failure raises) or '
-                     f'"collect" (every chunk that can run does, and the call '
-                     f'returns a MapReport); got {value!r} instead.')
+    raise ValueError(
+        f'errors must be "raise" (the first failure raises) or '
+        f'"collect" (every chunk that can run does, and the call '
+        f"returns a MapReport); got {value!r} instead."
+    )
 
 
 def check_trackable(n_chunks: int) -> None:
     if n_chunks > control.BOARD_CHUNKS:
         raise ValueError(
-            f"a map with retries, errors=\"collect\" or imap keeps one byte per "
+            f'a map with retries, errors="collect" or imap keeps one byte per '
             f"chunk in the control block, room for {control.BOARD_CHUNKS} chunks; "
-            f"this one has {n_chunks}. Pass fewer chunks (chunks=...).")
+            f"this one has {n_chunks}. Pass fewer chunks (chunks=...)."
+        )
 
 
 def check_placeholders(args: tuple) -> None:
@@ -616,12 +698,13 @@ def check_placeholders(args: tuple) -> None:
     they stand directly in ``args``."""
     for i, a in enumerate(args):
         if isinstance(a, (tuple, list, dict, set)) and any(
-                v is row_offset or v is worker_id
-                for v in (a.values() if isinstance(a, dict) else a)):
+            v is row_offset or v is worker_id for v in (a.values() if isinstance(a, dict) else a)
+        ):
             raise ValueError(
                 f"args[{i}] holds shmarray.row_offset or shmarray.worker_id "
                 f"inside a container, where it cannot be filled in; pass it "
-                f"directly in args.")
+                f"directly in args."
+            )
 
 
 def check_swappable(out: np.ndarray, inp: np.ndarray) -> None:
@@ -630,14 +713,17 @@ def check_swappable(out: np.ndarray, inp: np.ndarray) -> None:
         raise ValueError(
             f"iterate swaps out and inp after every step, so they need the same "
             f"shape and dtype; got {out.shape} {out.dtype} and {inp.shape} "
-            f"{inp.dtype}.")
+            f"{inp.dtype}."
+        )
     if np.shares_memory(out, inp):
         raise ValueError(
             "iterate needs out and inp to be separate arrays (double "
-            "buffering); they overlap in memory.")
+            "buffering); they overlap in memory."
+        )
 
 
 # -- boundary= --------------------------------------------------------------------
+
 
 def coerce_boundary(boundary: object) -> Boundary | None:
     """
@@ -660,7 +746,8 @@ def coerce_boundary(boundary: object) -> Boundary | None:
         return Boundary("constant", value)
     raise ValueError(
         f"boundary must be None, 'wrap', 'reflect', 'symmetric', 'edge' or a "
-        f"number (a constant), as in numpy.pad; got {boundary!r} instead.")
+        f"number (a constant), as in numpy.pad; got {boundary!r} instead."
+    )
 
 
 def check_constant(value: complex, dtype: np.dtype, what: str) -> None:
@@ -673,11 +760,13 @@ def check_constant(value: complex, dtype: np.dtype, what: str) -> None:
     ...
     ValueError: boundary=-1 does not fit array 0's dtype uint8 (it holds 0 to 255); numpy.pad refuses it too. Pass a constant the dtype can hold, or use an array of a wider dtype.
     """
+
     def refuse(holds: str) -> NoReturn:
         raise ValueError(
             f"boundary={value!r} does not fit {what}'s dtype {dtype} ({holds}); "
             f"numpy.pad refuses it too. Pass a constant the dtype can hold, or "
-            f"use an array of a wider dtype.")
+            f"use an array of a wider dtype."
+        )
 
     kind = dtype.kind
     if kind == "c":
@@ -687,9 +776,12 @@ def check_constant(value: complex, dtype: np.dtype, what: str) -> None:
     real = value.real if isinstance(value, complex) else value
     if kind in "iu":
         info = np.iinfo(dtype)
-        if not (isinstance(real, numbers.Integral) or (
-                isinstance(real, numbers.Real) and math.isfinite(real)
-                and float(real).is_integer())):
+        if not (
+            isinstance(real, numbers.Integral)
+            or (
+                isinstance(real, numbers.Real) and math.isfinite(real) and float(real).is_integer()
+            )
+        ):
             refuse(f"it holds whole numbers from {info.min} to {info.max}")
         if not info.min <= int(real) <= info.max:
             refuse(f"it holds {info.min} to {info.max}")
@@ -716,7 +808,8 @@ def check_ghosts(shape: tuple[int, ...], halo: int, b: Boundary, what: str) -> N
     if halo < 1:
         raise ValueError(
             f"boundary={said!r} needs halo >= 1: the ghost cells it fills are the "
-            f"halo on each side of every axis; got halo={halo}.")
+            f"halo on each side of every axis; got halo={halo}."
+        )
     need = {"reflect": halo + 1, "constant": 0}.get(b.mode, halo)
     need = max(need, 1)
     for k, n in enumerate(shape):
@@ -725,7 +818,8 @@ def check_ghosts(shape: tuple[int, ...], halo: int, b: Boundary, what: str) -> N
                 f"{what} has {n} cells along axis {k}: with halo={halo} ghost "
                 f"cells on each side its interior has {max(n - 2 * halo, 0)}, "
                 f"and boundary={said!r} needs at least {need}. Allocate each "
-                f"axis as interior + 2*halo, with an interior of at least {need}.")
+                f"axis as interior + 2*halo, with an interior of at least {need}."
+            )
 
 
 def check_boundary(b: Boundary, arrays: tuple, halo: int) -> None:
@@ -737,15 +831,20 @@ def check_boundary(b: Boundary, arrays: tuple, halo: int) -> None:
 
 # -- arrays and args --------------------------------------------------------------
 
+
 def where(i: int) -> str:
-    return (f"array {i} (argument {i + 2} after the kernel)" if i
-            else "array 0 (the first after the kernel)")
+    return (
+        f"array {i} (argument {i + 2} after the kernel)"
+        if i
+        else "array 0 (the first after the kernel)"
+    )
 
 
 def describe_arrays(arrays: tuple, table, axis: int = 0) -> tuple[ArrayDescriptor, ...]:
     """The arrays' descriptors: each a shared array of this engine, with the
     split axis, all of one length along it."""
     from shmarray.blocks import blocks_of_other_engines
+
     if not arrays:
         raise TypeError("map/reduce needs at least one array after the kernel.")
     out = []
@@ -754,12 +853,14 @@ def describe_arrays(arrays: tuple, table, axis: int = 0) -> tuple[ArrayDescripto
             raise TypeError(
                 f"{where(i)} is a {type(a).__name__}; pass NumPy arrays made "
                 f"by this engine (eng.empty, eng.zeros, eng.from_numpy). Extra "
-                f"scalar arguments go in args=(...).")
+                f"scalar arguments go in args=(...)."
+            )
         if a.ndim <= axis:
             raise ValueError(
                 f"{where(i)} has {a.ndim} dimension(s); map splits axis "
                 f"{axis}, so every array needs at least {axis + 1}. Pass "
-                f"scalars in args=(...).")
+                f"scalars in args=(...)."
+            )
         if a.dtype not in _PLAIN_DTYPES:
             coerce_dtype(a.dtype, where(i))
         d = describe(a, table)
@@ -769,13 +870,15 @@ def describe_arrays(arrays: tuple, table, axis: int = 0) -> tuple[ArrayDescripto
                 f"{where(i)} is a private array: its memory is not in this "
                 f"engine's shared blocks, so workers cannot see it. Copy it "
                 f"in with eng.from_numpy(a), or allocate with eng.empty / "
-                f"eng.zeros.")
+                f"eng.zeros."
+            )
         out.append(d)
     n = arrays[0].shape[axis]
     if any(a.shape[axis] != n for a in arrays):
         raise ValueError(
             f"all arrays must have the same length along axis {axis} (map "
-            f"splits it); got lengths {[a.shape[axis] for a in arrays]}.")
+            f"splits it); got lengths {[a.shape[axis] for a in arrays]}."
+        )
     return tuple(out)
 
 
@@ -787,8 +890,10 @@ COPY_WARNING_BYTES = 1 << 20
 
 def coerce_args(args: object) -> tuple:
     if not isinstance(args, (tuple, list)):
-        raise TypeError(f"args must be a tuple of extra kernel arguments; got "
-                        f"{_got(args)}. Write args=({args!r},) for one.")
+        raise TypeError(
+            f"args must be a tuple of extra kernel arguments; got "
+            f"{_got(args)}. Write args=({args!r},) for one."
+        )
     return args if type(args) is tuple else tuple(args)
 
 
@@ -798,6 +903,7 @@ def describe_args(args: tuple, table) -> tuple:
     small: a private array over ``COPY_WARNING_BYTES`` gets a CopyWarning,
     once per engine."""
     from shmarray.blocks import blocks_of_other_engines, format_bytes
+
     out = []
     for i, a in enumerate(args):
         if isinstance(a, np.ndarray) and a.ndim > 0:
@@ -814,7 +920,10 @@ def describe_args(args: tuple, table) -> tuple:
                         f"workers with every call, and writes to it are lost. "
                         f"Copy it into shared memory once with "
                         f"shared = eng.from_numpy(a) and pass that instead "
-                        f"(shown once per engine).", CopyWarning, stacklevel=5)
+                        f"(shown once per engine).",
+                        CopyWarning,
+                        stacklevel=5,
+                    )
         out.append(a)
     check_placeholders(args)
     return tuple(out)
@@ -830,12 +939,14 @@ def check_not_elsewhere(a: np.ndarray, what: str, table, others) -> None:
             f"{what} lives in another Engine's shared memory (block "
             f"{other.name}); this engine's workers cannot map it, and a copy "
             f"would lose what the kernel writes. Use arrays of the engine "
-            f"that runs the map: copy it over with eng.from_numpy(a).")
+            f"that runs the map: copy it over with eng.from_numpy(a)."
+        )
 
 
 class CallOptions(NamedTuple):
     """The keywords of a map, reduce, imap or iterate, as given (checked
     once per job: see ``shmarray.jobs``)."""
+
     halo: Any = 0
     chunks: Any = None
     schedule: Any = "static"

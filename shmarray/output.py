@@ -48,10 +48,16 @@ class Tagged(io.TextIOBase):
     """A text stream that writes to file descriptor ``fd`` unbuffered, each
     line prefixed with the worker and the rows it is computing."""
 
-    encoding = "utf-8"     # shadows TextIOBase's read-only one
+    encoding = "utf-8"  # shadows TextIOBase's read-only one
 
-    def __init__(self, fd: int, worker: int, rows: Callable[[], tuple | None],
-                 name: str, wrote: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        fd: int,
+        worker: int,
+        rows: Callable[[], tuple | None],
+        name: str,
+        wrote: Callable[[], None] = lambda: None,
+    ):
         self._fd = fd
         self._worker = worker
         self._rows = rows
@@ -99,15 +105,15 @@ class Tagged(io.TextIOBase):
     def _send(self, data: bytes) -> None:
         while data:
             try:
-                data = data[os.write(self._fd, data):]
+                data = data[os.write(self._fd, data) :]
             except InterruptedError:
                 continue
             except OSError:
-                break             # the coordinator is gone: nobody to tell
-        self._wrote()             # after the write: the driver then finds it
+                break  # the coordinator is gone: nobody to tell
+        self._wrote()  # after the write: the driver then finds it
 
     def flush(self) -> None:
-        pass                      # nothing is held
+        pass  # nothing is held
 
 
 _streams: tuple[Tagged, ...] = ()
@@ -121,9 +127,12 @@ def end_lines() -> None:
             stream.write("\n")
 
 
-def install_in_worker(worker: int, rows: Callable[[], tuple | None],
-                      log_levels: int | dict[str, int],
-                      wrote: Callable[[], None] = lambda: None) -> None:
+def install_in_worker(
+    worker: int,
+    rows: Callable[[], tuple | None],
+    log_levels: int | dict[str, int],
+    wrote: Callable[[], None] = lambda: None,
+) -> None:
     """Tag this worker's ``sys.stdout``/``sys.stderr``; send ``logging``
     records to the coordinator as records (:class:`RecordHandler`), the
     loggers set to ``log_levels`` (:func:`caller_levels`; an int: the root
@@ -141,8 +150,7 @@ def install_in_worker(worker: int, rows: Callable[[], tuple | None],
     # the one place records are handled.
     for logger in list(logging.root.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
-            logger.handlers[:] = [h for h in logger.handlers
-                                  if isinstance(h, logging.NullHandler)]
+            logger.handlers[:] = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
     for name, level in log_levels.items():
         logging.getLogger(name or None).setLevel(level)
     logging.root.handlers[:] = [RecordHandler(sys.stderr, worker, rows)]
@@ -210,8 +218,12 @@ def encode_record(record: logging.LogRecord, worker: int, rows: tuple | None) ->
         if value is not None and not isinstance(value, (str, int, float, bool)):
             value = repr(value)
         fields[key] = value
-    fields.update(msg=message, exc_text=exc_text, shmarray_worker=worker,
-                  shmarray_rows=list(rows) if rows is not None else None)
+    fields.update(
+        msg=message,
+        exc_text=exc_text,
+        shmarray_worker=worker,
+        shmarray_rows=list(rows) if rows is not None else None,
+    )
     line = json.dumps(fields)
     while len(line) > RECORD_LIMIT:
         # Cut the two fields that can be long, keeping their starts.
@@ -230,7 +242,7 @@ def encode_record(record: logging.LogRecord, worker: int, rows: tuple | None) ->
 
 def decode_record(line: str) -> logging.LogRecord:
     """The record :func:`encode_record` wrote (its line, mark included)."""
-    fields = json.loads(line[len(RECORD_MARK):])
+    fields = json.loads(line[len(RECORD_MARK) :])
     if not isinstance(fields, dict):
         raise ValueError("not a record")
     rows = fields.get("shmarray_rows")
@@ -272,7 +284,7 @@ def _write(name: str, text: str) -> None:
                     if handle_record(line):
                         continue
                 except Exception:
-                    continue          # a caller's filter or handler failed
+                    continue  # a caller's filter or handler failed
             plain.append(line)
         text = "".join(plain)
     _put(name, text)
@@ -285,7 +297,7 @@ def _put(name: str, text: str) -> None:
             stream.write(text)
             stream.flush()
         except Exception:
-            pass              # the caller closed or replaced it badly
+            pass  # the caller closed or replaced it badly
 
 
 # Bytes read at a time, and the longest line begun that is kept waiting for
@@ -307,10 +319,10 @@ class Forwarder:
     def __init__(self):
         self._lock = threading.Lock()
         self._pipes: dict[int, list] = {}
-        self._version = 0         # bumped when the pipes change
+        self._version = 0  # bumped when the pipes change
         self._driver_poll: tuple[select.poll | None, int] = (None, -1)
         self._closed = False
-        self._begun = 0           # pipes whose last line has not ended
+        self._begun = 0  # pipes whose last line has not ended
 
     @property
     def fds(self) -> list[int]:
@@ -323,8 +335,12 @@ class Forwarder:
                 os.set_blocking(fd, False)
                 # [stream name, decoder, the line begun, a piece of a line
                 # went out without its end]
-                self._pipes[fd] = [name, codecs.getincrementaldecoder("utf-8")("replace"),
-                                   "", False]
+                self._pipes[fd] = [
+                    name,
+                    codecs.getincrementaldecoder("utf-8")("replace"),
+                    "",
+                    False,
+                ]
             self._version += 1
 
     def pending(self) -> bool:
@@ -338,7 +354,7 @@ class Forwarder:
                 for fd in self._pipes:
                     poller.register(fd, select.POLLIN)
             self._driver_poll = (poller, version)
-        assert poller is not None         # made on the first call (version -1)
+        assert poller is not None  # made on the first call (version -1)
         return bool(poller.poll(0))
 
     def drain(self) -> None:

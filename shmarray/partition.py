@@ -16,8 +16,7 @@ from shmarray.options import check_rows, check_sizes, coerce_chunks
 Chunk = tuple[int, int]
 
 
-def split_rows(n_rows: int, chunks: object, halo: int = 0,
-               default: int = 1) -> tuple[Chunk, ...]:
+def split_rows(n_rows: int, chunks: object, halo: int = 0, default: int = 1) -> tuple[Chunk, ...]:
     """Partition the interior rows into chunks.
 
     ``chunks`` is None (use ``default`` chunks), a number of chunks, or a
@@ -75,6 +74,7 @@ def assign_static(n_chunks: int, n_workers: int) -> tuple[int, ...]:
 
 class Plan(NamedTuple):
     """Where every chunk of one map goes."""
+
     chunks: tuple[Chunk, ...]
     # (worker, indices of its chunks, its chunks), for each busy worker
     groups: tuple[tuple[int, tuple[int, ...], tuple[Chunk, ...]], ...]
@@ -95,8 +95,7 @@ def plan(n_rows: int, chunks: object, halo: int, workers: int) -> Plan:
 DYNAMIC_CHUNKS_PER_WORKER = 8
 
 
-def plan_for(n_rows: int, chunks: object, halo: int, n_workers: int,
-             dynamic: bool) -> Plan:
+def plan_for(n_rows: int, chunks: object, halo: int, n_workers: int, dynamic: bool) -> Plan:
     """The chunks a map will use: ``chunks`` as given, else one per worker
     (static) or DYNAMIC_CHUNKS_PER_WORKER per worker (dynamic)."""
     if chunks is None and dynamic:

@@ -51,11 +51,14 @@ def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
     if frames:
         path, line, func = frames[-1]
         where = f" (in {func}, {os.path.basename(path)} line {line})"
-    what = {"initializer": "its initializer raised",
-            "import": "importing the worker code failed with"}.get(msg.stage, "it failed with")
+    what = {
+        "initializer": "its initializer raised",
+        "import": "importing the worker code failed with",
+    }.get(msg.stage, "it failed with")
     exc = WorkerStartError(
         f"worker {pid} could not start: {what} {msg.type_name}: {msg.message}"
-        f"{where}. The engine was not started.")
+        f"{where}. The engine was not started."
+    )
     exc.remote_traceback = msg.traceback
     return exc
 
@@ -100,9 +103,17 @@ class WorkerProcess:
     task pipe; ``rung`` is the last ring it was given.
     """
 
-    def __init__(self, method: str, index: int, owner_pid: int, control_block: str,
-                 initializer: tuple[bytes, bytes] | None, log_level: dict[str, int],
-                 spins: tuple[float, int], sent: np.ndarray):
+    def __init__(
+        self,
+        method: str,
+        index: int,
+        owner_pid: int,
+        control_block: str,
+        initializer: tuple[bytes, bytes] | None,
+        log_level: dict[str, int],
+        spins: tuple[float, int],
+        sent: np.ndarray,
+    ):
         self.index = index
         self.kernels: set[int] = set()
         self.jobs: dict[int, tuple] = {}
@@ -117,16 +128,29 @@ class WorkerProcess:
         self.busy_at_start = 0
         self.ready = False
         self.closed = False
-        self._ps: psutil.Process | None = None   # for over_memory
+        self._ps: psutil.Process | None = None  # for over_memory
         self._uss_at = -USS_EVERY
         self._over = False
         (task_r, task_w), (result_r, result_w), (out_r, out_w), (err_r, err_w) = pipes(4)
         try:
             self.child = launch.start(
-                method, "shmarray.worker:main",
-                (launch.Fd(0), launch.Fd(1), owner_pid, index, control_block,
-                 initializer, launch.Fd(2), launch.Fd(3), log_level, spins),
-                [task_r, result_w, out_w, err_w], report=1)
+                method,
+                "shmarray.worker:main",
+                (
+                    launch.Fd(0),
+                    launch.Fd(1),
+                    owner_pid,
+                    index,
+                    control_block,
+                    initializer,
+                    launch.Fd(2),
+                    launch.Fd(3),
+                    log_level,
+                    spins,
+                ),
+                [task_r, result_w, out_w, err_w],
+                report=1,
+            )
         except BaseException:
             for fd in (task_w, result_r, out_r, err_r):
                 os.close(fd)
@@ -134,7 +158,7 @@ class WorkerProcess:
         finally:
             for fd in (task_r, result_w, out_w, err_w):
                 os.close(fd)
-        self.output = (out_r, err_r)     # the Pool's forwarder reads them
+        self.output = (out_r, err_r)  # the Pool's forwarder reads them
         self.tasks = Connection(task_w, readable=False)
         self.results = Connection(result_r, writable=False)
         self.pid = self.child.pid
@@ -154,7 +178,7 @@ class WorkerProcess:
         try:
             self.tasks.send_bytes(WAKE)
         except OSError:
-            pass         # dead: the sentinel reports it
+            pass  # dead: the sentinel reports it
 
     def recv_bytes(self) -> bytes:
         """The next message from the results pipe, undecoded, skipping wake
@@ -195,7 +219,7 @@ class WorkerProcess:
                 self._uss_at = now
                 self._over = self._ps.memory_full_info().uss > limit
         except (psutil.Error, OSError):
-            return False          # gone: replaced when next given work
+            return False  # gone: replaced when next given work
         return self._over
 
     @property
@@ -207,8 +231,10 @@ class WorkerProcess:
         if code is None:
             return f"worker {self.pid} stopped answering"
         if not self.child.status_known:
-            return (f"worker {self.pid} exited (how is unknown: shmarray's fork "
-                    f"server, which reports it, is gone)")
+            return (
+                f"worker {self.pid} exited (how is unknown: shmarray's fork "
+                f"server, which reports it, is gone)"
+            )
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -255,7 +281,7 @@ class Pool:
     the coordinator dies; a memfd one goes with the last process mapping it).
     """
 
-    workers: list[WorkerProcess] = []   # so close() works after a failed __init__
+    workers: list[WorkerProcess] = []  # so close() works after a failed __init__
     watchdog: watchdog.Watchdog | None = None
     ctl: ControlBlock | None = None
     _control_name: str | None = None
@@ -266,10 +292,17 @@ class Pool:
     # say) is started again this many times before the map fails.
     START_ATTEMPTS = 3
 
-    def __init__(self, n_workers: int, start_method: str, startup_timeout: float,
-                 max_tasks: int | None, max_memory: int | None,
-                 initializer: tuple[bytes, bytes] | None, policy: WaitPolicy,
-                 storage: blocks.Storage | None = None):
+    def __init__(
+        self,
+        n_workers: int,
+        start_method: str,
+        startup_timeout: float,
+        max_tasks: int | None,
+        max_memory: int | None,
+        initializer: tuple[bytes, bytes] | None,
+        policy: WaitPolicy,
+        storage: blocks.Storage | None = None,
+    ):
         self.start_method = start_method
         # The control block lives where the engine's blocks do: with memfd,
         # nothing of the engine needs /dev/shm.
@@ -277,16 +310,16 @@ class Pool:
         self.max_tasks = max_tasks
         self.max_memory = max_memory
         self.policy = policy
-        self.seq = 0                    # the last ring given
-        self.generation = 0             # replacements so far
+        self.seq = 0  # the last ring given
+        self.generation = 0  # replacements so far
         self._owner = os.getpid()
         self._startup_timeout = startup_timeout
         self._initializer = initializer
         # Workers start with the caller's logger levels as they are now.
         self._log_level = output.caller_levels()
         self.workers = []
-        self.replaced = [0] * n_workers   # times each worker was replaced
-        self.sent = np.zeros(n_workers, np.int64)   # task-pipe messages, by worker
+        self.replaced = [0] * n_workers  # times each worker was replaced
+        self.sent = np.zeros(n_workers, np.int64)  # task-pipe messages, by worker
         self.forwarder = output.Forwarder()
         try:
             # The watchdog first: from now on it knows every block to clean.
@@ -310,11 +343,18 @@ class Pool:
 
     def _start(self, index: int) -> WorkerProcess:
         ctl = self.ctl
-        assert ctl is not None and self._control_name is not None   # made first
+        assert ctl is not None and self._control_name is not None  # made first
         ring = ctl.fresh(index)
-        proc = WorkerProcess(self.start_method, index, self._owner,
-                             self._control_name, self._initializer, self._log_level,
-                             self.policy.for_workers(), self.sent)
+        proc = WorkerProcess(
+            self.start_method,
+            index,
+            self._owner,
+            self._control_name,
+            self._initializer,
+            self._log_level,
+            self.policy.for_workers(),
+            self.sent,
+        )
         self.forwarder.add(*proc.output)
         proc.rung = ring
         proc.chunks_seen = proc.chunks_at_start = ctl.totals(index)[0]
@@ -322,9 +362,8 @@ class Pool:
         return proc
 
     def _tell_watchdog(self) -> None:
-        assert self.watchdog is not None         # made first
-        self.watchdog.tell([(w.pid, blocks.process_start_time(w.pid))
-                             for w in self.workers])
+        assert self.watchdog is not None  # made first
+        self.watchdog.tell([(w.pid, blocks.process_start_time(w.pid)) for w in self.workers])
 
     @property
     def size(self) -> int:
@@ -334,8 +373,7 @@ class Pool:
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
 
-    def await_ready(self, procs: list[WorkerProcess], wake=None,
-                    closing=lambda: False) -> None:
+    def await_ready(self, procs: list[WorkerProcess], wake=None, closing=lambda: False) -> None:
         """Wait for every process in ``procs`` to say Ready.  ``wake``: the
         driver's ``Wakeup``, which interrupts the wait, to raise
         EngineClosedError when ``closing()``.  Raises ``_StartDied`` for a process that died
@@ -345,7 +383,7 @@ class Pool:
         for p in procs:
             if not p.ready:
                 waiting[p.results.fileno()] = waiting[p.sentinel] = p
-        forwarded = set(self.forwarder.fds)   # an initializer may print a lot
+        forwarded = set(self.forwarder.fds)  # an initializer may print a lot
         while any(not p.ready for p in procs):
             left = deadline - time.monotonic()
             fds = list(waiting) + list(forwarded)
@@ -356,15 +394,15 @@ class Pool:
                 raise WorkerStartError(
                     f"workers did not start within {self._startup_timeout:.0f} "
                     f"s; the machine may be overloaded. Pass a larger "
-                    f"startup_timeout= to Engine.")
+                    f"startup_timeout= to Engine."
+                )
             shown = [fd for fd in ready if fd in forwarded]
             if shown:
                 for fd in self.forwarder.forward(shown):
                     forwarded.discard(fd)
             if wake is not None and wake.fileno() in ready:
                 if closing():
-                    raise EngineClosedError("the engine was closed while a "
-                                            "worker was starting")
+                    raise EngineClosedError("the engine was closed while a worker was starting")
                 # Something else (a stop()) woke us: the driver acts on it
                 # after the start, through the ABORT word, which stays set.
                 wake.clear()
@@ -382,8 +420,9 @@ class Pool:
                     raise _StartDied(proc)
                 proc.ready = True
 
-    def replace(self, index: int, graceful: bool = False, wake=None,
-                closing=lambda: False) -> WorkerProcess:
+    def replace(
+        self, index: int, graceful: bool = False, wake=None, closing=lambda: False
+    ) -> WorkerProcess:
         """A new worker in place of worker ``index``.  Kills the old one
         unless ``graceful`` (recycling an idle worker, which is asked to
         stop first), and waits until it has exited.  A replacement that
@@ -401,7 +440,7 @@ class Pool:
         else:
             old.kill()
             try:
-                why = old.describe_death()      # for the log only
+                why = old.describe_death()  # for the log only
             except Exception:
                 why = f"worker {old.pid} is gone"
             old.close(0.0)
@@ -415,8 +454,7 @@ class Pool:
             try:
                 self.await_ready([new], wake, closing)
                 if not graceful:
-                    log.info("replaced worker %d: %s; pid %d took its place",
-                             index, why, new.pid)
+                    log.info("replaced worker %d: %s; pid %d took its place", index, why, new.pid)
                 return new
             except _StartDied as died:
                 why = died.proc.describe_death()
@@ -426,9 +464,13 @@ class Pool:
                         f"a replacement worker died while starting, "
                         f"{self.START_ATTEMPTS} times in a row (the last: {why}). "
                         f"Something kills new workers: the out-of-memory killer, "
-                        f"a resource limit, or another program.") from None
-                log.warning("replacement worker %d died while starting (%s); "
-                            "starting another", new.pid, why)
+                        f"a resource limit, or another program."
+                    ) from None
+                log.warning(
+                    "replacement worker %d died while starting (%s); starting another",
+                    new.pid,
+                    why,
+                )
         raise AssertionError("unreachable")
 
     def recover(self, wake=None, closing=lambda: False) -> None:
@@ -436,13 +478,16 @@ class Pool:
         replace the dead and those still busy with a job nobody waits for;
         wait for those still starting."""
         ctl = self.ctl
-        assert ctl is not None                  # a Pool is built whole or not at all
+        assert ctl is not None  # a Pool is built whole or not at all
         for w in list(self.workers):
             idle = ctl.done(w.index) >= w.rung
             if not w.alive() or not idle:
                 if w.alive():
-                    log.info("worker %d (pid %d) is still busy with an interrupted "
-                             "map: replacing it", w.index, w.pid)
+                    log.info(
+                        "worker %d (pid %d) is still busy with an interrupted map: replacing it",
+                        w.index,
+                        w.pid,
+                    )
                 self.replace(w.index, wake=wake, closing=closing)
         starting = [w for w in self.workers if not w.ready]
         try:
@@ -451,8 +496,9 @@ class Pool:
             self.replace(died.proc.index, wake=wake, closing=closing)
             self.recover(wake, closing)
 
-    def recycle(self, busy: list[WorkerProcess], dynamic: bool, wake=None,
-                closing=lambda: False) -> None:
+    def recycle(
+        self, busy: list[WorkerProcess], dynamic: bool, wake=None, closing=lambda: False
+    ) -> None:
         """Replace, gracefully, the workers past ``max_tasks_per_worker``
         tasks or ``max_worker_memory`` bytes of unique memory."""
         limit, memory = self.max_tasks, self.max_memory
@@ -460,23 +506,29 @@ class Pool:
             return
         for w in busy:
             if self.workers[w.index] is not w:
-                continue                     # replaced already
+                continue  # replaced already
             if limit is not None:
                 if dynamic:
-                    assert self.ctl is not None     # a Pool is built whole or not at all
+                    assert self.ctl is not None  # a Pool is built whole or not at all
                     now = self.ctl.totals(w.index)[0]
                     w.tasks_run += now - w.chunks_seen
                     w.chunks_seen = now
                 else:
                     w.tasks_run += 1
                 if w.tasks_run >= limit:
-                    log.info("recycling worker %d (pid %d) after %d tasks",
-                             w.index, w.pid, w.tasks_run)
+                    log.info(
+                        "recycling worker %d (pid %d) after %d tasks", w.index, w.pid, w.tasks_run
+                    )
                     self.replace(w.index, graceful=True, wake=wake, closing=closing)
                     continue
             if memory is not None and w.over_memory(memory):
-                log.info("recycling worker %d (pid %d): its unique memory is over "
-                         "max_worker_memory=%d bytes", w.index, w.pid, memory)
+                log.info(
+                    "recycling worker %d (pid %d): its unique memory is over "
+                    "max_worker_memory=%d bytes",
+                    w.index,
+                    w.pid,
+                    memory,
+                )
                 self.replace(w.index, graceful=True, wake=wake, closing=closing)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -488,7 +540,7 @@ class Pool:
         if self._closing:
             timeout = 0.0
         self._closing = True
-        if self.workers and self.ctl is not None:   # (no workers without it)
+        if self.workers and self.ctl is not None:  # (no workers without it)
             seq = self.next_seq()
             for w in list(self.workers):
                 try:

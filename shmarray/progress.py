@@ -19,11 +19,22 @@ import os
 import sys
 import time
 
-DELAY = 1.0   # seconds before an automatic bar appears
+DELAY = 1.0  # seconds before an automatic bar appears
 
-_WORDS = {"0": False, "off": False, "false": False, "no": False, "never": False,
-          "1": True, "on": True, "true": True, "yes": True, "always": True,
-          "": None, "auto": None}
+_WORDS = {
+    "0": False,
+    "off": False,
+    "false": False,
+    "no": False,
+    "never": False,
+    "1": True,
+    "on": True,
+    "true": True,
+    "yes": True,
+    "always": True,
+    "": None,
+    "auto": None,
+}
 
 
 def default() -> bool | None:
@@ -36,8 +47,7 @@ def default() -> bool | None:
     """
     value = os.environ.get("SHMARRAY_PROGRESS", "").strip().lower()
     if value not in _WORDS:
-        raise ValueError(f"SHMARRAY_PROGRESS must be 0/off, 1/on or auto; "
-                         f"got {value!r} instead.")
+        raise ValueError(f"SHMARRAY_PROGRESS must be 0/off, 1/on or auto; got {value!r} instead.")
     return _WORDS[value]
 
 
@@ -81,6 +91,7 @@ def bar_class():
         if notebook is not None and getattr(notebook, "IProgress", None) is not None:
             return notebook.tqdm
     from tqdm.std import tqdm
+
     return tqdm
 
 
@@ -113,8 +124,9 @@ class ChunkProgress:
 
     def _open(self) -> None:
         bar = bar_class()
-        self.bar = bar(total=self.total, initial=self.done, desc=self.desc,
-                       unit="chunk", leave=self.leave)
+        self.bar = bar(
+            total=self.total, initial=self.done, desc=self.desc, unit="chunk", leave=self.leave
+        )
 
     def wait(self) -> float | None:
         """Seconds until the bar may appear (for a poll timeout); until a
@@ -126,8 +138,12 @@ class ChunkProgress:
         return max(self.opens_at - time.monotonic(), 0.0)
 
     def tick(self) -> None:
-        if (self.bar is None and self.opens_at is not None
-                and time.monotonic() >= self.opens_at and self.done < self.total):
+        if (
+            self.bar is None
+            and self.opens_at is not None
+            and time.monotonic() >= self.opens_at
+            and self.done < self.total
+        ):
             self._open()
 
     def update(self, n: int) -> None:
@@ -148,7 +164,7 @@ class ChunkProgress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.refresh()     # show the final count, not a throttled one
+            self.bar.refresh()  # show the final count, not a throttled one
             self.bar.close()
 
 
@@ -163,5 +179,10 @@ def steps(n: int, desc: str = "steps", **tqdm_options):
     """
     disable = tqdm_options.pop("disable", resolve(None) is False)
     bar = bar_class()
-    return bar(range(n), desc=desc, delay=tqdm_options.pop("delay", DELAY),
-               disable=disable, **tqdm_options)
+    return bar(
+        range(n),
+        desc=desc,
+        delay=tqdm_options.pop("delay", DELAY),
+        disable=disable,
+        **tqdm_options,
+    )

@@ -82,11 +82,11 @@ class Runner:
 
     def __init__(self, pool: Pool, table, cache: JobCache):
         self.pool = pool
-        assert pool.ctl is not None     # a Pool is built whole or not at all
+        assert pool.ctl is not None  # a Pool is built whole or not at all
         self.ctl: control.ControlBlock = pool.ctl
         self.holdings = Holdings(pool, table, cache)
         self.wakeup = Wakeup()
-        self.dirty = False           # a round was abandoned half-way
+        self.dirty = False  # a round was abandoned half-way
         self._should_stop: Callable[[], BaseException | None] = lambda: None
         # The workers' OUTPUT words added up when their pipes were last
         # drained (the lean path's cue to forward), and when a pipe was last
@@ -94,7 +94,7 @@ class Runner:
         # descriptors itself).
         self.output_seen = 0
         self._polled = 0.0
-        self._quiet = False          # the last round ended QUIET: no output came
+        self._quiet = False  # the last round ended QUIET: no output came
         self._spin_ns = int(pool.policy.driver_spin * 1e9)
 
     # -- from any thread ---------------------------------------------------------
@@ -108,7 +108,7 @@ class Runner:
     def close(self) -> None:
         self.wakeup.close()
 
-    forget_in_child = close          # the wake-up is this process's own
+    forget_in_child = close  # the wake-up is this process's own
 
     # -- the driver ----------------------------------------------------------------
 
@@ -143,8 +143,11 @@ class Runner:
             return
         if due:
             self._polled = now
-        if forwarder.begun or (not self._quiet and self.ctl.output() != self.output_seen) or (
-                due and forwarder.pending()):
+        if (
+            forwarder.begun
+            or (not self._quiet and self.ctl.output() != self.output_seen)
+            or (due and forwarder.pending())
+        ):
             forwarder.drain()
             self.output_seen = self.ctl.output()
 
@@ -154,21 +157,34 @@ class Runner:
         it found work for the Python path."""
         job = call.job
         holdings = self.holdings
-        if (self.dirty or job.tracked or call.progress is True
-                or job.ready != holdings.forgets or job.ready_pool != self.pool.generation
-                or self.table_released() or holdings.cache.forgotten
-                or time.monotonic() - self._polled > OUTPUT_POLL
-                or not (call.args is job.ready_args or same_args(job.ready_args, call.args))):
+        if (
+            self.dirty
+            or job.tracked
+            or call.progress is True
+            or job.ready != holdings.forgets
+            or job.ready_pool != self.pool.generation
+            or self.table_released()
+            or holdings.cache.forgotten
+            or time.monotonic() - self._polled > OUTPUT_POLL
+            or not (call.args is job.ready_args or same_args(job.ready_args, call.args))
+        ):
             return self.run(call, should_stop)
         self._should_stop = should_stop
         seq = self.pool.next_seq()
         for w in job.busy:
             w.rung = seq
         self.dirty = True
-        assert job.workers is not None          # placed: job.ready is current
-        state, asleep = self.ctl.ring_and_wait(job.workers, job.key, self.pool.sent,
-                                               call.steps, seq, self._spin_ns,
-                                               self.output_seen, job.round_words)
+        assert job.workers is not None  # placed: job.ready is current
+        state, asleep = self.ctl.ring_and_wait(
+            job.workers,
+            job.key,
+            self.pool.sent,
+            call.steps,
+            seq,
+            self._spin_ns,
+            self.output_seen,
+            job.round_words,
+        )
         if state == control.QUIET and not asleep:
             self.dirty = False
             if self.pool.max_tasks is not None or self.pool.max_memory is not None:
@@ -229,8 +245,15 @@ class Runner:
                 for w in busy:
                     w.rung = seq
                 state, asleep = self.ctl.ring_and_wait(
-                    job.workers, job.key, self.pool.sent, call.steps, seq,
-                    self._spin_ns, self.output_seen, job.round_words)
+                    job.workers,
+                    job.key,
+                    self.pool.sent,
+                    call.steps,
+                    seq,
+                    self._spin_ns,
+                    self.output_seen,
+                    job.round_words,
+                )
                 if asleep:
                     for w in busy:
                         if self.ctl.asleep(w.index):
@@ -270,7 +293,7 @@ class Runner:
         if exc is not None:
             raise exc
         if tally is not None and tally.stream is not None and tally.stream.halted:
-            self.ctl.stop()             # imap closed: no new chunks
+            self.ctl.stop()  # imap closed: no new chunks
 
     def unfinished(self, busy, seq: int) -> list[WorkerProcess]:
         return [w for w in busy if self.ctl.done(w.index) < seq]
@@ -317,8 +340,15 @@ class Round:
     then asleep on the pipes), reading messages of this ring, handling
     deaths and the timeout, and collecting."""
 
-    def __init__(self, runner: Runner, busy: list[WorkerProcess], seq: int,
-                 call: Call, job, tally: tracked.Tally | None):
+    def __init__(
+        self,
+        runner: Runner,
+        busy: list[WorkerProcess],
+        seq: int,
+        call: Call,
+        job,
+        tally: tracked.Tally | None,
+    ):
         self.runner = runner
         self.ctl = runner.ctl
         self.busy = busy
@@ -331,7 +361,7 @@ class Round:
         # not yet used (streamed values are used as they come).
         self.count: dict[int, int] = {}
         self.inbox: dict[int, list] = {}
-        self.lost: list[WorkerProcess] = []       # set aside, in a tracked round
+        self.lost: list[WorkerProcess] = []  # set aside, in a tracked round
         # What each worker index runs in this round: (job, indices, chunks)
         # (a replacement in a tracked round may run a job of its own).
         self.assigned = {g[0]: (job, g[1], g[2]) for g in job.groups}
@@ -350,8 +380,12 @@ class Round:
             runner.check_interrupt(self.tally)
         # Asked-for progress shows even for a quick map, and streamed values
         # as they come: no spin then.  Nor after the lean path's spin.
-        if (state is None and call.progress is not True and call.stream is None
-                and policy.driver_spin > 0):
+        if (
+            state is None
+            and call.progress is not True
+            and call.stream is None
+            and policy.driver_spin > 0
+        ):
             spin_until = time.monotonic() + policy.driver_spin
             while True:
                 left = self.ctl.wait_done(self.job.done_at, self.seq, SPIN_ROUNDS)
@@ -374,8 +408,11 @@ class Round:
         progress = None
         mode = resolve_progress(call.progress)
         if mode is not False:
-            progress = ChunkProgress(len(self.job.plan.chunks) * call.steps, mode,
-                                     getattr(self.job.kernel, "__name__", "map"))
+            progress = ChunkProgress(
+                len(self.job.plan.chunks) * call.steps,
+                mode,
+                getattr(self.job.kernel, "__name__", "map"),
+            )
         try:
             while True:
                 poller, by_fd, output = self._poller(forwarder)
@@ -398,8 +435,7 @@ class Round:
                     waits.append(0.2 if ahead is None else ahead)
                 # poll() takes at most 2**31-1 ms: a longer timeout is waited
                 # for in slices.
-                ms = -1 if not waits else min(max(1, int(min(waits) * 1000) + 1),
-                                              2**31 - 1)
+                ms = -1 if not waits else min(max(1, int(min(waits) * 1000) + 1), 2**31 - 1)
                 events = poller.poll(ms)
                 ctl.sleeping(False)
                 shown = [fd for fd, _ in events if fd in output]
@@ -408,7 +444,7 @@ class Round:
                 for fd, _ in events:
                     what = by_fd.get(fd)
                     if what is None:
-                        continue                      # output
+                        continue  # output
                     w, is_sentinel = what
                     if w is None:
                         runner.check_interrupt(self.tally)
@@ -417,7 +453,7 @@ class Round:
                         if self._died(w) and deadline is not None:
                             # Starting a worker is not the kernels' time.
                             deadline += time.monotonic() - started
-                        break     # descriptors may have changed hands: poll anew
+                        break  # descriptors may have changed hands: poll anew
                     else:
                         self.read(w)
                 if progress is not None:
@@ -440,7 +476,7 @@ class Round:
             for fd, is_sentinel in ((w.results.fileno(), False), (w.sentinel, True)):
                 poller.register(fd, select.POLLIN)
                 by_fd[fd] = (w, is_sentinel)
-        output = set(forwarder.fds)       # what kernels print, shown as it comes
+        output = set(forwarder.fds)  # what kernels print, shown as it comes
         for fd in output:
             poller.register(fd, select.POLLIN)
         return poller, by_fd, output
@@ -455,7 +491,7 @@ class Round:
         replacement was started."""
         runner, ctl, seq = self.runner, self.ctl, self.seq
         if ctl.done(w.index) >= seq:
-            return False                    # finished, then died: collect reads it
+            return False  # finished, then died: collect reads it
         if ctl.started(w.index) < seq:
             # Dead before it took the ring (killed while idle): nothing ran,
             # so a fresh worker takes the same chunks.
@@ -477,8 +513,9 @@ class Round:
         self.ctl.take_over(dead.index, self.seq - 1)
         runner.replace(dead.index)
         job, indices, chunks = self.assigned[dead.index]
-        new = runner.holdings.provide(dead.index, job, self.call.args, indices, chunks,
-                                      runner.wakeup, runner.closing)
+        new = runner.holdings.provide(
+            dead.index, job, self.call.args, indices, chunks, runner.wakeup, runner.closing
+        )
         self.busy[self.busy.index(dead)] = new
         runner.ring(new, job, self.seq, self.call.steps)
         return new
@@ -487,7 +524,7 @@ class Round:
         """The timeout passed: an untracked round fails; a tracked one sets
         the late workers aside and goes on.  Returns the new deadline."""
         runner, tally, timeout = self.runner, self.tally, self.call.timeout
-        assert timeout is not None              # there was a deadline
+        assert timeout is not None  # there was a deadline
         late = runner.unfinished(self.busy, self.seq)
         if tally is None:
             exc = deaths.map_timeout(sorted(w.pid for w in late), timeout)
@@ -508,7 +545,7 @@ class Round:
         try:
             data = w.results.recv_bytes()
         except (EOFError, OSError):
-            return                    # dying: its sentinel will tell
+            return  # dying: its sentinel will tell
         self._take(w, data)
 
     def _take(self, w: WorkerProcess, data: bytes) -> None:
@@ -518,7 +555,7 @@ class Round:
             return
         msg = decode(data)
         if msg.seq != self.seq:
-            return                    # left from an abandoned ring
+            return  # left from an abandoned ring
         self.count[w.index] = self.count.get(w.index, 0) + 1
         tally = self.tally
         if tally is not None and tally.stream is not None and type(msg) is Values:
@@ -538,7 +575,7 @@ class Round:
         self._use(w)
         self.lost.append(w)
         tally = self.tally
-        assert tally is not None                # only tracked rounds go on without one
+        assert tally is not None  # only tracked rounds go on without one
         tally.lost.append((w, exc))
         tally.lost_on[self.ctl.chunk(w.index)] = exc
         self.ctl.take_over(w.index, self.seq)
@@ -549,7 +586,7 @@ class Round:
             return pickle.loads(msg.payload)
         except KeyboardInterrupt:
             raise
-        except BaseException as exc:   # SystemExit too: it is the value's
+        except BaseException as exc:  # SystemExit too: it is the value's
             raise deaths.unpicklable_value(w.pid, exc) from None
 
     def collect(self) -> list | None:
@@ -594,7 +631,7 @@ class Round:
             problems += self._file(w_, msg, None)
         for index, exc in problems:
             if index >= 0:
-                assert self.tally is not None   # lose(): tracked rounds only
+                assert self.tally is not None  # lose(): tracked rounds only
                 self.tally.fail(index, exc)
 
     def _file(self, w: WorkerProcess, msg, values: list | None) -> list:

@@ -21,8 +21,13 @@ from typing import Any
 import numpy as np
 
 
-def interleaved(fns: dict[str, Any], repeat: int, *, pause: float = 0.0,
-                prepare: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Any],
+    repeat: int,
+    *,
+    pause: float = 0.0,
+    prepare: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each function, one entry per round.
 
     ``fns`` maps a name to a function, or to ``(function, calls)`` when one
@@ -40,7 +45,7 @@ def interleaved(fns: dict[str, Any], repeat: int, *, pause: float = 0.0,
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeat):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             fn = fns[name]
             fn, calls = fn if isinstance(fn, tuple) else (fn, 1)
             if prepare and name in prepare:
@@ -70,8 +75,13 @@ def summary(times: list[float]) -> dict[str, float]:
     2.0
     """
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2],
-            "min": min(times), "max": max(times)}
+    return {
+        "median": statistics.median(times),
+        "q1": q[0],
+        "q3": q[2],
+        "min": min(times),
+        "max": max(times),
+    }
 
 
 def ratios(a: list[float], b: list[float]) -> dict[str, float]:
@@ -85,26 +95,36 @@ def machine() -> dict:
     import numba
 
     from shmarray import options
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "numba": numba.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+    }
     for mod in ("joblib", "dask", "distributed", "matplotlib", "shmarray"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             versions[mod] = None
-    return {"cpu": cpu, "usable_cpus": options.usable_cpus(), "os": platform.platform(),
-            "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-            "versions": versions}
+    return {
+        "cpu": cpu,
+        "usable_cpus": options.usable_cpus(),
+        "os": platform.platform(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "versions": versions,
+    }
 
 
 # -- identical -------------------------------------------------------------------
+
 
 def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Elementwise equality, NaN equal to NaN."""
@@ -128,8 +148,7 @@ def identical(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
     a, b = np.asarray(a), np.asarray(b)
     try:
-        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"
-                                   and b.dtype.kind in "fc"))
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc" and b.dtype.kind in "fc"))
     except TypeError:
         return bool(np.array_equal(a, b))
 
@@ -143,7 +162,9 @@ def first_difference(a: np.ndarray, b: np.ndarray, names=("sequential", "engine"
         return ""
     rows = np.unique(bad[:, 0]) if bad.ndim == 2 and bad.shape[1] else bad
     first = tuple(int(i) for i in bad[0])
-    return (f"{len(bad)} element(s) differ, first at index {first} "
-            f"({names[0]} {a[first].item()!r}, {names[1]} {b[first].item()!r}); rows "
-            f"{', '.join(str(int(r)) for r in rows[:8])}"
-            f"{' ...' if len(rows) > 8 else ''}")
+    return (
+        f"{len(bad)} element(s) differ, first at index {first} "
+        f"({names[0]} {a[first].item()!r}, {names[1]} {b[first].item()!r}); rows "
+        f"{', '.join(str(int(r)) for r in rows[:8])}"
+        f"{' ...' if len(rows) > 8 else ''}"
+    )

@@ -46,7 +46,7 @@ class Tally:
         self.attempts: dict[int, int] = {}
         self.retried: set[int] = set()
         self.lost: list[tuple[WorkerProcess, BaseException]] = []
-        self.lost_on: dict[int, BaseException] = {}   # chunk -> why its worker was lost
+        self.lost_on: dict[int, BaseException] = {}  # chunk -> why its worker was lost
         self.stream = call.stream
 
     def take(self, indices, values) -> None:
@@ -67,8 +67,7 @@ class Tally:
         """``exc``, noted as chunk ``i``'s last attempt when there were more."""
         if retries:
             lo, hi = self.chunks[i]
-            exc.add_note(f"rows {lo}:{hi} failed {self.attempts[i]} times "
-                         f"(retries={retries})")
+            exc.add_note(f"rows {lo}:{hi} failed {self.attempts[i]} times (retries={retries})")
         return exc
 
     def attempt(self, i: int, retries: int, why: BaseException | None) -> bool:
@@ -79,8 +78,9 @@ class Tally:
             return True
         if why is None:
             lo, hi = self.chunks[i]
-            why = WorkerCrashedError(f"the worker running rows {lo}:{hi} was lost",
-                                     pid=0, exitcode=None, rows=(lo, hi))
+            why = WorkerCrashedError(
+                f"the worker running rows {lo}:{hi} was lost", pid=0, exitcode=None, rows=(lo, hi)
+            )
         self.fail(i, self.final(i, retries, why))
         return False
 
@@ -93,8 +93,9 @@ class Tally:
             if failed:
                 raise failed[0][1]
             return value
-        return MapReport(failed, [self.chunks[i] for i in sorted(self.retried)],
-                         value, len(self.chunks))
+        return MapReport(
+            failed, [self.chunks[i] for i in sorted(self.retried)], value, len(self.chunks)
+        )
 
 
 def run(runner: Runner, call: Call) -> Tally:
@@ -113,10 +114,14 @@ def run(runner: Runner, call: Call) -> Tally:
         tally.lost = []
         tally.lost_on = {}
         runner.round(call, round_job, tally)
-        if (round_job is job and not tally.lost and not tally.failed
-                and (not job.want_values or len(tally.values) == n)
-                and ctl.board_all(n, control.FINISHED)):
-            break                 # the usual case: every chunk finished
+        if (
+            round_job is job
+            and not tally.lost
+            and not tally.failed
+            and (not job.want_values or len(tally.values) == n)
+            and ctl.board_all(n, control.FINISHED)
+        ):
+            break  # the usual case: every chunk finished
         lost_on = tally.lost_on
         runner.replace_all([w for w, _ in tally.lost])
         # A worker lost on a chunk made progress too: an attempt counted.
@@ -140,7 +145,7 @@ def run(runner: Runner, call: Call) -> Tally:
                 if tally.attempt(i, call.retries, lost_on.get(i)):
                     again.append(i)
             else:
-                again.append(i)          # never taken, or its value lost
+                again.append(i)  # never taken, or its value lost
         if call.stream is not None and call.stream.halted:
             break
         if tally.failed and not call.collect:
@@ -148,8 +153,11 @@ def run(runner: Runner, call: Call) -> Tally:
         if again and not progress:
             # Nothing ran: every worker died before its first chunk (loading
             # the kernel or the arguments).  Trying again would do the same.
-            exc = tally.lost[0][1] if tally.lost else WorkerCrashedError(
-                "no chunk could run", pid=0, exitcode=None, rows=None)
+            exc = (
+                tally.lost[0][1]
+                if tally.lost
+                else WorkerCrashedError("no chunk could run", pid=0, exitcode=None, rows=None)
+            )
             for i in again:
                 tally.fail(i, exc)
             break
@@ -168,29 +176,31 @@ def respawn(rnd: Round, dead: WorkerProcess) -> WorkerProcess | None:
     shared counter), with the dead worker's unfinished chunks under the
     static one.  None if nobody was started."""
     runner, ctl, call, tally = rnd.runner, rnd.ctl, rnd.call, rnd.tally
-    assert tally is not None                    # a tracked round
+    assert tally is not None  # a tracked round
     job = rnd.job
     k = ctl.chunk(dead.index)
     if k < 0:
-        return None   # died loading the kernel: a new one would too
+        return None  # died loading the kernel: a new one would too
     if k not in tally.values and ctl.board_state(k) == control.RUNNING:
         if tally.attempt(k, call.retries, tally.lost[-1][1]):
             ctl.board_set(k, control.PENDING)
         else:
             ctl.board_set(k, control.FAILED)
     stop = (k in tally.failed and not call.collect) or (
-        call.stream is not None and call.stream.halted)
+        call.stream is not None and call.stream.halted
+    )
     if stop:
-        ctl.stop()                     # raise now: start nothing new
+        ctl.stop()  # raise now: start nothing new
         return None
     if not job.dynamic:
         group = rnd.assigned[dead.index]
-        indices = [i for i in group[1] if i not in tally.values
-                   and ctl.board_state(i) == control.PENDING]
+        indices = [
+            i for i in group[1] if i not in tally.values and ctl.board_state(i) == control.PENDING
+        ]
         if not indices:
             return None
         rerun = job.retry(runner.holdings.cache.new_key(), indices)
-        rerun.dynamic = False          # its own rows: others may rerun too
+        rerun.dynamic = False  # its own rows: others may rerun too
         runner.holdings.cache.forgotten.append(rerun.key)
         rerun.groups = ((dead.index, rerun.indices, rerun.plan.chunks),)
         rnd.assigned[dead.index] = (rerun, rerun.indices, rerun.plan.chunks)

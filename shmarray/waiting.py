@@ -35,11 +35,12 @@ CHOICES = ("auto", "spin", "passive")
 
 class WaitPolicy(NamedTuple):
     """A resolved wait policy (see the module docstring)."""
-    name: str              # what was asked for: "auto", "spin" or "passive"
-    worker_spin: float     # seconds a worker spins for its next ring after a job
-    driver_spin: float     # seconds the driver spins on the done words
-    step_spin: int         # rounds a worker spins on a neighbour's step word
-    oversubscribed: bool   # more workers than usable CPUs
+
+    name: str  # what was asked for: "auto", "spin" or "passive"
+    worker_spin: float  # seconds a worker spins for its next ring after a job
+    driver_spin: float  # seconds the driver spins on the done words
+    step_spin: int  # rounds a worker spins on a neighbour's step word
+    oversubscribed: bool  # more workers than usable CPUs
 
     def for_workers(self) -> tuple[float, int]:
         """What a worker needs to know: (worker_spin, step_spin)."""
@@ -61,8 +62,10 @@ def coerce_wait(value: object) -> str:
         value = os.environ.get("SHMARRAY_WAIT", "").strip().lower() or "auto"
         where = "SHMARRAY_WAIT"
     if not isinstance(value, str) or value not in CHOICES:
-        raise ValueError(f"{where} must be 'auto', 'spin' or 'passive' (as "
-                         f"OpenMP's OMP_WAIT_POLICY); got {value!r} instead.")
+        raise ValueError(
+            f"{where} must be 'auto', 'spin' or 'passive' (as "
+            f"OpenMP's OMP_WAIT_POLICY); got {value!r} instead."
+        )
     return value
 
 
@@ -76,7 +79,8 @@ def resolve(name: str, workers: int, cpus: int) -> WaitPolicy:
     if name == "spin":
         return WaitPolicy(name, 0.1, 1e-3, 1 << 40, over)
     if name == "passive" or (name == "auto" and over):
-        return WaitPolicy(name, 0.0, 0.0 if name == "passive" else 5e-6,
-                          0 if name == "passive" else 64, over)
+        return WaitPolicy(
+            name, 0.0, 0.0 if name == "passive" else 5e-6, 0 if name == "passive" else 64, over
+        )
     # A round of the step spin is about 0.2 us: 10000 rounds, about 2 ms.
     return WaitPolicy(name, 2e-3, 50e-6, 10_000, over)

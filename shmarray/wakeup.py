@@ -30,7 +30,7 @@ class Wakeup:
         try:
             os.write(self._w, b"!")
         except OSError:
-            pass           # already pending (the pipe is full), or closed
+            pass  # already pending (the pipe is full), or closed
 
     def clear(self) -> None:
         """The driver only: forget the wake-ups so far."""
@@ -38,7 +38,7 @@ class Wakeup:
             while os.read(self._r, 512):
                 pass
         except OSError:
-            pass           # empty, or closed
+            pass  # empty, or closed
 
     def close(self) -> None:
         for fd in (self._r, self._w):

@@ -41,11 +41,13 @@ log = logging.getLogger(__name__)
 
 class Workers(NamedTuple):
     """The current workers, as (pid, start time) pairs."""
+
     processes: tuple[tuple[int, float | None], ...]
 
 
 class Blocks(NamedTuple):
     """Block names the engine created, and names it has unlinked since."""
+
     created: tuple[str, ...]
     gone: tuple[str, ...]
 
@@ -55,7 +57,7 @@ BYE = "bye"
 
 def main(lifeline_fd: int) -> None:
     """Watchdog entry point (see the module's docstring)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the coordinator decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides
     lifeline = Connection(lifeline_fd, writable=False)
     workers: tuple[tuple[int, float | None], ...] = ()
     names: set[str] = set()
@@ -63,7 +65,7 @@ def main(lifeline_fd: int) -> None:
         try:
             msg = lifeline.recv()
         except (EOFError, OSError):
-            break                                   # the coordinator is gone
+            break  # the coordinator is gone
         if msg == BYE:
             return
         if isinstance(msg, Workers):
@@ -116,8 +118,9 @@ class Watchdog:
     def _start(self) -> None:
         life_r, life_w = os.pipe()
         try:
-            self.child = launch.start(self._method, "shmarray.watchdog:main",
-                                      (launch.Fd(0),), [life_r])
+            self.child = launch.start(
+                self._method, "shmarray.watchdog:main", (launch.Fd(0),), [life_r]
+            )
         except BaseException:
             os.close(life_w)
             raise
@@ -137,18 +140,23 @@ class Watchdog:
             self._retire()
             self._start()
             lifeline = self._lifeline
-            assert lifeline is not None          # _start() made it
+            assert lifeline is not None  # _start() made it
             lifeline.send(Workers(self._workers))
             lifeline.send(Blocks(tuple(self._names), ()))
-            log.warning("the engine's watchdog died; restarted it as pid %s",
-                        getattr(self.child, "pid", None))
+            log.warning(
+                "the engine's watchdog died; restarted it as pid %s",
+                getattr(self.child, "pid", None),
+            )
         except Exception as exc:
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"shmarray: the engine's watchdog died and could not "
-                              f"be restarted ({exc!r}); if this process is killed, "
-                              f"`shmarray gc` removes its blocks", RuntimeWarning,
-                              stacklevel=4)
+                warnings.warn(
+                    f"shmarray: the engine's watchdog died and could not "
+                    f"be restarted ({exc!r}); if this process is killed, "
+                    f"`shmarray gc` removes its blocks",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
     def tell(self, processes: list[tuple[int, float | None]]) -> None:
         """The current workers, as (pid, start time) pairs."""

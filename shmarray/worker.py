@@ -58,12 +58,13 @@ from shmarray.descriptors import (
 )
 
 _limits = None
-_forked = False          # set in a child a kernel forked off this worker
+_forked = False  # set in a child a kernel forked off this worker
 
 
 def _after_fork_in_child() -> None:
     global _forked
     _forked = True
+
 
 # After a job, a worker spins for the next ring for as long as the wait
 # policy says (``shmarray.waiting``).  Maps issued back to back (an iterated
@@ -71,7 +72,7 @@ def _after_fork_in_child() -> None:
 # instead of the 10-100 us it takes to wake a sleeping process in a VM; an
 # idle engine sleeps within that long of its last map.  The spin yields its
 # CPU every few rounds, so it does not hold up a process that has work.
-SPIN_ROUNDS = 256          # rounds per call into the spin loop: about 25 us
+SPIN_ROUNDS = 256  # rounds per call into the spin loop: about 25 us
 # A job becomes hot, and is served by the compiled loop (control.serve),
 # after this many runs: compiling the loop costs about 0.1-0.3 s in each
 # worker, worth it for a loop of maps, not for a map run once or twice.
@@ -108,10 +109,21 @@ class _Job:
     arrays swapped; with a boundary, the ghost-cell copies of this worker's
     part, in two stages."""
 
-    __slots__ = ("kernel", "spec", "calls", "swapped", "blocks", "neighbours",
-                 "staged", "fills", "runs", "lean", "rows_of")
+    __slots__ = (
+        "kernel",
+        "spec",
+        "calls",
+        "swapped",
+        "blocks",
+        "neighbours",
+        "staged",
+        "fills",
+        "runs",
+        "lean",
+        "rows_of",
+    )
 
-    blocks: set[str]               # the blocks it reads, set by Worker.define
+    blocks: set[str]  # the blocks it reads, set by Worker.define
 
     def __init__(self, kernel, spec: Define, views: list, args: tuple, index: int):
         self.kernel = kernel
@@ -133,12 +145,18 @@ class _Job:
         numba function and whose chunks' arguments all have one type."""
         self.runs += 1
         if self.lean is None and self.runs >= (
-                1 if self.spec.mode & control.PREPARED else HOT_RUNS):
+            1 if self.spec.mode & control.PREPARED else HOT_RUNS
+        ):
             self.lean = False
             spec = self.spec
-            if (not self.staged and not spec.dynamic and not spec.want_values
-                    and not spec.mode & ~control.PREPARED and is_jitted(self.kernel)
-                    and self.calls):
+            if (
+                not self.staged
+                and not spec.dynamic
+                and not spec.want_values
+                and not spec.mode & ~control.PREPARED
+                and is_jitted(self.kernel)
+                and self.calls
+            ):
                 calls = tuple(self.calls)
                 try:
                     same = len({numba.typeof(c) for c in calls}) == 1
@@ -154,16 +172,20 @@ class _Job:
         lead = (slice(None),) * axis
         offsets = [i for i, a in enumerate(args) if a is row_offset]
         args = tuple(index if a is worker_id else a for a in args)
-        self.lean = None                  # built again from the new calls
+        self.lean = None  # built again from the new calls
         self.calls = []
         for lo, hi in spec.chunks:
             these = list(args)
             for i in offsets:
                 these[i] = lo - h
-            self.calls.append(tuple(v[lead + (slice(lo - h, hi + h),)] for v in views)
-                              + tuple(these))
-        self.swapped = ([(c[1], c[0]) + c[2:] for c in self.calls]
-                        if spec.iterated and len(views) >= 2 else self.calls)
+            self.calls.append(
+                tuple(v[lead + (slice(lo - h, hi + h),)] for v in views) + tuple(these)
+            )
+        self.swapped = (
+            [(c[1], c[0]) + c[2:] for c in self.calls]
+            if spec.iterated and len(views) >= 2
+            else self.calls
+        )
         self.fills = []
         if spec.boundary is not None and spec.chunks:
             b = boundary.Boundary(*spec.boundary)
@@ -171,7 +193,8 @@ class _Job:
             for v in views:
                 n = v.shape[axis]
                 before, after = boundary.ghost_copies(
-                    v.shape, h, b, axis, rows, rows[0] == h, rows[1] == n - h)
+                    v.shape, h, b, axis, rows, rows[0] == h, rows[1] == n - h
+                )
                 self.fills.append((v, before, after))
 
     def fill(self, stage: int) -> None:
@@ -188,7 +211,7 @@ class Mappings:
 
     def __init__(self, owner_pid: int):
         self.owner_pid = owner_pid
-        self.buffers: dict[str, np.ndarray] = {}   # block name -> its bytes
+        self.buffers: dict[str, np.ndarray] = {}  # block name -> its bytes
         # Jobs repeat the same arrays; rebuilding and checking a view costs
         # 2 us, a lookup 0.2 us.  Keyed by ArrayDescriptor.wire tuples.
         self.views: dict[tuple, np.ndarray] = {}
@@ -199,7 +222,8 @@ class Mappings:
             if blocks.owner_of(name) != self.owner_pid:
                 raise PermissionError(
                     f"block {name!r} was not created by this worker's "
-                    f"coordinator (pid {self.owner_pid}); refusing to map it")
+                    f"coordinator (pid {self.owner_pid}); refusing to map it"
+                )
             buf = np.frombuffer(blocks.attach(name), dtype=np.uint8)
             self.buffers[name] = buf
         return buf
@@ -216,8 +240,7 @@ class Mappings:
 
     def bind(self, args: tuple) -> tuple:
         """``args`` with descriptors replaced by their arrays."""
-        return tuple(self.view(a.wire) if isinstance(a, ArrayDescriptor) else a
-                     for a in args)
+        return tuple(self.view(a.wire) if isinstance(a, ArrayDescriptor) else a for a in args)
 
     def release(self, gone: set[str]) -> None:
         """Unmap blocks the coordinator has unlinked.
@@ -234,7 +257,7 @@ class Mappings:
         for name in gone:
             buf = self.buffers.pop(name, None)
             if buf is not None:
-                view = buf.base         # the memoryview np.frombuffer keeps
+                view = buf.base  # the memoryview np.frombuffer keeps
                 assert isinstance(view, memoryview)
                 mappings.append(weakref.ref(view.obj))
         self.views = {w: v for w, v in self.views.items() if w[0] not in gone}
@@ -244,19 +267,26 @@ class Mappings:
 
 
 class _Worker:
-    def __init__(self, owner_pid: int, index: int, words: control.WorkerWords,
-                 tasks, results, spins: tuple[float, int]):
+    def __init__(
+        self,
+        owner_pid: int,
+        index: int,
+        words: control.WorkerWords,
+        tasks,
+        results,
+        spins: tuple[float, int],
+    ):
         self.index = index
         self.ctl = words
         self.tasks = tasks
         self.results = results
         self.idle_spin, self.step_spin = spins
-        self.received = 0                          # messages, not wake frames
+        self.received = 0  # messages, not wake frames
         self.kernels: dict[int, object] = {}
         self.jobs: dict[int, _Job] = {}
         self.maps = Mappings(owner_pid)
         self.main = MainNamespace()
-        self.rows: tuple[int, int] | None = None   # the chunk running, for output
+        self.rows: tuple[int, int] | None = None  # the chunk running, for output
         # The hot jobs control.serve runs: one, or the two halves of a
         # double-buffered loop (same kernel, same argument types).
         self.serving: list[_Job] = []
@@ -281,8 +311,11 @@ class _Worker:
             self.define(msg)
         elif kind is Rebind:
             job = self.jobs[msg.job]
-            job.bind([self.maps.view(d) for d in job.spec.arrays],
-                     self.maps.bind(pickle.loads(msg.args)), self.index)
+            job.bind(
+                [self.maps.view(d) for d in job.spec.arrays],
+                self.maps.bind(pickle.loads(msg.args)),
+                self.index,
+            )
         elif kind is Install:
             try:
                 self.kernels[msg.key] = load_kernel(msg.payload, self.main)
@@ -310,11 +343,12 @@ class _Worker:
             views = [self.maps.view(d) for d in msg.arrays]
             args = self.maps.bind(raw)
             kernel = self.kernels[msg.kernel]
-        except Exception as exc:     # a bad descriptor: the job fails when run
+        except Exception as exc:  # a bad descriptor: the job fails when run
             kernel, views, args = _Unloadable(exc), [], ()
         job = self.jobs[msg.job] = _Job(kernel, msg, views, args, self.index)
         job.blocks = {d[0] for d in msg.arrays} | {
-            a.block for a in raw if isinstance(a, ArrayDescriptor)}
+            a.block for a in raw if isinstance(a, ArrayDescriptor)
+        }
 
     def receive(self, until: int) -> bool:
         """Handle pipe messages until ``until`` have arrived in all; False
@@ -349,9 +383,8 @@ class _Worker:
     def run(self, key: int, seq: int, steps: int) -> None:
         started = time.perf_counter_ns()
         job = self.jobs.get(key)
-        if job is None:      # cannot happen unless the protocol is broken
-            self.send(failure(seq, -1, RuntimeError(
-                f"worker {os.getpid()} has no job {key}")))
+        if job is None:  # cannot happen unless the protocol is broken
+            self.send(failure(seq, -1, RuntimeError(f"worker {os.getpid()} has no job {key}")))
             sent, ran = 1, 0
         elif job.staged:
             sent, ran = self.staged(job, seq, steps)
@@ -360,8 +393,7 @@ class _Worker:
         if self.ctl.finish(seq, sent, ran, time.perf_counter_ns() - started):
             self.results.send_bytes(WAKE)
 
-    def chunks(self, job: _Job, seq: int, calls: list,
-               ran: int = 0) -> tuple[bool, int, int]:
+    def chunks(self, job: _Job, seq: int, calls: list, ran: int = 0) -> tuple[bool, int, int]:
         """Run this worker's chunks of ``job`` once; (a chunk failed,
         messages sent, chunks run in all).  The first failing chunk ends the
         job and sets STOP, unless the job collects failures
@@ -396,8 +428,8 @@ class _Worker:
             try:
                 value = kernel(*calls[k])
             except SystemExit:
-                raise             # sys.exit() in a kernel ends the worker, as it says
-            except BaseException as exc:   # KeyboardInterrupt too: the kernel's own
+                raise  # sys.exit() in a kernel ends the worker, as it says
+            except BaseException as exc:  # KeyboardInterrupt too: the kernel's own
                 if _forked:
                     os._exit(1)
                 self.rows = None
@@ -409,9 +441,9 @@ class _Worker:
                     ctl.mark(index, control.FAILED)
                 if mode & control.COLLECT:
                     continue
-                ctl.stop()              # the others take no more
+                ctl.stop()  # the others take no more
                 break
-            if _forked:           # the kernel forked, and this is the child
+            if _forked:  # the kernel forked, and this is the child
                 os._exit(0)
             self.rows = None
             output.end_lines()
@@ -453,19 +485,23 @@ class _Worker:
                 if step and wait and not ctl.wait_steps(neighbours, step_word(seq, base), spin):
                     break
                 if ctl.stopped():
-                    break                   # another worker's chunk failed
+                    break  # another worker's chunk failed
                 if job.fills:
                     job.fill(0)
                     ctl.publish_step(step_word(seq, base + 1))
-                    if wait and job.spec.axis > 0 and not ctl.wait_steps(
-                            neighbours, step_word(seq, base + 1), spin):
+                    if (
+                        wait
+                        and job.spec.axis > 0
+                        and not ctl.wait_steps(neighbours, step_word(seq, base + 1), spin)
+                    ):
                         break
                     job.fill(1)
                     ctl.publish_step(step_word(seq, base + 2))
                     if wait and not ctl.wait_steps(neighbours, step_word(seq, base + 2), spin):
                         break
-                failed, now, ran = self.chunks(job, seq, job.swapped if step % 2 else job.calls,
-                                               ran)
+                failed, now, ran = self.chunks(
+                    job, seq, job.swapped if step % 2 else job.calls, ran
+                )
                 sent += now
                 if failed:
                     break
@@ -483,10 +519,17 @@ class _Worker:
             data = encode(Values(seq, tuple(indices), pack_values(tuple(values))))
         except Exception as exc:  # a kernel returned something unpicklable
             tb = "".join(traceback.format_exception(exc))
-            data = encode(Failed(
-                seq, indices[0], b"", type(exc).__name__,
-                f"the kernel's return value cannot be pickled back to the "
-                f"caller ({exc}). Return numbers, tuples or NumPy arrays.", tb))
+            data = encode(
+                Failed(
+                    seq,
+                    indices[0],
+                    b"",
+                    type(exc).__name__,
+                    f"the kernel's return value cannot be pickled back to the "
+                    f"caller ({exc}). Return numbers, tuples or NumPy arrays.",
+                    tb,
+                )
+            )
         self.results.send_bytes(data)
         return 1
 
@@ -498,23 +541,28 @@ class _Worker:
         while True:
             # Forgotten, its blocks gone, or rebound (new arguments: the
             # Python path runs it once, then lean_path builds it again).
-            jobs = self.serving = [j for j in self.serving
-                                   if self.jobs.get(j.spec.job) is j and j.lean]
+            jobs = self.serving = [
+                j for j in self.serving if self.jobs.get(j.spec.job) is j and j.lean
+            ]
             if jobs:
                 code, seq = self.lean(jobs, last)
                 if code == control.OTHER_RING:
                     other = self.jobs.get(self.ctl.ring_job())
-                    if other is not None and other.lean and other not in jobs \
-                            and _pairs(jobs[-1], other):
+                    if (
+                        other is not None
+                        and other.lean
+                        and other not in jobs
+                        and _pairs(jobs[-1], other)
+                    ):
                         # The other half of a double-buffered loop: served
                         # beside the last one, from this very ring.
                         self.serving = [jobs[-1], other]
                         continue
-                    self.serving = []              # a ring for Python: below
+                    self.serving = []  # a ring for Python: below
                 else:
-                    last = seq                     # the last ring served
+                    last = seq  # the last ring served
                     if code != control.SPUN_OUT:
-                        continue                   # a driver to wake, or an error told
+                        continue  # a driver to wake, or an error told
             else:
                 seq = ctl.wait_ring(last, SPIN_ROUNDS)
                 if seq == last and self.idle_spin > 0:
@@ -539,8 +587,9 @@ class _Worker:
                 job = self.jobs.get(key)
                 if job is not None and job.lean_path():
                     serving = [j for j in self.serving if j is not job]
-                    self.serving = ([serving[-1], job] if serving and _pairs(serving[-1], job)
-                                    else [job])
+                    self.serving = (
+                        [serving[-1], job] if serving and _pairs(serving[-1], job) else [job]
+                    )
             else:
                 ctl.finish(seq, 0, 0, 0)
 
@@ -550,22 +599,23 @@ class _Worker:
         came in the spin; (OTHER_RING, ring) for a ring the Python path must
         take; (WAKE_DRIVER, ring) once ring ``ring`` was served and its
         driver woken, or its kernel's exception reported."""
-        first, second = jobs[0], jobs[-1]      # one job: served as both halves
-        assert first.lean and second.lean      # serving: lean_path() gave them
+        first, second = jobs[0], jobs[-1]  # one job: served as both halves
+        assert first.lean and second.lean  # serving: lean_path() gave them
         keys = np.array([first.spec.job, second.spec.job], np.int64)
         calls_by = (first.lean[0], second.lean[0])
         indices_by = np.stack([first.lean[1], second.lean[1]])
         try:
-            code, seq = self.ctl.serve(last, keys, self.received, first.kernel, calls_by,
-                                       indices_by, self.idle_spin_ns)
+            code, seq = self.ctl.serve(
+                last, keys, self.received, first.kernel, calls_by, indices_by, self.idle_spin_ns
+            )
         except NumbaError:
             for job in jobs:
-                job.lean = False           # cannot be compiled: the Python path
+                job.lean = False  # cannot be compiled: the Python path
             self.serving = []
             return control.SPUN_OUT, last
         except SystemExit:
             raise
-        except BaseException as exc:       # the kernel raised, as in chunks()
+        except BaseException as exc:  # the kernel raised, as in chunks()
             seq, index = self.ctl.where()
             output.end_lines()
             self.send(failure(seq, index, exc))
@@ -605,10 +655,18 @@ def failure(seq: int, index: int, exc: BaseException) -> Failed:
     return Failed(seq, index, error, type(exc).__qualname__, str(exc), tb)
 
 
-def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
-         control_block: str, initializer: tuple[bytes, bytes] | None = None,
-         out_fd: int = -1, err_fd: int = -1, log_level: int | dict[str, int] = 30,
-         spins: tuple[float, int] = (2e-3, 10_000)) -> None:
+def main(
+    tasks_fd: int,
+    results_fd: int,
+    owner_pid: int,
+    index: int,
+    control_block: str,
+    initializer: tuple[bytes, bytes] | None = None,
+    out_fd: int = -1,
+    err_fd: int = -1,
+    log_level: int | dict[str, int] = 30,
+    spins: tuple[float, int] = (2e-3, 10_000),
+) -> None:
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
     the engine's control block, ``initializer`` the pickled (function,
@@ -630,8 +688,11 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
                 os.dup2(fd, std)
                 os.close(fd)
             output.install_in_worker(
-                index, lambda: worker.current_rows() if worker is not None else None,
-                log_level, lambda: worker.ctl.wrote() if worker is not None else None)
+                index,
+                lambda: worker.current_rows() if worker is not None else None,
+                log_level,
+                lambda: worker.ctl.wrote() if worker is not None else None,
+            )
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A kernel that calls os.fork() returns twice; the child must not go
         # on as this worker (it shares its pipes and control words).
@@ -642,14 +703,20 @@ def main(tasks_fd: int, results_fd: int, owner_pid: int, index: int,
         if initializer is not None:
             stage = "initializer"
             function = worker.main.adopt(load(initializer[0]))
-            function(*[index if a is worker_id else a
-                       for a in pickle.loads(initializer[1])])
+            function(*[index if a is worker_id else a for a in pickle.loads(initializer[1])])
         ready = encode(Ready(os.getpid()))
     except BaseException as exc:
         try:
-            results.send_bytes(encode(StartFailed(
-                stage, type(exc).__qualname__, str(exc),
-                "".join(traceback.format_exception(exc)))))
+            results.send_bytes(
+                encode(
+                    StartFailed(
+                        stage,
+                        type(exc).__qualname__,
+                        str(exc),
+                        "".join(traceback.format_exception(exc)),
+                    )
+                )
+            )
         except OSError:
             pass
         return

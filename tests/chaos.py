@@ -43,12 +43,13 @@ import numpy as np
 from numba import njit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-N = 240                       # rows of every array
-EPISODE_LIMIT = 240.0         # seconds: an episode still running then has hung
-CALL_LIMIT = 60.0             # seconds any call may take (stopped workers included)
+N = 240  # rows of every array
+EPISODE_LIMIT = 240.0  # seconds: an episode still running then has hung
+CALL_LIMIT = 60.0  # seconds any call may take (stopped workers included)
 
 
 # -- kernels (importable by the workers: cached by numba) ---------------------
+
 
 @njit(cache=True, nogil=True)
 def fill(out, row_offset, scale):
@@ -93,6 +94,7 @@ def plus_one(out, inp):
 
 # -- one episode, in a child interpreter ----------------------------------------
 
+
 class Failure(Exception):
     """An invariant broke."""
 
@@ -119,15 +121,32 @@ def episode(seed: int, workers: int | None = None) -> dict:
     wait = rng.choice(("auto", "auto", "passive", "spin"))
     n_threads = rng.randint(1, 3)
     calls_each = rng.randint(4, 10)
-    plans = [[_plan_call(random.Random(seed * 1000 + t * 100 + k))
-              for k in range(calls_each)] for t in range(n_threads + 1)]
+    plans = [
+        [_plan_call(random.Random(seed * 1000 + t * 100 + k)) for k in range(calls_each)]
+        for t in range(n_threads + 1)
+    ]
     chaos_rng = random.Random(seed * 7 + 1)
     close_at = chaos_rng.choice((None, None, chaos_rng.uniform(0.5, 6.0)))
-    report = {"seed": seed, "workers": n_workers, "wait": wait, "threads": n_threads,
-              "calls": 0, "outcomes": {}, "failures": [], "chaos": []}
-    documented = (WorkerCrashedError, TaskTimeoutError, MapCancelledError,
-                  CancelledError, EngineClosedError, KeyboardInterrupt, ValueError,
-                  KernelError)
+    report = {
+        "seed": seed,
+        "workers": n_workers,
+        "wait": wait,
+        "threads": n_threads,
+        "calls": 0,
+        "outcomes": {},
+        "failures": [],
+        "chaos": [],
+    }
+    documented = (
+        WorkerCrashedError,
+        TaskTimeoutError,
+        MapCancelledError,
+        CancelledError,
+        EngineClosedError,
+        KeyboardInterrupt,
+        ValueError,
+        KernelError,
+    )
     lock = threading.Lock()
     futures: list = []
     main_busy = threading.Event()
@@ -161,15 +180,19 @@ def episode(seed: int, workers: int | None = None) -> dict:
                 main_busy.clear()
         except documented as exc:
             outcome = type(exc).__name__
-            if isinstance(exc, ValueError) and not (
-                    kind == "fail" and "bad row" in str(exc)) and not isinstance(
-                    exc, EngineClosedError):
+            if (
+                isinstance(exc, ValueError)
+                and not (kind == "fail" and "bad row" in str(exc))
+                and not isinstance(exc, EngineClosedError)
+            ):
                 fail(f"{kind} {opts}: undocumented ValueError {exc!r}")
         except Failure as exc:
             fail(f"{kind} {opts}: {exc}")
         except BaseException as exc:
-            fail(f"{kind} {opts}: undocumented {type(exc).__name__}: {exc}\n"
-                 + "".join(traceback.format_exception(exc)))
+            fail(
+                f"{kind} {opts}: undocumented {type(exc).__name__}: {exc}\n"
+                + "".join(traceback.format_exception(exc))
+            )
         took = time.monotonic() - started
         if took > limit:
             fail(f"{kind} {opts} took {took:.1f} s (limit {limit:.1f} s)")
@@ -217,15 +240,17 @@ def episode(seed: int, workers: int | None = None) -> dict:
 
     done = threading.Event()
     chaos_thread = threading.Thread(target=chaos, name="chaos")
-    threads = [threading.Thread(target=thread_body, args=(t,), name=f"caller-{t}")
-               for t in range(1, n_threads + 1)]
+    threads = [
+        threading.Thread(target=thread_body, args=(t,), name=f"caller-{t}")
+        for t in range(1, n_threads + 1)
+    ]
     chaos_thread.start()
     for t in threads:
         t.start()
-    for plan in plans[0]:                 # the main thread calls too (it gets Ctrl-C)
+    for plan in plans[0]:  # the main thread calls too (it gets Ctrl-C)
         try:
             run_one(plan, True)
-        except KeyboardInterrupt:         # landed between calls, in this loop
+        except KeyboardInterrupt:  # landed between calls, in this loop
             note("KeyboardInterrupt")
     for t in threads:
         while t.is_alive():
@@ -276,13 +301,17 @@ def episode(seed: int, workers: int | None = None) -> dict:
     # The futures hold their exceptions, whose tracebacks hold the calls'
     # arrays (their mappings, and on Python < 3.13 a descriptor each).
     futures.clear()
-    base = None          # every thread is done; let the block go before close
+    base = None  # every thread is done; let the block go before close
     eng.close()
     launch.stop_server()
     import gc
+
     gc.collect()
-    left = [p for p in pids if psutil.pid_exists(p)
-            and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    left = [
+        p
+        for p in pids
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
     if left:
         fail(f"workers still alive after close: {left}")
     extra = {fd: what for fd, what in _fds().items() if fds_before.get(fd) != what}
@@ -317,8 +346,9 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _plan_call(rng: random.Random) -> dict:
-    kind = rng.choice(("map", "reduce", "imap", "iterate", "iterate", "submit", "slow",
-                       "slow", "slow", "fail"))
+    kind = rng.choice(
+        ("map", "reduce", "imap", "iterate", "iterate", "submit", "slow", "slow", "slow", "fail")
+    )
     opts: dict = {}
     if kind != "iterate":
         opts["schedule"] = rng.choice(("static", "dynamic"))
@@ -345,8 +375,9 @@ def _check_rows(out, scale: float, rows=None) -> None:
     if rows is None:
         if not np.array_equal(out, expect):
             bad = np.flatnonzero(out != expect)
-            raise Failure(f"wrong result at rows {bad[:5]} ({out[bad[:5]]} instead of "
-                          f"{expect[bad[:5]]})")
+            raise Failure(
+                f"wrong result at rows {bad[:5]} ({out[bad[:5]]} instead of {expect[bad[:5]]})"
+            )
         return
     for lo, hi in rows:
         if not np.array_equal(out[lo:hi], expect[lo:hi]):
@@ -356,6 +387,7 @@ def _check_rows(out, scale: float, rows=None) -> None:
 def _call(eng, kind: str, plan: dict, opts: dict, base, futures: list, lock) -> str:
     import shmarray
     from shmarray import row_offset
+
     scale = plan["scale"]
     collect = opts.get("errors") == "collect"
     if kind in ("map", "slow", "submit"):
@@ -404,8 +436,9 @@ def _call(eng, kind: str, plan: dict, opts: dict, base, futures: list, lock) -> 
         if isinstance(result, shmarray.MapReport):
             failed = {rows for rows, _ in result.failed}
             if failed & set(seen):
-                raise Failure(f"imap reported as failed chunks it yielded: "
-                              f"{sorted(failed & set(seen))}")
+                raise Failure(
+                    f"imap reported as failed chunks it yielded: {sorted(failed & set(seen))}"
+                )
             return "report" if result.failed else "ok"
         if result != N * (N - 1) / 2:
             raise Failure(f"imap's result is {result}")
@@ -415,12 +448,13 @@ def _call(eng, kind: str, plan: dict, opts: dict, base, futures: list, lock) -> 
         u, v = eng.zeros(N), eng.zeros(N)
         u[:] = 5.0
         v[:] = 5.0
-        last = eng.iterate(plus_one, v, u, steps=plan["steps"], halo=1, boundary=b,
-                           **opts)
+        last = eng.iterate(plus_one, v, u, steps=plan["steps"], halo=1, boundary=b, **opts)
         inner = last[1:-1]
         if not np.all(inner == 5.0 + plan["steps"]):
-            raise Failure(f"iterate: interior {np.unique(inner)[:5]} after "
-                          f"{plan['steps']} steps, not {5.0 + plan['steps']}")
+            raise Failure(
+                f"iterate: interior {np.unique(inner)[:5]} after "
+                f"{plan['steps']} steps, not {5.0 + plan['steps']}"
+            )
         return "ok"
     raise AssertionError(kind)
 
@@ -438,16 +472,23 @@ def _check_finished(out, scale: float, report) -> None:
 
 # -- the driver: episodes in child interpreters, checked from outside -----------
 
-def run_episode(seed: int, workers: int | None = None,
-                limit: float = EPISODE_LIMIT) -> dict:
+
+def run_episode(seed: int, workers: int | None = None, limit: float = EPISODE_LIMIT) -> dict:
     """Run episode ``seed`` in a child interpreter; returns its report with
     what was checked from outside added."""
-    code = (f"import sys, json; sys.path.insert(0, {HERE!r}); import chaos; "
-            f"r = chaos.episode({seed}, {workers!r}); "
-            f"print('CHAOS-REPORT ' + json.dumps(r))")
+    code = (
+        f"import sys, json; sys.path.insert(0, {HERE!r}); import chaos; "
+        f"r = chaos.episode({seed}, {workers!r}); "
+        f"print('CHAOS-REPORT ' + json.dumps(r))"
+    )
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=limit)
         hung = False
@@ -458,13 +499,12 @@ def run_episode(seed: int, workers: int | None = None,
     report: dict = {"seed": seed, "failures": []}
     for line in out.splitlines():
         if line.startswith("CHAOS-REPORT "):
-            report = json.loads(line[len("CHAOS-REPORT "):])
+            report = json.loads(line[len("CHAOS-REPORT ") :])
     report["seconds"] = round(time.monotonic() - started, 1)
     if hung:
         report["failures"].append(f"the episode hung for {limit:.0f} s")
     elif proc.returncode != 0:
-        report["failures"].append(f"the episode exited with {proc.returncode}: "
-                                  f"{err[-2000:]}")
+        report["failures"].append(f"the episode exited with {proc.returncode}: {err[-2000:]}")
     noise = [line for line in err.splitlines() if line.strip()]
     if noise and not hung:
         report["failures"].append("stderr not empty:\n" + "\n".join(noise[-30:]))
@@ -492,6 +532,7 @@ def run_episode(seed: int, workers: int | None = None,
 
 def _blocks_of(pid: int) -> list[str]:
     from shmarray import blocks
+
     if not blocks.SHM_DIR:
         return []
     return [n for n in os.listdir(blocks.SHM_DIR) if blocks.owner_of(n) == pid]
@@ -502,6 +543,7 @@ def _session_processes(sid: int) -> list[int]:
     (the workers and the watchdog run in sessions of their own, but their
     parent was the child or its fork server)."""
     import psutil
+
     found = []
     for p in psutil.process_iter(["pid", "ppid", "status"]):
         try:
@@ -516,15 +558,32 @@ def _session_processes(sid: int) -> list[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="run episodes with fresh seeds until this much time has passed")
-    parser.add_argument("--seed", type=int, action="append", dest="seeds",
-                        help="run (replay) this episode; may repeat")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="run episodes with fresh seeds until this much time has passed",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        dest="seeds",
+        help="run (replay) this episode; may repeat",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", dest="seed_list")
-    parser.add_argument("--first-seed", type=int, default=None,
-                        help="with --seconds: the first seed (default: from the clock)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="workers for every episode (default: each seed picks 2, 3 or 5)")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=None,
+        help="with --seconds: the first seed (default: from the clock)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="workers for every episode (default: each seed picks 2, 3 or 5)",
+    )
     args = parser.parse_args(argv)
     seeds = (args.seeds or []) + (args.seed_list or [])
     failures = 0
@@ -546,15 +605,21 @@ def main(argv=None) -> int:
         report = run_episode(seed, args.workers)
         count += 1
         status = "ok" if not report["failures"] else "FAILED"
-        print(f"seed {seed}: {status} ({report.get('workers')} workers, "
-              f"wait={report.get('wait')}, {report.get('calls', 0)} calls, "
-              f"{report['seconds']} s, outcomes {report.get('outcomes', {})})", flush=True)
+        print(
+            f"seed {seed}: {status} ({report.get('workers')} workers, "
+            f"wait={report.get('wait')}, {report.get('calls', 0)} calls, "
+            f"{report['seconds']} s, outcomes {report.get('outcomes', {})})",
+            flush=True,
+        )
         if report["failures"]:
             failures += 1
             for f in report["failures"]:
                 print("   ", f.replace("\n", "\n    "), flush=True)
-            print(f"    replay: python tests/chaos.py --seed {seed}"
-                  + (f" --workers {args.workers}" if args.workers else ""), flush=True)
+            print(
+                f"    replay: python tests/chaos.py --seed {seed}"
+                + (f" --workers {args.workers}" if args.workers else ""),
+                flush=True,
+            )
     print(f"{count} episodes, {failures} failed, {time.monotonic() - start:.0f} s")
     return 1 if failures else 0
 

@@ -47,14 +47,15 @@ WORKER_COUNTS = (2, 3, 5)
 # The directories are made in pytest_configure, by pytest's process only:
 # workers import this module too (with a test module's kernels), and must
 # create nothing.
-STORAGE_ROOT = os.path.join(tempfile.gettempdir(),
-                            f"shmarray-tests-{os.getpid()}-{secrets.token_hex(8)}")
+STORAGE_ROOT = os.path.join(
+    tempfile.gettempdir(), f"shmarray-tests-{os.getpid()}-{secrets.token_hex(8)}"
+)
 STORAGE_DIR = os.path.join(STORAGE_ROOT, "engines")
 STORAGES = {2: "shm", 3: "memfd" if blocks.HAVE_MEMFD else "shm", 5: STORAGE_DIR}
 
 
 def pytest_configure(config):
-    os.mkdir(STORAGE_ROOT, 0o700)         # fails if anything is there: never shared
+    os.mkdir(STORAGE_ROOT, 0o700)  # fails if anything is there: never shared
     os.mkdir(STORAGE_DIR, 0o700)
 
 
@@ -68,6 +69,7 @@ def engine_id(workers: int) -> str:
     storage = storage_for(workers)
     return f"{workers}w-{'dir' if storage == STORAGE_DIR else storage}"
 
+
 # -- the processes this session started ---------------------------------------------
 
 OURS: set[int] = {os.getpid()}
@@ -79,7 +81,7 @@ class _RecordingPopen(subprocess.Popen):
         OURS.add(self.pid)
 
 
-subprocess.Popen = _RecordingPopen      # child interpreters, the fork server
+subprocess.Popen = _RecordingPopen  # child interpreters, the fork server
 _real_fork = os.fork
 
 
@@ -90,7 +92,7 @@ def _recording_fork() -> int:
     return pid
 
 
-os.fork = _recording_fork               # os.fork in tests, multiprocessing's fork
+os.fork = _recording_fork  # os.fork in tests, multiprocessing's fork
 
 
 def _note_descendants() -> None:
@@ -157,9 +159,11 @@ def _helper_pids() -> set[int]:
     """Long-lived helpers of this process, started once and shared: the
     shmarray fork server, and multiprocessing's fork server and resource
     tracker (which other libraries' pools start)."""
-    pids = {launch.server_pid(),
-            multiprocessing.forkserver._forkserver._forkserver_pid,
-            multiprocessing.resource_tracker._resource_tracker._pid}
+    pids = {
+        launch.server_pid(),
+        multiprocessing.forkserver._forkserver._forkserver_pid,
+        multiprocessing.resource_tracker._resource_tracker._pid,
+    }
     return {p for p in pids if p}
 
 
@@ -199,26 +203,31 @@ def no_leaks(request):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    pytest.fail(f"test left behind: blocks {sorted(shm_left)}, "
-                f"processes {sorted(kids_left)}", pytrace=False)
+    pytest.fail(
+        f"test left behind: blocks {sorted(shm_left)}, processes {sorted(kids_left)}",
+        pytrace=False,
+    )
 
 
-def run_python(code: str, *, timeout: float = 120, file: str | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *, timeout: float = 120, file: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter: as a script file, or with ``-c``
     (no ``__main__.__file__``, as in a notebook)."""
     if file is not None:
         with open(file, "w") as f:
             f.write(code)
-        proc = subprocess.run([sys.executable, file], capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, file], capture_output=True, text=True, timeout=timeout
+        )
     else:
-        proc = subprocess.run([sys.executable, "-c", code],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"child exited with {proc.returncode}\nstdout:\n{proc.stdout}\n"
-            f"stderr:\n{proc.stderr}")
+            f"child exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 
@@ -226,6 +235,7 @@ def run_python(code: str, *, timeout: float = 120, file: str | None = None,
 def engine():
     """One 2-worker engine shared by tests that only need a working pool."""
     import shmarray
+
     with shmarray.Engine(workers=2) as eng:
         yield eng
 
@@ -236,6 +246,6 @@ def engines(request):
     its storage (STORAGES): the suites that must hold at any worker count
     and on any storage take this one."""
     import shmarray
-    with shmarray.Engine(workers=request.param,
-                         storage=storage_for(request.param)) as eng:
+
+    with shmarray.Engine(workers=request.param, storage=storage_for(request.param)) as eng:
         yield eng

@@ -29,7 +29,7 @@ def fail(how: str):
         raise Boom(f"{how} on purpose")
     if how == "exit":
         sys.exit(5)
-    ctypes.string_at(0)                 # segfault
+    ctypes.string_at(0)  # segfault
 
 
 def _fail_on_load(how: str):
@@ -75,17 +75,18 @@ def run_case(stage: str, how: str) -> dict:
     import numpy as np
 
     import shmarray
+
     report: dict = {"stage": stage, "how": how}
     with shmarray.Engine(workers=2) as eng:
         x = eng.zeros(100)
         report["pids"] = eng.worker_pids + [eng._dispatcher.pool.watchdog.child.pid]
         report["blocks"] = [b.name for b in eng.blocks] + [eng._dispatcher.pool._control_name]
-        print(json.dumps(report), flush=True)    # before a coordinator crash
+        print(json.dumps(report), flush=True)  # before a coordinator crash
         started = time.monotonic()
         try:
             eng.reduce(kernel_for(stage, how), x)
             report["error"] = None
-        except BaseException as exc:             # what the user sees
+        except BaseException as exc:  # what the user sees
             report["error"] = type(exc).__name__
             report["message"] = (str(exc).splitlines() or [""])[0][:200]
         report["seconds"] = time.monotonic() - started

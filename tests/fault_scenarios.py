@@ -36,7 +36,7 @@ from shmarray.descriptors import ArrayDescriptor
 def spin(flag):
     """Says it runs (flag[0]), then never ends."""
     flag[0] = 1.0
-    while flag[1] == 0.0:       # never set
+    while flag[1] == 0.0:  # never set
         pass
     return 0.0
 
@@ -60,7 +60,7 @@ def sys_exit(x):
 
 
 def unpicklable_result(x):
-    return threading.Lock()         # no pickler can carry a lock
+    return threading.Lock()  # no pickler can carry a lock
 
 
 def raises(x):
@@ -75,7 +75,7 @@ def allocate_forever(flag):
 
 
 def forks(x):
-    os.fork()                  # both processes return from here
+    os.fork()  # both processes return from here
     x[:] += 1.0
 
 
@@ -122,12 +122,10 @@ def run_case(case: str) -> dict:
             eng.map(spin, flag, chunks=1)
         try:
             if case == "worker_sigkill":
-                injected = when_running(
-                    flag, lambda: os.kill(eng.worker_pids[0], signal.SIGKILL))
+                injected = when_running(flag, lambda: os.kill(eng.worker_pids[0], signal.SIGKILL))
                 eng.map(spin, flag, chunks=1)
-            elif case == "oom_kill":    # the OOM killer sends SIGKILL
-                injected = when_running(
-                    flag, lambda: os.kill(eng.worker_pids[0], signal.SIGKILL))
+            elif case == "oom_kill":  # the OOM killer sends SIGKILL
+                injected = when_running(flag, lambda: os.kill(eng.worker_pids[0], signal.SIGKILL))
                 eng.map(allocate_forever, flag, chunks=1)
             elif case == "segfault":
                 eng.map(segfault, x)
@@ -142,11 +140,11 @@ def run_case(case: str) -> dict:
             elif case == "timeout":
                 eng.map(spin, flag, chunks=1, timeout=1.0, progress=False)
             elif case == "sigint":
-                tell(report)             # the parent sends SIGINT when told
+                tell(report)  # the parent sends SIGINT when told
                 injected = when_running(flag, lambda: tell({"running": True}))
                 eng.map(spin, flag, chunks=1)
             elif case == "idle_worker_killed":
-                eng.map(scale, x, args=(2.0,))       # the kernel is installed
+                eng.map(scale, x, args=(2.0,))  # the kernel is installed
                 victim = eng.worker_pids[0]
                 os.kill(victim, signal.SIGKILL)
                 _wait_gone(victim)
@@ -161,7 +159,7 @@ def run_case(case: str) -> dict:
                 pid = os.fork()
                 if pid == 0:
                     report["child"] = True
-                    sys.exit(0)          # a normal exit: atexit hooks run here
+                    sys.exit(0)  # a normal exit: atexit hooks run here
                 os.waitpid(pid, 0)
                 injected = [time.monotonic()]
                 eng.map(scale, x, args=(2.0,))
@@ -170,7 +168,7 @@ def run_case(case: str) -> dict:
                 os.kill(dog, signal.SIGKILL)
                 _wait_gone(dog)
                 victim = eng.worker_pids[0]
-                os.kill(victim, signal.SIGKILL)          # a replacement is due
+                os.kill(victim, signal.SIGKILL)  # a replacement is due
                 _wait_gone(victim)
                 injected = [time.monotonic()]
                 eng.map(scale, x, args=(2.0,))
@@ -194,14 +192,14 @@ def run_case(case: str) -> dict:
                     eng.close()
                 except KeyboardInterrupt:
                     report["interrupted_at"] = time.monotonic()
-                eng.close()              # and again: it must finish
+                eng.close()  # and again: it must finish
                 report["closed"] = eng.closed
             else:
                 raise SystemExit(f"unknown case {case!r}")
             report["error"] = None
         except BaseException as exc:  # noqa: BLE001 - we report what users see
             if report.get("child"):
-                raise                    # the forked child: exit, as it asked
+                raise  # the forked child: exit, as it asked
             report["error_at"] = time.monotonic()
             report["error"] = type(exc).__name__
             report["message"] = (str(exc).splitlines() or [""])[0][:300]
@@ -216,8 +214,9 @@ def run_case(case: str) -> dict:
             except Exception as exc:  # noqa: BLE001
                 report["usable"] = False
                 report["usable_error"] = repr(exc)
-            report["pids"] = sorted(set(report["pids"]) | set(eng.worker_pids)
-                                    | {pool.watchdog.child.pid})
+            report["pids"] = sorted(
+                set(report["pids"]) | set(eng.worker_pids) | {pool.watchdog.child.pid}
+            )
             report["blocks"] = sorted(set(report["blocks"]) | {b.name for b in eng.blocks})
         del x, flag
     return report
@@ -225,6 +224,7 @@ def run_case(case: str) -> dict:
 
 def _wait_gone(pid: int) -> None:
     import psutil
+
     try:
         psutil.Process(pid).wait(10)
     except psutil.NoSuchProcess:
@@ -247,8 +247,9 @@ def private_shm(size: str = "256m", inodes: int = 12) -> list[str] | None:
     if unshare is None:
         return None
     mount = f"mount -t tmpfs -o size={size},nr_inodes={inodes} tmpfs /dev/shm"
-    probe = subprocess.run([unshare, "-m", "sh", "-c", f"{mount} && echo ok"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [unshare, "-m", "sh", "-c", f"{mount} && echo ok"], capture_output=True, text=True
+    )
     if probe.stdout.strip() != "ok":
         return None
     return [unshare, "-m", "sh", "-c", f'{mount} && exec "$0" "$@"']
@@ -265,15 +266,19 @@ def observe(case: str, timeout: float = 120.0) -> dict:
         prefix = private_shm()
         if prefix is None:
             return {"case": case, "skipped": "no private mount namespace here"}
-    proc = subprocess.Popen(prefix + [sys.executable, os.path.abspath(__file__), case],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        prefix + [sys.executable, os.path.abspath(__file__), case],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     sent = None
     first = None
     if case in PARENT_KILLS or case in ("sigint", "ctrl_c_during_close"):
         first = json.loads(proc.stdout.readline())
         if case == "sigint":
-            json.loads(proc.stdout.readline())        # {"running": true}
+            json.loads(proc.stdout.readline())  # {"running": true}
         sent = time.monotonic()
         how, sig = PARENT_KILLS.get(case, ("killpg", signal.SIGINT))
         if how == "kill":
@@ -293,8 +298,11 @@ def observe(case: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + 10.0
     names = [n.lstrip("/") for n in report.get("blocks", [])]
     while True:
-        alive = [p for p in report.get("pids", []) if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p
+            for p in report.get("pids", [])
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         left = [n for n in names if os.path.exists(f"/dev/shm/{n}")]
         if not (alive or left) or time.monotonic() > deadline:
             break
@@ -302,17 +310,35 @@ def observe(case: str, timeout: float = 120.0) -> dict:
     report["clean_after"] = time.monotonic() - clean_from
     if case in PARENT_KILLS:
         report["seconds"] = report["clean_after"]
-    report.update(returncode=proc.returncode, stderr=err, workers_left=alive,
-                  blocks_left=left)
+    report.update(returncode=proc.returncode, stderr=err, workers_left=alive, blocks_left=left)
     return report
 
 
-CASES = ["worker_sigkill", "oom_kill", "segfault", "os_exit", "sys_exit",
-         "unpicklable_result", "kernel_exception", "timeout", "sigint",
-         "idle_worker_killed", "shm_exhausted", "out_of_inodes", "coordinator_sigkill",
-         "group_sigterm", "group_sighup", "group_sigkill", "forked_child_exit",
-         "watchdog_killed", "huge_timeout", "evil_descriptor", "kernel_forks",
-         "kernel_keyboard_interrupt", "ctrl_c_during_close"]
+CASES = [
+    "worker_sigkill",
+    "oom_kill",
+    "segfault",
+    "os_exit",
+    "sys_exit",
+    "unpicklable_result",
+    "kernel_exception",
+    "timeout",
+    "sigint",
+    "idle_worker_killed",
+    "shm_exhausted",
+    "out_of_inodes",
+    "coordinator_sigkill",
+    "group_sigterm",
+    "group_sighup",
+    "group_sigkill",
+    "forked_child_exit",
+    "watchdog_killed",
+    "huge_timeout",
+    "evil_descriptor",
+    "kernel_forks",
+    "kernel_keyboard_interrupt",
+    "ctrl_c_during_close",
+]
 
 if __name__ == "__main__":
     if sys.argv[1] in ("sigint", "ctrl_c_during_close"):

@@ -110,7 +110,7 @@ def test_maps_from_many_threads_are_queued_safely(engine):
         t.start()
     for t in threads:
         t.join(120)
-    assert np.all(x == 100.0)       # no increment lost, none doubled
+    assert np.all(x == 100.0)  # no increment lost, none doubled
 
 
 def test_cancel_a_queued_map(engine):
@@ -134,19 +134,19 @@ def test_cancel_follows_the_future_contract_and_stop_ends_a_running_map(own_engi
     flag = engine.zeros(2, np.int64)
     before = engine.worker_pids
     future = engine.submit(wait_for_release, flag, args=(FOREVER,), chunks=1)
-    assert wait_until_set(flag)               # the kernel is running
+    assert wait_until_set(flag)  # the kernel is running
     assert future.running()
     assert future.cancel() is False and not future.cancelled()
     assert future.stop() is True
     with pytest.raises(concurrent.futures.CancelledError) as info:
         future.result(timeout=30)
     assert isinstance(info.value, shmarray.MapCancelledError)
-    assert not future.cancelled()             # it ran: stopped, not cancelled
+    assert not future.cancelled()  # it ran: stopped, not cancelled
     assert before[0] not in engine.worker_pids  # its worker was replaced
-    assert before[1] in engine.worker_pids      # the idle one was not
-    assert future.stop() is False             # already finished
+    assert before[1] in engine.worker_pids  # the idle one was not
+    assert future.stop() is False  # already finished
     x = engine.zeros(4)
-    engine.map(bump, x)                       # usable afterwards
+    engine.map(bump, x)  # usable afterwards
     assert np.all(x == 1.0)
 
 
@@ -184,14 +184,15 @@ def test_cancelling_the_task_stops_the_map(own_engine):
     before = engine.worker_pids
 
     async def main():
-        task = asyncio.create_task(engine.map_async(wait_for_release, flag,
-                                                    args=(FOREVER,), chunks=1))
-        while flag[0] == 0:                    # until the kernel runs
+        task = asyncio.create_task(
+            engine.map_async(wait_for_release, flag, args=(FOREVER,), chunks=1)
+        )
+        while flag[0] == 0:  # until the kernel runs
             await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await engine.map_async(bump, x)        # runs after the stopped map
+        await engine.map_async(bump, x)  # runs after the stopped map
 
     asyncio.run(main())
     assert before[0] not in engine.worker_pids
@@ -218,12 +219,12 @@ def test_submit_returns_at_once_while_a_map_runs(engine):
     flag = engine.zeros(2, np.int64)
     x = engine.zeros(4)
     first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
-    assert wait_until_set(flag)               # the first map is running
+    assert wait_until_set(flag)  # the first map is running
     started = time.perf_counter()
     second = engine.submit(bump, x)
     took = time.perf_counter() - started
     assert not first.done() and not second.done()
-    flag[1] = 1                             # let the first map finish
+    flag[1] = 1  # let the first map finish
     first.result(timeout=60)
     second.result(timeout=60)
     assert took < 0.05, took
@@ -235,8 +236,7 @@ def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
     x = engine.zeros(4)
     first = engine.submit(wait_for_release, flag, args=(10**10,), chunks=1)
     assert wait_until_set(flag)
-    waiter = threading.Thread(target=engine.map, args=(copy_release, x),
-                              kwargs={"args": (flag,)})
+    waiter = threading.Thread(target=engine.map, args=(copy_release, x), kwargs={"args": (flag,)})
     waiter.start()
     # The blocking map is queued (the dispatcher's queue is where it waits)
     # while the first still runs.
@@ -254,8 +254,9 @@ def test_a_blocking_map_from_another_thread_waits_its_turn(engine):
 
 def test_a_submitted_map_keeps_its_arrays_alive(engine):
     x = engine.from_numpy(np.arange(8.0))
-    futures = [engine.submit(bump, engine.from_numpy(np.arange(8.0)))
-               for _ in range(20)]                      # temporaries, dropped at once
+    futures = [
+        engine.submit(bump, engine.from_numpy(np.arange(8.0))) for _ in range(20)
+    ]  # temporaries, dropped at once
     futures.append(engine.submit_reduce(lambda a: float(a.sum()), x))
     for f in futures[:-1]:
         assert f.result(timeout=60) is None

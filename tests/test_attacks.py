@@ -29,8 +29,13 @@ pytestmark = pytest.mark.breaks_things
 
 def start(code: str) -> subprocess.Popen:
     """The victim, in a session of its own (as a terminal job)."""
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def read_report(proc: subprocess.Popen) -> tuple[list[int], list[str], list[str]]:
@@ -63,6 +68,7 @@ RUNNING = HOLD + textwrap.dedent("""
 
 # 1 -----------------------------------------------------------------------------
 
+
 def test_a_forked_childs_exit_leaves_the_parents_engine_alone():
     code = HOLD + textwrap.dedent("""
         with shmarray.Engine(workers=2) as eng:
@@ -84,17 +90,19 @@ def test_a_forked_childs_exit_leaves_the_parents_engine_alone():
 
 # 2 -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
 def test_signals_to_the_process_group_leave_nothing(sig):
     proc = start(RUNNING.replace("SETUP", ""))
-    pids, names, _ = read_report(proc)   # workers and watchdog, blocks
-    os.killpg(proc.pid, sig)             # timeout(1), scancel, a closed terminal
+    pids, names, _ = read_report(proc)  # workers and watchdog, blocks
+    os.killpg(proc.pid, sig)  # timeout(1), scancel, a closed terminal
     proc.communicate(timeout=60)
     assert proc.returncode == -sig
     assert _gone(pids, names, within=10)
 
 
 # 3 -----------------------------------------------------------------------------
+
 
 def test_a_users_fork_child_does_not_hold_off_the_watchdog():
     setup = textwrap.dedent("""
@@ -107,14 +115,14 @@ def test_a_users_fork_child_does_not_hold_off_the_watchdog():
     pids, names, other = read_report(proc)
     child = int(other[0].split()[1])
     try:
-        proc.kill()                          # kill -9 of the coordinator
-        proc.wait(30)                        # (the child holds its stdout open)
+        proc.kill()  # kill -9 of the coordinator
+        proc.wait(30)  # (the child holds its stdout open)
         proc.stdout.close()
         proc.stderr.close()
         started = time.monotonic()
         assert _gone(pids, names, within=5)
         assert time.monotonic() - started < 5
-        assert psutil.pid_exists(child)      # the user's child lives on
+        assert psutil.pid_exists(child)  # the user's child lives on
     finally:
         os.kill(child, signal.SIGKILL)
 
@@ -122,25 +130,26 @@ def test_a_users_fork_child_does_not_hold_off_the_watchdog():
 def test_a_foreign_file_named_like_a_block_neither_stops_nor_fools_the_watchdog():
     proc = start(RUNNING.replace("SETUP", ""))
     pids, names, _ = read_report(proc)
-    trap = f"sha-{proc.pid}-0000000000000000"   # a name the victim never made
+    trap = f"sha-{proc.pid}-0000000000000000"  # a name the victim never made
     path = f"/dev/shm/{trap}"
     with open(path, "w") as f:
         f.write("not yours")
     try:
         nobody = pwd.getpwnam("nobody")
-        os.chown(path, nobody.pw_uid, nobody.pw_gid)   # another user's file
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)  # another user's file
     except (KeyError, PermissionError):
         pass
     try:
         proc.kill()
         proc.communicate(timeout=30)
         assert _gone(pids, names)
-        assert os.path.exists(path)           # only what it created goes
+        assert os.path.exists(path)  # only what it created goes
     finally:
         os.unlink(path)
 
 
 # 4 -----------------------------------------------------------------------------
+
 
 def test_a_killed_watchdog_is_replaced_and_still_cleans_up():
     code = HOLD + textwrap.dedent("""
@@ -166,7 +175,7 @@ def test_a_killed_watchdog_is_replaced_and_still_cleans_up():
     proc = start(code)
     pids, names, other = read_report(proc)
     assert "after: 20.0" in "".join(other)
-    proc.kill()                              # the new watchdog must clean up
+    proc.kill()  # the new watchdog must clean up
     _, err = proc.communicate(timeout=30)
     assert _gone(pids, names)
     assert err == ""
@@ -174,20 +183,33 @@ def test_a_killed_watchdog_is_replaced_and_still_cleans_up():
 
 # 6 -----------------------------------------------------------------------------
 
+
 def _private_shm(size: str, inodes: int):
     """A command prefix that runs its command with a small tmpfs of its own
     on /dev/shm (a private mount namespace), or None where not allowed."""
     unshare = shutil.which("unshare")
     if unshare is None:
         return None
-    probe = subprocess.run([unshare, "-m", "sh", "-c",
-                            f"mount -t tmpfs -o size={size},nr_inodes={inodes} tmpfs "
-                            f"/dev/shm && echo ok"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            unshare,
+            "-m",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size={size},nr_inodes={inodes} tmpfs /dev/shm && echo ok",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if probe.stdout.strip() != "ok":
         return None
-    return [unshare, "-m", "sh", "-c",
-            f'mount -t tmpfs -o size={size},nr_inodes={inodes} tmpfs /dev/shm && '
-            f'exec "$0" "$@"']
+    return [
+        unshare,
+        "-m",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o size={size},nr_inodes={inodes} tmpfs /dev/shm && exec "$0" "$@"',
+    ]
 
 
 def test_out_of_inodes_is_a_shared_memory_full_error():
@@ -205,14 +227,16 @@ def test_out_of_inodes_is_a_shared_memory_full_error():
                 print("full after", len(kept), "|", exc)
             del kept
     """)
-    proc = subprocess.run(prefix + [sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        prefix + [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "no free inode left" in proc.stdout and "nr_inodes" in proc.stdout
     assert proc.stderr == ""
 
 
 # 7, 8, 9 -------------------------------------------------------------------------
+
 
 @njit
 def add_one(x):
@@ -221,14 +245,14 @@ def add_one(x):
 
 
 def nap_add_one(x):
-    time.sleep(0.05)          # long enough that the caller sleeps in poll()
+    time.sleep(0.05)  # long enough that the caller sleeps in poll()
     x += 1.0
 
 
 def test_infinite_and_huge_timeouts(engine):
     x = engine.zeros(4)
     engine.map(nap_add_one, x, timeout=float("inf"))
-    engine.map(nap_add_one, x, timeout=1e9)      # past poll()'s 2**31 ms: clamped
+    engine.map(nap_add_one, x, timeout=1e9)  # past poll()'s 2**31 ms: clamped
     assert np.all(x == 2.0)
     with pytest.raises(ValueError, match="timeout must be positive"):
         engine.map(add_one, x, timeout=float("nan"))
@@ -245,7 +269,7 @@ def test_workers_refuse_a_hand_made_descriptor_of_objects(engine):
 
     with pytest.raises(ValueError, match="refusing to map it"):
         engine.reduce(read, x, args=(evil,))
-    engine.map(add_one, x)                          # the worker lived
+    engine.map(add_one, x)  # the worker lived
     assert np.all(x == 1.0)
     del x
 
@@ -256,31 +280,36 @@ def copy(out, inp):
         out[i] = inp[i]
 
 
-@pytest.mark.parametrize("call, exc, text", [
-    (lambda e, a, b: e.map(copy, a, b, chunks=(32.0, 32.0)), TypeError, "must be ints"),
-    (lambda e, a, b: e.map(copy, a, b, chunks=(32, 0)), ValueError, "positive ints"),
-    (lambda e, a, b: e.map(copy, a, b, progress=0), TypeError, "progress must be"),
-    (lambda e, a, b: e.map(copy, a, b, progress=1), TypeError, "progress must be"),
-    (lambda e, a, b: e.empty(""), TypeError, "shape must be"),
-    (lambda e, a, b: e.empty(3, "S0"), TypeError, "zero-size dtype"),
-    (lambda e, a, b: e.zeros(3, "U0"), TypeError, "zero-size dtype"),
-])
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (lambda e, a, b: e.map(copy, a, b, chunks=(32.0, 32.0)), TypeError, "must be ints"),
+        (lambda e, a, b: e.map(copy, a, b, chunks=(32, 0)), ValueError, "positive ints"),
+        (lambda e, a, b: e.map(copy, a, b, progress=0), TypeError, "progress must be"),
+        (lambda e, a, b: e.map(copy, a, b, progress=1), TypeError, "progress must be"),
+        (lambda e, a, b: e.empty(""), TypeError, "shape must be"),
+        (lambda e, a, b: e.empty(3, "S0"), TypeError, "zero-size dtype"),
+        (lambda e, a, b: e.zeros(3, "U0"), TypeError, "zero-size dtype"),
+    ],
+)
 def test_validation_gaps_are_closed(engine, call, exc, text):
     a, b = engine.zeros(64), engine.zeros(64)
-    engine.map(copy, a, b, chunks=(32, 32))          # the valid call, cached
+    engine.map(copy, a, b, chunks=(32, 32))  # the valid call, cached
     with pytest.raises(exc, match=text):
         call(engine, a, b)
     del a, b
 
 
-@pytest.mark.parametrize("value, exc", [(0, ValueError), (-1, ValueError),
-                                        (float("inf"), ValueError), ("5", TypeError)])
+@pytest.mark.parametrize(
+    "value, exc", [(0, ValueError), (-1, ValueError), (float("inf"), ValueError), ("5", TypeError)]
+)
 def test_startup_timeout_is_checked(value, exc):
     with pytest.raises(exc, match="startup_timeout"):
         shmarray.Engine(workers=1, startup_timeout=value)
 
 
 # 10 ----------------------------------------------------------------------------
+
 
 def test_a_kernel_that_forks_leaves_the_engine_correct():
     code = textwrap.dedent("""

@@ -22,16 +22,27 @@ def copy(out, inp):
 
 
 def _positive(v) -> bool:
-    return (isinstance(v, numbers.Real) and not isinstance(v, bool)
-            and not isinstance(v, np.ndarray) and v > 0)
+    return (
+        isinstance(v, numbers.Real)
+        and not isinstance(v, bool)
+        and not isinstance(v, np.ndarray)
+        and v > 0
+    )
 
 
 junk = st.one_of(
-    st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=5),
-    st.binary(max_size=5), st.lists(st.integers(-3, 3), max_size=3),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.lists(st.integers(-3, 3), max_size=3),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
-    st.integers(-10**12, -1), st.just(object()), st.just(np.float32(1.5)),
-    st.just(np.zeros((2, 2))), st.just(np.array("text")),
+    st.integers(-(10**12), -1),
+    st.just(object()),
+    st.just(np.float32(1.5)),
+    st.just(np.zeros((2, 2))),
+    st.just(np.array("text")),
 )
 
 # parameter -> values that are always wrong for a 20-row map
@@ -39,16 +50,23 @@ BAD = {
     "kernel": junk.filter(lambda v: not callable(v)),
     "array": junk.filter(lambda v: v is not None),
     "args": junk.filter(lambda v: not isinstance(v, (tuple, list))),
-    "halo": st.one_of(junk.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool)
-                                                 and 0 <= v <= 10)),
-                      st.integers(11, 10**6)),
+    "halo": st.one_of(
+        junk.filter(
+            lambda v: not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10)
+        ),
+        st.integers(11, 10**6),
+    ),
     "chunks": st.one_of(
         junk.filter(lambda v: v is not None and not isinstance(v, (list, np.ndarray))),
-        st.integers(-10**6, 0),
+        st.integers(-(10**6), 0),
         st.lists(st.integers(1, 30), min_size=1, max_size=5).filter(lambda s: sum(s) != 20),
-        st.lists(st.integers(-5, 0), min_size=1, max_size=3)),
-    "timeout": st.one_of(junk.filter(lambda v: v is not None and not _positive(v)),
-                         st.floats(max_value=0.0, allow_nan=False), st.just(float("nan"))),
+        st.lists(st.integers(-5, 0), min_size=1, max_size=3),
+    ),
+    "timeout": st.one_of(
+        junk.filter(lambda v: v is not None and not _positive(v)),
+        st.floats(max_value=0.0, allow_nan=False),
+        st.just(float("nan")),
+    ),
     "schedule": junk.filter(lambda v: not isinstance(v, np.ndarray)),
     "combine": junk.filter(lambda v: not callable(v)),
 }
@@ -60,14 +78,22 @@ def eng():
         yield engine
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.sampled_from(sorted(BAD)).flatmap(lambda p: st.tuples(st.just(p), BAD[p])))
 def test_bad_argument_fails_before_anything_is_sent(eng, bad):
     param, value = bad
     out, inp = eng.zeros(20), eng.from_numpy(np.arange(20.0))
-    call = {"kernel": copy, "arrays": (out, inp), "args": (), "halo": 0,
-            "chunks": None, "timeout": None, "schedule": "static"}
+    call = {
+        "kernel": copy,
+        "arrays": (out, inp),
+        "args": (),
+        "halo": 0,
+        "chunks": None,
+        "timeout": None,
+        "schedule": "static",
+    }
     if param == "array":
         call["arrays"] = (out, value)
     elif param != "combine":
@@ -78,9 +104,15 @@ def test_bad_argument_fails_before_anything_is_sent(eng, bad):
         if param == "combine":
             eng.reduce(copy, out, inp, combine=value)
         else:
-            eng.map(call["kernel"], *call["arrays"], args=call["args"], halo=call["halo"],
-                    chunks=call["chunks"], timeout=call["timeout"],
-                    schedule=call["schedule"])
+            eng.map(
+                call["kernel"],
+                *call["arrays"],
+                args=call["args"],
+                halo=call["halo"],
+                chunks=call["chunks"],
+                timeout=call["timeout"],
+                schedule=call["schedule"],
+            )
     assert pool.seq == sent
     assert shm_entries() == blocks
     eng.map(copy, out, inp)

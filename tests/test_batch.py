@@ -20,9 +20,12 @@ from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
 from shmarray import row_offset
 from shmarray.partition import assign_static
 
-N, SIZE = 8, 10               # chunks of the maps below, rows a chunk
-FAILS = {"exception": ValueError, "crash": shmarray.WorkerCrashedError,
-         "timeout": shmarray.TaskTimeoutError}
+N, SIZE = 8, 10  # chunks of the maps below, rows a chunk
+FAILS = {
+    "exception": ValueError,
+    "crash": shmarray.WorkerCrashedError,
+    "timeout": shmarray.TaskTimeoutError,
+}
 
 
 def flaky(a, off, counts, bad, how, times):
@@ -35,7 +38,7 @@ def flaky(a, off, counts, bad, how, times):
         if how == "exception":
             raise ValueError(f"chunk at row {off}")
         if how == "crash":
-            ctypes.string_at(0)            # a real segfault
+            ctypes.string_at(0)  # a real segfault
         if how == "timeout":
             time.sleep(60)
     a[:] = np.arange(off, off + a.shape[0])
@@ -46,8 +49,7 @@ def flaky(a, off, counts, bad, how, times):
 def eng(request):
     # One per test: a replaced worker is a new process, which the leak check
     # would count against the test that happened to be running.
-    with shmarray.Engine(workers=request.param,
-                         storage=storage_for(request.param)) as engine:
+    with shmarray.Engine(workers=request.param, storage=storage_for(request.param)) as engine:
         # A worker's first run of `flaky` imports this module, pytest and
         # all, which on a loaded machine can pass the tests' timeout=1 by
         # itself: done here, so the timeouts measure the chunks.
@@ -76,17 +78,24 @@ def expected_except(bad_rows=()):
 def test_collect_runs_every_other_chunk_and_names_the_failed_rows(eng, schedule, how, k):
     a, counts = fresh(eng)
     bad = k * SIZE
-    report = eng.map(flaky, a, args=(row_offset, counts, bad, how, 1), chunks=N,
-                     schedule=schedule, errors="collect", timeout=1)
+    report = eng.map(
+        flaky,
+        a,
+        args=(row_offset, counts, bad, how, 1),
+        chunks=N,
+        schedule=schedule,
+        errors="collect",
+        timeout=1,
+    )
     assert isinstance(report, shmarray.MapReport)
     assert not report.ok
     assert [rows for rows, _ in report.failed] == [(bad, bad + SIZE)]
     assert isinstance(report.failed[0][1], FAILS[how])
     assert report.retried == []
     np.testing.assert_array_equal(a, expected_except([(bad, bad + SIZE)]))
-    assert counts.tolist() == [1] * N          # every chunk ran exactly once
+    assert counts.tolist() == [1] * N  # every chunk ran exactly once
     eng.map(flaky, a, args=(row_offset, counts, -1, "", 0), chunks=N)
-    np.testing.assert_array_equal(a, expected_except())   # usable afterwards
+    np.testing.assert_array_equal(a, expected_except())  # usable afterwards
 
 
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
@@ -94,15 +103,33 @@ def test_collect_runs_every_other_chunk_and_names_the_failed_rows(eng, schedule,
 def test_retries_recover_crashes_and_timeouts(eng, schedule, how):
     a, counts = fresh(eng)
     pids = set(eng.worker_pids)
-    assert eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, how, 1), chunks=N,
-                   schedule=schedule, retries=1, timeout=1) is None
+    assert (
+        eng.map(
+            flaky,
+            a,
+            args=(row_offset, counts, 3 * SIZE, how, 1),
+            chunks=N,
+            schedule=schedule,
+            retries=1,
+            timeout=1,
+        )
+        is None
+    )
     np.testing.assert_array_equal(a, expected_except())
     assert counts[3] == 2 and counts.sum() == N + 1
-    assert len(pids - set(eng.worker_pids)) == 1         # one worker replaced
+    assert len(pids - set(eng.worker_pids)) == 1  # one worker replaced
 
     a, counts = fresh(eng)
-    report = eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, how, 1), chunks=N,
-                     schedule=schedule, retries=1, timeout=1, errors="collect")
+    report = eng.map(
+        flaky,
+        a,
+        args=(row_offset, counts, 3 * SIZE, how, 1),
+        chunks=N,
+        schedule=schedule,
+        retries=1,
+        timeout=1,
+        errors="collect",
+    )
     assert report.ok and report.failed == []
     assert report.retried == [(3 * SIZE, 4 * SIZE)]
 
@@ -111,8 +138,14 @@ def test_retries_recover_crashes_and_timeouts(eng, schedule, how):
 def test_a_kernel_exception_is_not_retried(eng, schedule):
     a, counts = fresh(eng)
     with pytest.raises(ValueError, match="chunk at row 30") as info:
-        eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, "exception", 1),
-                chunks=N, schedule=schedule, retries=3)
+        eng.map(
+            flaky,
+            a,
+            args=(row_offset, counts, 3 * SIZE, "exception", 1),
+            chunks=N,
+            schedule=schedule,
+            retries=3,
+        )
     assert counts[3] == 1
     assert "rows 30:40" in "".join(info.value.__notes__)
     assert isinstance(info.value.__cause__, shmarray.RemoteTraceback)
@@ -121,45 +154,81 @@ def test_a_kernel_exception_is_not_retried(eng, schedule):
 def test_retries_run_out(eng):
     a, counts = fresh(eng)
     with pytest.raises(shmarray.WorkerCrashedError, match="rows 30:40") as info:
-        eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, "crash", 5),
-                chunks=N, schedule="dynamic", retries=2)
+        eng.map(
+            flaky,
+            a,
+            args=(row_offset, counts, 3 * SIZE, "crash", 5),
+            chunks=N,
+            schedule="dynamic",
+            retries=2,
+        )
     assert info.value.rows == (30, 40)
-    assert counts[3] == 3                      # the first run and two retries
-    report = eng.map(flaky, a, args=(row_offset, counts, 3 * SIZE, "crash", 99),
-                     chunks=N, retries=1, errors="collect")
+    assert counts[3] == 3  # the first run and two retries
+    report = eng.map(
+        flaky,
+        a,
+        args=(row_offset, counts, 3 * SIZE, "crash", 99),
+        chunks=N,
+        retries=1,
+        errors="collect",
+    )
     assert [r for r, _ in report.failed] == [(30, 40)]
 
 
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
 def test_reduce_collects_the_value_of_the_chunks_that_succeeded(eng, schedule):
     a, counts = fresh(eng)
-    report = eng.reduce(flaky, a, args=(row_offset, counts, 2 * SIZE, "crash", 1),
-                        chunks=N, schedule=schedule, errors="collect")
+    report = eng.reduce(
+        flaky,
+        a,
+        args=(row_offset, counts, 2 * SIZE, "crash", 1),
+        chunks=N,
+        schedule=schedule,
+        errors="collect",
+    )
     assert [r for r, _ in report.failed] == [(20, 30)]
-    want = sum(float(np.arange(lo, lo + SIZE).sum()) for lo in range(0, N * SIZE, SIZE)
-               if lo != 20)
+    want = sum(
+        float(np.arange(lo, lo + SIZE).sum()) for lo in range(0, N * SIZE, SIZE) if lo != 20
+    )
     assert report.value == want
     a, counts = fresh(eng)
-    value = eng.reduce(flaky, a, args=(row_offset, counts, 2 * SIZE, "crash", 1),
-                       chunks=N, schedule=schedule, retries=1)
+    value = eng.reduce(
+        flaky,
+        a,
+        args=(row_offset, counts, 2 * SIZE, "crash", 1),
+        chunks=N,
+        schedule=schedule,
+        retries=1,
+    )
     assert value == float(np.arange(N * SIZE).sum())
 
 
 def test_bad_arguments_are_refused_before_anything_runs(eng):
     a, counts = fresh(eng)
     # A value of the wrong type is a TypeError, one out of range a ValueError.
-    for kw, exc in (({"retries": -1}, ValueError), ({"retries": 1.5}, TypeError),
-                    ({"retries": True}, TypeError), ({"retries": None}, TypeError),
-                    ({"retries": False}, TypeError), ({"retries": 0.0}, TypeError),
-                    ({"errors": "ignore"}, ValueError), ({"errors": None}, ValueError)):
+    for kw, exc in (
+        ({"retries": -1}, ValueError),
+        ({"retries": 1.5}, TypeError),
+        ({"retries": True}, TypeError),
+        ({"retries": None}, TypeError),
+        ({"retries": False}, TypeError),
+        ({"retries": 0.0}, TypeError),
+        ({"errors": "ignore"}, ValueError),
+        ({"errors": None}, ValueError),
+    ):
         match = next(iter(kw))
         with pytest.raises(exc, match=match):
             eng.map(flaky, a, args=(row_offset, counts, -1, "", 0), **kw)
         with pytest.raises(exc, match=match):
             eng.imap(flaky, a, args=(row_offset, counts, -1, "", 0), **kw)
     with pytest.raises(ValueError, match="65536 chunks"):
-        eng.map(flaky, eng.zeros(70000), args=(row_offset, counts, -1, "", 0),
-                chunks=70000, errors="collect")
+        eng.map(
+            flaky,
+            eng.zeros(70000),
+            args=(row_offset, counts, -1, "", 0),
+            chunks=70000,
+            errors="collect",
+        )
     assert counts.sum() == 0
     eng.map(flaky, a, args=(row_offset, counts, -1, "", 0), chunks=N, retries=np.int64(1))
     assert counts.sum() == N
@@ -181,26 +250,26 @@ def test_a_crashed_worker_is_replaced_within_the_round(eng):
     once, the other keeps its own (no round that waits for everything)."""
     a = eng.zeros(N * SIZE)
     pids = eng.zeros(N, np.int64)
-    report = eng.map(whose, a, args=(row_offset, pids, 1 * SIZE), chunks=N,
-                     retries=1, errors="collect")
+    report = eng.map(
+        whose, a, args=(row_offset, pids, 1 * SIZE), chunks=N, retries=1, errors="collect"
+    )
     assert report.ok and report.retried == [(SIZE, 2 * SIZE)]
-    owners = assign_static(N, eng.workers)            # chunk -> worker index
+    owners = assign_static(N, eng.workers)  # chunk -> worker index
     dead, now = owners[1], eng.worker_pids
     for c in range(N):
         if owners[c] != dead:
-            assert pids[c] == now[owners[c]]          # the others, untouched
+            assert pids[c] == now[owners[c]]  # the others, untouched
         elif c >= 1:
-            assert pids[c] == now[dead]               # the replacement, at once
+            assert pids[c] == now[dead]  # the replacement, at once
         else:
-            assert pids[c] not in now                 # the one that died
+            assert pids[c] not in now  # the one that died
 
 
 def test_raise_stops_the_rest_at_the_first_final_failure(eng):
     n = 20
     a, counts = eng.zeros(n), eng.zeros(n, np.int64)
     with pytest.raises(shmarray.WorkerCrashedError):
-        for _ in eng.imap(slow_crash, a, args=(row_offset, counts), chunks=n,
-                          schedule="dynamic"):
+        for _ in eng.imap(slow_crash, a, args=(row_offset, counts), chunks=n, schedule="dynamic"):
             pass
     assert counts.sum() < n
     a, counts = eng.zeros(n), eng.zeros(n, np.int64)
@@ -235,7 +304,8 @@ def slow_fail(a, off, counts):
 def test_an_idle_worker_killed_before_a_reduce_or_imap(tmp_path):
     # Found by a trial: the survivor's value, read before the dead worker
     # was noticed, was waited for again (forever).
-    proc = run_python(textwrap.dedent("""
+    proc = run_python(
+        textwrap.dedent("""
         import os, signal, shmarray
 
         def one(out):
@@ -251,20 +321,22 @@ def test_an_idle_worker_killed_before_a_reduce_or_imap(tmp_path):
                 os.kill(eng.worker_pids[i % 2], signal.SIGKILL)
                 assert sorted(v for _, v in eng.imap(one, out, timeout=5)) == [1, 1]
         print("ok")
-        """), file=str(tmp_path / "idle_kill.py"), timeout=60)
+        """),
+        file=str(tmp_path / "idle_kill.py"),
+        timeout=60,
+    )
     assert proc.stdout == "ok\n" and proc.stderr == ""
 
 
 # -- imap ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
 def test_imap_yields_every_chunk_exactly_once(eng, schedule):
     a, counts = fresh(eng)
-    stream = eng.imap(flaky, a, args=(row_offset, counts, -1, "", 0), chunks=N,
-                      schedule=schedule)
+    stream = eng.imap(flaky, a, args=(row_offset, counts, -1, "", 0), chunks=N, schedule=schedule)
     got = list(stream)
-    assert sorted(rows for rows, _ in got) == [(lo, lo + SIZE)
-                                               for lo in range(0, N * SIZE, SIZE)]
+    assert sorted(rows for rows, _ in got) == [(lo, lo + SIZE) for lo in range(0, N * SIZE, SIZE)]
     for (lo, hi), value in got:
         assert value == float(np.arange(lo, hi).sum())
     assert stream.result == float(np.arange(N * SIZE).sum())
@@ -282,41 +354,45 @@ def slow_row(a, off, counts):
 def test_abandoning_imap_stops_the_rest(eng, schedule):
     n = 40
     a, counts = eng.zeros(n), eng.zeros(n, np.int64)
-    for _first in eng.imap(slow_row, a, args=(row_offset, counts), chunks=n,
-                          schedule=schedule):
-        break                                  # dropped: the map stops
+    for _first in eng.imap(slow_row, a, args=(row_offset, counts), chunks=n, schedule=schedule):
+        break  # dropped: the map stops
     # The next map waits its turn behind what was still running.
-    eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0),
-            chunks=N)
+    eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N)
     ran = int(counts.sum())
     assert 1 <= ran < n and counts.max() == 1
-    with eng.imap(slow_row, a, args=(row_offset, counts), chunks=n,
-                  schedule=schedule) as stream:
+    with eng.imap(slow_row, a, args=(row_offset, counts), chunks=n, schedule=schedule) as stream:
         next(stream)
-    assert int(counts.sum()) - ran < n         # close() waited, and stopped it
+    assert int(counts.sum()) - ran < n  # close() waited, and stopped it
     settled = counts.copy()
-    eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0),
-            chunks=N)
-    np.testing.assert_array_equal(counts, settled)   # nothing ran after close
+    eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N)
+    np.testing.assert_array_equal(counts, settled)  # nothing ran after close
 
 
 def test_imap_failures(eng):
     a, counts = fresh(eng)
     seen = []
     with pytest.raises(ValueError, match="chunk at row 30"):
-        for rows, _ in eng.imap(flaky, a, args=(row_offset, counts, 30, "exception", 1),
-                                chunks=N, schedule="dynamic", errors="raise"):
+        for rows, _ in eng.imap(
+            flaky,
+            a,
+            args=(row_offset, counts, 30, "exception", 1),
+            chunks=N,
+            schedule="dynamic",
+            errors="raise",
+        ):
             seen.append(rows)
     assert (30, 40) not in seen
     a, counts = fresh(eng)
-    stream = eng.imap(flaky, a, args=(row_offset, counts, 30, "crash", 1), chunks=N,
-                      errors="collect")
+    stream = eng.imap(
+        flaky, a, args=(row_offset, counts, 30, "crash", 1), chunks=N, errors="collect"
+    )
     rows = sorted(r for r, _ in stream)
     assert (30, 40) not in rows and len(rows) == N - 1
     assert [r for r, _ in stream.result.failed] == [(30, 40)]
 
 
 # -- stats and recycling by memory --------------------------------------------
+
 
 def test_stats_count_each_process_from_its_start(eng):
     a, counts = fresh(eng)
@@ -345,7 +421,7 @@ _hoard = []
 
 def leak(a, megabytes):
     """Keep ``megabytes`` more of private memory in this worker, for good."""
-    block = np.ones(megabytes * 2**17)          # touched: counted in USS
+    block = np.ones(megabytes * 2**17)  # touched: counted in USS
     _hoard.append(block)
 
 
@@ -353,9 +429,9 @@ def test_max_worker_memory_recycles_a_leaking_worker():
     with shmarray.Engine(workers=2, max_worker_memory=300 * 2**20) as eng:
         a = eng.zeros(2)
         pids = eng.worker_pids
-        eng.map(leak, a, args=(16,))                  # under the limit: kept
+        eng.map(leak, a, args=(16,))  # under the limit: kept
         assert eng.worker_pids == pids
-        eng.map(leak, a, args=(400,))                 # over: recycled after the map
+        eng.map(leak, a, args=(400,))  # over: recycled after the map
         assert set(eng.worker_pids).isdisjoint(pids)
         stats = eng.stats()
         assert [s.replaced for s in stats] == [1, 1]
@@ -364,8 +440,10 @@ def test_max_worker_memory_recycles_a_leaking_worker():
 
 # -- output ---------------------------------------------------------------------
 
+
 def test_prints_and_logging_reach_the_caller_tagged(tmp_path):
-    proc = run_python(textwrap.dedent("""
+    proc = run_python(
+        textwrap.dedent("""
         import logging, numpy as np
         from numba import njit
         import shmarray
@@ -392,18 +470,25 @@ def test_prints_and_logging_reach_the_caller_tagged(tmp_path):
                 eng.map(chatty, a, args=(shmarray.row_offset,))
                 eng.map(unfinished, a, args=(shmarray.row_offset,))
                 print("end")
-        """), file=str(tmp_path / "chatty.py"))
+        """),
+        file=str(tmp_path / "chatty.py"),
+    )
     out = proc.stdout.splitlines()
     assert "[worker 0 rows 0:4] numba says 0" in out
     assert "[worker 1 rows 4:8] numba says 4" in out
     # A map's output shows before the map returns.
     assert out.index("between") > out.index("[worker 1 rows 4:8] numba says 4")
-    assert "[worker 0 rows 0:4] python says 0" in out[out.index("between"):]
+    assert "[worker 0 rows 0:4] python says 0" in out[out.index("between") :]
     assert sum(line.startswith("[worker 1 rows 4:8] line 4 ") for line in out) == 500
-    assert out[-3:] == ["[worker 0 rows 0:4] no newline from 0",
-                        "[worker 1 rows 4:8] no newline from 4", "end"] or \
-        out[-3:] == ["[worker 1 rows 4:8] no newline from 4",
-                     "[worker 0 rows 0:4] no newline from 0", "end"]
+    assert out[-3:] == [
+        "[worker 0 rows 0:4] no newline from 0",
+        "[worker 1 rows 4:8] no newline from 4",
+        "end",
+    ] or out[-3:] == [
+        "[worker 1 rows 4:8] no newline from 4",
+        "[worker 0 rows 0:4] no newline from 0",
+        "end",
+    ]
     # A record logged in a worker is handled by the caller's logging, as a
     # record (tests/test_logging.py): with nothing configured here, Python's
     # last-resort handler prints its message, the worker's tag in front.
@@ -412,7 +497,8 @@ def test_prints_and_logging_reach_the_caller_tagged(tmp_path):
 
 
 def test_a_print_right_before_a_segfault_is_not_lost(tmp_path):
-    proc = run_python(textwrap.dedent("""
+    proc = run_python(
+        textwrap.dedent("""
         import ctypes
         import shmarray
 
@@ -426,7 +512,9 @@ def test_a_print_right_before_a_segfault_is_not_lost(tmp_path):
                 report = eng.map(doomed, eng.zeros(8), args=(shmarray.row_offset,),
                                  errors="collect")
                 print("failed:", [rows for rows, _ in report.failed])
-        """), file=str(tmp_path / "doomed.py"))
+        """),
+        file=str(tmp_path / "doomed.py"),
+    )
     out = proc.stdout.splitlines()
     assert "[worker 1 rows 4:8] last words from 4" in out
     assert out.index("[worker 1 rows 4:8] last words from 4") < out.index("failed: [(4, 8)]")
@@ -445,15 +533,27 @@ def test_a_tracked_map_with_a_boundary_matches_the_plain_one(eng, schedule):
     inp = eng.from_numpy(rng.random((34, 20)))
     plain, tracked = eng.zeros(inp.shape), eng.zeros(inp.shape)
     eng.map(blur, plain, inp, halo=1, boundary="wrap", chunks=4, schedule=schedule)
-    report = eng.map(blur, tracked, inp, halo=1, boundary="wrap", chunks=4,
-                     schedule=schedule, errors="collect", retries=1)
+    report = eng.map(
+        blur,
+        tracked,
+        inp,
+        halo=1,
+        boundary="wrap",
+        chunks=4,
+        schedule=schedule,
+        errors="collect",
+        retries=1,
+    )
     assert report.ok
     np.testing.assert_array_equal(tracked, plain)
 
 
 def test_shmarray_info_reports_a_fresh_engines_workers():
-    proc = run_python("import sys; from shmarray.cli import main; sys.exit(main(['info', '--json', '--engine']))")
+    proc = run_python(
+        "import sys; from shmarray.cli import main; sys.exit(main(['info', '--json', '--engine']))"
+    )
     import json
+
     fresh = json.loads(proc.stdout)["fresh_workers"]
     assert fresh["start_s"] > 0 and len(fresh["workers"]) >= 1
     for s in fresh["workers"]:

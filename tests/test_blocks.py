@@ -26,13 +26,13 @@ def test_names_are_short_tagged_and_unguessable():
         assert len(name) <= 30
         assert blocks.owner_of(name) == os.getpid()
         token = name.rsplit("-", 1)[1]
-        assert len(token) == 16 and int(token, 16) >= 0     # 64 random bits
-    assert len(blocks.new_name(4_194_304)) <= 30            # Linux pid_max
+        assert len(token) == 16 and int(token, 16) >= 0  # 64 random bits
+    assert len(blocks.new_name(4_194_304)) <= 30  # Linux pid_max
 
 
 def test_blocks_are_created_0600_and_reserved(engine):
     free_before = blocks.free_space()[0]
-    x = engine.empty(64 * 2**20, np.uint8)      # 64 MiB, never touched
+    x = engine.empty(64 * 2**20, np.uint8)  # 64 MiB, never touched
     name = engine.blocks[-1].name
     st = os.stat(f"{SHM}{name}")
     assert stat.S_IMODE(st.st_mode) == 0o600
@@ -52,7 +52,7 @@ def test_request_larger_than_free_space_is_a_memory_error_at_once(engine):
     assert err.requested == free + 2**30 and err.path == SHM
     assert "--shm-size" in str(err) and "free of" in str(err)
     assert shm_entries() == before
-    y = engine.zeros(10)                      # still usable
+    y = engine.zeros(10)  # still usable
     assert not y.any()
 
 
@@ -91,17 +91,25 @@ def test_scan_and_gc_touch_only_shmarray_blocks_of_dead_owners():
             assert found[my_name].owner_alive is True
             assert "/" + foreign not in found
 
-            ls = subprocess.run([sys.executable, "-m", "shmarray", "ls"],
-                                capture_output=True, text=True, check=True)
+            ls = subprocess.run(
+                [sys.executable, "-m", "shmarray", "ls"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             assert orphan in ls.stdout and "dead" in ls.stdout
-            gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
-                                capture_output=True, text=True, check=True)
+            gc = subprocess.run(
+                [sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             assert f"unlinked {orphan}" in gc.stdout
             assert gc.stderr == ""
             left = shm_entries()
             assert orphan.lstrip("/") not in left
             assert my_name.lstrip("/") in left
-            assert os.path.exists(f"{SHM}/{foreign}")     # another program's: untouched
+            assert os.path.exists(f"{SHM}/{foreign}")  # another program's: untouched
             del mine
     finally:
         os.unlink(f"{SHM}/{foreign}")
@@ -124,24 +132,40 @@ HOLDER = textwrap.dedent("""
 
 
 def test_gc_keeps_a_block_whose_pid_looks_dead_but_whose_owner_lives():
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, dead], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, dead],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     name = holder.stdout.readline().strip()
     try:
         assert blocks.owner_of(name) == int(dead)
         info = {b.name: b for b in blocks.scan()}[name]
         assert info.owner_alive is True
-        gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
-                            capture_output=True, text=True, check=True)
+        gc = subprocess.run(
+            [sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert name not in gc.stdout
         assert name.lstrip("/") in shm_entries()
-        holder.stdin.close()                 # the owner exits: now it is dead
+        holder.stdin.close()  # the owner exits: now it is dead
         holder.wait(30)
         assert {b.name: b for b in blocks.scan()}[name].owner_alive is False
-        gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
-                            capture_output=True, text=True, check=True)
+        gc = subprocess.run(
+            [sys.executable, "-m", "shmarray", "gc", "--min-age", "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert f"unlinked {name}" in gc.stdout
     finally:
         if holder.poll() is None:
@@ -153,7 +177,7 @@ def test_gc_keeps_a_block_whose_pid_looks_dead_but_whose_owner_lives():
 def test_gc_leaves_young_blocks_alone():
     name, mm = blocks.create(4096)
     assert {b.name: b for b in blocks.scan()}[name].owner_alive is True
-    del mm                                   # unmapped: nobody holds it now
+    del mm  # unmapped: nobody holds it now
     try:
         assert {b.name: b for b in blocks.scan()}[name].owner_alive is False
         assert name not in [b.name for b in blocks.collect_orphans(min_age=60)]
@@ -166,6 +190,7 @@ def test_a_live_block_holds_one_descriptor_in_the_coordinator(engine):
     # mmap keeps a duplicate descriptor, which holds the block's lock (the
     # proof of life for `shmarray gc`) on every Python version.
     import psutil
+
     me = psutil.Process()
     before = me.num_fds()
     arrays = [engine.zeros(10) for _ in range(20)]
@@ -177,6 +202,7 @@ def test_workers_keep_no_descriptor_per_block_from_313(engine):
     # Workers map with trackfd=False where Python has it (3.13+): the branch
     # blocks.py picks at import.  This checks whichever one runs.
     import psutil
+
     worker = psutil.Process(engine.worker_pids[0])
 
     @njit

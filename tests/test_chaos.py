@@ -21,5 +21,6 @@ def test_chaos_episode_keeps_every_invariant(seed, workers):
     assert not report["failures"], (
         f"seed {seed} ({workers} workers) broke invariants; replay with "
         f"`python tests/chaos.py --seed {seed} --workers {workers}`:\n"
-        + "\n".join(report["failures"]))
+        + "\n".join(report["failures"])
+    )
     assert report["calls"] > 0

@@ -35,9 +35,14 @@ distributed = pytest.importorskip("distributed")
 
 def local_cluster():
     """Two worker processes on loopback, as on a small cluster."""
-    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                    host="127.0.0.1", dashboard_address=":0",
-                                    silence_logs=50)
+    return distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        silence_logs=50,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def eng():
         yield engine
 
 
-CASES = {   # halo -> (kernel, args, arrays of 101 rows)
+CASES = {  # halo -> (kernel, args, arrays of 101 rows)
     0: (triad, (3.0,), lambda rng: (np.zeros(101), rng.random(101), rng.random(101))),
     1: (heat_step, (0.2,), lambda rng: 2 * (rng.random((101, 23)),)),
 }
@@ -64,7 +69,7 @@ def test_map_matches_the_local_engine_bit_for_bit(client, eng, chunks, halo):
     kernel, args, make = CASES[halo]
     arrays = make(np.random.default_rng(0))
     if chunks == "sizes":
-        chunks = (10, 40, 51 - 2 * halo)            # the interior rows, split
+        chunks = (10, 40, 51 - 2 * halo)  # the interior rows, split
     local = [eng.from_numpy(a) for a in arrays]
     eng.map(kernel, *local, args=args, halo=halo, chunks=chunks)
     remote = sd.map(kernel, *arrays, args=args, halo=halo, chunks=chunks).compute()
@@ -74,6 +79,7 @@ def test_map_matches_the_local_engine_bit_for_bit(client, eng, chunks, halo):
 
 def test_map_takes_dask_arrays_and_iterates(client, eng):
     import dask.array as da
+
     u = np.random.default_rng(1).random((64, 64))
     a, b = eng.from_numpy(u), eng.from_numpy(u)
     cur = da.from_array(u, chunks=(16, 64))
@@ -92,23 +98,35 @@ def test_reduce_matches_the_local_engine_bit_for_bit(client, eng, halo, chunks):
     x = np.random.default_rng(2).standard_normal(10_001) * 100
     X = eng.from_numpy(x)
     assert sd.reduce(total, x, halo=halo, chunks=chunks) == eng.reduce(
-        total, X, halo=halo, chunks=chunks)
+        total, X, halo=halo, chunks=chunks
+    )
     assert sd.reduce(moments, x, combine=combine_moments, chunks=chunks) == eng.reduce(
-        moments, X, combine=combine_moments, chunks=chunks)
-    assert np.array_equal(sd.reduce(histogram, x, args=(-300.0, 300.0, 32), chunks=chunks),
-                          eng.reduce(histogram, X, args=(-300.0, 300.0, 32), chunks=chunks))
+        moments, X, combine=combine_moments, chunks=chunks
+    )
+    assert np.array_equal(
+        sd.reduce(histogram, x, args=(-300.0, 300.0, 32), chunks=chunks),
+        eng.reduce(histogram, X, args=(-300.0, 300.0, 32), chunks=chunks),
+    )
     del X
 
 
 def test_reduce_combines_in_chunk_order(client):
     rows = np.arange(20)
     assert sd.reduce(lambda r: (int(r[0]),), rows, chunks=5) == (0, 4, 8, 12, 16)
-    assert sd.reduce(lambda r: (int(r[0]),), rows, chunks=5,
-                     combine=lambda a, b: b + a) == (16, 12, 8, 4, 0)
+    assert sd.reduce(lambda r: (int(r[0]),), rows, chunks=5, combine=lambda a, b: b + a) == (
+        16,
+        12,
+        8,
+        4,
+        0,
+    )
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(layouts())
 def test_boundary_and_axis_match_the_engine_and_numpy_pad(eng, case):
     # Dask's own overlap fills "wrap", "symmetric", "edge" and constants;
@@ -119,17 +137,18 @@ def test_boundary_and_axis_match_the_engine_and_numpy_pad(eng, case):
     assume(len(parts) == 1 or min(hi - lo for lo, hi in parts) >= h)
     values = np.random.default_rng(seed).standard_normal(interior).astype(dtype)
     core = tuple(slice(h, s - h) for s in shape)
-    inp = np.full(shape, np.nan, dtype, order=order)        # garbage ghosts
+    inp = np.full(shape, np.nan, dtype, order=order)  # garbage ghosts
     inp[core] = values
     out = np.zeros(shape, dtype, order=order)
     local_in, local_out = eng.from_numpy(inp), eng.from_numpy(out)
-    eng.map(box, local_out, local_in, args=(h,), halo=h, boundary=mode, axis=axis,
-            chunks=chunks)
+    eng.map(box, local_out, local_in, args=(h,), halo=h, boundary=mode, axis=axis, chunks=chunks)
     with dask.config.set(scheduler="sync"):
-        remote = sd.map(box, out, inp, args=(h,), halo=h, boundary=mode, axis=axis,
-                        chunks=chunks).compute()
-        filled = sd.map(lambda a: None, inp, halo=h, boundary=mode, axis=axis,
-                        chunks=chunks).compute()
+        remote = sd.map(
+            box, out, inp, args=(h,), halo=h, boundary=mode, axis=axis, chunks=chunks
+        ).compute()
+        filled = sd.map(
+            lambda a: None, inp, halo=h, boundary=mode, axis=axis, chunks=chunks
+        ).compute()
     assert np.array_equal(remote, local_out)
     assert np.array_equal(filled, padded(values, h, mode))
     assert np.array_equal(filled, local_in)
@@ -148,11 +167,16 @@ def test_row_offset_kernels_match_on_a_cluster(client, eng):
 
     counts = eng.zeros(300, np.int64)
     hits = eng.reduce(pi_hits, counts, args=(shmarray.row_offset, 50, 3), chunks=4)
-    assert sd.reduce(pi_hits, np.zeros(300, np.int64), args=(shmarray.row_offset, 50, 3),
-                     chunks=7) == hits == pi_hits(np.zeros(300, np.int64), 0, 50, 3)
+    assert (
+        sd.reduce(pi_hits, np.zeros(300, np.int64), args=(shmarray.row_offset, 50, 3), chunks=7)
+        == hits
+        == pi_hits(np.zeros(300, np.int64), 0, 50, 3)
+    )
     x = np.round(np.random.default_rng(5).standard_normal(1000), 1)
-    assert sd.reduce(min_index, x, args=(shmarray.row_offset,), combine=combine_min,
-                     chunks=6) == (x.min(), int(np.argmin(x)))
+    assert sd.reduce(min_index, x, args=(shmarray.row_offset,), combine=combine_min, chunks=6) == (
+        x.min(),
+        int(np.argmin(x)),
+    )
     del local, counts
 
 
@@ -161,8 +185,9 @@ def test_any_axis_on_a_cluster(client, eng):
     rgb = np.asfortranarray(np.random.default_rng(4).random((3, 40, 50)))
     local_in, local_out = eng.from_numpy(rgb), eng.zeros(rgb.shape, order="F")
     eng.map(box, local_out, local_in, args=(1,), halo=1, boundary="wrap", axis=-1)
-    remote = sd.map(box, np.zeros_like(rgb), rgb, args=(1,), halo=1, boundary="wrap",
-                    axis=-1).compute()
+    remote = sd.map(
+        box, np.zeros_like(rgb), rgb, args=(1,), halo=1, boundary="wrap", axis=-1
+    ).compute()
     assert np.array_equal(remote, local_out)
     del local_in, local_out
 
@@ -181,13 +206,20 @@ def test_bad_arguments(client):
     with pytest.raises(ValueError, match="inside a container"):
         sd.map(triad, np.zeros(3), np.zeros(3), np.zeros(3), args=((shmarray.row_offset,),))
     with pytest.raises(ValueError, match="every chunk needs at least halo=2 rows"):
-        sd.map(heat_step, np.zeros((20, 4)), np.zeros((20, 4)), args=(0.1,), halo=2,
-               chunks=(1, 15))
+        sd.map(
+            heat_step, np.zeros((20, 4)), np.zeros((20, 4)), args=(0.1,), halo=2, chunks=(1, 15)
+        )
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         sd.map(heat_step, np.zeros((20, 4)), np.zeros((20, 4)), args=(0.1,), axis=2)
     with pytest.raises(ValueError, match="boundary='reflect' needs at least 2"):
-        sd.map(heat_step, np.zeros((20, 3)), np.zeros((20, 3)), args=(0.1,), halo=1,
-               boundary="reflect")
+        sd.map(
+            heat_step,
+            np.zeros((20, 3)),
+            np.zeros((20, 3)),
+            args=(0.1,),
+            halo=1,
+            boundary="reflect",
+        )
     with pytest.raises(ValueError, match="boundary must be None"):
         sd.reduce(total, np.zeros(20), halo=1, boundary="periodic")
 
@@ -213,7 +245,7 @@ def test_a_killed_dask_worker_is_retried(tmp_path):
         while not (busy := workers & {int(p.name) for p in tmp_path.iterdir()}):
             assert time.monotonic() < deadline, "no chunk started within 60 s"
             time.sleep(0.01)
-        os.kill(busy.pop(), signal.SIGKILL)         # a worker in the middle of a chunk
+        os.kill(busy.pop(), signal.SIGKILL)  # a worker in the middle of a chunk
         # One death is within Dask's allowed failures (3): the lost tasks
         # run again elsewhere, with the same result.
         result = future.result(timeout=120)

@@ -14,8 +14,17 @@ from shmarray.worker import Mappings
 
 def _define_bytes(eng, *arrays) -> int:
     table = eng._dispatcher.table
-    msg = Define(1, 1, tuple(describe(a, table) for a in arrays), (2.5,), 1,
-                 ((1, 5), (5, 9)), (0, 1), False, False)
+    msg = Define(
+        1,
+        1,
+        tuple(describe(a, table) for a in arrays),
+        (2.5,),
+        1,
+        ((1, 5), (5, 9)),
+        (0, 1),
+        False,
+        False,
+    )
     return len(encode(msg))
 
 
@@ -57,9 +66,9 @@ def test_worker_rejects_descriptors_past_the_block_end(engine):
     assert worker.view(good.wire).shape == (100,)
     size = worker.buffer(good.block).size
     for bad in (
-        ArrayDescriptor(good.block, size - 8, (2,), (8,), "<f8"),       # past the end
-        ArrayDescriptor(good.block, 0, (10,), (-8,), "<f8"),            # before the start
-        ArrayDescriptor(good.block, 0, (size,), (8,), "<f8"),           # far too long
+        ArrayDescriptor(good.block, size - 8, (2,), (8,), "<f8"),  # past the end
+        ArrayDescriptor(good.block, 0, (10,), (-8,), "<f8"),  # before the start
+        ArrayDescriptor(good.block, 0, (size,), (8,), "<f8"),  # far too long
     ):
         with pytest.raises(ValueError, match="refusing to map it"):
             worker.view(bad.wire)
@@ -69,7 +78,7 @@ def test_worker_rejects_descriptors_past_the_block_end(engine):
 def test_worker_rejects_blocks_of_another_coordinator(engine):
     x = engine.zeros(10)
     d = describe(x, engine._dispatcher.table)
-    stranger = Mappings(owner_pid=1)          # a worker serving another process
+    stranger = Mappings(owner_pid=1)  # a worker serving another process
     with pytest.raises(PermissionError, match="not created by this worker's coordinator"):
         stranger.view(d.wire)
     del x

@@ -111,11 +111,11 @@ def scale(x, s):
 def test_a_worker_killed_while_idle_is_replaced_without_losing_the_map(workers, same_args):
     with shmarray.Engine(workers=workers, storage=storage_for(workers)) as eng:
         x = eng.from_numpy(np.ones(10))
-        eng.map(scale, x, args=(2.0,))          # both workers hold the kernel
+        eng.map(scale, x, args=(2.0,))  # both workers hold the kernel
         victim = eng.worker_pids[0]
         proc = psutil.Process(victim)
         os.kill(victim, signal.SIGKILL)
-        proc.wait(10)                           # dead before the next map
+        proc.wait(10)  # dead before the next map
         eng.map(scale, x, args=(2.0 if same_args else 3.0,))
         assert np.array_equal(x, np.full(10, 4.0 if same_args else 6.0))
         assert victim not in eng.worker_pids
@@ -167,23 +167,29 @@ TWO_CTRL_C = HOLD + textwrap.dedent("""
 @pytest.mark.parametrize("gap, workers", [(0.01, 2), (0.03, 3), (0.05, 5), (0.01, 5)])
 def test_two_quick_ctrl_c_leave_the_engine_usable(gap, workers):
     code = TWO_CTRL_C.replace("WORKERS", str(workers))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     while True:
         line = proc.stdout.readline()
         lines.append(line)
         if line.startswith("running") or not line:
             break
-    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C, and again soon after
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, and again soon after
     time.sleep(gap)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     out = "".join(lines) + out
     assert proc.returncode == 0, (out, err)
     assert "after: " + str([4.0] * 10) in out
-    every_pid = [int(p) for line in out.splitlines() if line.startswith("pids:")
-                 for p in line.split()[1:]]
+    every_pid = [
+        int(p) for line in out.splitlines() if line.startswith("pids:") for p in line.split()[1:]
+    ]
     _, names = _report(out)
     assert _gone(every_pid, names)
     assert err == ""

@@ -119,8 +119,12 @@ IPython.get_ipython = lambda: Shell()
 
 def in_fake_kernel(code: str, widgets: bool) -> subprocess.CompletedProcess:
     setup = FAKE_KERNEL.format(widgets="" if widgets else "sys.modules['ipywidgets'] = None")
-    return subprocess.run([sys.executable, "-c", setup + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", setup + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_fake_kernel_is_one_where_tqdm_auto_warns():
@@ -129,7 +133,8 @@ def test_the_fake_kernel_is_one_where_tqdm_auto_warns():
 
 
 def test_progress_in_a_notebook_without_ipywidgets_is_a_text_bar_without_warning():
-    proc = in_fake_kernel("""
+    proc = in_fake_kernel(
+        """
         from shmarray import progress
         assert progress.in_notebook() and progress.can_show()
         print(progress.bar_class().__module__)
@@ -138,7 +143,9 @@ def test_progress_in_a_notebook_without_ipywidgets_is_a_text_bar_without_warning
         bar.close()
         for _ in progress.steps(3, delay=0):
             pass
-        """, widgets=False)
+        """,
+        widgets=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "tqdm.std\n"
     assert "map: 100%" in proc.stderr and "steps: 100%" in proc.stderr
@@ -147,10 +154,13 @@ def test_progress_in_a_notebook_without_ipywidgets_is_a_text_bar_without_warning
 
 def test_progress_in_a_notebook_with_ipywidgets_is_a_widget():
     pytest.importorskip("ipywidgets")
-    proc = in_fake_kernel("""
+    proc = in_fake_kernel(
+        """
         from shmarray import progress
         print(progress.bar_class().__module__)
-        """, widgets=True)
+        """,
+        widgets=True,
+    )
     assert proc.stdout == "tqdm.notebook\n" and proc.stderr == ""
 
 
@@ -159,14 +169,14 @@ def test_progress_in_a_real_kernel_without_ipywidgets():
     imports it: the bar is text on the cell's stderr, with no warning."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    cells = ["import sys; sys.modules['ipywidgets'] = None",
-             "import numpy as np, shmarray\n"
-             "with shmarray.Engine(workers=2) as eng:\n"
-             "    x = eng.zeros(64)\n"
-             "    eng.map(np.copyto, x, x, chunks=4, progress=True)",
-             "with shmarray.Engine(workers=2) as eng:\n"
-             "    eng.zeros(8)\n"
-             "    display(eng)"]
+    cells = [
+        "import sys; sys.modules['ipywidgets'] = None",
+        "import numpy as np, shmarray\n"
+        "with shmarray.Engine(workers=2) as eng:\n"
+        "    x = eng.zeros(64)\n"
+        "    eng.map(np.copyto, x, x, chunks=4, progress=True)",
+        "with shmarray.Engine(workers=2) as eng:\n    eng.zeros(8)\n    display(eng)",
+    ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     streams = [o for c in nb.cells for o in c.outputs if o.output_type == "stream"]

@@ -26,8 +26,7 @@ from shmarray.partition import split_rows
 def engine(request):
     """The contract holds at any worker count: 2, and more than the cores;
     and on every storage (conftest.STORAGES)."""
-    with shmarray.Engine(workers=request.param,
-                         storage=storage_for(request.param)) as eng:
+    with shmarray.Engine(workers=request.param, storage=storage_for(request.param)) as eng:
         yield eng
 
 
@@ -104,6 +103,7 @@ def worker_pid(x):
 class CountedKernel:
     """A plain-Python kernel that counts, in each worker, how many times it
     was unpickled: it must be sent once per worker, not once per call."""
+
     loads = 0
 
     def __init__(self):
@@ -127,6 +127,7 @@ def raise_unpicklable(x):
 
 
 # -- allocation ------------------------------------------------------------
+
 
 def test_allocations_are_plain_ndarrays_in_shared_blocks(engine):
     before = len(engine.blocks)
@@ -155,13 +156,14 @@ def test_dropping_the_last_array_unlinks_its_block(engine):
     view = x[10:20]
     del x
     gc.collect()
-    assert not gone(name)                   # the view keeps it alive
+    assert not gone(name)  # the view keeps it alive
     del view
     gc.collect()
     assert gone(name)
 
 
 # -- map -------------------------------------------------------------------
+
 
 def test_map_runs_in_place(engine):
     x = engine.from_numpy(np.arange(10.0))
@@ -215,8 +217,7 @@ def test_stencil_with_halo_is_bit_identical_to_whole_array(engine, chunks):
 
 def test_views_of_shared_arrays_are_recognised(engine):
     base = engine.from_numpy(np.arange(24.0).reshape(6, 4))
-    for view in (base[1:5], base.T, base[::2], base[::-1], base[:, 1],
-                 base[1:5, ::-2]):
+    for view in (base[1:5], base.T, base[::2], base[::-1], base[:, 1], base[1:5, ::-2]):
         out = engine.zeros(view.shape)
         engine.map(scale, out, view, args=(3.0,))
         assert np.array_equal(out, np.asarray(view) * 3.0)
@@ -237,6 +238,7 @@ def test_shared_arrays_in_args_arrive_whole(engine):
 
 
 # -- reduce ----------------------------------------------------------------
+
 
 def test_reduce_combines_in_chunk_order(engine):
     rows = engine.from_numpy(np.arange(20))
@@ -261,6 +263,7 @@ def test_reduce_with_custom_combine_and_empty_rows(engine):
 
 
 # -- kernels of every kind -------------------------------------------------
+
 
 def test_plain_python_callables_work(engine):
     x = engine.from_numpy(np.arange(6.0))
@@ -308,6 +311,7 @@ def test_workers_run_numba_and_blas_single_threaded(engine):
 
 # -- errors ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
 def test_kernel_exception_keeps_type_and_worker_traceback(engine, schedule):
     x = engine.from_numpy(np.array([1.0, 2.0, -3.0, 4.0]))
@@ -348,40 +352,98 @@ def sent(engine):
 
 
 BAD_MAPS = [
-    ("mismatched lengths", ValueError, "same length along axis 0",
-     lambda e, x: e.map(scale, x, e.zeros(5), args=(1.0,))),
-    ("private array", ValueError, r"eng\.from_numpy",
-     lambda e, x: e.map(scale, x, np.zeros(10), args=(1.0,))),
-    ("list instead of array", TypeError, "NumPy arrays made by this engine",
-     lambda e, x: e.map(scale, x, [0.0] * 10, args=(1.0,))),
-    ("0-d array", ValueError, "has 0 dimension",
-     lambda e, x: e.map(scale, x[0:1].reshape(()), x, args=(1.0,))),
-    ("no arrays", TypeError, "at least one array",
-     lambda e, x: e.map(scale)),
-    ("kernel not callable", TypeError, "kernel must be callable",
-     lambda e, x: e.map("scale", x, x)),
-    ("args not a tuple", TypeError, r"args=\(2\.5,\)",
-     lambda e, x: e.map(scale, x, x, args=2.5)),
-    ("chunks zero", ValueError, "chunks must be at least 1",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=0)),
-    ("chunks float", TypeError, "chunks must be None, an int",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=2.5)),
-    ("chunk sizes wrong sum", ValueError, "adds up to 9 rows",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=(4, 5))),
-    ("chunk size zero", ValueError, "positive ints",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=(10, 0))),
-    ("negative halo", ValueError, "non-negative int",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), halo=-1)),
-    ("halo too large", ValueError, "at least 12 rows",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), halo=6)),
-    ("float halo", TypeError, "halo must be",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), halo=1.0)),
-    ("bad combine", TypeError, "combine must be a callable",
-     lambda e, x: e.reduce(row_sum, x, combine="add")),
-    ("bad schedule", ValueError, "schedule must be 'static'",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), schedule="guided")),
-    ("bad timeout", ValueError, "timeout must be positive",
-     lambda e, x: e.map(scale, x, x, args=(1.0,), timeout=0)),
+    (
+        "mismatched lengths",
+        ValueError,
+        "same length along axis 0",
+        lambda e, x: e.map(scale, x, e.zeros(5), args=(1.0,)),
+    ),
+    (
+        "private array",
+        ValueError,
+        r"eng\.from_numpy",
+        lambda e, x: e.map(scale, x, np.zeros(10), args=(1.0,)),
+    ),
+    (
+        "list instead of array",
+        TypeError,
+        "NumPy arrays made by this engine",
+        lambda e, x: e.map(scale, x, [0.0] * 10, args=(1.0,)),
+    ),
+    (
+        "0-d array",
+        ValueError,
+        "has 0 dimension",
+        lambda e, x: e.map(scale, x[0:1].reshape(()), x, args=(1.0,)),
+    ),
+    ("no arrays", TypeError, "at least one array", lambda e, x: e.map(scale)),
+    (
+        "kernel not callable",
+        TypeError,
+        "kernel must be callable",
+        lambda e, x: e.map("scale", x, x),
+    ),
+    ("args not a tuple", TypeError, r"args=\(2\.5,\)", lambda e, x: e.map(scale, x, x, args=2.5)),
+    (
+        "chunks zero",
+        ValueError,
+        "chunks must be at least 1",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=0),
+    ),
+    (
+        "chunks float",
+        TypeError,
+        "chunks must be None, an int",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=2.5),
+    ),
+    (
+        "chunk sizes wrong sum",
+        ValueError,
+        "adds up to 9 rows",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=(4, 5)),
+    ),
+    (
+        "chunk size zero",
+        ValueError,
+        "positive ints",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), chunks=(10, 0)),
+    ),
+    (
+        "negative halo",
+        ValueError,
+        "non-negative int",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), halo=-1),
+    ),
+    (
+        "halo too large",
+        ValueError,
+        "at least 12 rows",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), halo=6),
+    ),
+    (
+        "float halo",
+        TypeError,
+        "halo must be",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), halo=1.0),
+    ),
+    (
+        "bad combine",
+        TypeError,
+        "combine must be a callable",
+        lambda e, x: e.reduce(row_sum, x, combine="add"),
+    ),
+    (
+        "bad schedule",
+        ValueError,
+        "schedule must be 'static'",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), schedule="guided"),
+    ),
+    (
+        "bad timeout",
+        ValueError,
+        "timeout must be positive",
+        lambda e, x: e.map(scale, x, x, args=(1.0,), timeout=0),
+    ),
 ]
 
 
@@ -399,10 +461,18 @@ BAD_ALLOCATIONS = [
     ("negative shape", ValueError, "negative sizes", lambda e: e.empty((2, -1))),
     ("float shape", TypeError, "shape must be", lambda e: e.zeros(2.5)),
     ("object dtype", TypeError, "Object arrays", lambda e: e.empty(3, dtype=object)),
-    ("object array", TypeError, "Object arrays",
-     lambda e: e.from_numpy(np.array([1, "a"], dtype=object))),
-    ("structured dtype", TypeError, "structured dtype",
-     lambda e: e.zeros(3, dtype=[("a", "f8"), ("b", "i4")])),
+    (
+        "object array",
+        TypeError,
+        "Object arrays",
+        lambda e: e.from_numpy(np.array([1, "a"], dtype=object)),
+    ),
+    (
+        "structured dtype",
+        TypeError,
+        "structured dtype",
+        lambda e: e.zeros(3, dtype=[("a", "f8"), ("b", "i4")]),
+    ),
     ("not a dtype", TypeError, "not a NumPy dtype", lambda e: e.empty(3, dtype="nope")),
     ("bad order", ValueError, "order must be", lambda e: e.empty(3, order="K")),
 ]
@@ -417,8 +487,9 @@ def test_bad_allocations_are_refused(engine, case):
     assert block_entries() == before and len(engine.blocks) == live
 
 
-@pytest.mark.parametrize("workers, exc_type", [(0, ValueError), (-2, ValueError),
-                                               (1.5, TypeError), ("2", TypeError)])
+@pytest.mark.parametrize(
+    "workers, exc_type", [(0, ValueError), (-2, ValueError), (1.5, TypeError), ("2", TypeError)]
+)
 def test_bad_worker_counts(workers, exc_type):
     with pytest.raises(exc_type, match="workers"):
         shmarray.Engine(workers=workers)
@@ -442,16 +513,17 @@ def test_an_array_of_another_engine_is_refused(engine):
 def test_a_large_private_array_in_args_warns_once():
     with shmarray.Engine(workers=1) as eng:
         out, a = eng.zeros(4), eng.zeros((4, 300_000))
-        v = np.ones(300_000)                         # 2.4 MB, private
+        v = np.ones(300_000)  # 2.4 MB, private
         with pytest.warns(shmarray.CopyWarning, match=r"args\[0\] is a private array"):
             eng.map(matvec_rows, out, a, args=(v,))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            eng.map(matvec_rows, out, a, args=(np.ones(300_000),))   # once only
+            eng.map(matvec_rows, out, a, args=(np.ones(300_000),))  # once only
         del out, a
 
 
 # -- lifecycle -------------------------------------------------------------
+
 
 def test_close_is_idempotent_and_cleans_up():
     eng = shmarray.Engine(workers=2)
@@ -462,11 +534,14 @@ def test_close_is_idempotent_and_cleans_up():
     eng.close()
     assert eng.closed and "closed" in repr(eng)
     assert not set(names) & shm_entries()
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
-    for call in (lambda: eng.map(scale, x, x, args=(1.0,)),
-                 lambda: eng.reduce(row_sum, x),
-                 lambda: eng.empty(3)):
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+    )
+    for call in (
+        lambda: eng.map(scale, x, x, args=(1.0,)),
+        lambda: eng.reduce(row_sum, x),
+        lambda: eng.empty(3),
+    ):
         with pytest.raises(shmarray.EngineClosedError, match="closed"):
             call()
     with pytest.raises(ValueError):  # EngineClosedError is a ValueError
@@ -483,7 +558,7 @@ def test_arrays_stay_readable_after_close():
     assert names and not names & shm_entries()
     assert y.sum() == 2.0 * x.sum()
     assert view[3] == 6000.0
-    y[0] = 42.0                 # still writable memory: it is ours now
+    y[0] = 42.0  # still writable memory: it is ours now
     assert view[0] == 42.0
 
 
@@ -494,8 +569,9 @@ def test_exception_in_with_block_still_cleans_up():
             pids = eng.worker_pids
             raise RuntimeError("user code failed")
     assert eng.closed
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for p in pids)
+    assert not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+    )
 
 
 def test_garbage_collection_closes_an_abandoned_engine():
@@ -504,7 +580,7 @@ def test_garbage_collection_closes_an_abandoned_engine():
     ref = weakref.ref(eng)
     del eng
     gc.collect()
-    assert ref() is None    # the safety nets hold no strong reference
+    assert ref() is None  # the safety nets hold no strong reference
     # the leak fixture checks that the block and the worker are gone
 
 
@@ -524,7 +600,7 @@ def test_workers_are_recycled_without_losing_tasks():
         seen = []
         for _ in range(7):
             starts = eng.reduce(chunk_start, rows, chunks=8)
-            assert starts == tuple(range(0, 40, 5))      # every chunk ran
+            assert starts == tuple(range(0, 40, 5))  # every chunk ran
             seen.append(tuple(eng.worker_pids))
         # static: one task per worker per map, so workers are replaced as
         # maps 3 and 6 return
@@ -539,7 +615,7 @@ def test_map_timeout_replaces_the_stuck_worker():
     @njit
     def spin_forever(x):
         i = 0
-        while x[0] >= 0.0:      # never false: x is zeros
+        while x[0] >= 0.0:  # never false: x is zeros
             i += 1
         return i
 
@@ -574,6 +650,7 @@ def test_worker_exit_raises_worker_crashed_and_engine_recovers(schedule):
 
 # -- iterate ---------------------------------------------------------------
 
+
 @njit(cache=True)
 def fails_at_step(out, inp, flag_row):
     """Counts steps in out; raises once the count in its rows reaches 3."""
@@ -603,20 +680,35 @@ def test_a_failing_step_raises_and_stops_every_worker(engine):
         engine.iterate(fails_at_step, b, a, steps=50, args=(flag,), halo=1)
     flag[0] = 0.0
     last = engine.iterate(fails_at_step, b, a, steps=2, args=(flag,), halo=1)
-    assert np.all(last[1:-1] >= 2.0)                # usable afterwards
+    assert np.all(last[1:-1] >= 2.0)  # usable afterwards
     del a, b, flag, last
 
 
-@pytest.mark.parametrize("call, exc, text", [
-    (lambda e, a, b: e.iterate(heat_step, b, a, steps=-1, args=(0.2,), halo=1),
-     ValueError, "steps must be a non-negative"),
-    (lambda e, a, b: e.iterate(heat_step, b, a, steps=2.0, args=(0.2,), halo=1),
-     TypeError, "steps must be an int"),
-    (lambda e, a, b: e.iterate(heat_step, b[:, :3], a, steps=2, args=(0.2,), halo=1),
-     ValueError, "same shape and dtype"),
-    (lambda e, a, b: e.iterate(heat_step, a, a, steps=2, args=(0.2,), halo=1),
-     ValueError, "separate arrays"),
-])
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (
+            lambda e, a, b: e.iterate(heat_step, b, a, steps=-1, args=(0.2,), halo=1),
+            ValueError,
+            "steps must be a non-negative",
+        ),
+        (
+            lambda e, a, b: e.iterate(heat_step, b, a, steps=2.0, args=(0.2,), halo=1),
+            TypeError,
+            "steps must be an int",
+        ),
+        (
+            lambda e, a, b: e.iterate(heat_step, b[:, :3], a, steps=2, args=(0.2,), halo=1),
+            ValueError,
+            "same shape and dtype",
+        ),
+        (
+            lambda e, a, b: e.iterate(heat_step, a, a, steps=2, args=(0.2,), halo=1),
+            ValueError,
+            "separate arrays",
+        ),
+    ],
+)
 def test_bad_iterate_arguments_fail_before_anything_is_sent(engine, sent, call, exc, text):
     a, b = engine.zeros((10, 4)), engine.zeros((10, 4))
     with pytest.raises(exc, match=text):

@@ -49,8 +49,9 @@ def test_fault_gives_a_clear_error_and_leaves_nothing(case):
 
 
 @pytest.mark.breaks_things
-@pytest.mark.parametrize("case", ["coordinator_sigkill", "group_sigterm", "group_sighup",
-                                  "group_sigkill"])
+@pytest.mark.parametrize(
+    "case", ["coordinator_sigkill", "group_sigterm", "group_sighup", "group_sigkill"]
+)
 def test_a_killed_coordinator_is_cleaned_up_by_the_watchdog(case):
     r = observe(case)
     assert r["returncode"] < 0
@@ -80,7 +81,7 @@ CRASH_CASES = {
     ("result_pickling", "segfault"): ("WorkerCrashedError", "SIGSEGV"),
     ("result_unpickling", "error"): ("KernelError", "could not be unpickled here"),
     ("result_unpickling", "exit"): ("KernelError", "could not be unpickled here"),
-    ("result_unpickling", "segfault"): (None, None),   # the caller itself crashes
+    ("result_unpickling", "segfault"): (None, None),  # the caller itself crashes
 }
 
 
@@ -93,9 +94,11 @@ def run_crash_case(stage: str, how: str) -> dict:
     import time
 
     import psutil
+
     path = os.path.join(os.path.dirname(__file__), "crash_cases.py")
-    proc = subprocess.run([sys.executable, path, stage, how], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, path, stage, how], capture_output=True, text=True, timeout=120
+    )
     ended = time.monotonic()
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     report = dict(lines[-1], returncode=proc.returncode, stderr=proc.stderr)
@@ -103,8 +106,11 @@ def run_crash_case(stage: str, how: str) -> dict:
     names = [n.lstrip("/") for n in report["blocks"]]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p
+            for p in pids
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         left = [n for n in names if os.path.exists(f"/dev/shm/{n}")]
         if not alive and not left:
             break

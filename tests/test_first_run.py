@@ -62,8 +62,11 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
 
 
 def test_a_script_piped_on_stdin_runs():
-    _check(subprocess.run([sys.executable, "-"], input=GUARDLESS, capture_output=True,
-                          text=True, timeout=120))
+    _check(
+        subprocess.run(
+            [sys.executable, "-"], input=GUARDLESS, capture_output=True, text=True, timeout=120
+        )
+    )
 
 
 def test_python_dash_c_runs():
@@ -106,15 +109,20 @@ def test_ctrl_c_while_workers_start_raises_keyboard_interrupt():
         left = [n for n in os.listdir("/dev/shm") if n.startswith(f"sha-{os.getpid()}-")]
         print("left:", left)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     workers = []
     while len(workers) < 1:
         line = proc.stdout.readline()
         assert line, proc.communicate()
         if line.startswith("[worker ") and " initializing " in line:
-            workers.append(int(line.split()[-1]))     # tagged: forwarded
-    os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C in the terminal
+            workers.append(int(line.split()[-1]))  # tagged: forwarded
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "interrupted" in out and "left: []" in out

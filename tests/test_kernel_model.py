@@ -27,8 +27,10 @@ def box(out, inp, h):
     acc = inp[core] * 0.5
     for k in range(inp.ndim):
         for d in (-h, h):
-            idx = tuple(slice(h + (d if j == k else 0), s - h + (d if j == k else 0))
-                        for j, s in enumerate(inp.shape))
+            idx = tuple(
+                slice(h + (d if j == k else 0), s - h + (d if j == k else 0))
+                for j, s in enumerate(inp.shape)
+            )
             acc = acc + inp[idx] * (k + 1.0)
     out[core] = acc
 
@@ -56,13 +58,15 @@ def layouts(draw):
 
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param,
-                         storage=storage_for(request.param)) as engine:
+    with shmarray.Engine(workers=request.param, storage=storage_for(request.param)) as engine:
         yield engine
 
 
-@settings(max_examples=80, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(layouts())
 def test_boundary_equals_numpy_pad_and_the_sequential_kernel(eng, case):
     interior, h, mode, axis, chunks, dtype, order, seed = case
@@ -73,17 +77,20 @@ def test_boundary_equals_numpy_pad_and_the_sequential_kernel(eng, case):
 
     shape = expected_in.shape
     inp = eng.zeros(shape, dtype, order=order)
-    inp[tuple(slice(h, s - h) for s in shape)] = values     # ghosts left at 0
+    inp[tuple(slice(h, s - h) for s in shape)] = values  # ghosts left at 0
     out = eng.zeros(shape, dtype, order=order)
     eng.map(box, out, inp, args=(h,), halo=h, boundary=mode, axis=axis, chunks=chunks)
-    assert np.array_equal(inp, expected_in)                 # ghosts filled
+    assert np.array_equal(inp, expected_in)  # ghosts filled
     core = tuple(slice(h, s - h) for s in shape)
     assert np.array_equal(out[core], expected_out[core])
     del inp, out
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(layouts(), st.integers(1, 5))
 def test_iterate_with_a_boundary_equals_pad_and_step_in_a_loop(eng, case, steps):
     interior, h, mode, axis, chunks, dtype, order, seed = case
@@ -97,18 +104,29 @@ def test_iterate_with_a_boundary_equals_pad_and_step_in_a_loop(eng, case, steps)
     a, b = eng.zeros(shape, dtype, order=order), eng.zeros(shape, dtype, order=order)
     core = tuple(slice(h, s - h) for s in shape)
     a[core] = np.random.default_rng(seed).standard_normal(interior).astype(dtype)
-    last = eng.iterate(box, b, a, args=(h,), steps=steps, halo=h, boundary=mode,
-                       axis=axis, chunks=chunks)
+    last = eng.iterate(
+        box, b, a, args=(h,), steps=steps, halo=h, boundary=mode, axis=axis, chunks=chunks
+    )
     assert np.array_equal(last[core], x)
     del a, b, last
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(st.integers(1, 3).flatmap(lambda nd: st.tuples(
-    st.lists(st.integers(1, 7), min_size=nd, max_size=nd), st.integers(0, nd - 1),
-    st.integers(0, 2), st.one_of(st.none(), st.integers(1, 6)),
-    st.sampled_from(["C", "F"]))))
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.integers(1, 3).flatmap(
+        lambda nd: st.tuples(
+            st.lists(st.integers(1, 7), min_size=nd, max_size=nd),
+            st.integers(0, nd - 1),
+            st.integers(0, 2),
+            st.one_of(st.none(), st.integers(1, 6)),
+            st.sampled_from(["C", "F"]),
+        )
+    )
+)
 def test_any_axis_without_a_boundary(eng, case):
     shape, axis, h, chunks, order = case
     shape = list(shape)
@@ -121,8 +139,9 @@ def test_any_axis_without_a_boundary(eng, case):
     def shifted(out, inp, h, axis):
         n = inp.shape[axis]
         lead = (slice(None),) * axis
-        out[lead + (slice(h, n - h),)] = (inp[lead + (slice(0, n - 2 * h),)]
-                                          + 2 * inp[lead + (slice(2 * h, n),)])
+        out[lead + (slice(h, n - h),)] = (
+            inp[lead + (slice(0, n - 2 * h),)] + 2 * inp[lead + (slice(2 * h, n),)]
+        )
 
     shifted(expected, values, h, axis)
     eng.map(shifted, out, inp, args=(h, axis), halo=h, axis=axis, chunks=chunks)
@@ -132,10 +151,11 @@ def test_any_axis_without_a_boundary(eng, case):
 
 # -- row_offset and worker_id ---------------------------------------------------
 
+
 @njit(cache=True)
 def where_am_i(out, offset, wid):
     for i in range(out.shape[0]):
-        out[i, 0] = offset + i           # the global row index
+        out[i, 0] = offset + i  # the global row index
         out[i, 1] = wid
 
 
@@ -144,14 +164,20 @@ def where_am_i(out, offset, wid):
 def test_row_offset_and_worker_id(eng, schedule, halo):
     n = 40
     out = eng.zeros((n, 2), np.int64)
-    eng.map(where_am_i, out, args=(shmarray.row_offset, shmarray.worker_id),
-            halo=halo, chunks=7, schedule=schedule)
+    eng.map(
+        where_am_i,
+        out,
+        args=(shmarray.row_offset, shmarray.worker_id),
+        halo=halo,
+        chunks=7,
+        schedule=schedule,
+    )
     # every row knows its index (halo rows of a chunk are written too, with
     # the same value, by whichever chunk comes last)
     assert np.array_equal(out[:, 0], np.arange(n))
-    assert set(out[halo:n - halo, 1]) <= set(range(eng.workers))
-    if schedule == "static":   # the same rows to the same worker, in order
-        assert list(out[halo:n - halo, 1]) == sorted(out[halo:n - halo, 1])
+    assert set(out[halo : n - halo, 1]) <= set(range(eng.workers))
+    if schedule == "static":  # the same rows to the same worker, in order
+        assert list(out[halo : n - halo, 1]) == sorted(out[halo : n - halo, 1])
     sequential = np.zeros((n, 2), np.int64)
     where_am_i(sequential, 0, 0)
     assert np.array_equal(sequential[:, 0], out[:, 0])
@@ -189,12 +215,11 @@ def report_state(out):
 
 
 def test_an_initializer_sets_state_every_chunk_sees():
-    with shmarray.Engine(workers=2, initializer=remember,
-                         initargs=(shmarray.worker_id, 7)) as eng:
+    with shmarray.Engine(workers=2, initializer=remember, initargs=(shmarray.worker_id, 7)) as eng:
         out = eng.zeros((20, 3), np.int64)
         eng.map(report_state, out, chunks=10, schedule="dynamic")
         assert set(out[:, 1]) == {7}
-        for pid, wid in zip(out[:, 2], out[:, 0]):      # each chunk saw its worker's
+        for pid, wid in zip(out[:, 2], out[:, 0]):  # each chunk saw its worker's
             assert eng.worker_pids[wid] == pid
         # a replacement runs the initializer too, with its own worker_id
         victim = eng.worker_pids[0]
@@ -208,18 +233,34 @@ def test_an_initializer_sets_state_every_chunk_sees():
 
 # -- errors ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("call, exc, text", [
-    (lambda e, a, b: e.map(box, b, a, args=(1,), halo=1, boundary="reflect"),
-     ValueError, "needs at least 2"),
-    (lambda e, a, b: e.map(box, b, a, args=(1,), halo=0, boundary="wrap"),
-     ValueError, "needs halo >= 1"),
-    (lambda e, a, b: e.map(box, b, a, args=(1,), halo=1, boundary="periodic"),
-     ValueError, "boundary must be None"),
-    (lambda e, a, b: e.map(box, b, a, args=(1,), axis=2), ValueError, "out of range"),
-    (lambda e, a, b: e.map(box, b, a, args=(1,), axis=1.0), TypeError, "axis must be an int"),
-    (lambda e, a, b: e.map(box, b, a, args=((shmarray.row_offset,),)), ValueError,
-     "inside a container"),
-])
+
+@pytest.mark.parametrize(
+    "call, exc, text",
+    [
+        (
+            lambda e, a, b: e.map(box, b, a, args=(1,), halo=1, boundary="reflect"),
+            ValueError,
+            "needs at least 2",
+        ),
+        (
+            lambda e, a, b: e.map(box, b, a, args=(1,), halo=0, boundary="wrap"),
+            ValueError,
+            "needs halo >= 1",
+        ),
+        (
+            lambda e, a, b: e.map(box, b, a, args=(1,), halo=1, boundary="periodic"),
+            ValueError,
+            "boundary must be None",
+        ),
+        (lambda e, a, b: e.map(box, b, a, args=(1,), axis=2), ValueError, "out of range"),
+        (lambda e, a, b: e.map(box, b, a, args=(1,), axis=1.0), TypeError, "axis must be an int"),
+        (
+            lambda e, a, b: e.map(box, b, a, args=((shmarray.row_offset,),)),
+            ValueError,
+            "inside a container",
+        ),
+    ],
+)
 def test_kernel_model_errors_before_anything_is_sent(eng, call, exc, text):
     a, b = eng.zeros((3, 10)), eng.zeros((3, 10))
     sent = eng._dispatcher.pool.seq
@@ -231,5 +272,4 @@ def test_kernel_model_errors_before_anything_is_sent(eng, call, exc, text):
 
 def test_row_offset_in_initargs_is_refused():
     with pytest.raises(ValueError, match="no meaning in initargs"):
-        shmarray.Engine(workers=1, initializer=remember,
-                        initargs=(shmarray.row_offset, 1))
+        shmarray.Engine(workers=1, initializer=remember, initargs=(shmarray.row_offset, 1))

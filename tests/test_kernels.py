@@ -82,8 +82,15 @@ def test_engine_equals_sequential(eng, spec, chunks, schedule):
     halo = spec.halo_for(args)
     shared = tuple(eng.from_numpy(a) for a in arrays)
     shared_args = tuple(eng.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args)
-    value = kernels.run(spec.kernel, *shared, args=shared_args, engine=eng,
-                        chunks=chunks, schedule=schedule, notes=spec.notes or None)
+    value = kernels.run(
+        spec.kernel,
+        *shared,
+        args=shared_args,
+        engine=eng,
+        chunks=chunks,
+        schedule=schedule,
+        notes=spec.notes or None,
+    )
     if spec.kind == "map":
         expected = _sequential(spec, arrays, args)
         got = _output(spec, shared, shared_args)
@@ -92,16 +99,17 @@ def test_engine_equals_sequential(eng, spec, chunks, schedule):
     else:
         # the sequential kernel on the same chunks, combined in the same order
         per_worker = DYNAMIC_CHUNKS_PER_WORKER if schedule == "dynamic" else 1
-        parts = [spec.kernel(*[a[lo - halo:hi + halo] for a in _copies(arrays)],
-                             *_chunk_args(args, lo, halo))
-                 for lo, hi in split_rows(ROWS, chunks, halo,
-                                          default=per_worker * eng.workers)]
+        parts = [
+            spec.kernel(
+                *[a[lo - halo : hi + halo] for a in _copies(arrays)], *_chunk_args(args, lo, halo)
+            )
+            for lo, hi in split_rows(ROWS, chunks, halo, default=per_worker * eng.workers)
+        ]
         combined = parts[0]
         for p in parts[1:]:
             combined = spec.combine(combined, p)
         _identical(value, spec.finish(combined))
-        _close(value, spec.finish(spec.kernel(*_copies(arrays), *_chunk_args(args, 0, 0))),
-               spec)
+        _close(value, spec.finish(spec.kernel(*_copies(arrays), *_chunk_args(args, 0, 0))), spec)
     del shared, shared_args
 
 
@@ -109,8 +117,10 @@ def test_reductions_are_deterministic_for_fixed_chunks(eng):
     x = eng.from_numpy(np.random.default_rng(2).standard_normal(200_001) * 1e3)
     for chunks in (2, 5, 16):
         for schedule in ("static", "dynamic"):
-            runs = {kernels.run(moments, x, engine=eng, chunks=chunks, schedule=schedule)
-                    for _ in range(4)}
+            runs = {
+                kernels.run(moments, x, engine=eng, chunks=chunks, schedule=schedule)
+                for _ in range(4)
+            }
             assert len(runs) == 1
     del x
 
@@ -124,7 +134,7 @@ def test_monte_carlo_is_the_same_for_any_worker_count(workers):
         shared = e.zeros(300, np.int64)
         for chunks in (None, 1, 7, 300):
             assert e.reduce(pi_hits, shared, args=args, chunks=chunks) == expected
-            assert np.array_equal(shared, counts)          # every row, the same draw
+            assert np.array_equal(shared, counts)  # every row, the same draw
         assert e.reduce(pi_hits, shared, args=args, schedule="dynamic") == expected
         del shared
     assert abs(4 * expected / (300 * 500) - np.pi) < 0.05
@@ -143,25 +153,62 @@ def test_standardize_two_passes(eng):
 
 
 BAD = [
-    ("wrong dtype", TypeError, r"inp has dtype int64; expected a floating dtype",
-     lambda: kernels.run(jacobi, np.zeros((5, 5)), np.zeros((5, 5), np.int64))),
-    ("mismatched shapes", ValueError, "mismatched shapes",
-     lambda: kernels.run(jacobi, np.zeros((5, 5)), np.zeros((5, 6)))),
-    ("different row counts", ValueError, "same number of rows",
-     lambda: kernels.run(jacobi, np.zeros((5, 5)), np.zeros((6, 5)))),
-    ("halo too large", ValueError, "needs at least 5 rows; the arrays have 4",
-     lambda: kernels.run(convolve, np.zeros((4, 9)), np.zeros((4, 9)),
-                         args=(np.ones((5, 5)) / 25,))),
-    ("even weights", ValueError, "square array of odd size",
-     lambda: kernels.run(convolve, np.zeros((9, 9)), np.zeros((9, 9)), args=(np.ones((4, 4)),))),
-    ("wrong ndim", ValueError, "must be 2-D",
-     lambda: kernels.run(jacobi, np.zeros(5), np.zeros(5))),
-    ("missing argument", TypeError, r"1 argument\(s\) in args \(alpha\)",
-     lambda: kernels.run(kernels.stencils.heat_step, np.zeros((5, 5)), np.zeros((5, 5)))),
-    ("bad histogram range", ValueError, "need lo < hi",
-     lambda: kernels.run(histogram, np.zeros(5), args=(1.0, 0.0, 10))),
-    ("not a table kernel", KeyError, "not in shmarray.kernels.TABLE",
-     lambda: kernels.run(operator.add, np.zeros(3))),
+    (
+        "wrong dtype",
+        TypeError,
+        r"inp has dtype int64; expected a floating dtype",
+        lambda: kernels.run(jacobi, np.zeros((5, 5)), np.zeros((5, 5), np.int64)),
+    ),
+    (
+        "mismatched shapes",
+        ValueError,
+        "mismatched shapes",
+        lambda: kernels.run(jacobi, np.zeros((5, 5)), np.zeros((5, 6))),
+    ),
+    (
+        "different row counts",
+        ValueError,
+        "same number of rows",
+        lambda: kernels.run(jacobi, np.zeros((5, 5)), np.zeros((6, 5))),
+    ),
+    (
+        "halo too large",
+        ValueError,
+        "needs at least 5 rows; the arrays have 4",
+        lambda: kernels.run(
+            convolve, np.zeros((4, 9)), np.zeros((4, 9)), args=(np.ones((5, 5)) / 25,)
+        ),
+    ),
+    (
+        "even weights",
+        ValueError,
+        "square array of odd size",
+        lambda: kernels.run(convolve, np.zeros((9, 9)), np.zeros((9, 9)), args=(np.ones((4, 4)),)),
+    ),
+    (
+        "wrong ndim",
+        ValueError,
+        "must be 2-D",
+        lambda: kernels.run(jacobi, np.zeros(5), np.zeros(5)),
+    ),
+    (
+        "missing argument",
+        TypeError,
+        r"1 argument\(s\) in args \(alpha\)",
+        lambda: kernels.run(kernels.stencils.heat_step, np.zeros((5, 5)), np.zeros((5, 5))),
+    ),
+    (
+        "bad histogram range",
+        ValueError,
+        "need lo < hi",
+        lambda: kernels.run(histogram, np.zeros(5), args=(1.0, 0.0, 10)),
+    ),
+    (
+        "not a table kernel",
+        KeyError,
+        "not in shmarray.kernels.TABLE",
+        lambda: kernels.run(operator.add, np.zeros(3)),
+    ),
 ]
 
 
@@ -174,12 +221,17 @@ def test_bad_input_to_a_kernel_wrapper(case):
 
 def test_the_table_covers_every_kernel():
     from shmarray.kernels import elementwise, irregular, linalg, montecarlo, reductions, stencils
+
     listed = {s.kernel for s in TABLE}
     for module in (elementwise, reductions, stencils, irregular, montecarlo, linalg):
         for name, obj in vars(module).items():
-            if (hasattr(obj, "py_func") and obj.__module__ == module.__name__
-                    and name not in getattr(module, "HELPERS", ())):
+            if (
+                hasattr(obj, "py_func")
+                and obj.__module__ == module.__name__
+                and name not in getattr(module, "HELPERS", ())
+            ):
                 assert obj in listed, f"{module.__name__}.{name} is missing from TABLE"
     assert GAUSS3.sum() == 1.0
-    assert all("Sequential:" in s.kernel.__doc__ and "Engine:" in s.kernel.__doc__
-               for s in TABLE), "every kernel documents both calls"
+    assert all(
+        "Sequential:" in s.kernel.__doc__ and "Engine:" in s.kernel.__doc__ for s in TABLE
+    ), "every kernel documents both calls"

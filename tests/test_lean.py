@@ -24,8 +24,7 @@ from shmarray.kernels.stencils import heat_step
 
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param,
-                         storage=storage_for(request.param)) as engine:
+    with shmarray.Engine(workers=request.param, storage=storage_for(request.param)) as engine:
         yield engine
 
 
@@ -60,7 +59,7 @@ def test_a_prepared_heat_loop_equals_the_sequential_one(eng):
     for _ in range(25):
         step()
         step.swap()
-    last = step.arrays[1]          # after the swap: the last output is "inp"
+    last = step.arrays[1]  # after the swap: the last output is "inp"
     assert np.array_equal(last, a)
 
 
@@ -75,17 +74,17 @@ def test_a_double_buffered_loop_of_maps_is_served_in_pairs_and_stays_exact(eng):
         heat_step(b, a, 0.2)
         a, b = b, a
     x, y, z = eng.from_numpy(u0), eng.from_numpy(u0), eng.from_numpy(u0)
-    for _ in range(20):                        # 40 steps, alternating
+    for _ in range(20):  # 40 steps, alternating
         eng.map(heat_step, y, x, args=(0.2,), halo=1)
         eng.map(heat_step, x, y, args=(0.2,), halo=1)
     assert np.array_equal(x, a)
-    for _ in range(5):                         # a third job joins the loop
+    for _ in range(5):  # a third job joins the loop
         eng.map(heat_step, z, x, args=(0.2,), halo=1)
         eng.map(heat_step, y, z, args=(0.2,), halo=1)
     heat_step(b, a, 0.2)
     assert np.array_equal(z, b)
     r, s = eng.zeros(60), eng.zeros(60)
-    for _ in range(4):                         # hot, as a pair, then one raises
+    for _ in range(4):  # hot, as a pair, then one raises
         eng.map(fail_at, r, args=(shmarray.row_offset, -1))
         eng.map(fail_at, s, args=(shmarray.row_offset, -1))
     with pytest.raises(ZeroDivisionError, match="bad row"):
@@ -108,7 +107,7 @@ def test_a_prepared_map_sends_nothing_once_it_runs(eng):
 def test_a_prepared_map_raises_like_map_and_the_engine_goes_on(eng):
     x = eng.zeros(60)
     step = eng.prepare(fail_at, x, args=(shmarray.row_offset, 33))
-    for _ in range(3):                       # compiled in the workers after the first
+    for _ in range(3):  # compiled in the workers after the first
         with pytest.raises(ZeroDivisionError, match="bad row") as info:
             step()
         assert isinstance(info.value.__cause__, shmarray.RemoteTraceback)
@@ -132,13 +131,14 @@ def killed_under_a_prepared_map(eng):
     x = eng.zeros(1000)
 
     def spin(x, flag):
-        flag[0] = 1                          # running: the test may kill it
+        flag[0] = 1  # running: the test may kill it
         while flag[1] == 0:
             time.sleep(0.001)
 
     flag = eng.zeros(2, np.int64)
     step = eng.prepare(spin, x, args=(flag,), chunks=1)
     import threading
+
     errors = []
 
     def run():
@@ -180,20 +180,20 @@ def test_a_prepared_map_of_a_closed_engine_says_so():
         step()
 
 
-@pytest.mark.parametrize("form", ["list args", "chunk list", "numpy scalar boundary",
-                                  "numpy scalar args"])
+@pytest.mark.parametrize(
+    "form", ["list args", "chunk list", "numpy scalar boundary", "numpy scalar args"]
+)
 def test_no_cliff_lists_and_numpy_scalars_are_found_again(eng, form):
     # Such a call was defined and forgotten in every worker on every call.
     a = eng.zeros((18, 6))
     b = eng.zeros((18, 6))
     calls = {
         "list args": lambda: eng.map(heat_step, b, a, args=[0.1], halo=1),
-        "chunk list": lambda: eng.map(heat_step, b, a, args=(0.1,), halo=1,
-                                      chunks=[8, 8]),
-        "numpy scalar boundary": lambda: eng.map(heat_step, b, a, args=(0.1,), halo=1,
-                                                 boundary=np.float64(1.5)),
-        "numpy scalar args": lambda: eng.map(heat_step, b, a, args=(np.float64(0.1),),
-                                             halo=1),
+        "chunk list": lambda: eng.map(heat_step, b, a, args=(0.1,), halo=1, chunks=[8, 8]),
+        "numpy scalar boundary": lambda: eng.map(
+            heat_step, b, a, args=(0.1,), halo=1, boundary=np.float64(1.5)
+        ),
+        "numpy scalar args": lambda: eng.map(heat_step, b, a, args=(np.float64(0.1),), halo=1),
     }
     call = calls[form]
     call()
@@ -212,7 +212,7 @@ def test_every_wait_policy_gives_the_same_results_and_an_idle_engine_rests(wait)
             eng.map(add, x, args=(1.0,))
         assert np.all(x == 300.0)
         procs = [psutil.Process(p) for p in eng.worker_pids]
-        time.sleep(0.3)                    # past every policy's spin (spin: 0.1 s)
+        time.sleep(0.3)  # past every policy's spin (spin: 0.1 s)
         cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
         time.sleep(1.0)
         used = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
@@ -233,22 +233,27 @@ def test_the_wait_policy_is_checked_and_read_from_the_environment(monkeypatch):
 def test_auto_spins_less_with_more_workers_than_cpus():
     cpus = options.usable_cpus()
     from shmarray.waiting import resolve
+
     fits, over = resolve("auto", cpus, cpus), resolve("auto", cpus + 3, cpus)
     assert not fits.oversubscribed and over.oversubscribed
     assert over.worker_spin < fits.worker_spin and over.step_spin < fits.step_spin
 
 
 def test_shmarray_workers_overrides_the_default_count():
-    proc = run_python(textwrap.dedent("""
+    proc = run_python(
+        textwrap.dedent("""
         import os
         os.environ["SHMARRAY_WORKERS"] = "3"
         import shmarray
         with shmarray.Engine() as eng:
             print(eng.workers)
-    """))
+    """)
+    )
     assert proc.stdout.strip() == "3"
-    bad = run_python("import os; os.environ['SHMARRAY_WORKERS'] = 'many'; "
-                     "import shmarray; shmarray.Engine()", check=False)
+    bad = run_python(
+        "import os; os.environ['SHMARRAY_WORKERS'] = 'many'; import shmarray; shmarray.Engine()",
+        check=False,
+    )
     assert "SHMARRAY_WORKERS must be a positive integer" in bad.stderr
 
 
@@ -272,11 +277,22 @@ def test_the_default_worker_count_honours_a_cgroup_cpu_quota(tmp_path):
                 f.write("100000")
             with open(f"{group}/cpu.cfs_quota_us", "w") as f:
                 f.write("150000")
-        code = ("import shmarray\nfrom shmarray import options\n"
-                "print(options.cgroup_cpus(), options.coerce_workers(None))")
+        code = (
+            "import shmarray\nfrom shmarray import options\n"
+            "print(options.cgroup_cpus(), options.coerce_workers(None))"
+        )
         proc = subprocess.run(
-            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"',
-             sys.executable, code], capture_output=True, text=True, timeout=120)
+            [
+                "sh",
+                "-c",
+                f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"',
+                sys.executable,
+                code,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         quota, workers = proc.stdout.split()
         assert float(quota) == 1.5 and int(workers) == min(2, len(os.sched_getaffinity(0)))

@@ -26,8 +26,11 @@ def scale(out, inp, s):
 def _gone(pids, names, within=10.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            p
+            for p in pids
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         if not alive and all(gone(n) for n in names):
             return True
         time.sleep(0.05)

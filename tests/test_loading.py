@@ -17,7 +17,7 @@ import shmarray
 from conftest import block_entries, engine_id, run_python, storage_for
 from shmarray import loading
 
-WORKERS = (2, 3, 5)          # each with its storage (conftest.STORAGES)
+WORKERS = (2, 3, 5)  # each with its storage (conftest.STORAGES)
 
 
 @pytest.fixture(scope="module", params=WORKERS, ids=engine_id)
@@ -54,11 +54,11 @@ def test_load_reads_what_np_save_wrote(eng, tmp_path, name):
     assert type(x) is np.ndarray and x.dtype == a.dtype and x.shape == a.shape
     assert np.array_equal(x, a)
     if a.flags.f_contiguous and not a.flags.c_contiguous:
-        assert x.flags.f_contiguous and not x.flags.c_contiguous      # as saved
+        assert x.flags.f_contiguous and not x.flags.c_contiguous  # as saved
     else:
         assert x.flags.c_contiguous
     if a.ndim and a.size and a.dtype == np.float64:
-        eng.map(double, x)                                 # and workers can use it
+        eng.map(double, x)  # and workers can use it
         assert np.array_equal(x, a * 2)
     del x
 
@@ -93,12 +93,11 @@ def test_wrapping_a_shared_array_in_xarray_copies_nothing(eng):
     kernels see what xarray sees."""
     xr = pytest.importorskip("xarray")
     x = eng.from_numpy(np.arange(12.0).reshape(3, 4))
-    labelled = xr.DataArray(x, dims=("time", "station"),
-                            coords={"time": [0, 1, 2]})
+    labelled = xr.DataArray(x, dims=("time", "station"), coords={"time": [0, 1, 2]})
     assert np.shares_memory(labelled.values, x)
     eng.map(double, x)
     assert float(labelled.sel(time=2).sum()) == 2 * (8 + 9 + 10 + 11)
-    back = eng.from_numpy(labelled)                      # a DataArray is an array-like
+    back = eng.from_numpy(labelled)  # a DataArray is an array-like
     assert np.array_equal(back, x) and not np.shares_memory(back, x)
     del x, labelled, back
 
@@ -126,8 +125,11 @@ def test_load_refuses_what_it_cannot_read_and_leaves_no_block(eng, tmp_path):
         ("a.npz", ValueError, r"an \.npz archive.*np\.load\(path\)"),
         ("obj.npy", TypeError, "Object arrays"),
         ("rec.npy", TypeError, "structured dtype"),
-        ("short.npy", ValueError, "truncated: its header promises 80 bytes of data, and it "
-                                  "holds only 72"),
+        (
+            "short.npy",
+            ValueError,
+            "truncated: its header promises 80 bytes of data, and it holds only 72",
+        ),
         ("text.npy", ValueError, "is not an .npy file"),
         ("v7.npy", ValueError, "damaged .npy header: its format version is 7.0"),
         ("data.h5", ValueError, r"an HDF5 file.*shmarray\[hdf5\].*h5py\.File"),
@@ -145,21 +147,22 @@ def test_load_refuses_what_it_cannot_read_and_leaves_no_block(eng, tmp_path):
 
 # -- from_numpy of array-likes -------------------------------------------------------
 
+
 def test_from_numpy_of_a_memmap_keeps_copy_on_write_changes(eng, tmp_path):
     a = np.arange(1000.0).reshape(100, 10)
     np.save(tmp_path / "m.npy", a)
     for mode in ("r", "r+", "c"):
         m = np.load(tmp_path / "m.npy", mmap_mode=mode)
         if mode == "c":
-            m[0, 0] = -1.0                      # lives only in this mapping's pages
+            m[0, 0] = -1.0  # lives only in this mapping's pages
         x = eng.from_numpy(m)
         assert type(x) is np.ndarray
         assert x[0, 0] == (-1.0 if mode == "c" else 0.0)
         assert np.array_equal(x[1:], a[1:]) and np.array_equal(m[1:], a[1:])
-        assert m[0, 0] == (-1.0 if mode == "c" else 0.0)    # its pages are intact
+        assert m[0, 0] == (-1.0 if mode == "c" else 0.0)  # its pages are intact
         del m, x
     f = np.load(tmp_path / "m.npy", mmap_mode="r")
-    view = f[10:60:2, ::3]                                   # a strided view of a memmap
+    view = f[10:60:2, ::3]  # a strided view of a memmap
     assert np.array_equal(eng.from_numpy(view), a[10:60:2, ::3])
 
 
@@ -179,20 +182,22 @@ class Sliceable:
 
 
 def test_from_numpy_reads_an_array_like_in_slabs(eng, monkeypatch):
-    monkeypatch.setattr(loading, "SLAB", 10 * 8 * 64)        # 10 rows of 64 float64
+    monkeypatch.setattr(loading, "SLAB", 10 * 8 * 64)  # 10 rows of 64 float64
     data = np.random.default_rng(3).random((95, 64))
     src = Sliceable(data)
     x = eng.from_numpy(src)
     assert np.array_equal(x, data) and x.flags.c_contiguous
-    assert [(k.start, k.stop) for k in src.reads] == [(lo, min(lo + 10, 95))
-                                                     for lo in range(0, 95, 10)]
-    chunked = Sliceable(data, chunks=(4, 64))                  # slabs of whole chunks
+    assert [(k.start, k.stop) for k in src.reads] == [
+        (lo, min(lo + 10, 95)) for lo in range(0, 95, 10)
+    ]
+    chunked = Sliceable(data, chunks=(4, 64))  # slabs of whole chunks
     assert np.array_equal(eng.from_numpy(chunked), data)
     assert {k.stop - k.start for k in chunked.reads[:-1]} == {8}
 
     class Wrong(Sliceable):
         def __getitem__(self, key):
             return self._data[key][:1]
+
     with pytest.raises(ValueError, match="slicing does not follow NumPy's"):
         eng.from_numpy(Wrong(data))
     assert np.array_equal(eng.from_numpy([[1, 2], [3, 4]]), [[1, 2], [3, 4]])
@@ -220,8 +225,9 @@ def test_from_numpy_of_an_h5py_dataset(eng, tmp_path):
 def test_from_numpy_of_a_zarr_array(eng, tmp_path):
     zarr = pytest.importorskip("zarr")
     a = np.arange(3000, dtype=np.int64).reshape(300, 10)
-    z = zarr.open_array(str(tmp_path / "z.zarr"), mode="w", shape=a.shape, chunks=(32, 10),
-                        dtype=a.dtype)
+    z = zarr.open_array(
+        str(tmp_path / "z.zarr"), mode="w", shape=a.shape, chunks=(32, 10), dtype=a.dtype
+    )
     z[:] = a
     x = eng.from_numpy(zarr.open_array(str(tmp_path / "z.zarr"), mode="r"))
     assert x.dtype == np.int64 and np.array_equal(x, a)
@@ -233,16 +239,17 @@ def test_from_numpy_of_a_dask_array(eng):
     da = pytest.importorskip("dask.array")
     a = np.random.default_rng(5).random((400, 20))
     d = da.from_array(a, chunks=(37, 20)) * 2 + 1
-    assert np.array_equal(eng.from_numpy(d), a * 2 + 1)              # threads: da.store
+    assert np.array_equal(eng.from_numpy(d), a * 2 + 1)  # threads: da.store
     with dask.config.set(scheduler="synchronous"):
         assert np.array_equal(eng.from_numpy(d), a * 2 + 1)
     calls = []
 
-    def elsewhere(dsk, keys, **kwargs):      # a scheduler that is not this process's
+    def elsewhere(dsk, keys, **kwargs):  # a scheduler that is not this process's
         calls.append(1)
         return dask.get(dsk, keys, **kwargs)
+
     with dask.config.set(scheduler=elsewhere):
-        assert np.array_equal(eng.from_numpy(d), a * 2 + 1)          # slabs, brought here
+        assert np.array_equal(eng.from_numpy(d), a * 2 + 1)  # slabs, brought here
     assert calls
     assert eng.from_numpy(da.from_array(np.array(2.5))) == 2.5
     unknown = da.from_array(a, chunks=(37, 20))[da.from_array(a[:, 0] > 0.5, chunks=37)]
@@ -285,7 +292,8 @@ def npy_512mib(tmp_path_factory):
     n, slab = 64 * 2**20, 2**20
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(
-            f, {"descr": "<f8", "fortran_order": False, "shape": (n,)})
+            f, {"descr": "<f8", "fortran_order": False, "shape": (n,)}
+        )
         for k in range(n // slab):
             f.write(np.full(slab, float(k)).tobytes())
     yield str(path)
@@ -296,8 +304,9 @@ def npy_512mib(tmp_path_factory):
 @pytest.mark.parametrize("storage", ["shm", "memfd", "dir"])
 def test_peak_memory_of_a_512_mib_load_is_one_copy(npy_512mib, how, storage, storage_dir):
     where = storage_dir if storage == "dir" else storage
-    proc = run_python(f"import sys; sys.argv[1:] = {[how, where, npy_512mib]!r}\n" + PEAK,
-                      timeout=180)
+    proc = run_python(
+        f"import sys; sys.argv[1:] = {[how, where, npy_512mib]!r}\n" + PEAK, timeout=180
+    )
     got = json.loads(proc.stdout)
     assert got["ok"] and got["nbytes"] == 512 * 2**20
     assert got["grown"] <= 1.25 * got["nbytes"], got
@@ -306,7 +315,8 @@ def test_peak_memory_of_a_512_mib_load_is_one_copy(npy_512mib, how, storage, sto
 
 def test_np_load_then_from_numpy_holds_two_copies(npy_512mib):
     # The comparison the two above are measured against.
-    proc = run_python(f"import sys; sys.argv[1:] = ['np', 'shm', {npy_512mib!r}]\n" + PEAK,
-                      timeout=180)
+    proc = run_python(
+        f"import sys; sys.argv[1:] = ['np', 'shm', {npy_512mib!r}]\n" + PEAK, timeout=180
+    )
     got = json.loads(proc.stdout)
     assert got["ok"] and got["grown"] >= 1.9 * got["nbytes"], got

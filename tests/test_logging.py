@@ -58,11 +58,13 @@ def test_worker_records_reach_the_callers_handlers_as_records(kept, capfd):
         eng.map(noisy, a, args=(shmarray.row_offset,), chunks=2)
     records = sorted(kept.records, key=lambda r: (r.shmarray_worker, r.levelno))
     assert [(r.name, r.levelno) for r in records] == [
-        ("kernel", logging.INFO), ("kernel", logging.ERROR)] * 2
+        ("kernel", logging.INFO),
+        ("kernel", logging.ERROR),
+    ] * 2
     for r in records:
         worker, rows = r.shmarray_worker, r.shmarray_rows
         assert rows == ((0, 4) if rows[0] == 0 else (4, 8))
-        assert r.process != os.getpid()              # logged in the worker
+        assert r.process != os.getpid()  # logged in the worker
         assert r.funcName == "noisy" and r.args is None and r.exc_info is None
         tag = f"[worker {worker} rows {rows[0]}:{rows[1]}] "
         if r.levelno == logging.INFO:
@@ -81,14 +83,14 @@ def test_worker_records_reach_the_callers_handlers_as_records(kept, capfd):
 def test_the_callers_level_now_decides(kept):
     with shmarray.Engine(workers=2) as eng:
         a = eng.zeros(8)
-        logging.getLogger("kernel").setLevel(logging.ERROR)    # after the start
+        logging.getLogger("kernel").setLevel(logging.ERROR)  # after the start
         eng.map(noisy, a, args=(shmarray.row_offset,), chunks=2)
     assert sorted(r.levelno for r in kept.records) == [logging.ERROR] * 2
 
 
 def test_a_record_is_one_line_whatever_it_holds():
     record = logging.LogRecord("k", logging.WARNING, "f.py", 1, "%s", ("é\n" * 50_000,), None)
-    record.thing = object()                      # not JSON: sent as its repr
+    record.thing = object()  # not JSON: sent as its repr
     line = output.encode_record(record, 3, None)
     assert line.endswith("\n") and line.count("\n") == 1 and line.isascii()
     assert len(line) <= output.RECORD_LIMIT + len(output.RECORD_MARK) + 1
@@ -121,8 +123,11 @@ def test_a_killed_worker_is_logged_with_its_replacement(caplog):
     shm = [r for r in caplog.records if r.name.startswith("shmarray")]
     crash = [r for r in shm if r.levelno == logging.WARNING and "SIGKILL" in r.getMessage()]
     assert crash and "rows 0:4" in crash[0].getMessage()
-    replaced = [r for r in shm if r.levelno == logging.INFO
-                and r.getMessage().startswith("replaced worker")]
+    replaced = [
+        r
+        for r in shm
+        if r.levelno == logging.INFO and r.getMessage().startswith("replaced worker")
+    ]
     assert len(replaced) == 1 and "killed by SIGKILL" in replaced[0].getMessage()
     assert replaced[0].name == "shmarray.pool"
 
@@ -137,8 +142,13 @@ def test_a_timeout_is_logged(caplog):
     with shmarray.Engine(workers=2) as eng:
         with pytest.raises(shmarray.TaskTimeoutError):
             eng.map(sleepy, eng.zeros(4), timeout=0.5)
-    timeouts = [r for r in caplog.records if r.name == "shmarray.rounds"
-                and r.levelno == logging.WARNING and "timeout=0.5" in r.getMessage()]
+    timeouts = [
+        r
+        for r in caplog.records
+        if r.name == "shmarray.rounds"
+        and r.levelno == logging.WARNING
+        and "timeout=0.5" in r.getMessage()
+    ]
     assert len(timeouts) == 1
     assert any(r.getMessage().startswith("replaced worker") for r in caplog.records)
 
@@ -153,6 +163,7 @@ def test_recycling_is_logged(caplog):
 
 def test_nothing_is_printed_when_the_application_configures_nothing():
     from conftest import run_python
+
     proc = run_python("""
 import os, signal, shmarray
 def die(a):

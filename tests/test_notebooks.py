@@ -22,19 +22,26 @@ NOTEBOOKS = sorted(f for f in os.listdir(HERE) if f.endswith(".ipynb"))
 
 
 def test_every_notebook_is_tested():
-    assert {"quickstart.ipynb", "heat_diffusion.ipynb", "benchmarks.ipynb",
-            "batch.ipynb"} <= set(NOTEBOOKS)
+    assert {"quickstart.ipynb", "heat_diffusion.ipynb", "benchmarks.ipynb", "batch.ipynb"} <= set(
+        NOTEBOOKS
+    )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_a_fresh_kernel(name):
     nb = nbformat.read(os.path.join(HERE, name), as_version=4)
     before = shm_entries()
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": HERE}})
-    client.execute()            # raises CellExecutionError on any failing cell
-    errors = [o for c in nb.cells if c.cell_type == "code"
-              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}
+    )
+    client.execute()  # raises CellExecutionError on any failing cell
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
     assert shm_entries() == before
     os.makedirs(EXECUTED, exist_ok=True)
@@ -46,18 +53,23 @@ def test_notebook_runs_in_a_fresh_kernel(name):
 def check_batch(nb) -> None:
     """Worker prints show in the cell that ran the map, tagged; the killed
     worker's chunk was retried; imap drew every chunk."""
+
     def text(cell):
-        return "".join(o.get("text", "") for o in cell.get("outputs", [])
-                       if o.get("output_type") == "stream")
+        return "".join(
+            o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
+        )
+
     fragile = next(c for c in nb.cells if "def fragile" in c.source)
     out = text(fragile)
-    assert "[worker 0 rows 300:400] chunk 3 try 1" in out or \
-        "[worker 1 rows 300:400] chunk 3 try 1" in out      # printed, then killed
+    assert (
+        "[worker 0 rows 300:400] chunk 3 try 1" in out
+        or "[worker 1 rows 300:400] chunk 3 try 1" in out
+    )  # printed, then killed
     assert "rows 300:400] chunk 3 try 2" in out
     assert "1 after a retry" in out and "correct: True" in out
     for cell in nb.cells:
         if cell is not fragile and cell.cell_type == "code":
-            assert "chunk 3 try" not in text(cell)          # no output strays
+            assert "chunk 3 try" not in text(cell)  # no output strays
     live = next(c for c in nb.cells if "eng.imap(" in c.source)
     assert "64 chunks, pi ~ 3.1" in text(live)
 
@@ -67,10 +79,15 @@ def test_the_seed_a_generator_example_works_in_a_notebook():
     the initializer are defined in cells, sent by value, and must share one
     namespace per worker."""
     from test_first_run import doc_example
+
     code = doc_example("seed-generator")
     head, body = code.split("with shmarray.Engine", 1)
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(head),
-                                         nbformat.v4.new_code_cell("with shmarray.Engine" + body)])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(head),
+            nbformat.v4.new_code_cell("with shmarray.Engine" + body),
+        ]
+    )
     before = shm_entries()
     NotebookClient(nb, timeout=300, kernel_name="python3").execute()
     out = "".join(o.get("text", "") for o in nb.cells[1].outputs)

@@ -22,15 +22,20 @@ def test_one_version_string():
 
 def test_kernels_install_inside_the_package_only():
     # From a directory that is not the repository, as a user's would be.
-    code = ("import importlib.util, shmarray.kernels.stencils as s; "
-            "print(importlib.util.find_spec('kernels'), s.__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                         text=True, check=True, cwd="/").stdout.split()
+    code = (
+        "import importlib.util, shmarray.kernels.stencils as s; "
+        "print(importlib.util.find_spec('kernels'), s.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split()
     assert out == ["None", "shmarray.kernels.stencils"]
 
 
-@pytest.mark.parametrize("name", sorted(
-    m.name for m in pkgutil.iter_modules(shmarray.kernels.__path__, "shmarray.kernels.")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(m.name for m in pkgutil.iter_modules(shmarray.kernels.__path__, "shmarray.kernels.")),
+)
 def test_kernel_library_doctests(name):
     failed, _ = doctest.testmod(importlib.import_module(name))
     assert failed == 0
@@ -38,11 +43,13 @@ def test_kernel_library_doctests(name):
 
 def test_bench_names_the_extra_it_needs():
     # A Python that finds none of the peers, as one without the extra.
-    code = ("import sys, importlib.util\n"
-            "importlib.util.find_spec = lambda m, *a: None if m in "
-            "('joblib', 'dask', 'distributed', 'matplotlib') else 1\n"
-            "from shmarray.cli import main\n"
-            "sys.exit(main(['bench', '--quick']))")
+    code = (
+        "import sys, importlib.util\n"
+        "importlib.util.find_spec = lambda m, *a: None if m in "
+        "('joblib', 'dask', 'distributed', 'matplotlib') else 1\n"
+        "from shmarray.cli import main\n"
+        "sys.exit(main(['bench', '--quick']))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "pip install 'shmarray[bench]'" in proc.stderr

@@ -27,7 +27,7 @@ def stencil(out, inp, h):
 
 @njit(cache=True)
 def interior_sum(inp, h):
-    return np.sum(inp[h:inp.shape[0] - h])
+    return np.sum(inp[h : inp.shape[0] - h])
 
 
 @st.composite
@@ -105,14 +105,16 @@ def _make(eng, n, dtype, tail, order, view, rng):
 # of compiling each dtype and layout again; and a failure replays as it is.
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
 def eng(request):
-    with shmarray.Engine(workers=request.param,
-                         storage=storage_for(request.param)) as engine:
+    with shmarray.Engine(workers=request.param, storage=storage_for(request.param)) as engine:
         yield engine
 
 
-@settings(max_examples=35, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow])
+@settings(
+    max_examples=35,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(arrays_and_layout())
 def test_map_equals_sequential_bit_for_bit(eng, case):
     n, halo, chunks, dtype, tail, order, view, seed = case
@@ -125,12 +127,15 @@ def test_map_equals_sequential_bit_for_bit(eng, case):
     eng.map(stencil, shared_out, shared_in, args=(halo,), halo=halo, chunks=chunks)
 
     assert np.array_equal(shared_out, private_out)
-    assert np.array_equal(shared_in, private_in)      # inputs untouched
+    assert np.array_equal(shared_in, private_in)  # inputs untouched
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(arrays_and_layout())
 def test_reduce_equals_sequential_chunk_by_chunk(eng, case):
     n, halo, chunks, dtype, tail, order, view, seed = case
@@ -138,8 +143,10 @@ def test_reduce_equals_sequential_chunk_by_chunk(eng, case):
     shared_in, private_in = _make(eng, n, dtype, tail, order, view, rng)
 
     got = eng.reduce(interior_sum, shared_in, args=(halo,), halo=halo, chunks=chunks)
-    parts = [interior_sum(private_in[lo - halo:hi + halo], halo)
-             for lo, hi in split_rows(n, chunks, halo, default=eng.workers)]
+    parts = [
+        interior_sum(private_in[lo - halo : hi + halo], halo)
+        for lo, hi in split_rows(n, chunks, halo, default=eng.workers)
+    ]
     expected = functools.reduce(operator.add, parts)
     assert got == expected and type(got) is type(expected)
 
@@ -150,23 +157,30 @@ def smooth(out, inp, h):
         out[i] = (inp[i - h] + inp[i] + inp[i + h]) * 0.25
 
 
-@settings(max_examples=20, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow])
-@given(row_chunking(), st.integers(0, 7), st.sampled_from([np.float32, np.float64]),
-       st.sampled_from([(), (3,)]), st.sampled_from(["C", "F"]), st.integers(0, 2**32 - 1))
-def test_iterate_equals_the_loop_of_maps_bit_for_bit(eng, case, steps, dtype, tail,
-                                                     order, seed):
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    row_chunking(),
+    st.integers(0, 7),
+    st.sampled_from([np.float32, np.float64]),
+    st.sampled_from([(), (3,)]),
+    st.sampled_from(["C", "F"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_iterate_equals_the_loop_of_maps_bit_for_bit(eng, case, steps, dtype, tail, order, seed):
     n, halo, chunks = case
     values = np.random.default_rng(seed).standard_normal((n, *tail)).astype(dtype)
     a, b = np.array(values), np.array(values[::-1])
-    for _ in range(steps):                       # what the user's loop does
+    for _ in range(steps):  # what the user's loop does
         smooth(b, a, halo)
         a, b = b, a
     out = eng.from_numpy(np.asarray(values[::-1], order=order))
     inp = eng.from_numpy(np.asarray(values, order=order))
-    last = eng.iterate(smooth, out, inp, args=(halo,), steps=steps, halo=halo,
-                       chunks=chunks)
+    last = eng.iterate(smooth, out, inp, args=(halo,), steps=steps, halo=halo, chunks=chunks)
     assert last is (out if steps % 2 else inp)
     assert np.array_equal(last, a)
     assert np.array_equal(out if steps % 2 == 0 else inp, b)

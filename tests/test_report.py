@@ -41,9 +41,12 @@ def slow_rows(out, inp):
 
 
 def test_bench_report_has_every_method_and_workload_checked(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "shmarray", "bench", "--tiny",
-                           "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmarray", "bench", "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads((tmp_path / "bench.json").read_text())
     seen = {(r["workload"], r["method"]) for r in found["results"]}
@@ -70,7 +73,7 @@ def test_compare_reports_speedup_and_identity(engine):
     assert c.speedup == pytest.approx(c.sequential_median / c.engine_median)
     assert c.efficiency == pytest.approx(c.speedup / engine.workers)
     assert c.engine_gbps > 0 and c.sequential_gbps > 0
-    assert np.array_equal(u, original)                 # the user's data untouched
+    assert np.array_equal(u, original)  # the user's data untouched
     assert "<table>" in c._repr_html_() and "speedup" in str(c)
 
 
@@ -114,9 +117,11 @@ def test_compare_reduce(engine):
 
 def test_compare_plot(engine, tmp_path):
     import matplotlib
+
     matplotlib.use("Agg")
-    c = engine.compare(heat_step, np.zeros((50, 50)), np.ones((50, 50)), args=(0.1,),
-                       halo=1, repeat=1)
+    c = engine.compare(
+        heat_step, np.zeros((50, 50)), np.ones((50, 50)), args=(0.1,), halo=1, repeat=1
+    )
     ax = c.plot()
     ax.figure.savefig(tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 5_000
@@ -156,22 +161,24 @@ def run_progress(case: str, tty: bool, env: dict | None = None) -> str:
     code = PROGRESS.replace("CASE", case)
     environ = {**os.environ, **(env or {})}
     if not tty:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                              text=True, timeout=120, env=environ)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environ
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
     master, slave = pty.openpty()
     # A terminal 80 columns wide: a fresh pty has none, and tqdm draws
     # nothing in no columns.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                            stderr=slave, env=environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=slave, env=environ
+    )
     os.close(slave)
     chunks = []
     while True:
         try:
             data = os.read(master, 4096)
-        except OSError:                          # EIO: the child closed it
+        except OSError:  # EIO: the child closed it
             break
         if not data:
             break
@@ -182,26 +189,31 @@ def run_progress(case: str, tty: bool, env: dict | None = None) -> str:
 
 
 def test_asked_for_bars_reach_their_total_on_a_terminal():
-    err = run_progress('eng.map(slow_rows, out, x, chunks=8, schedule="dynamic", '
-                       'progress=True)', tty=True)
+    err = run_progress(
+        'eng.map(slow_rows, out, x, chunks=8, schedule="dynamic", progress=True)', tty=True
+    )
     assert "8/8" in err and "slow_rows" in err
 
 
 def test_automatic_bars_show_for_long_maps_only():
     err = run_progress('eng.map(nap, out, chunks=32, schedule="dynamic")', tty=True)
     assert "32/32" in err
-    quick = run_progress('eng.map(slow_rows, out[:4], x[:4], chunks=2)', tty=True)
+    quick = run_progress("eng.map(slow_rows, out[:4], x[:4], chunks=2)", tty=True)
     assert "slow_rows" not in quick
 
 
 def test_no_bar_for_a_first_map_slow_only_from_compiling():
-    case = textwrap.dedent("""
+    case = (
+        textwrap.dedent("""
         @njit
         def fresh(out, inp):                 # compiled in the workers now
             for i in range(inp.shape[0]):
                 out[i] = inp[i] * 2.0
         eng.map(fresh, out, x)
-    """).strip().replace("\n", "\n    ")
+    """)
+        .strip()
+        .replace("\n", "\n    ")
+    )
     err = run_progress(case, tty=True, env={"SHMARRAY_PROGRESS": "auto"})
     assert "fresh" not in err
 
@@ -213,9 +225,8 @@ def test_no_bar_is_written_to_a_pipe_or_a_log():
 
 def test_the_global_switch():
     long_map = 'eng.map(slow_rows, out, x, chunks=32, schedule="dynamic")'
-    assert "slow_rows" not in run_progress(long_map, tty=True,
-                                           env={"SHMARRAY_PROGRESS": "0"})
-    quick = 'eng.map(slow_rows, out[:4], x[:4], chunks=2)'
+    assert "slow_rows" not in run_progress(long_map, tty=True, env={"SHMARRAY_PROGRESS": "0"})
+    quick = "eng.map(slow_rows, out[:4], x[:4], chunks=2)"
     assert "2/2" in run_progress(quick, tty=True, env={"SHMARRAY_PROGRESS": "1"})
 
 
@@ -225,12 +236,17 @@ def test_steps_helper_counts_iterations():
 
 
 def test_info_json():
-    proc = subprocess.run([sys.executable, "-m", "shmarray", "info", "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmarray", "info", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     data = json.loads(proc.stdout)
     assert data["usable_cpus"] >= 1 and data["start_method"] == "forkserver"
     assert data["numba_threading_layer"] in ("omp", "tbb", "workqueue")
     assert data["shm_free_bytes"] > 0 and isinstance(data["blocks"], list)
-    text = subprocess.run([sys.executable, "-m", "shmarray", "info"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "shmarray", "info"], capture_output=True, text=True, check=True
+    ).stdout
     assert "usable CPUs" in text and "shared memory" in text

@@ -28,7 +28,7 @@ def test_local_engine_opens_no_network_port():
 
 
 def test_blocks_are_private_to_their_user(engine):
-    old = os.umask(0)            # even with a permissive umask
+    old = os.umask(0)  # even with a permissive umask
     try:
         x = engine.zeros(10)
     finally:

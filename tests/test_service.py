@@ -21,6 +21,7 @@ from shmarray.partition import split_rows  # noqa: E402
 
 def test_health_answers_while_a_computation_runs():
     with service.server("engine") as (url, proc):
+
         async def scenario():
             async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
                 held = asyncio.create_task(client.post("/hold"))
@@ -43,11 +44,11 @@ def test_concurrent_clients_get_exact_results():
 
     def expected(scale: float) -> float:
         # the engine reduces one chunk per worker and adds them in order
-        parts = [service.damped_sine(data[lo:hi], scale)
-                 for lo, hi in split_rows(len(data), 2)]
+        parts = [service.damped_sine(data[lo:hi], scale) for lo, hi in split_rows(len(data), 2)]
         return parts[0] + parts[1]
 
     with service.server("engine") as (url, _):
+
         async def client_run(client, k):
             out = []
             for _ in range(3):

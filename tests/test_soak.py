@@ -23,16 +23,20 @@ def _state(eng):
     gc.collect()
     me = psutil.Process()
     workers = [psutil.Process(p) for p in eng.worker_pids]
-    return {"fds": me.num_fds(), "rss": me.memory_info().rss, "shm": len(shm_entries()),
-            "worker_fds": [w.num_fds() for w in workers],
-            "worker_maps": [len(w.memory_maps(grouped=False)) for w in workers],
-            "worker_uss": [w.memory_full_info().uss for w in workers]}
+    return {
+        "fds": me.num_fds(),
+        "rss": me.memory_info().rss,
+        "shm": len(shm_entries()),
+        "worker_fds": [w.num_fds() for w in workers],
+        "worker_maps": [len(w.memory_maps(grouped=False)) for w in workers],
+        "worker_uss": [w.memory_full_info().uss for w in workers],
+    }
 
 
 def test_ten_thousand_maps_and_a_thousand_allocations_leak_nothing():
     with shmarray.Engine(workers=2) as eng:
         x = eng.zeros(1000)
-        for _ in range(200):                  # warm: compile, caches, first attach
+        for _ in range(200):  # warm: compile, caches, first attach
             eng.map(bump, x)
             y = eng.zeros((256, 1024))
             eng.map(bump, y)
@@ -43,10 +47,10 @@ def test_ten_thousand_maps_and_a_thousand_allocations_leak_nothing():
         for _ in range(10_000):
             eng.map(bump, x)
         for _ in range(1_000):
-            y = eng.zeros((256, 1024))        # 2 MiB, touched by both workers
+            y = eng.zeros((256, 1024))  # 2 MiB, touched by both workers
             eng.map(bump, y)
             del y
-        eng.map(bump, x)                      # delivers the last releases
+        eng.map(bump, x)  # delivers the last releases
         after = _state(eng)
 
         assert x[0] == 200 + 1 + 10_000 + 1

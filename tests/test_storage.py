@@ -53,12 +53,16 @@ def total(x):
 
 # -- storage= and SHMARRAY_STORAGE ------------------------------------------------
 
-@pytest.mark.parametrize("value, exc, pattern", [
-    (42, TypeError, "storage must be"),
-    ("", ValueError, "Leave it unset"),
-    ("/no/such/directory", ValueError, "does not exist. Create it first"),
-    (__file__, ValueError, "is not a directory"),
-])
+
+@pytest.mark.parametrize(
+    "value, exc, pattern",
+    [
+        (42, TypeError, "storage must be"),
+        ("", ValueError, "Leave it unset"),
+        ("/no/such/directory", ValueError, "does not exist. Create it first"),
+        (__file__, ValueError, "is not a directory"),
+    ],
+)
 def test_bad_storage_is_refused_before_anything_starts(value, exc, pattern):
     before = psutil.Process().children(recursive=True)
     with pytest.raises(exc, match=pattern):
@@ -83,12 +87,15 @@ def test_the_environment_variable_sets_the_storage_and_the_argument_wins(monkeyp
 def test_a_relative_directory_is_made_absolute(monkeypatch, storage_dir):
     monkeypatch.chdir(os.path.dirname(storage_dir))
     from shmarray import options
+
     assert options.coerce_storage(os.path.basename(storage_dir)) == storage_dir
     import pathlib
+
     assert options.coerce_storage(pathlib.Path(storage_dir)) == storage_dir
 
 
 # -- every feature on every storage -------------------------------------------------
+
 
 def die_once(x, marker, lo):
     """Kills its own worker the first time it runs the chunk at row 0."""
@@ -105,19 +112,19 @@ def test_every_feature_on_every_storage(storage):
         a = np.random.default_rng(1).random(n)
         x = eng.from_numpy(a)
         y = eng.zeros(n)
-        eng.map(scale, y, x, args=(2.0,), timeout=60)                 # map
+        eng.map(scale, y, x, args=(2.0,), timeout=60)  # map
         assert np.array_equal(y, a * 2.0)
-        eng.map(smooth, y, x, halo=1, chunks=7, timeout=60)           # halo
+        eng.map(smooth, y, x, halo=1, chunks=7, timeout=60)  # halo
         ref = np.zeros(n)
         smooth(ref, a)
         assert np.array_equal(y[1:-1], ref[1:-1])
-        g, h = eng.from_numpy(a), eng.zeros(n)                        # boundary
+        g, h = eng.from_numpy(a), eng.zeros(n)  # boundary
         eng.map(smooth, h, g, halo=1, boundary="wrap", timeout=60)
         padded = np.pad(a[1:-1], 1, mode="wrap")
         ref = np.zeros(n)
         smooth(ref, padded)
         assert np.array_equal(h[1:-1], ref[1:-1])
-        u, v = eng.from_numpy(a), eng.from_numpy(a)                   # iterate
+        u, v = eng.from_numpy(a), eng.from_numpy(a)  # iterate
         last = eng.iterate(smooth, v, u, steps=5, halo=1, timeout=60)
         p, q = a.copy(), a.copy()
         for _ in range(5):
@@ -126,21 +133,30 @@ def test_every_feature_on_every_storage(storage):
         assert np.array_equal(last, p)
         quarters = [(0, 250), (250, 500), (500, 750), (750, 1000)]
         assert eng.reduce(total, x, chunks=4) == sum(total(a[lo:hi]) for lo, hi in quarters)
-        parts = dict(eng.imap(total, x, chunks=4))                    # imap
+        parts = dict(eng.imap(total, x, chunks=4))  # imap
         assert parts == {rows: total(a[slice(*rows)]) for rows in quarters}
-        step = eng.prepare(scale, y, x, args=(3.0,))                  # prepare
+        step = eng.prepare(scale, y, x, args=(3.0,))  # prepare
         step()
         assert np.array_equal(y, a * 3.0)
-        marker, z = eng.zeros(1), eng.zeros(n)                       # retries
-        report = eng.map(die_once, z, args=(marker, shmarray.row_offset), chunks=2,
-                         retries=1, errors="collect", timeout=60)
+        marker, z = eng.zeros(1), eng.zeros(n)  # retries
+        report = eng.map(
+            die_once,
+            z,
+            args=(marker, shmarray.row_offset),
+            chunks=2,
+            retries=1,
+            errors="collect",
+            timeout=60,
+        )
         assert report.ok and len(report.retried) == 1
         assert np.array_equal(z, np.ones(n))
         names = [b.name for b in eng.blocks]
-        assert all(blocks.kind_of(nm) == {"shm": "shm", "memfd": "memfd"}.get(storage, "file")
-                   for nm in names)
+        assert all(
+            blocks.kind_of(nm) == {"shm": "shm", "memfd": "memfd"}.get(storage, "file")
+            for nm in names
+        )
         control = eng._dispatcher.pool._control_name
-        assert blocks.kind_of(control) == blocks.kind_of(names[0])    # the control block too
+        assert blocks.kind_of(control) == blocks.kind_of(names[0])  # the control block too
         del x, y, g, h, u, v, last, p, q, step, marker, z
     assert all(gone(nm) for nm in names) and gone(control)
 
@@ -151,6 +167,7 @@ def test_dask_backend_takes_arrays_of_every_storage(storage):
     # so an engine's arrays of any storage are plain input to it.
     da = pytest.importorskip("dask.array")
     import shmarray.dask
+
     with shmarray.Engine(workers=2, storage=storage) as eng:
         a = np.random.default_rng(2).random(200)
         x = eng.from_numpy(a)
@@ -166,6 +183,7 @@ def test_dask_backend_takes_arrays_of_every_storage(storage):
 
 # -- memfd ---------------------------------------------------------------------------
 
+
 @needs_memfd
 def test_memfd_blocks_have_no_name_in_dev_shm_and_close_with_the_engine():
     before = shm_entries()
@@ -175,18 +193,18 @@ def test_memfd_blocks_have_no_name_in_dev_shm_and_close_with_the_engine():
         names = [b.name for b in eng.blocks] + [eng._dispatcher.pool._control_name]
         assert all(n.startswith("memfd:") for n in names)
         assert all(blocks.owner_of(n) == os.getpid() for n in names)
-        assert shm_entries() == before                   # nothing in /dev/shm
+        assert shm_entries() == before  # nothing in /dev/shm
         assert not any(gone(n) for n in names)
     assert all(gone(n) for n in names)
-    assert x[10] == 20.0                                 # still readable
+    assert x[10] == 20.0  # still readable
 
 
 @needs_memfd
 def test_a_memfd_name_whose_descriptor_was_reused_is_never_mapped():
     storage = blocks.MemfdStorage()
     old, mm_old = storage.create(4096)
-    storage.unlink(old)                         # closes the descriptor ...
-    new, mm_new = storage.create(4096)          # ... which the next block may reuse
+    storage.unlink(old)  # closes the descriptor ...
+    new, mm_new = storage.create(4096)  # ... which the next block may reuse
     try:
         with pytest.raises(FileNotFoundError, match="is gone"):
             blocks.attach(old)
@@ -207,10 +225,10 @@ def test_a_memfd_block_is_released_when_its_last_array_dies():
         name = eng.blocks[-1].name
         y = eng.zeros(10)
         fds = me.num_fds()
-        del x                                   # its descriptor closes now
+        del x  # its descriptor closes now
         assert gone(name)
         assert me.num_fds() < fds
-        eng.map(scale, y, y, args=(1.0,))       # and the workers unmap it
+        eng.map(scale, y, y, args=(1.0,))  # and the workers unmap it
         del y
 
 
@@ -246,14 +264,18 @@ SMALL_SHM = textwrap.dedent("""
 
 @functools.cache
 def private_mounts() -> str:
-    """"" if this user may mount a tmpfs in a private mount namespace; else
+    """ "" if this user may mount a tmpfs in a private mount namespace; else
     why not."""
     probe = subprocess.run(
         ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {STORAGE_DIR}"],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
-        return (f"cannot mount a tmpfs in a private mount namespace here "
-                f"(unshare -m + mount): {probe.stderr.strip() or probe.returncode}")
+        return (
+            f"cannot mount a tmpfs in a private mount namespace here "
+            f"(unshare -m + mount): {probe.stderr.strip() or probe.returncode}"
+        )
     return ""
 
 
@@ -263,11 +285,14 @@ def run_with_tmpfs(code: str, mounts: dict[str, str], timeout: float = 300):
     reason = private_mounts()
     if reason:
         pytest.skip(reason)
-    steps = [f"mount -t tmpfs -o size={size},mode=1777 tmpfs {shlex.quote(path)}"
-             for path, size in mounts.items()]
+    steps = [
+        f"mount -t tmpfs -o size={size},mode=1777 tmpfs {shlex.quote(path)}"
+        for path, size in mounts.items()
+    ]
     script = " && ".join(steps + [f"exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"])
-    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @needs_memfd
@@ -276,10 +301,10 @@ def test_memfd_maps_512_mib_where_dev_shm_has_64():
     proc = run_with_tmpfs(SMALL_SHM, {"/dev/shm": "64m"})
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "mount size: 67108864" in out                    # the small mount took
+    assert "mount size: 67108864" in out  # the small mount took
     refused = out.split("refused:", 1)[1].splitlines()[0]
     assert "/dev/shm has" in refused and 'storage="memfd"' in refused
-    assert "listing: []" in out              # not even the control block lives there
+    assert "listing: []" in out  # not even the control block lives there
     assert "ok: 536870912 True 1.0 True" in out
     assert proc.stderr == ""
 
@@ -341,16 +366,20 @@ def test_everything_killed_at_once(storage):
     leaves no shared memory behind; a named block stays, as the issue says,
     until `shmarray gc` removes it."""
     size = 512 * 2**20
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, storage, str(size)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, storage, str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         pids = [int(p) for p in holder.stdout.readline().split()[1:]]
         names = holder.stdout.readline().split()[1:]
         assert len(pids) == 5 and names, holder.communicate(timeout=30)
-        procs = [psutil.Process(p) for p in pids]      # exactly those, by start time
+        procs = [psutil.Process(p) for p in pids]  # exactly those, by start time
         during = shmem()
-        for p in procs:                                # none reacts to the others' death
+        for p in procs:  # none reacts to the others' death
             p.send_signal(signal.SIGSTOP)
         for p in procs:
             p.send_signal(signal.SIGKILL)
@@ -368,13 +397,18 @@ def test_everything_killed_at_once(storage):
         assert all(gone(n) for n in names)
         return
     block = names[0]
-    assert not gone(block)                            # left behind: nobody was alive
+    assert not gone(block)  # left behind: nobody was alive
     args = ["gc", "--min-age", "0"] + ([] if storage == "shm" else ["--dir", storage])
-    ls = subprocess.run([sys.executable, "-m", "shmarray", "ls", *args[3:]],
-                        capture_output=True, text=True, check=True)
+    ls = subprocess.run(
+        [sys.executable, "-m", "shmarray", "ls", *args[3:]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert block in ls.stdout and "dead" in ls.stdout
-    proc = subprocess.run([sys.executable, "-m", "shmarray", *args],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmarray", *args], capture_output=True, text=True, check=True
+    )
     assert f"unlinked {block}" in proc.stdout and proc.stderr == ""
     assert all(gone(n) for n in names)
     if storage == "shm":
@@ -383,22 +417,27 @@ def test_everything_killed_at_once(storage):
 
 # -- files in a directory -----------------------------------------------------------
 
+
 def test_directory_blocks_are_private_reserved_and_removed(storage_dir):
-    old = os.umask(0)                     # even with a permissive umask
+    old = os.umask(0)  # even with a permissive umask
     try:
         with shmarray.Engine(workers=2, storage=storage_dir) as eng:
-            x = eng.empty(8 * 2**20, np.uint8)         # never touched
+            x = eng.empty(8 * 2**20, np.uint8)  # never touched
             eng.map(scale, x, x, args=(1,), timeout=60)
             name = eng.blocks[-1].name
             assert os.path.dirname(name) == storage_dir
             assert blocks.owner_of(name) == os.getpid()
             st = os.stat(name)
             assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
-            assert st.st_blocks * 512 >= 8 * 2**20     # reserved on the disk
+            assert st.st_blocks * 512 >= 8 * 2**20  # reserved on the disk
             found = {b.name: b for b in blocks.scan(storage_dir)}
             assert found[name].owner_alive is True
-            ls = subprocess.run([sys.executable, "-m", "shmarray", "ls", "--dir", storage_dir],
-                                capture_output=True, text=True, check=True)
+            ls = subprocess.run(
+                [sys.executable, "-m", "shmarray", "ls", "--dir", storage_dir],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             assert name in ls.stdout and "alive" in ls.stdout
             del x
             eng.zeros(1)
@@ -412,14 +451,14 @@ def test_a_worker_maps_only_private_regular_files(storage_dir):
     name = os.path.join(storage_dir, blocks.new_name()[1:])
     with open(name, "wb") as f:
         f.write(b"\0" * 4096)
-    os.chmod(name, 0o644)                             # readable by others
+    os.chmod(name, 0o644)  # readable by others
     with pytest.raises(PermissionError, match="mode 0600"):
         blocks.attach(name)
     link = os.path.join(storage_dir, blocks.new_name()[1:])
     os.chmod(name, 0o600)
     os.symlink(name, link)
     with pytest.raises(OSError) as info:
-        blocks.attach(link)                            # never through a link
+        blocks.attach(link)  # never through a link
     assert info.value.errno == errno.ELOOP
     blocks.attach(name).close()
 
@@ -434,41 +473,55 @@ ORPHAN = textwrap.dedent("""
 
 
 def test_gc_dir_removes_only_orphans_of_shmarray(storage_dir):
-    orphan = subprocess.run([sys.executable, "-c", ORPHAN, storage_dir], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    foreign = os.path.join(storage_dir, "sha-1-notours")             # not our name form
+    orphan = subprocess.run(
+        [sys.executable, "-c", ORPHAN, storage_dir], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    foreign = os.path.join(storage_dir, "sha-1-notours")  # not our name form
     lookalike = os.path.join(storage_dir, blocks.new_name(1)[1:] + ".bak")
     for path in (foreign, lookalike):
         open(path, "w").close()
     with shmarray.Engine(workers=1, storage=storage_dir) as eng:
         mine = eng.zeros(10)
-        gc = subprocess.run([sys.executable, "-m", "shmarray", "gc", "--min-age", "0",
-                             "--dir", storage_dir], capture_output=True, text=True, check=True)
+        gc = subprocess.run(
+            [sys.executable, "-m", "shmarray", "gc", "--min-age", "0", "--dir", storage_dir],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert f"unlinked {orphan}" in gc.stdout and "1 block(s) removed" in gc.stdout
         assert not os.path.exists(orphan)
-        assert os.path.exists(eng.blocks[0].name)          # alive: kept
+        assert os.path.exists(eng.blocks[0].name)  # alive: kept
         assert os.path.exists(foreign) and os.path.exists(lookalike)
         del mine
-    bad = subprocess.run([sys.executable, "-m", "shmarray", "ls", "--dir", "/no/such/dir"],
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and "not a directory" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "shmarray", "ls", "--dir", "/no/such/dir"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode != 0 and "not a directory" in bad.stderr and "Traceback" not in bad.stderr
+    )
 
 
 @pytest.mark.breaks_things
 def test_the_watchdog_removes_directory_blocks_of_a_killed_coordinator(storage_dir):
     size = 1 << 20
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, storage_dir, str(size)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, storage_dir, str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         pids = [int(p) for p in holder.stdout.readline().split()[1:]]
         names = holder.stdout.readline().split()[1:]
         assert names and all(os.path.dirname(n) == storage_dir for n in names)
-        holder.kill()                                    # the coordinator alone
+        holder.kill()  # the coordinator alone
         holder.wait(30)
         workers = [psutil.Process(p) for p in pids[1:3]]
         assert poll(lambda: all(gone(n) for n in names), 20)
-        assert poll(lambda: all(ended(p) for p in workers), 20)     # killed by it too
+        assert poll(lambda: all(ended(p) for p in workers), 20)  # killed by it too
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -513,12 +566,13 @@ def test_a_full_disk_is_a_clear_error_and_never_a_sigbus(storage_dir):
     reserved = out.split("reserved:", 1)[1].splitlines()[0].strip()
     assert "cannot allocate 32.0 MiB" in reserved
     left = out.split("left:", 1)[1].splitlines()[0]
-    assert left.count("sha-") == 1                       # the control block only
+    assert left.count("sha-") == 1  # the control block only
     assert "ok: 499500.0" in out
     assert proc.stderr == ""
 
 
 # -- SharedMemoryFullError names the storage option ------------------------------
+
 
 def test_a_full_dev_shm_names_the_other_storages(engine):
     free = blocks.free_space()[0]
@@ -537,5 +591,5 @@ def test_memfd_beyond_the_machines_memory_is_a_clear_error():
             eng.empty(total + 2**30, np.uint8)
         err = info.value
         assert err.storage == "memfd" and err.path is None
-        assert 'storage="memfd"' in str(err) and "storage=\"/a/directory\"" in str(err)
+        assert 'storage="memfd"' in str(err) and 'storage="/a/directory"' in str(err)
         assert eng.zeros(3).sum() == 0.0

@@ -23,7 +23,9 @@ def test_a_dead_fork_server_corrupts_nothing():
     # Workers' exits used to be read from the fork server's status pipe: with
     # the server gone, live workers read as crashed (255), were not killed,
     # and went on writing under the next map.
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         @njit(nogil=True)
         def slow_set(x, value, rounds):
             acc = 0.0
@@ -46,7 +48,9 @@ def test_a_dead_fork_server_corrupts_nothing():
             eng.map(slow_set, x, args=(6.0, 10))
             assert np.all(x == 6.0)
         print("ok")
-    """), timeout=180)
+    """),
+        timeout=180,
+    )
     assert proc.stdout.strip() == "ok" and proc.stderr == ""
 
 
@@ -55,7 +59,9 @@ def test_impatient_ctrl_c_leaves_correct_data_and_a_working_engine():
     # Ctrl-C pressed a few times in quick succession during a map reached a
     # dead fork server within 20-60 rounds: wrong data, a false crash, and
     # BrokenPipeError tracebacks from workers on the caller's stderr.
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         @njit(nogil=True)
         def slow_set(x, value, rounds):
             acc = 0.0
@@ -115,12 +121,16 @@ def test_impatient_ctrl_c_leaves_correct_data_and_a_working_engine():
         stop_all = True
         go.set()
         print("ok", interrupted)
-    """), timeout=300)
+    """),
+        timeout=300,
+    )
     assert proc.stdout.startswith("ok") and proc.stderr == "", proc.stderr
 
 
 def test_fork_workers_recycled_every_task_leave_no_zombies():
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         import psutil
 
         def one(x):
@@ -135,7 +145,9 @@ def test_fork_workers_recycled_every_task_leave_no_zombies():
                        if c.status() == psutil.STATUS_ZOMBIE]
             assert not zombies, zombies
         print("ok")
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     assert proc.stdout.strip() == "ok" and proc.stderr == ""
 
 
@@ -143,7 +155,9 @@ def test_fork_workers_recycled_every_task_leave_no_zombies():
 def test_a_replacement_killed_while_starting_is_started_again(tmp_path):
     # It raised WorkerStartError from the running map, blaming the installation.
     marker = tmp_path / "slow"
-    proc = run_python(COMMON + textwrap.dedent(f"""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent(f"""
         import ctypes
 
         def init():
@@ -177,7 +191,9 @@ def test_a_replacement_killed_while_starting_is_started_again(tmp_path):
             eng.map(lambda x: None, x)               # usable, both workers alive
             assert eng.stats()[0].replaced == 2      # the crash, and the killed start
         print("ok")
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     assert proc.stdout.strip() == "ok" and proc.stderr == ""
 
 
@@ -198,7 +214,9 @@ def test_generator_and_async_kernels_are_refused(engine):
 
 
 def test_running_out_of_file_descriptors_says_which_limit_and_the_fix():
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         import resource
         with shmarray.Engine(workers=2) as eng:
             used = len(os.listdir("/proc/self/fd"))
@@ -214,7 +232,9 @@ def test_running_out_of_file_descriptors_says_which_limit_and_the_fix():
             finally:
                 del keep
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     # Python 3.13 maps without keeping a descriptor: then nothing runs out.
     assert proc.stdout.strip() in ("ok", "") and proc.stderr == ""
 
@@ -223,7 +243,9 @@ def test_a_failed_reduce_leaves_no_stale_value_for_the_next():
     # A survivor's value from a reduce that failed (a worker exited) stayed
     # in its pipe and was combined into the next reduce: a wrong sum with no
     # error, about once in 150 crashes.
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         def part(x, die):
             if die and x[0] == 0:
                 os._exit(1)
@@ -243,13 +265,17 @@ def test_a_failed_reduce_leaves_no_stale_value_for_the_next():
                 got = eng.reduce(part, x, args=(False,))
                 assert got == want, (k, got, want)
         print("ok", crashes)
-    """), timeout=300)
+    """),
+        timeout=300,
+    )
     assert proc.stdout.startswith("ok 150") and proc.stderr == ""
 
 
 @pytest.mark.breaks_things
 def test_imap_collect_never_reports_a_yielded_chunk_as_failed():
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         @njit(nogil=True)
         def part(x, rounds):
             acc = 0.0
@@ -280,25 +306,37 @@ def test_imap_collect_never_reports_a_yielded_chunk_as_failed():
                 assert not failed & seen, (trial, failed & seen)
                 assert len(failed) + len(seen) == 60
         print("ok")
-    """), timeout=300)
+    """),
+        timeout=300,
+    )
     assert proc.stdout.strip() == "ok" and proc.stderr == ""
 
 
-@pytest.mark.parametrize("dtype, value", [
-    ("int64", float("nan")), ("int64", 1 + 2j), ("uint8", -1), ("uint8", 1000),
-    ("int32", 0.5), ("float32", 1e300), ("bool", 2),
-])
+@pytest.mark.parametrize(
+    "dtype, value",
+    [
+        ("int64", float("nan")),
+        ("int64", 1 + 2j),
+        ("uint8", -1),
+        ("uint8", 1000),
+        ("int32", 0.5),
+        ("float32", 1e300),
+        ("bool", 2),
+    ],
+)
 def test_a_boundary_constant_the_dtype_cannot_hold_is_refused(engine, dtype, value):
     a = engine.zeros((6, 6), dtype)
     pids = engine.worker_pids
     with pytest.raises(ValueError, match="does not fit"):
         engine.map(lambda a: None, a, halo=1, boundary=value)
     assert engine.worker_pids == pids
-    engine.map(lambda a: None, a, halo=1, boundary=1)      # fits every dtype here
+    engine.map(lambda a: None, a, halo=1, boundary=1)  # fits every dtype here
 
 
 def test_unterminated_worker_output_keeps_the_callers_memory_bounded():
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         import resource
         sys.stdout = open(os.devnull, "w")      # where the worker's output goes
 
@@ -315,5 +353,7 @@ def test_unterminated_worker_output_keeps_the_callers_memory_bounded():
             grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         sys.stderr.write(f"grew {grew} KiB\\n") if grew > 32 * 1024 else None
         print("ok", grew, file=sys.__stdout__)
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     assert proc.stdout.startswith("ok") and proc.stderr == ""

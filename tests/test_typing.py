@@ -16,8 +16,10 @@ import pytest
 
 import shmarray
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
-                                reason="mypy is not installed (pip install 'shmarray[test]')")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mypy") is None,
+    reason="mypy is not installed (pip install 'shmarray[test]')",
+)
 
 BAD = """
     import numpy as np
@@ -98,20 +100,36 @@ def mypy(tmp_path_factory):
     runs: the first one reads numpy's stubs (seconds)."""
     root = tmp_path_factory.mktemp("mypy")
     config = root / "mypy.ini"
-    config.write_text("[mypy]\n")                  # no user or project config
+    config.write_text("[mypy]\n")  # no user or project config
     env = dict(os.environ)
     parent = pathlib.Path(shmarray.__file__).resolve().parent.parent
-    if parent.name != "site-packages":             # editable: mypy sees no finder hook
+    if parent.name != "site-packages":  # editable: mypy sees no finder hook
         env["MYPYPATH"] = str(parent)
 
     def run(name: str, source: str) -> subprocess.CompletedProcess:
         script = root / name
         script.write_text(textwrap.dedent(source))
         return subprocess.run(
-            [sys.executable, "-m", "mypy", "--config-file", str(config),
-             "--cache-dir", str(root / "cache"), "--follow-imports=silent",
-             "--no-error-summary", "--show-error-codes", str(script)],
-            capture_output=True, text=True, cwd=root, env=env, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "mypy",
+                "--config-file",
+                str(config),
+                "--cache-dir",
+                str(root / "cache"),
+                "--follow-imports=silent",
+                "--no-error-summary",
+                "--show-error-codes",
+                str(script),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+            timeout=300,
+        )
+
     return run
 
 
@@ -123,8 +141,9 @@ def test_mypy_rejects_an_unknown_schedule(mypy):
     done = mypy("bad.py", BAD)
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
-    lineno = textwrap.dedent(BAD).splitlines().index(
-        '    eng.map(k, y, x, schedule="fastest")') + 1
+    lineno = (
+        textwrap.dedent(BAD).splitlines().index('    eng.map(k, y, x, schedule="fastest")') + 1
+    )
     assert len(errors) == 1 and errors[0].startswith(f"bad.py:{lineno}:"), done.stdout
     assert "schedule: Literal['static', 'dynamic']" in done.stdout, done.stdout
 

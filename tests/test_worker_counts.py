@@ -23,7 +23,9 @@ def test_reduce_with_boundary_returns_at_any_worker_count(workers):
     # A worker that finished set STOP (its value counted as a failure), and
     # one that had not started its chunks yet left without publishing its
     # step: its neighbours waited until the timeout.
-    proc = run_python(COMMON + textwrap.dedent(f"""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent(f"""
         @njit
         def interior_sum(x):
             s = 0.0
@@ -39,12 +41,16 @@ def test_reduce_with_boundary_returns_at_any_worker_count(workers):
                 v = eng.reduce(interior_sum, x, halo=1, boundary="edge", timeout=20)
                 assert v == 64 * 64, v
         print("ok")
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     assert proc.stdout.strip() == "ok" and proc.stderr == ""
 
 
 def test_a_failing_iterate_raises_promptly_at_four_workers():
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         @njit
         def step(out, inp, calls, row, bad):
             # calls[row] counts the steps this chunk has run: the chunk
@@ -75,7 +81,9 @@ def test_a_failing_iterate_raises_promptly_at_four_workers():
             out = eng.iterate(step, v, u, steps=4, halo=1, boundary="wrap",
                               args=(calls, shmarray.row_offset, -1))
         print("ok")
-    """), timeout=180)
+    """),
+        timeout=180,
+    )
     assert proc.stdout.strip() == "ok" and proc.stderr == ""
 
 
@@ -83,7 +91,9 @@ def test_close_while_a_replacement_starts_returns_at_once(tmp_path):
     # The driver's wake-up descriptor was taken for a worker's output pipe
     # and never drained: close() spun for seconds at full CPU.
     marker = tmp_path / "slow"
-    proc = run_python(COMMON + textwrap.dedent(f"""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent(f"""
         import resource, signal
 
         def init():
@@ -125,14 +135,18 @@ def test_close_while_a_replacement_starts_returns_at_once(tmp_path):
         assert took < 2.0, took
         assert used < 0.5, used
         print("ok", round(took, 2), round(used, 2))
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     assert proc.stdout.startswith("ok") and proc.stderr == ""
 
 
 def test_stop_racing_the_end_of_a_map_is_exact():
     # stop() returned True for a map that then completed normally (4 times
     # in 1500 in a trial), and once hung.  True must mean MapCancelledError.
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         import concurrent.futures, random
 
         @njit
@@ -158,7 +172,9 @@ def test_stop_racing_the_end_of_a_map_is_exact():
                 stopped += said
                 completed += not said
             print("ok", stopped, completed)
-    """), timeout=240)
+    """),
+        timeout=240,
+    )
     assert proc.stdout.startswith("ok") and proc.stderr == ""
 
 
@@ -166,7 +182,9 @@ def test_a_stopped_neighbour_costs_its_waiters_nothing():
     # Neighbour waits spun forever: a SIGSTOPped (or descheduled) worker
     # cost every waiter a full core.  Now they sleep, and go on when it
     # does.
-    proc = run_python(COMMON + textwrap.dedent("""
+    proc = run_python(
+        COMMON
+        + textwrap.dedent("""
         import signal
         import psutil
 
@@ -198,5 +216,7 @@ def test_a_stopped_neighbour_costs_its_waiters_nothing():
             assert np.all(last[1:-1] == 1000.0), np.unique(last)
             assert used < 0.2, used
             print("ok", round(used, 3))
-    """), timeout=120)
+    """),
+        timeout=120,
+    )
     assert proc.stdout.startswith("ok") and proc.stderr == ""

@@ -34,8 +34,20 @@ from shmarray.report.render import METHODS, plots, table
 from shmarray.report.workloads import SETUP, SIZES, WORKLOADS, nbytes_moved
 from shmarray.timing import identical, interleaved, machine, medians
 
-__all__ = ["run", "main", "table", "plots", "machine", "Result", "METHODS", "WORKLOADS",
-           "SIZES", "heat_prange", "noop_kernel", "triad_prange"]
+__all__ = [
+    "run",
+    "main",
+    "table",
+    "plots",
+    "machine",
+    "Result",
+    "METHODS",
+    "WORKLOADS",
+    "SIZES",
+    "heat_prange",
+    "noop_kernel",
+    "triad_prange",
+]
 
 
 @dataclass
@@ -48,7 +60,7 @@ class Result:
     gbps: float | None = None
     fraction_of_ceiling: float | None = None
     speedup_vs_numba: float | None = None
-    per_call_s: float | None = None     # noop: one dispatch
+    per_call_s: float | None = None  # noop: one dispatch
 
 
 def triad_ceiling(n: int, threads: int, repeat: int) -> float:
@@ -65,6 +77,7 @@ def run(size: str = "quick", max_workers: int | None = None, progress: bool = Tr
     from tqdm.auto import tqdm
 
     from shmarray import options
+
     cfg = SIZES[size]
     cpus = max_workers or options.usable_cpus()
     counts = list(range(1, cpus + 1))
@@ -73,6 +86,7 @@ def run(size: str = "quick", max_workers: int | None = None, progress: bool = Tr
     results: list[Result] = []
     total = len(WORKLOADS) * (1 + len(counts))
     from shmarray.progress import can_show
+
     bar = tqdm(total=total, desc="shmarray bench", disable=not (progress and can_show()))
     try:
         for workload in WORKLOADS:
@@ -80,25 +94,25 @@ def run(size: str = "quick", max_workers: int | None = None, progress: bool = Tr
             data = setup(cfg[workload], None)
             moved = nbytes_moved(workload, data)
             seq = runners(data, None)
-            for fn in seq.values():               # warm up: compile
+            for fn in seq.values():  # warm up: compile
                 fn()
             seq_times = medians(interleaved(seq, cfg["repeat"]))
             reference = seq["numba"]()
             base = seq_times["numba"]
             for method, t in seq_times.items():
-                results.append(Result(workload, method, 1, t,
-                                      identical(seq[method](), reference)))
+                results.append(Result(workload, method, 1, t, identical(seq[method](), reference)))
             bar.update(1)
             for w in counts:
                 pools = Pools(w)
                 try:
                     par = runners(data, pools)
-                    for fn in par.values():       # warm up: compile, start, attach
+                    for fn in par.values():  # warm up: compile, start, attach
                         fn()
                     par_times = medians(interleaved(par, cfg["repeat"]))
                     for method, t in par_times.items():
-                        results.append(Result(workload, method, w, t,
-                                              identical(par[method](), reference)))
+                        results.append(
+                            Result(workload, method, w, t, identical(par[method](), reference))
+                        )
                 finally:
                     pools.close()
                 bar.update(1)
@@ -122,12 +136,14 @@ def _stop_peers() -> None:
     leaves no process behind."""
     try:
         from joblib.externals.loky import get_reusable_executor
+
         get_reusable_executor().shutdown(wait=True)
     except ImportError:
         pass
 
 
 # -- reporting -------------------------------------------------------------------
+
 
 def main(size: str, out_dir: str | None, max_workers: int | None = None) -> int:
     report = run(size, max_workers)

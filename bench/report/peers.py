@@ -29,7 +29,7 @@ def triad_prange(a, b, c, s):
 def histogram_parts(x, bounds, lo, hi, nbins):
     parts = np.zeros((bounds.shape[0] - 1, nbins), np.int64)
     for t in prange(bounds.shape[0] - 1):
-        parts[t] = histogram(x[bounds[t]:bounds[t + 1]], lo, hi, nbins)
+        parts[t] = histogram(x[bounds[t] : bounds[t + 1]], lo, hi, nbins)
     return parts
 
 
@@ -109,11 +109,16 @@ class Pools:
 
     def __init__(self, workers: int):
         import shmarray
+
         self.workers = workers
         self.engine = shmarray.Engine(workers=workers)
         import multiprocessing
-        self.ppe = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+
+        self.ppe = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("forkserver")
+        )
         from joblib import Parallel
+
         self.joblib = Parallel(n_jobs=workers, backend="loky")
         numba.set_num_threads(workers)
 
@@ -123,8 +128,6 @@ class Pools:
     def close(self):
         self.engine.close()
         self.ppe.shutdown(wait=True)
-
-
 
 
 # The heat stencil's prange peer is the kernel library's own

@@ -70,13 +70,14 @@ def expand_groups(text: str) -> str:
             continue
         indent = len(match["indent"])
         j = i + 1
-        while j < len(lines) and lines[j].strip() and \
-                len(lines[j]) - len(lines[j].lstrip()) > indent:
+        while (
+            j < len(lines) and lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) > indent
+        ):
             j += 1
-        description = lines[i + 1:j]
-        if "ref" in match.groupdict():     # "name : as for ``map``": no type given
+        description = lines[i + 1 : j]
+        if "ref" in match.groupdict():  # "name : as for ``map``": no type given
             first = description[0] if description else " " * (indent + 4)
-            pad = first[:len(first) - len(first.lstrip())]
+            pad = first[: len(first) - len(first.lstrip())]
             description = [pad + match["ref"][0].upper() + match["ref"][1:] + "."] + description
         for name in match["names"].split(", "):
             out.append(match["indent"] + name)

@@ -43,14 +43,17 @@ from mkdocs.structure.files import File, Files
 
 log = get_plugin_logger("shmarray")
 
-EXECUTED = "build/executed"      # where the test suite leaves executed notebooks
-STAGE = "build/docs"             # everything this hook writes
+EXECUTED = "build/executed"  # where the test suite leaves executed notebooks
+STAGE = "build/docs"  # everything this hook writes
 GALLERY_MARK = "<!-- gallery-table -->"
 # The public modules, and the file whose __all__ lists each one's names.
-EXPORTS = {"shmarray": "shmarray/__init__.py", "shmarray.kernels": "kernels/__init__.py",
-           "shmarray.dask": "shmarray/dask.py"}
+EXPORTS = {
+    "shmarray": "shmarray/__init__.py",
+    "shmarray.kernels": "kernels/__init__.py",
+    "shmarray.dask": "shmarray/dask.py",
+}
 
-_gallery: list[dict] = []        # one record per notebook, for the index page
+_gallery: list[dict] = []  # one record per notebook, for the index page
 
 
 def _root(config) -> Path:
@@ -64,10 +67,13 @@ def on_config(config):
     shutil.rmtree(dest, ignore_errors=True)
     with open(root / "pyproject.toml", "rb") as f:
         package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-    for package, source in package_dirs.items():      # "shmarray.kernels" = "kernels"
-        shutil.copytree(root / source, dest / package.replace(".", "/"),
-                        dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for package, source in package_dirs.items():  # "shmarray.kernels" = "kernels"
+        shutil.copytree(
+            root / source,
+            dest / package.replace(".", "/"),
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     return config
 
 
@@ -86,29 +92,34 @@ def _stage_notebook(root: Path, name: str) -> dict:
     if executed.is_file():
         source, was_executed = executed, True
         when = datetime.datetime.fromtimestamp(executed.stat().st_mtime)
-        note = (f"**Executed by the test suite** (`{EXECUTED}/{name}`, "
-                f"{when:%Y-%m-%d %H:%M}); the outputs below come from that run. "
-                f"Source: `notebooks/{name}`.")
+        note = (
+            f"**Executed by the test suite** (`{EXECUTED}/{name}`, "
+            f"{when:%Y-%m-%d %H:%M}); the outputs below come from that run. "
+            f"Source: `notebooks/{name}`."
+        )
         if original.stat().st_mtime > executed.stat().st_mtime:
-            note += (f" `notebooks/{name}` has changed since: this page may not "
-                     f"match it until the notebook tests run again.")
+            note += (
+                f" `notebooks/{name}` has changed since: this page may not "
+                f"match it until the notebook tests run again."
+            )
             log.info("gallery: %s changed after its executed copy was made", name)
     else:
         source, was_executed = original, False
-        note = (f"**Not executed for this build:** no `{EXECUTED}/{name}` was "
-                f"found, so this page shows `notebooks/{name}` as committed; its "
-                f"outputs, if any, are the ones saved with it, not from a run of "
-                f"the current code. Run the notebook tests before `make docs` "
-                f"to render an executed copy.")
-        log.info("gallery: %s has no executed copy in %s; rendering the original",
-                 name, EXECUTED)
-    note += f" [Download this notebook]({name})."    # include_source copies it beside the page
+        note = (
+            f"**Not executed for this build:** no `{EXECUTED}/{name}` was "
+            f"found, so this page shows `notebooks/{name}` as committed; its "
+            f"outputs, if any, are the ones saved with it, not from a run of "
+            f"the current code. Run the notebook tests before `make docs` "
+            f"to render an executed copy."
+        )
+        log.info("gallery: %s has no executed copy in %s; rendering the original", name, EXECUTED)
+    note += f" [Download this notebook]({name})."  # include_source copies it beside the page
     nb = json.loads(source.read_text(encoding="utf-8"))
     cells = nb.setdefault("cells", [])
     at = 1 if cells and cells[0].get("cell_type") == "markdown" else 0
     cell = {"cell_type": "markdown", "metadata": {}, "source": ["> " + note]}
     if (nb.get("nbformat"), nb.get("nbformat_minor", 0)) >= (4, 5):
-        cell["id"] = "shmarray-docs-source-note"      # cell ids exist from 4.5 on
+        cell["id"] = "shmarray-docs-source-note"  # cell ids exist from 4.5 on
     cells.insert(at, cell)
     staged = root / STAGE / "gallery" / name
     staged.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +127,7 @@ def _stage_notebook(root: Path, name: str) -> dict:
     return {"name": name, "title": _title(nb, name), "executed": was_executed}
 
 
-@event_priority(100)      # before mkdocs-jupyter's on_files wraps the notebooks
+@event_priority(100)  # before mkdocs-jupyter's on_files wraps the notebooks
 def on_files(files: Files, config):
     root = _root(config)
     shutil.rmtree(root / STAGE / "gallery", ignore_errors=True)
@@ -146,15 +157,22 @@ def _staged_file(config, uri: str, stage: Path) -> File:
     mkdocs-jupyter wraps notebook files in a class that loses a generated
     file's source path.
     """
-    return File(uri, src_dir=str(stage), dest_dir=config.site_dir,
-                use_directory_urls=config.use_directory_urls)
+    return File(
+        uri,
+        src_dir=str(stage),
+        dest_dir=config.site_dir,
+        use_directory_urls=config.use_directory_urls,
+    )
 
 
 def _gallery_table() -> str:
     rows = ["| notebook | rendered from |", "| --- | --- |"]
     for r in _gallery:
-        origin = ("executed by the test suite (`build/executed/`)" if r["executed"]
-                  else "**not executed for this build**: `notebooks/` as committed")
+        origin = (
+            "executed by the test suite (`build/executed/`)"
+            if r["executed"]
+            else "**not executed for this build**: `notebooks/` as committed"
+        )
         rows.append(f"| [{r['title']}]({r['name']}) | {origin} |")
     return "\n".join(rows)
 
@@ -164,7 +182,8 @@ def _exported_names(source: Path) -> list[str]:
     tree = ast.parse(source.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
             return list(ast.literal_eval(node.value))
     log.warning("%s has no __all__", source)
     return []
@@ -181,10 +200,15 @@ def on_page_markdown(markdown: str, page, config, files):
 def on_post_build(config):
     # The stable surface is __all__: every name of it must be on an API page.
     root = _root(config)
-    html = "".join(p.read_text(encoding="utf-8")
-                   for p in (Path(config.site_dir) / "api").glob("*.html"))
+    html = "".join(
+        p.read_text(encoding="utf-8") for p in (Path(config.site_dir) / "api").glob("*.html")
+    )
     for module, source in EXPORTS.items():
         for name in _exported_names(root / source):
             if f'id="{module}.{name}"' not in html:
-                log.warning("API reference: %s.%s is in %s.__all__ but has no "
-                            "entry under docs/api/", module, name, module)
+                log.warning(
+                    "API reference: %s.%s is in %s.__all__ but has no entry under docs/api/",
+                    module,
+                    name,
+                    module,
+                )
