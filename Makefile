@@ -91,7 +91,7 @@ build/executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -o addopts= -p no:cacheprovider tests/test_notebooks.py -k "fresh_kernel and $*"
 
 docs test-docs: $(VENV)/.installed-test $(EXECUTED)
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	@echo "the site is in site/: open site/index.html"
 
 bench: $(VENV)/.installed-test
