@@ -31,6 +31,10 @@ from numba import njit
 import shmarray
 from shmarray.descriptors import ArrayDescriptor
 
+# As a terminal job has it, even when the tests run under nohup (which makes
+# every child ignore SIGHUP): group_sighup sends it.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 @njit
 def spin(flag):

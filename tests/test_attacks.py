@@ -27,10 +27,15 @@ from test_lifecycle import _gone
 pytestmark = pytest.mark.breaks_things
 
 
+# A terminal job has SIGHUP at its default: so does the victim, even when
+# these tests run under nohup (which makes every child ignore it).
+DEFAULT_SIGHUP = "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+
+
 def start(code: str) -> subprocess.Popen:
     """The victim, in a session of its own (as a terminal job)."""
     return subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", DEFAULT_SIGHUP + code],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
