@@ -66,7 +66,7 @@ stress: $(VENV)/.installed-test
 	    $(if $(WORKERS),--workers $(WORKERS))
 
 test-others:
-	.ci/other-pythons -k "$(OTHERS_K)" $(CORE)
+	CORE_K="$(OTHERS_K)" .ci/other-pythons $(CORE)
 
 test-lint: $(VENV)/.installed-test
 	$(BIN)/ruff check shmarray kernels bench tests docs/_ext

@@ -590,6 +590,10 @@ class _Worker:
                     self.serving = (
                         [serving[-1], job] if serving and _pairs(serving[-1], job) else [job]
                     )
+                # No reference to the job may outlive this ring: a Release of
+                # its blocks can come with the next one, and a view held here
+                # would keep the mapping (and cost a full collection).
+                job = serving = None
             else:
                 ctl.finish(seq, 0, 0, 0)
 

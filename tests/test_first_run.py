@@ -94,8 +94,12 @@ def test_a_failing_initializer_is_one_clear_error(tmp_path):
 
 def test_ctrl_c_while_workers_start_raises_keyboard_interrupt():
     code = textwrap.dedent("""
-        import os, time
+        import os, signal, time
         import shmarray
+
+        # Ctrl-C raises, as in a terminal, even when these tests run as a
+        # background job (whose children inherit SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def slow_start():
             print("initializing", os.getpid(), flush=True)
