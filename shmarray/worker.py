@@ -593,7 +593,7 @@ class _Worker:
                 # No reference to the job may outlive this ring: a Release of
                 # its blocks can come with the next one, and a view held here
                 # would keep the mapping (and cost a full collection).
-                job = serving = None
+                job = None
             else:
                 ctl.finish(seq, 0, 0, 0)
 
