@@ -171,20 +171,8 @@ class Runner:
             return self.run(call, should_stop)
         self._should_stop = should_stop
         seq = self.pool.next_seq()
-        for w in job.busy:
-            w.rung = seq
         self.dirty = True
-        assert job.workers is not None  # placed: job.ready is current
-        state, asleep = self.ctl.ring_and_wait(
-            job.workers,
-            job.key,
-            self.pool.sent,
-            call.steps,
-            seq,
-            self._spin_ns,
-            self.output_seen,
-            job.round_words,
-        )
+        state, asleep = self.ring_lean(job, job.busy, call, seq)
         if state == control.QUIET and not asleep:
             self.dirty = False
             if self.pool.max_tasks is not None or self.pool.max_memory is not None:
@@ -242,18 +230,7 @@ class Runner:
         try:
             if lean:
                 # The lean path: ring and spin in one call.
-                for w in busy:
-                    w.rung = seq
-                state, asleep = self.ctl.ring_and_wait(
-                    job.workers,
-                    job.key,
-                    self.pool.sent,
-                    call.steps,
-                    seq,
-                    self._spin_ns,
-                    self.output_seen,
-                    job.round_words,
-                )
+                state, asleep = self.ring_lean(job, busy, call, seq)
                 if asleep:
                     for w in busy:
                         if self.ctl.asleep(w.index):
@@ -277,6 +254,24 @@ class Runner:
         if self.pool.max_tasks is not None or self.pool.max_memory is not None:
             self.pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
         return values
+
+    def ring_lean(self, job, busy: list, call: Call, seq: int) -> tuple[int, int]:
+        """Ring ``job``'s workers and spin for their answer in one compiled
+        call (``control.ring_and_wait``): (what it says, whether a worker
+        slept, as 0 or 1)."""
+        for w in busy:
+            w.rung = seq
+        assert job.workers is not None  # placed: its workers are known
+        return self.ctl.ring_and_wait(
+            job.workers,
+            job.key,
+            self.pool.sent,
+            call.steps,
+            seq,
+            self._spin_ns,
+            self.output_seen,
+            job.round_words,
+        )
 
     def ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:
         w.rung = seq
