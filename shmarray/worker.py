@@ -257,11 +257,10 @@ class Mappings:
         for name in gone:
             buf = self.buffers.pop(name, None)
             if buf is not None:
-                view = buf.base  # the memoryview np.frombuffer keeps
-                assert isinstance(view, memoryview)
-                mappings.append(weakref.ref(view.obj))
+                assert isinstance(buf.base, memoryview)  # np.frombuffer's
+                mappings.append(weakref.ref(buf.base.obj))
         self.views = {w: v for w, v in self.views.items() if w[0] not in gone}
-        buf = None
+        buf = None  # no local may keep a mapping alive past this line
         if any(m() is not None for m in mappings):
             gc.collect()
 
@@ -539,30 +538,17 @@ class _Worker:
         # (a fresh worker is rung as soon as it is ready) is not missed.
         last = ctl.done()
         while True:
-            # Forgotten, its blocks gone, or rebound (new arguments: the
-            # Python path runs it once, then lean_path builds it again).
-            jobs = self.serving = [
-                j for j in self.serving if self.jobs.get(j.spec.job) is j and j.lean
-            ]
-            if jobs:
-                code, seq = self.lean(jobs, last)
-                if code == control.OTHER_RING:
-                    other = self.jobs.get(self.ctl.ring_job())
-                    if (
-                        other is not None
-                        and other.lean
-                        and other not in jobs
-                        and _pairs(jobs[-1], other)
-                    ):
-                        # The other half of a double-buffered loop: served
-                        # beside the last one, from this very ring.
-                        self.serving = [jobs[-1], other]
-                        continue
-                    self.serving = []  # a ring for Python: below
-                else:
-                    last = seq  # the last ring served
-                    if code != control.SPUN_OUT:
-                        continue  # a driver to wake, or an error told
+            # Every job reference lives in self.jobs and self.serving only,
+            # never in this frame: a Release handled below must leave no
+            # view of its blocks alive (one would keep the mapping, and cost
+            # a full collection per Release).
+            code, seq = self.serve_hot(last)
+            if code == control.OTHER_RING:
+                pass  # a ring for Python: below
+            elif code is not None:
+                last = seq  # the last ring served
+                if code != control.SPUN_OUT:
+                    continue  # a driver to wake, or an error told
             else:
                 seq = ctl.wait_ring(last, SPIN_ROUNDS)
                 if seq == last and self.idle_spin > 0:
@@ -584,18 +570,39 @@ class _Worker:
                 return
             if key:
                 self.run(key, seq, steps)
-                job = self.jobs.get(key)
-                if job is not None and job.lean_path():
-                    serving = [j for j in self.serving if j is not job]
-                    self.serving = (
-                        [serving[-1], job] if serving and _pairs(serving[-1], job) else [job]
-                    )
-                # No reference to the job may outlive this ring: a Release of
-                # its blocks can come with the next one, and a view held here
-                # would keep the mapping (and cost a full collection).
-                job = None
+                self.make_hot(key)
             else:
                 ctl.finish(seq, 0, 0, 0)
+
+    def serve_hot(self, last: int) -> tuple[int | None, int]:
+        """Serve the hot jobs' rings in compiled code until a ring needs the
+        Python path; (None, last) when no job is hot, else what ``lean``
+        returned.  A ring for the other half of a double-buffered loop is
+        served here too, beside the last one."""
+        while True:
+            # Forgotten, its blocks gone, or rebound (new arguments: the
+            # Python path runs it once, then lean_path builds it again).
+            jobs = self.serving = [
+                j for j in self.serving if self.jobs.get(j.spec.job) is j and j.lean
+            ]
+            if not jobs:
+                return None, last
+            code, seq = self.lean(jobs, last)
+            if code != control.OTHER_RING:
+                return code, seq
+            other = self.jobs.get(self.ctl.ring_job())
+            if other is None or not other.lean or other in jobs or not _pairs(jobs[-1], other):
+                self.serving = []
+                return code, seq
+            self.serving = [jobs[-1], other]
+
+    def make_hot(self, key: int) -> None:
+        """After the Python path ran job ``key``: serve it in compiled code
+        from now on, if it can be, beside the last hot job if they pair."""
+        job = self.jobs.get(key)
+        if job is not None and job.lean_path():
+            serving = [j for j in self.serving if j is not job]
+            self.serving = [serving[-1], job] if serving and _pairs(serving[-1], job) else [job]
 
     def lean(self, jobs: list[_Job], last: int) -> tuple[int, int]:
         """Serve ``jobs``' rings in compiled code (``control.serve``).

@@ -217,3 +217,36 @@ def test_workers_keep_no_descriptor_per_block_from_313(engine):
     grown = worker.num_fds() - before
     assert grown == (0 if sys.version_info >= (3, 13) else 19)
     del arrays
+
+
+def _block_mappings(pid: int) -> int:
+    """How many of process ``pid``'s mappings are shmarray blocks, on any
+    storage (a /dev/shm or directory ``sha-`` name, or a shmarray memfd)."""
+    import psutil
+
+    paths = [m.path for m in psutil.Process(pid).memory_maps(grouped=False)]
+    return sum(os.path.basename(p).startswith(("sha-", "memfd:shmarray-")) for p in paths)
+
+
+def test_a_freed_block_is_unmapped_everywhere_when_the_next_map_returns(engines):
+    # The Release rides with the next map's ring; every worker handles it
+    # before running that map and keeps no reference of its own (a stray
+    # one kept the mapping, and its descriptor, alive for a while).
+    @njit
+    def touch(x):
+        x[0] = 1.0
+
+    import psutil
+
+    n = engines.workers
+    x = engines.zeros(n)
+    engines.map(touch, x, chunks=n)
+    workers = [psutil.Process(p) for p in engines.worker_pids]
+    before = [(_block_mappings(w.pid), w.num_fds()) for w in workers]
+    for _ in range(3):
+        y = engines.zeros((n, 4096))
+        engines.map(touch, y, chunks=n)  # every worker maps it
+        assert all(_block_mappings(w.pid) == b[0] + 1 for w, b in zip(workers, before))
+        del y
+        engines.map(touch, x, chunks=n)
+        assert [(_block_mappings(w.pid), w.num_fds()) for w in workers] == before
