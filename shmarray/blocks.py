@@ -69,7 +69,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -896,9 +896,10 @@ def lock_held(name: str) -> bool | None:
         os.close(fd)
 
 
-def scan(directory: str | None = None) -> list[BlockInfo]:
+def scan(directory: str | None = None, pids: Iterable[int] | None = None) -> list[BlockInfo]:
     """Every shmarray block in the shared-memory filesystem, or in
-    ``directory`` (blocks of ``storage=directory``), sorted by name.
+    ``directory`` (blocks of ``storage=directory``), sorted by name; only
+    those created by ``pids``, if given.
 
     Only regular files with names of shmarray's own form are considered;
     anything else there is never listed and never touched.
@@ -906,10 +907,11 @@ def scan(directory: str | None = None) -> list[BlockInfo]:
     where = SHM_DIR if directory is None else directory
     if where is None:
         return []
+    only = None if pids is None else set(pids)
     found = []
     for entry in os.scandir(where):
         pid = owner_of(entry.name)
-        if pid is None:
+        if pid is None or (only is not None and pid not in only):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -929,12 +931,17 @@ def scan(directory: str | None = None) -> list[BlockInfo]:
 GC_MIN_AGE = 5.0
 
 
-def collect_orphans(min_age: float = GC_MIN_AGE, directory: str | None = None) -> list[BlockInfo]:
-    """Unlink this user's shmarray blocks (in /dev/shm, or in ``directory``)
-    that no live process holds; returns those removed.  In doubt (cannot
-    look, younger than ``min_age`` seconds), leave it."""
+def collect_orphans(
+    min_age: float = GC_MIN_AGE,
+    directory: str | None = None,
+    pids: Iterable[int] | None = None,
+) -> list[BlockInfo]:
+    """Unlink this user's shmarray blocks (in /dev/shm, or in ``directory``;
+    only those created by ``pids``, if given) that no live process holds;
+    returns those removed.  In doubt (cannot look, younger than ``min_age``
+    seconds), leave it."""
     removed = []
-    for info in scan(directory):
+    for info in scan(directory, pids):
         # Nobody holds the lock of a dead creator, and nobody can take it
         # back: the verdict still holds when we unlink.
         if (

@@ -341,9 +341,10 @@ def _where(args: argparse.Namespace) -> str | None:
 
 def _ls(args: argparse.Namespace) -> int:
     where = _where(args)
-    found = blocks.scan(where)
+    found = blocks.scan(where, pids=args.pid)
     if not found:
-        print(f"no shmarray blocks in {where or blocks.SHM_DIR}")
+        whose = f" created by pid {', '.join(map(str, args.pid))}" if args.pid else ""
+        print(f"no shmarray blocks{whose} in {where or blocks.SHM_DIR}")
         return 0
     width = max(30, *(len(b.name) for b in found))
     print(f"{'name':<{width}} {'size':>10} {'owner pid':>10}  owner")
@@ -360,7 +361,7 @@ def _state(alive: bool | None) -> str:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    removed = blocks.collect_orphans(args.min_age, _where(args))
+    removed = blocks.collect_orphans(args.min_age, _where(args), pids=args.pid)
     for b in removed:
         print(
             f"unlinked {b.name} ({blocks.format_bytes(b.size)}, created by pid "
@@ -451,8 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         "look in this directory (blocks of Engine(storage=DIR)) instead of "
         "/dev/shm; memfd blocks have no name and need no cleaning"
     )
+    pid_help = (
+        "only blocks created by this process id (repeat for more): a crashed "
+        "job's, leaving everyone else's alone"
+    )
     p = command("ls", "list shmarray blocks: name, size, owner pid, owner alive")
     p.add_argument("--dir", metavar="PATH", help=dir_help)
+    p.add_argument("--pid", type=int, action="append", metavar="PID", help=pid_help)
     p.set_defaults(func=_ls)
 
     p = command("gc", "unlink shmarray blocks that no live process holds (their creator is dead)")
@@ -466,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"moment after it is created)",
     )
     p.add_argument("--dir", metavar="PATH", help=dir_help)
+    p.add_argument("--pid", type=int, action="append", metavar="PID", help=pid_help)
     p.set_defaults(func=_gc)
 
     return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,11 +33,15 @@ def test_demo_runs_the_real_job_and_leaves_nothing():
     assert proc.stderr == ""
 
 
-def test_ls_and_gc_on_a_clean_machine():
+def test_ls_and_gc_for_one_pid():
     ls = shmarray("ls")
     assert ls.returncode == 0 and ls.stderr == ""
-    gc = shmarray("gc")
-    assert gc.returncode == 0 and "block(s) removed" in gc.stdout
+    # Our own pid: its blocks are alive, and another program's orphans are
+    # not the tests' to remove.
+    gc = shmarray("gc", "--pid", str(os.getpid()))
+    assert gc.returncode == 0 and gc.stdout == "0 block(s) removed\n" and gc.stderr == ""
+    ls = shmarray("ls", "--pid", "1")
+    assert ls.returncode == 0 and ls.stdout.startswith("no shmarray blocks created by pid 1 in ")
 
 
 def test_usage_errors_exit_nonzero():

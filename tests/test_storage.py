@@ -398,7 +398,10 @@ def test_everything_killed_at_once(storage):
         return
     block = names[0]
     assert not gone(block)  # left behind: nobody was alive
-    args = ["gc", "--min-age", "0"] + ([] if storage == "shm" else ["--dir", storage])
+    where = ["--pid", str(blocks.owner_of(block))]  # no other program's orphans
+    if storage != "shm":
+        where += ["--dir", storage]
+    args = ["gc", "--min-age", "0", *where]
     ls = subprocess.run(
         [sys.executable, "-m", "shmarray", "ls", *args[3:]],
         capture_output=True,
