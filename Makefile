@@ -22,6 +22,12 @@ CORE := tests/test_engine.py tests/test_first_run.py tests/test_lifecycle.py \
 # the gallery shows (build/executed/).
 TEST_PARTS := test-lint test-types test-main test-others test-package test-docs
 
+# The suites run in TEST_JOBS pytest processes (pytest-xdist): most tests
+# wait on child interpreters starting.  Each process judges leaks by its own
+# pids only, so they cannot see each other's blocks.  TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
+export TEST_JOBS
+
 # The other interpreters run the core suites at 2 workers; the 3- and
 # 5-worker runs of the same suites are the main suite's.
 OTHERS_K := not 3w and not 5w
@@ -59,7 +65,7 @@ test: $(VENV)/.installed-test
 	echo "== make test: every part passed"
 
 test-main: $(VENV)/.installed-test
-	$(BIN)/python -m pytest --durations=20
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --durations=20
 
 stress: $(VENV)/.installed-test
 	$(BIN)/python tests/chaos.py $(if $(SEED),--seed $(SEED),--seconds $(DURATION)) \
