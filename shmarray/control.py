@@ -25,6 +25,8 @@ spinning on its ring never shares a line with another process's writes::
     line 1      NEXT, STOP                        the workers of a round
                                                   (coordinator between rounds)
     line 2      ABORT                             any coordinator thread
+                BELL                              any worker (and ABORT's
+                                                  writers)
     line 3      SLEEPERS                          workers asleep on a STEP word
     worker i:
       line a    RING, JOB, PIPED, STEPS           coordinator
@@ -57,8 +59,13 @@ OUTPUT         lines written to its stdout/stderr so far   coordinator (forward)
 NEXT           the next dynamic chunk (fetch-and-add)      workers of the round
 STOP           stop taking chunks: a chunk failed, or the  workers of the round
                coordinator wants no more
-COORD_ASLEEP   the coordinator sleeps on the pipes         workers (finish)
+COORD_ASLEEP   the coordinator sleeps: 1 on the pipes (a   workers (finish,
+               worker wakes it there), 2 on BELL (a        serve)
+               worker rings BELL: ``ring_bell``)
 ABORT          interrupt the driver's spin (close, stop)   the driver
+BELL           the driver's doorbell: bumped, then woken   the driver (futex)
+               (futex), by a worker that finished while
+               the driver naps on it, or by ``abort``
 SLEEPERS       workers asleep on some STEP word            workers (publish)
 board[k]       PENDING, RUNNING, FINISHED or FAILED        coordinator
 =============  ==========================================  =====================
@@ -91,6 +98,8 @@ Invariants:
   wakes the sleeper if it is set.
 * Every wait has a way out: a worker waiting for its neighbours gives up
   when STOP is set, and sleeps on a futex with a timeout, so it looks again.
+  The driver naps on BELL (``nap_all``) in slices, for a bounded time,
+  then sleeps on the pipes, where deaths, output and timeouts are seen.
 """
 
 from __future__ import annotations
@@ -111,6 +120,8 @@ COORD_ASLEEP = 0
 NEXT = LINE  # the next dynamic chunk to take
 STOP = LINE + 1  # stop taking chunks
 ABORT = 2 * LINE  # close() or stop(): the waiting driver returns
+BELL = 2 * LINE + 1  # the napping driver's doorbell
+COORD_NAPS = 2  # COORD_ASLEEP's value while the driver naps on BELL
 SLEEPERS = 3 * LINE  # workers asleep on a STEP word
 
 _WORKERS_AT = 4 * LINE
@@ -450,17 +461,37 @@ def ring(ctl, at, job, piped, steps, seq):
     return _load(ctl, at + ASLEEP)
 
 
+@njit(types.void(_words), **_OPTS)
+def ring_bell(ctl):
+    """Wake the driver napping on BELL (``nap_all``)."""
+    _fetch_add(ctl, BELL, 1)
+    if SYS_FUTEX >= 0:
+        _futex(ctl, BELL, FUTEX_WAKE, 0x7FFFFFFF, 0)
+
+
+@njit(types.int64(_words), **_OPTS)
+def _answer(ctl):
+    """After a worker's DONE store: ring BELL if the driver naps on it;
+    1 if the driver sleeps on the pipes instead, else 0."""
+    asleep = _load(ctl, COORD_ASLEEP)
+    if asleep == COORD_NAPS:
+        ring_bell(ctl)
+        return 0
+    return asleep
+
+
 @njit(
     types.int64(_words, types.int64, types.int64, types.int64, types.int64, types.int64), **_OPTS
 )
 def finish(ctl, at, seq, replies, chunks, busy_ns):
     """A worker's end of a ring: its counts, then DONE; returns 1 if the
-    coordinator sleeps (wake it through the results pipe), else 0."""
+    coordinator sleeps on the pipes (wake it through the results pipe),
+    else 0 (rung here if it naps on BELL)."""
     _store(ctl, at + REPLY, replies)
     _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + chunks)
     _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + busy_ns)
     _store(ctl, at + DONE, seq)
-    return _load(ctl, COORD_ASLEEP)
+    return _answer(ctl)
 
 
 @njit(types.void(_words, types.int64, types.int64), **_OPTS)
@@ -548,6 +579,8 @@ def wait_all(ctl, workers, seq, spin_ns, n_all, output_seen):
             break
         if _load(ctl, ABORT) != 0:
             return ABORTED
+        if spin_ns <= 0:
+            return SPUN  # one look, no spin
         _relax()
         k += 1
         if k % YIELD_EVERY == 0:
@@ -600,6 +633,44 @@ def ring_and_wait(ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_se
     if asleep:
         return SPUN, asleep
     return wait_all(ctl, workers, seq, spin_ns, n_all, output_seen), 0
+
+
+# How long the driver naps on BELL at most, a slice at a time, before it
+# sleeps on the pipes (where a death, output or a timeout is seen).
+NAP_BUDGET_NS = 20_000_000
+NAP_SLICE_NS = 2_000_000
+
+
+@njit(types.int64(_words, _indices, types.int64, types.int64, types.int64, types.int64), **_OPTS)
+def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
+    """``wait_all`` for a map the driver has stopped spinning for: sleep on
+    BELL (a futex; a worker that finishes rings it: ``_answer``) up to
+    ``budget_ns``, looking at the done words after each wake-up.  Returns
+    what ``wait_all`` does (SPUN: the budget ran out).  A wake-up through
+    the pipes costs a round of Python on both sides; this costs a futex
+    call on each."""
+    deadline = _now_ns() + budget_ns
+    state = SPUN
+    while True:
+        bell = _load(ctl, BELL)
+        _store(ctl, COORD_ASLEEP, COORD_NAPS)
+        # Dekker's pattern: published before the done words are read.
+        state = wait_all(ctl, workers, seq, 0, n_all, output_seen)
+        if state != SPUN or _now_ns() > deadline:
+            break
+        if SYS_FUTEX >= 0:
+            _futex(ctl, BELL, FUTEX_WAIT, bell & 0xFFFFFFFF, NAP_SLICE_NS)
+        else:
+            _usleep(100)
+    _store(ctl, COORD_ASLEEP, 0)
+    return state
+
+
+@njit(types.void(_words), **_OPTS)
+def abort_driver(ctl):
+    """Set ABORT, and wake the driver if it naps on BELL."""
+    _store(ctl, ABORT, 1)
+    ring_bell(ctl)
 
 
 @njit(types.int64(_words, types.int64), **_OPTS)
@@ -657,7 +728,7 @@ def serve(ctl, at, last, keys, received, kernel, calls_by, indices_by, spin_ns):
         _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + len(calls))
         _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + _now_ns() - t0)
         _store(ctl, at + DONE, seq)
-        if _load(ctl, COORD_ASLEEP) != 0:
+        if _answer(ctl) != 0:
             return WAKE_DRIVER, seq
         last = seq
 
@@ -760,6 +831,10 @@ class ControlBlock:
     def wait_all(self, workers: np.ndarray, seq: int, spin_ns: int, output_seen: int) -> int:
         return int(wait_all(self.words, workers, seq, spin_ns, self.n_workers, output_seen))
 
+    def nap_all(self, workers: np.ndarray, seq: int, output_seen: int, budget_ns: int) -> int:
+        """Wait for ``workers`` asleep on BELL (see ``nap_all``)."""
+        return int(nap_all(self.words, workers, seq, self.n_workers, output_seen, budget_ns))
+
     def asleep(self, index: int) -> bool:
         """Whether worker ``index`` sleeps on its task pipe."""
         return bool(self._word(index, ASLEEP))
@@ -775,7 +850,7 @@ class ControlBlock:
     def abort(self) -> None:
         """Make the driver's spin return (any thread)."""
         if self.words.size:
-            store(self.words, ABORT, 1)
+            abort_driver(self.words)
 
     def clear_abort(self) -> None:
         store(self.words, ABORT, 0)

@@ -369,6 +369,19 @@ class Round:
         done, something to read; SPUN: not done; ABORTED), if it ran."""
         runner, call = self.runner, self.call
         policy = runner.pool.policy
+        started = time.monotonic()
+        if state == control.SPUN:
+            # The lean path spun out: nap on the driver's doorbell, which
+            # the last worker to finish rings (a futex call on each side),
+            # for a bounded time, before sleeping on the pipes.
+            assert self.job.workers is not None
+            budget = control.NAP_BUDGET_NS
+            if call.timeout is not None:
+                budget = min(budget, int(call.timeout * 1e9))
+            state = self.ctl.nap_all(self.job.workers, self.seq, runner.output_seen, budget)
+            if state == control.QUIET:
+                runner._quiet = True
+                return self.collect()
         if state == control.ATTEND:
             return self.collect()
         if state == control.ABORTED:
@@ -390,15 +403,15 @@ class Round:
                     runner.check_interrupt(self.tally)
                 elif time.monotonic() > spin_until:
                     break
-        return self.sleep()
+        return self.sleep(started)
 
-    def sleep(self) -> list | None:
+    def sleep(self, started: float) -> list | None:
         """Wait asleep: on the busy workers' pipes and sentinels and the
         wake-up.  The last worker to finish wakes us.  In a tracked round,
         a worker that dies or times out is set aside (``lose``), and
         replaced within the round if it should be (``tracked.respawn``)."""
         runner, ctl, call, seq = self.runner, self.ctl, self.call, self.seq
-        deadline = None if call.timeout is None else time.monotonic() + call.timeout
+        deadline = None if call.timeout is None else started + call.timeout
         forwarder = runner.pool.forwarder
         progress = None
         mode = resolve_progress(call.progress)

@@ -6,7 +6,9 @@ costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
 * a worker that finished a job spins for its next ring, then sleeps on its
   task pipe (a ring to a sleeper costs a pipe write and a wake-up, 10-100 us
   in a VM; to a spinner, about a microsecond);
-* the driver spins on the workers' done words, then sleeps on their pipes;
+* the driver spins on the workers' done words, then naps on a futex that
+  the last worker to finish rings (a microsecond or two on each side), and
+  after 20 ms sleeps on their pipes, where deaths and output are seen;
 * a worker of an iterated or ghost-filling job spins on its neighbours'
   step words, then sleeps on a futex.
 
@@ -20,8 +22,14 @@ costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
     costs a wake-up.
 ``"auto"`` (the default)
     spin briefly (2 ms after a job, 50 us in the driver) while every worker
-    can have a CPU of its own.  With more workers than usable CPUs, the
-    driver and the neighbour waits spin next to nothing, since a spinner
+    can have a CPU of its own; the driver spins only 5 us when it has no
+    CPU of its own (as many workers as CPUs): its spin would slow the
+    worker it shares a CPU with, and its futex nap costs less (a 512^2
+    heat loop of maps on 2 workers and 2 vCPUs: 116-141 us a step,
+    against 177-192 us with the 50 us spin).
+
+    With more workers than usable CPUs, the driver and the neighbour waits
+    spin next to nothing, since a spinner
     then holds a CPU a worker with work needs; a worker after a job still
     spins 1 ms, but gives its CPU away (``sched_yield``) every few turns,
     so it costs a worker with work almost nothing and the next map finds
@@ -88,4 +96,5 @@ def resolve(name: str, workers: int, cpus: int) -> WaitPolicy:
     if over:  # auto, oversubscribed: see the module docstring
         return WaitPolicy(name, 1e-3, 5e-6, 64, over)
     # A round of the step spin is about 0.2 us: 10000 rounds, about 2 ms.
-    return WaitPolicy(name, 2e-3, 50e-6, 10_000, over)
+    driver = 50e-6 if workers < cpus else 5e-6  # a CPU of its own, or not
+    return WaitPolicy(name, 2e-3, driver, 10_000, over)
