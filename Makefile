@@ -38,16 +38,20 @@ DURATION ?= 1800
 
 .PHONY: demo test $(TEST_PARTS) stress bench docs clean
 
+# pip's log is shown only when it fails (a machine's own pip configuration
+# may name indexes that warn on every install).
 # One stamp per set of extras, so `make demo` installs only the core and
 # `make test` adds what the tests need (peers, Dask, Jupyter).
 $(VENV)/.installed-core: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e .
+	@echo "installing shmarray into $(VENV) (pip's log: $(VENV)/pip.log)"
+	$(PIP) -e . >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[test]'
+	@echo "installing shmarray and the test tools into $(VENV) (pip's log: $(VENV)/pip.log)"
+	$(PIP) -e '.[test]' >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@touch $@ $(VENV)/.installed-core
 
 demo: $(VENV)/.installed-core

@@ -20,10 +20,12 @@ How a map flows, and who owns what::
                                     |                                    drains the pipe,
                                     |                                    runs its chunks
                                     |                                    in place
-                                    |  spins on DONE, then sleeps  <~~  REPLY, DONE = seq
-                                    |  on pipes + sentinels            (+ Values / Failed
-                                    |  (Round.wait)                     of ring seq on the
-                                    |                                    results pipe)
+                                    |  spins on DONE, then naps    <~~  REPLY, DONE = seq
+                                    |  on BELL (up to 20 ms),          (+ Values / Failed
+                                    |  then sleeps on pipes +           of ring seq on the
+                                    |  sentinels (Round.wait)           results pipe);
+                                    |                                   rings BELL if the
+                                    |                                   driver naps
     result or exception   <-------  values in chunk order
 
 The static schedule gives each worker its contiguous group of chunks, the
