@@ -584,6 +584,10 @@ def test_garbage_collection_closes_an_abandoned_engine():
     # the leak fixture checks that the block and the worker are gone
 
 
+# Under pytest-xdist the test process has threads of its own (execnet's),
+# and Python 3.12+ warns about fork() in a threaded process: the harness's
+# doing, not the engine's.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
 def test_every_start_method_works(method):
     with shmarray.Engine(workers=2, start_method=method) as eng:
