@@ -74,9 +74,12 @@ def _after_fork_in_child() -> None:
 # CPU every few rounds, so it does not hold up a process that has work.
 SPIN_ROUNDS = 256  # rounds per call into the spin loop: about 25 us
 # A job becomes hot, and is served by the compiled loop (control.serve),
-# after this many runs: compiling the loop costs about 0.1-0.3 s in each
-# worker, worth it for a loop of maps, not for a map run once or twice.
-HOT_RUNS = 3
+# after this many runs: compiling the loop for a new kernel costs 0.3-0.5 s
+# in each worker (2 vCPUs), a stall of the map that triggers it; the loop
+# saves 5-15 us a map.  Worth it for a loop of hundreds of maps, not for a
+# kernel mapped a few times (at 3 runs, every kernel's fourth map stalled).
+# A prepared map is hot at once: preparing says a loop follows.
+HOT_RUNS = 50
 
 
 def limit_threads() -> None:

@@ -20,6 +20,7 @@ import shmarray
 from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
 from shmarray import options
 from shmarray.kernels.stencils import heat_step
+from shmarray.worker import HOT_RUNS
 
 
 @pytest.fixture(scope="module", params=WORKER_COUNTS, ids=engine_id)
@@ -71,11 +72,12 @@ def test_a_double_buffered_loop_of_maps_stays_exact(eng):
     rng = np.random.default_rng(2)
     u0 = rng.random((90, 40))
     a, b = u0.copy(), u0.copy()
-    for _ in range(40):
+    rounds = HOT_RUNS + 10  # hot from round HOT_RUNS on
+    for _ in range(2 * rounds):
         heat_step(b, a, 0.2)
         a, b = b, a
     x, y, z = eng.from_numpy(u0), eng.from_numpy(u0), eng.from_numpy(u0)
-    for _ in range(20):  # 40 steps, alternating
+    for _ in range(rounds):  # two steps a round, alternating
         eng.map(heat_step, y, x, args=(0.2,), halo=1)
         eng.map(heat_step, x, y, args=(0.2,), halo=1)
     assert np.array_equal(x, a)
@@ -85,7 +87,7 @@ def test_a_double_buffered_loop_of_maps_stays_exact(eng):
     heat_step(b, a, 0.2)
     assert np.array_equal(z, b)
     r, s = eng.zeros(60), eng.zeros(60)
-    for _ in range(4):  # hot, as a pair, then one raises
+    for _ in range(HOT_RUNS + 1):  # hot, as a pair, then one raises
         eng.map(fail_at, r, args=(shmarray.row_offset, -1))
         eng.map(fail_at, s, args=(shmarray.row_offset, -1))
     with pytest.raises(ZeroDivisionError, match="bad row"):
