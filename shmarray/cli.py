@@ -347,7 +347,7 @@ def _ls(args: argparse.Namespace) -> int:
         print(f"no shmarray blocks{whose} in {where or blocks.SHM_DIR}")
         return 0
     width = max(30, *(len(b.name) for b in found))
-    print(f"{'name':<{width}} {'size':>10} {'owner pid':>10}  owner")
+    print(f"{'name':<{width}} {'size':>10} {'owner pid':>10}  owner is")
     for b in found:
         print(
             f"{b.name:<{width}} {blocks.format_bytes(b.size):>10} "
