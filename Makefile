@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# $(call install,WHAT): pip install WHAT, its log shown only if it fails
+install = $(PIP) $(1) >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
 # The suites that also run on Python 3.12 and 3.13 and on the oldest numba
 # allowed (see .ci/other-pythons): the engine's contract and lifecycle, and
@@ -45,13 +47,13 @@ DURATION ?= 1800
 $(VENV)/.installed-core: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing shmarray into $(VENV) (pip's log: $(VENV)/pip.log)"
-	$(PIP) -e . >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	$(call install,-e .)
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing shmarray and the test tools into $(VENV) (pip's log: $(VENV)/pip.log)"
-	$(PIP) -e '.[test]' >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	$(call install,-e '.[test]')
 	@touch $@ $(VENV)/.installed-core
 
 demo: $(VENV)/.installed-core

@@ -650,7 +650,6 @@ def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
     the pipes costs a round of Python on both sides; this costs a futex
     call on each."""
     deadline = _now_ns() + budget_ns
-    state = SPUN
     while True:
         bell = _load(ctl, BELL)
         _store(ctl, COORD_ASLEEP, COORD_NAPS)

@@ -29,8 +29,8 @@ costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
     against 177-192 us with the 50 us spin).
 
     With more workers than usable CPUs, the driver and the neighbour waits
-    spin next to nothing, since a spinner
-    then holds a CPU a worker with work needs; a worker after a job still
+    spin next to nothing, since a spinner then holds a CPU a worker with
+    work needs; a worker after a job still
     spins 1 ms, but gives its CPU away (``sched_yield``) every few turns,
     so it costs a worker with work almost nothing and the next map finds
     it awake (sleeping at once instead cost each map a wake-up per worker:

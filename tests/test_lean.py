@@ -306,3 +306,45 @@ def test_the_default_worker_count_honours_a_cgroup_cpu_quota(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def test_a_napping_driver_is_rung_by_the_worker_that_finishes_and_by_abort():
+    # The protocol of BELL on a real shared mapping, driver and worker in
+    # two threads (both sides are nogil compiled calls).
+    import mmap
+    import threading
+
+    from shmarray import control
+
+    buf = mmap.mmap(-1, control.ControlBlock.nbytes(1))
+    ctl, worker = control.ControlBlock(buf, 1), control.WorkerWords(buf, 0)
+    workers = np.array([0], np.int64)
+
+    def bell() -> int:
+        return int(control.load(ctl.words, control.BELL))
+
+    def when_napping(action):
+        def run():
+            while control.load(ctl.words, control.COORD_ASLEEP) != control.COORD_NAPS:
+                time.sleep(0.0005)
+            action()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    # Nobody naps: finishing rings nothing, and asks for no pipe wake-up.
+    assert not worker.finish(1, 0, 1, 0) and bell() == 0
+    # Nothing to wait for: the nap runs out its budget.
+    assert ctl.nap_all(workers, 2, 0, 5_000_000) == control.SPUN
+    # The worker that finishes while the driver naps rings BELL.
+    thread = when_napping(lambda: worker.finish(2, 0, 1, 0))
+    assert ctl.nap_all(workers, 2, 0, 10_000_000_000) == control.QUIET
+    thread.join()
+    assert bell() == 1
+    # So does abort() from another thread.
+    thread = when_napping(ctl.abort)
+    assert ctl.nap_all(workers, 3, 0, 10_000_000_000) == control.ABORTED
+    thread.join()
+    assert bell() == 2
+    assert control.load(ctl.words, control.COORD_ASLEEP) == 0
