@@ -557,8 +557,9 @@ def take_chunk(ctl, n):
 # Measured on the 2-vCPU reference VM, a no-op map through the Python
 # paths cost 30 us; see bench/dispatch_figures.py for these.
 
-# What ``wait_all`` (and ``ring_and_wait``) say.
-QUIET, ATTEND, SPUN, ABORTED = 0, 1, 2, 3
+# What ``wait_all`` (and ``ring_and_wait``) say.  NAPPED: not done after
+# the spin and the nap (``ring_and_wait`` only): sleep on the pipes.
+QUIET, ATTEND, SPUN, ABORTED, NAPPED = 0, 1, 2, 3, 4
 
 
 @njit(types.int64(_words, _indices, types.int64, types.int64, types.int64, types.int64), **_OPTS)
@@ -596,45 +597,6 @@ def wait_all(ctl, workers, seq, spin_ns, n_all, output_seen):
     return QUIET if out == output_seen else ATTEND
 
 
-@njit(
-    types.UniTuple(types.int64, 2)(
-        _words,
-        _indices,
-        types.int64,
-        _indices,
-        types.int64,
-        types.int64,
-        types.int64,
-        types.int64,
-        types.int64,
-        types.int64,
-    ),
-    **_OPTS,
-)
-def ring_and_wait(ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_seen, new_round):
-    """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
-    before it for worker ``i``, then ``wait_all``; first, if ``new_round``,
-    reset NEXT and STOP (between rounds: see the invariants).  Returns
-    (state, asleep): when ``asleep`` workers sleep, nothing was waited for
-    (state SPUN): wake them (``ControlBlock.asleep``), then wait."""
-    if new_round:
-        _store(ctl, NEXT, 0)
-        _store(ctl, STOP, 0)
-    asleep = 0
-    for i in range(workers.shape[0]):
-        w = workers[i]
-        at = _WORKERS_AT + w * _PER_WORKER
-        _store(ctl, at + JOB, job)
-        _store(ctl, at + PIPED, sent[w])
-        _store(ctl, at + STEPS, steps)
-        _store(ctl, at + RING, seq)
-        if _load(ctl, at + ASLEEP) != 0:
-            asleep += 1
-    if asleep:
-        return SPUN, asleep
-    return wait_all(ctl, workers, seq, spin_ns, n_all, output_seen), 0
-
-
 # How long the driver naps on BELL at most, a slice at a time, before it
 # sleeps on the pipes (where a death, output or a timeout is seen).
 NAP_BUDGET_NS = 20_000_000
@@ -663,6 +625,55 @@ def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
             _usleep(100)
     _store(ctl, COORD_ASLEEP, 0)
     return state
+
+
+@njit(
+    types.UniTuple(types.int64, 2)(
+        _words,
+        _indices,
+        types.int64,
+        _indices,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+        types.int64,
+    ),
+    **_OPTS,
+)
+def ring_and_wait(
+    ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_seen, new_round, nap_ns
+):
+    """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
+    before it for worker ``i``, then ``wait_all`` (a spin of ``spin_ns``),
+    then, if the workers are not done, ``nap_all`` (a nap of ``nap_ns`` at
+    most); first, if ``new_round``, reset NEXT and STOP (between rounds: see
+    the invariants).  Returns (state, asleep): NAPPED if the workers were
+    not done by the end of the nap; when ``asleep`` workers sleep, nothing
+    was waited for (state SPUN): wake them (``ControlBlock.asleep``), then
+    wait."""
+    if new_round:
+        _store(ctl, NEXT, 0)
+        _store(ctl, STOP, 0)
+    asleep = 0
+    for i in range(workers.shape[0]):
+        w = workers[i]
+        at = _WORKERS_AT + w * _PER_WORKER
+        _store(ctl, at + JOB, job)
+        _store(ctl, at + PIPED, sent[w])
+        _store(ctl, at + STEPS, steps)
+        _store(ctl, at + RING, seq)
+        if _load(ctl, at + ASLEEP) != 0:
+            asleep += 1
+    if asleep:
+        return SPUN, asleep
+    state = wait_all(ctl, workers, seq, spin_ns, n_all, output_seen)
+    if state != SPUN or nap_ns <= 0:
+        return state, 0
+    state = nap_all(ctl, workers, seq, n_all, output_seen, nap_ns)
+    return (NAPPED if state == SPUN else state), 0
 
 
 @njit(types.void(_words), **_OPTS)
@@ -812,8 +823,9 @@ class ControlBlock:
         spin_ns: int,
         output_seen: int,
         new_round: bool,
+        nap_ns: int,
     ) -> tuple[int, int]:
-        """The lean path's ring and spin (see ``ring_and_wait``)."""
+        """The lean path's ring, spin and nap (see ``ring_and_wait``)."""
         return ring_and_wait(
             self.words,
             workers,
@@ -825,6 +837,7 @@ class ControlBlock:
             self.n_workers,
             output_seen,
             new_round,
+            nap_ns,
         )
 
     def wait_all(self, workers: np.ndarray, seq: int, spin_ns: int, output_seen: int) -> int:

@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 # driver spins in all is the wait policy's (``shmarray.waiting``): a map
 # shorter than that returns about 10 us sooner (no wake-up); a longer one
 # loses that much CPU to the spin, which yields to the workers meanwhile.
-# Measured on the 2-vCPU reference VM: 50 us kept a 1024-square heat step
-# within 8% of prange, where spinning for the whole map cost 2.5 times.
+# Measured on the 2-vCPU reference VM with a worker per CPU: spinning for
+# a whole 1024-square heat step cost 2.5 times, a short spin 1.08.
 SPIN_ROUNDS = 64
 
 # Seconds between polls of the workers' output pipes when the lean path
@@ -273,6 +273,7 @@ class Runner:
             self._spin_ns,
             self.output_seen,
             job.round_words,
+            nap_budget(call.timeout),
         )
 
     def ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:
@@ -332,6 +333,14 @@ class Runner:
         self.dirty = False
 
 
+def nap_budget(timeout: float | None) -> int:
+    """How long the driver naps on BELL (ns) before it sleeps on the pipes:
+    ``control.NAP_BUDGET_NS``, or less for a shorter timeout."""
+    if timeout is None:
+        return control.NAP_BUDGET_NS
+    return min(control.NAP_BUDGET_NS, int(timeout * 1e9))
+
+
 class Round:
     """One ring of one job, from the ring to the values: waiting (a spin,
     then asleep on the pipes), reading messages of this ring, handling
@@ -367,23 +376,29 @@ class Round:
 
     def wait(self, state: int | None = None) -> list | None:
         """The values of this ring, once every busy worker is done.
-        ``state``: what the lean path's spin found (``control.ATTEND``:
-        done, something to read; SPUN: not done; ABORTED), if it ran."""
+        ``state``: what the lean path's spin and nap found
+        (``control.ATTEND``: done, something to read; SPUN: not done, not
+        napped; NAPPED: not done after the nap either; ABORTED), if it
+        ran."""
         runner, call = self.runner, self.call
         policy = runner.pool.policy
         started = time.monotonic()
+        if state == control.NAPPED:
+            # The lean path napped its whole budget: that counts as waiting.
+            started -= nap_budget(call.timeout) / 1e9
         if state == control.SPUN:
-            # The lean path spun out: nap on the driver's doorbell, which
-            # the last worker to finish rings (a futex call on each side),
-            # for a bounded time, before sleeping on the pipes.
+            # The workers slept when rung (or the lean path did not nap):
+            # nap on the driver's doorbell, which the last worker to finish
+            # rings (a futex call on each side), for a bounded time, before
+            # sleeping on the pipes.
             assert self.job.workers is not None
-            budget = control.NAP_BUDGET_NS
-            if call.timeout is not None:
-                budget = min(budget, int(call.timeout * 1e9))
+            budget = nap_budget(call.timeout)
             state = self.ctl.nap_all(self.job.workers, self.seq, runner.output_seen, budget)
-            if state == control.QUIET:
-                runner._quiet = True
-                return self.collect()
+            if state == control.SPUN:
+                state = control.NAPPED
+        if state == control.QUIET:
+            runner._quiet = True
+            return self.collect()
         if state == control.ATTEND:
             return self.collect()
         if state == control.ABORTED:

@@ -21,12 +21,15 @@ costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
     never spin: every wait sleeps at once.  The least CPU; each hand-over
     costs a wake-up.
 ``"auto"`` (the default)
-    spin briefly (2 ms after a job, 50 us in the driver) while every worker
-    can have a CPU of its own; the driver spins only 5 us when it has no
-    CPU of its own (as many workers as CPUs): its spin would slow the
-    worker it shares a CPU with, and its futex nap costs less (a 512^2
-    heat loop of maps on 2 workers and 2 vCPUs: 116-141 us a step,
-    against 177-192 us with the 50 us spin).
+    spin briefly (2 ms after a job) while every worker can have a CPU of
+    its own.  The driver spins as long when it has a CPU of its own too
+    (fewer workers than CPUs): its CPU would otherwise idle, and waking an
+    idle CPU is the dearest wake-up there is (1 worker on 2 vCPUs, maps of
+    100 us: 21 us of overhead a map with a 50 us spin, 10 us with 2 ms).
+    With as many workers as CPUs it spins only 5 us, then naps: a spinning
+    driver takes CPU time from the worker it shares a CPU with, however
+    often it yields (maps of 20-100 us on 2 workers and 2 vCPUs: 18-23 us
+    of overhead a map with the 5 us spin, 42-103 us with 150 us).
 
     With more workers than usable CPUs, the driver and the neighbour waits
     spin next to nothing, since a spinner then holds a CPU a worker with
@@ -96,5 +99,5 @@ def resolve(name: str, workers: int, cpus: int) -> WaitPolicy:
     if over:  # auto, oversubscribed: see the module docstring
         return WaitPolicy(name, 1e-3, 5e-6, 64, over)
     # A round of the step spin is about 0.2 us: 10000 rounds, about 2 ms.
-    driver = 50e-6 if workers < cpus else 5e-6  # a CPU of its own, or not
+    driver = 2e-3 if workers < cpus else 5e-6  # a CPU of its own, or not
     return WaitPolicy(name, 2e-3, driver, 10_000, over)

@@ -18,7 +18,8 @@ from numba import njit
 
 import shmarray
 from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
-from shmarray import options
+from shmarray import control, options
+from shmarray.control import _now_ns
 from shmarray.kernels.stencils import heat_step
 from shmarray.worker import HOT_RUNS
 
@@ -165,6 +166,50 @@ def killed_under_a_prepared_map(eng):
     assert np.all(x2 == 1.0)
 
 
+@njit(cache=True)
+def dwell(x, ms):
+    """Busy for ``ms[0]`` milliseconds (by the clock), then count the call."""
+    t0 = _now_ns()
+    while _now_ns() - t0 < ms[0] * 1_000_000:
+        pass
+    for i in range(x.shape[0]):
+        x[i] += 1.0
+
+
+@pytest.mark.parametrize("workers", WORKER_COUNTS, ids=engine_id)
+def test_a_map_that_outlasts_the_drivers_nap_and_a_timeout_within_it(workers):
+    """The lean path spins, then naps on BELL for NAP_BUDGET_NS, then hands
+    the wait to the pipes: a map longer than the nap still ends right, and
+    a timeout shorter than the nap still fires on time.  An engine of its
+    own: the timeout replaces workers."""
+    with shmarray.Engine(workers=workers, storage=storage_for(workers)) as eng:
+        outlast_the_nap(eng)
+
+
+def outlast_the_nap(eng):
+    rows = 4 * eng.workers
+    x, ms = eng.zeros(rows), eng.zeros(rows)
+    nap_ms = control.NAP_BUDGET_NS // 1_000_000
+    ms[:] = nap_ms + 30
+    step = eng.prepare(dwell, x, ms)
+    for k in range(1, 4):
+        step()
+        assert np.all(x == k)
+    ms[:] = 0
+    quick = eng.prepare(dwell, x, ms, timeout=nap_ms / 4000)
+    for _ in range(3):
+        quick()  # hot: the lean path, with a nap as long as the timeout
+    ms[:] = 3000
+    t0 = time.monotonic()
+    with pytest.raises(shmarray.TaskTimeoutError):
+        quick()
+    assert time.monotonic() - t0 < 1.5  # the timeout, and a replacement worker
+    ms[:] = 0
+    step()  # the engine goes on (new workers: no timeout for their first load)
+    assert np.all(x == 7)
+    del step, quick, x, ms
+
+
 def test_swap_needs_two_interchangeable_arrays(eng):
     x = eng.zeros(10)
     with pytest.raises(ValueError, match="first two arrays"):
@@ -240,6 +285,9 @@ def test_auto_spins_less_with_more_workers_than_cpus():
     fits, over = resolve("auto", cpus, cpus), resolve("auto", cpus + 3, cpus)
     assert not fits.oversubscribed and over.oversubscribed
     assert over.worker_spin < fits.worker_spin and over.step_spin < fits.step_spin
+    # The driver spins as long as a worker only with a CPU of its own.
+    spare = resolve("auto", 1, 2)
+    assert spare.driver_spin == spare.worker_spin > fits.driver_spin >= over.driver_spin
 
 
 def test_shmarray_workers_overrides_the_default_count():
