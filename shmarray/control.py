@@ -21,7 +21,7 @@ Protocol
 Layout, in int64 words; every writer has its own 128-byte line, so a worker
 spinning on its ring never shares a line with another process's writes::
 
-    line 0      COORD_ASLEEP                      coordinator
+    line 0      COORD_ASLEEP, WORKERS             coordinator
     line 1      NEXT, STOP                        the workers of a round
                                                   (coordinator between rounds)
     line 2      ABORT                             any coordinator thread
@@ -60,12 +60,15 @@ NEXT           the next dynamic chunk (fetch-and-add)      workers of the round
 STOP           stop taking chunks: a chunk failed, or the  workers of the round
                coordinator wants no more
 COORD_ASLEEP   the coordinator sleeps: 1 on the pipes (a   workers (finish,
-               worker wakes it there), 2 on BELL (a        serve)
-               worker rings BELL: ``ring_bell``)
+               worker wakes it there), 2 on BELL (the      serve)
+               last worker of the ring to finish rings
+               BELL: ``_answer``)
+WORKERS        the pool's size, written at creation        workers (``_answer``)
 ABORT          interrupt the driver's spin (close, stop)   the driver
 BELL           the driver's doorbell: bumped, then woken   the driver (futex)
-               (futex), by a worker that finished while
-               the driver naps on it, or by ``abort``
+               (futex), by the last worker of a ring to
+               finish while the driver naps on it, or by
+               ``abort``
 SLEEPERS       workers asleep on some STEP word            workers (publish)
 board[k]       PENDING, RUNNING, FINISHED or FAILED        coordinator
 =============  ==========================================  =====================
@@ -117,6 +120,7 @@ from numba.extending import intrinsic
 LINE = 16  # int64 words per 128-byte line
 
 COORD_ASLEEP = 0
+WORKERS = 1  # the pool's size: written once, before any worker starts
 NEXT = LINE  # the next dynamic chunk to take
 STOP = LINE + 1  # stop taking chunks
 ABORT = 2 * LINE  # close() or stop(): the waiting driver returns
@@ -469,12 +473,21 @@ def ring_bell(ctl):
         _futex(ctl, BELL, FUTEX_WAKE, 0x7FFFFFFF, 0)
 
 
-@njit(types.int64(_words), **_OPTS)
-def _answer(ctl):
-    """After a worker's DONE store: ring BELL if the driver naps on it;
-    1 if the driver sleeps on the pipes instead, else 0."""
+@njit(types.int64(_words, types.int64), **_OPTS)
+def _answer(ctl, seq):
+    """After a worker's DONE store for ring ``seq``: ring BELL if the
+    driver naps on it and every worker rung ``seq`` is done (the others'
+    rings would only wake it to find work still running, and take a CPU
+    from a worker that runs it); 1 if the driver sleeps on the pipes
+    instead, else 0.  Two workers that finish at once both see each
+    other's DONE, or one does (the stores and loads are sequentially
+    consistent), so the last one to finish always rings."""
     asleep = _load(ctl, COORD_ASLEEP)
     if asleep == COORD_NAPS:
+        for i in range(_load(ctl, WORKERS)):
+            at = _WORKERS_AT + i * _PER_WORKER
+            if _load(ctl, at + RING) == seq and _load(ctl, at + DONE) < seq:
+                return 0  # not the last: that one rings
         ring_bell(ctl)
         return 0
     return asleep
@@ -491,7 +504,7 @@ def finish(ctl, at, seq, replies, chunks, busy_ns):
     _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + chunks)
     _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + busy_ns)
     _store(ctl, at + DONE, seq)
-    return _answer(ctl)
+    return _answer(ctl, seq)
 
 
 @njit(types.void(_words, types.int64, types.int64), **_OPTS)
@@ -738,7 +751,7 @@ def serve(ctl, at, last, keys, received, kernel, calls_by, indices_by, spin_ns):
         _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + len(calls))
         _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + _now_ns() - t0)
         _store(ctl, at + DONE, seq)
-        if _answer(ctl) != 0:
+        if _answer(ctl, seq) != 0:
             return WAKE_DRIVER, seq
         last = seq
 
@@ -759,6 +772,7 @@ class ControlBlock:
         self.words = np.frombuffer(buffer, dtype=np.int64)
         self.board = self.words[self.words.size - BOARD_CHUNKS // 8 :].view(np.uint8)
         self.n_workers = n_workers
+        store(self.words, WORKERS, n_workers)
 
     @staticmethod
     def nbytes(n_workers: int) -> int:

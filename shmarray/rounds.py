@@ -258,9 +258,9 @@ class Runner:
         return values
 
     def ring_lean(self, job, busy: list, call: Call, seq: int) -> tuple[int, int]:
-        """Ring ``job``'s workers and spin for their answer in one compiled
-        call (``control.ring_and_wait``): (what it says, whether a worker
-        slept, as 0 or 1)."""
+        """Ring ``job``'s workers, spin and nap for their answer in one
+        compiled call (``control.ring_and_wait``): (what it says, how many
+        workers slept)."""
         for w in busy:
             w.rung = seq
         assert job.workers is not None  # placed: its workers are known

@@ -356,20 +356,25 @@ def test_the_default_worker_count_honours_a_cgroup_cpu_quota(tmp_path):
                 time.sleep(0.1)
 
 
-def test_a_napping_driver_is_rung_by_the_worker_that_finishes_and_by_abort():
-    # The protocol of BELL on a real shared mapping, driver and worker in
+def test_a_napping_driver_is_rung_by_the_last_worker_to_finish_and_by_abort():
+    # The protocol of BELL on a real shared mapping, driver and workers in
     # two threads (both sides are nogil compiled calls).
     import mmap
     import threading
 
     from shmarray import control
 
-    buf = mmap.mmap(-1, control.ControlBlock.nbytes(1))
-    ctl, worker = control.ControlBlock(buf, 1), control.WorkerWords(buf, 0)
-    workers = np.array([0], np.int64)
+    buf = mmap.mmap(-1, control.ControlBlock.nbytes(2))
+    ctl = control.ControlBlock(buf, 2)
+    first, second = control.WorkerWords(buf, 0), control.WorkerWords(buf, 1)
+    workers = np.array([0, 1], np.int64)
 
     def bell() -> int:
         return int(control.load(ctl.words, control.BELL))
+
+    def ring(seq: int) -> None:
+        for w in workers:
+            ctl.ring(int(w), 1, 0, 1, seq)
 
     def when_napping(action):
         def run():
@@ -382,17 +387,33 @@ def test_a_napping_driver_is_rung_by_the_worker_that_finishes_and_by_abort():
         return thread
 
     # Nobody naps: finishing rings nothing, and asks for no pipe wake-up.
-    assert not worker.finish(1, 0, 1, 0) and bell() == 0
+    ring(1)
+    assert not first.finish(1, 0, 1, 0) and not second.finish(1, 0, 1, 0) and bell() == 0
     # Nothing to wait for: the nap runs out its budget.
+    ring(2)
     assert ctl.nap_all(workers, 2, 0, 5_000_000) == control.SPUN
-    # The worker that finishes while the driver naps rings BELL.
-    thread = when_napping(lambda: worker.finish(2, 0, 1, 0))
+    # A worker that finishes while another of its ring still runs rings
+    # nothing; the last one to finish rings BELL.
+    rang = []
+
+    def both_finish():
+        first.finish(2, 0, 1, 0)
+        rang.append(bell())
+        second.finish(2, 0, 1, 0)
+
+    thread = when_napping(both_finish)
     assert ctl.nap_all(workers, 2, 0, 10_000_000_000) == control.QUIET
     thread.join()
-    assert bell() == 1
-    # So does abort() from another thread.
-    thread = when_napping(ctl.abort)
-    assert ctl.nap_all(workers, 3, 0, 10_000_000_000) == control.ABORTED
+    assert rang == [0] and bell() == 1
+    # A worker not rung for the ring does not count.
+    ctl.ring(0, 1, 0, 1, 3)
+    thread = when_napping(lambda: first.finish(3, 0, 1, 0))
+    assert ctl.nap_all(workers[:1], 3, 0, 10_000_000_000) == control.QUIET
     thread.join()
     assert bell() == 2
+    # abort() from another thread rings it too.
+    thread = when_napping(ctl.abort)
+    assert ctl.nap_all(workers, 4, 0, 10_000_000_000) == control.ABORTED
+    thread.join()
+    assert bell() == 3
     assert control.load(ctl.words, control.COORD_ASLEEP) == 0
