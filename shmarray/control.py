@@ -107,6 +107,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 from typing import Any
@@ -643,10 +644,10 @@ def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
 @njit(
     types.UniTuple(types.int64, 2)(
         _words,
-        _indices,
         types.int64,
         _indices,
         types.int64,
+        _indices,
         types.int64,
         types.int64,
         types.int64,
@@ -657,7 +658,7 @@ def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
     **_OPTS,
 )
 def ring_and_wait(
-    ctl, workers, job, sent, steps, seq, spin_ns, n_all, output_seen, new_round, nap_ns
+    ctl, n_all, workers, job, sent, steps, seq, spin_ns, output_seen, new_round, nap_ns
 ):
     """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
     before it for worker ``i``, then ``wait_all`` (a spin of ``spin_ns``),
@@ -773,6 +774,14 @@ class ControlBlock:
         self.board = self.words[self.words.size - BOARD_CHUNKS // 8 :].view(np.uint8)
         self.n_workers = n_workers
         store(self.words, WORKERS, n_workers)
+        self._bind()
+
+    def _bind(self) -> None:
+        # The lean path's call, with the block's words and size bound: no
+        # Python frame between the driver and the compiled call (a frame
+        # costs little warm, but the driver of a loop of large maps runs on
+        # a cache the kernel has just flushed).
+        self.ring_and_wait = functools.partial(ring_and_wait, self.words, self.n_workers)
 
     @staticmethod
     def nbytes(n_workers: int) -> int:
@@ -784,6 +793,7 @@ class ControlBlock:
         thread, writes to private words."""
         self.words = np.zeros(self.words.size, np.int64)
         self.board = self.words[self.words.size - BOARD_CHUNKS // 8 :].view(np.uint8)
+        self._bind()
 
     def _word(self, index: int, offset: int) -> int:
         return int(load(self.words, slot(index) + offset))
@@ -826,33 +836,6 @@ class ControlBlock:
     def done_words(indices) -> np.ndarray:
         """The DONE words of these workers, for ``wait_done``."""
         return np.array([slot(i) + DONE for i in indices], np.int64)
-
-    def ring_and_wait(
-        self,
-        workers: np.ndarray,
-        job: int,
-        sent: np.ndarray,
-        steps: int,
-        seq: int,
-        spin_ns: int,
-        output_seen: int,
-        new_round: bool,
-        nap_ns: int,
-    ) -> tuple[int, int]:
-        """The lean path's ring, spin and nap (see ``ring_and_wait``)."""
-        return ring_and_wait(
-            self.words,
-            workers,
-            job,
-            sent,
-            steps,
-            seq,
-            spin_ns,
-            self.n_workers,
-            output_seen,
-            new_round,
-            nap_ns,
-        )
 
     def wait_all(self, workers: np.ndarray, seq: int, spin_ns: int, output_seen: int) -> int:
         return int(wait_all(self.words, workers, seq, spin_ns, self.n_workers, output_seen))

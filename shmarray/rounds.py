@@ -159,26 +159,27 @@ class Runner:
         it found work for the Python path."""
         job = call.job
         holdings = self.holdings
+        pool = self.pool
         if (
             self.dirty
             or job.tracked
             or call.progress is True
             or job.ready != holdings.forgets
-            or job.ready_pool != self.pool.generation
-            or self.table_released()
+            or job.ready_pool != pool.generation
+            or holdings.table.has_released()
             or holdings.cache.forgotten
             or time.monotonic() - self._polled > OUTPUT_POLL
             or not (call.args is job.ready_args or same_args(job.ready_args, call.args))
         ):
             return self.run(call, should_stop)
         self._should_stop = should_stop
-        seq = self.pool.next_seq()
+        seq = pool.next_seq()
         self.dirty = True
         state, asleep = self.ring_lean(job, job.busy, call, seq)
         if state == control.QUIET and not asleep:
             self.dirty = False
-            if self.pool.max_tasks is not None or self.pool.max_memory is not None:
-                self.pool.recycle(job.busy, job.dynamic, self.wakeup, self.closing)
+            if pool.max_tasks is not None or pool.max_memory is not None:
+                pool.recycle(job.busy, job.dynamic, self.wakeup, self.closing)
             return None
         # Something for the Python path: finish this round there.
         self._quiet = False
@@ -197,9 +198,6 @@ class Runner:
             return values
         finally:
             self._forward()
-
-    def table_released(self) -> bool:
-        return self.holdings.table.has_released()
 
     def closing(self) -> bool:
         return isinstance(self._should_stop(), EngineClosedError)
@@ -273,7 +271,7 @@ class Runner:
             self._spin_ns,
             self.output_seen,
             job.round_words,
-            nap_budget(call.timeout),
+            control.NAP_BUDGET_NS if call.timeout is None else nap_budget(call.timeout),
         )
 
     def ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:
