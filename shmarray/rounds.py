@@ -163,6 +163,7 @@ class Runner:
         if (
             self.dirty
             or job.tracked
+            or (job.dynamic and job.boundary is not None)  # the caller fills ghosts
             or call.progress is True
             or job.ready != holdings.forgets
             or job.ready_pool != pool.generation

@@ -210,6 +210,33 @@ def outlast_the_nap(eng):
     del step, quick, x, ms
 
 
+@njit(cache=True)
+def smooth(out, inp):
+    for i in range(1, inp.shape[0] - 1):
+        out[i] = (inp[i - 1] + inp[i] + inp[i + 1]) / 3
+
+
+@pytest.mark.parametrize("schedule", ["static", "dynamic"])
+def test_a_prepared_map_fills_ghost_cells_as_map_does(eng, schedule):
+    # A dynamic map's ghost cells are filled by the caller before the ring
+    # (no chunk has fixed neighbours): the prepared path must not skip it.
+    u0 = np.random.default_rng(7).random(64)
+    a, b, c, d = (eng.from_numpy(u0) for _ in range(4))
+    step = eng.prepare(smooth, b, a, halo=1, boundary="wrap", schedule=schedule)
+    ref_in, ref_out = u0.copy(), u0.copy()
+    for _ in range(3 * HOT_RUNS):
+        step()
+        step.swap()
+        eng.map(smooth, d, c, halo=1, boundary="wrap", schedule=schedule)
+        c, d = d, c
+        padded = np.pad(ref_in[1:-1], 1, mode="wrap")
+        smooth(ref_out, padded)
+        ref_in, ref_out = ref_out, ref_in
+    assert np.array_equal(a, c)
+    assert np.allclose(a[1:-1], ref_in[1:-1])
+    del step, a, b, c, d
+
+
 def test_swap_needs_two_interchangeable_arrays(eng):
     x = eng.zeros(10)
     with pytest.raises(ValueError, match="first two arrays"):
