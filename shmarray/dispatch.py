@@ -164,7 +164,7 @@ class Dispatcher:
                 self._check_open()
                 if self._driver is None and not self._queue:
                     driving = True  # first: _let_go is then harmless
-                    self._driver = threading.get_ident()
+                    self._driver = _get_ident()
                 else:
                     future = self._enqueue(call)
             if driving:
@@ -183,22 +183,6 @@ class Dispatcher:
         except BaseException:
             future.stop()  # Ctrl-C while waiting stops it too
             raise
-
-    def run_prepared(self, call: Call) -> Any:
-        """``run`` for a prepared map: when the engine is idle, drive it here
-        by the lean path (``Runner.prepared``), with nothing else on the way."""
-        lock = self._lock
-        lock.acquire()
-        if self._driver is not None or self._queue or self._closing:
-            lock.release()
-            return self.run(call)
-        self._driver = _get_ident()
-        lock.release()
-        try:
-            values = self.runner.prepared(call, self._should_stop)
-        finally:
-            self._let_go()
-        return None if values is None else finish(call, values)
 
     def tidy(self) -> None:
         """Let workers unmap blocks that died, if no map is running (a

@@ -550,7 +550,7 @@ class Engine:
                 kernel, (arrays[1], arrays[0]) + arrays[2:], args, opts, None, prepared=True
             )
 
-        return PreparedMap(d.run_prepared, call, swapped)
+        return PreparedMap(d.run, call, swapped)
 
     @overload
     def map(

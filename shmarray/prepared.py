@@ -22,7 +22,7 @@ class PreparedMap:
     __slots__ = ("_run", "_calls", "_swapped", "_which", "__weakref__")
 
     def __init__(self, run, call, swapped):
-        self._run = run  # Dispatcher.run_prepared
+        self._run = run  # Dispatcher.run
         self._calls = [call]  # the call as prepared, then swapped (made on demand)
         self._swapped = swapped  # makes the swapped call
         self._which = 0

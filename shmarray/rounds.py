@@ -123,46 +123,21 @@ class Runner:
         every worker is idle or replaced when it returns, except after an
         interruption of the cleanup itself, which the next run repairs.
         What the workers printed is forwarded before it returns.
+
+        A repeat of a job every worker holds, with nothing pending, takes
+        the lean path first: one compiled call (``ring_lean``), and no
+        Python after it unless it found something to read.  The driver of
+        a loop of large maps runs on a cache the kernel has just flushed,
+        where every line of Python it runs costs a miss or two.
         """
         self._should_stop = should_stop
-        self._quiet = False
-        try:
-            if call.job.tracked:
-                return tracked.run(self, call)
-            return self.round(call, call.job)
-        finally:
-            self._forward()
-
-    def _forward(self) -> None:
-        """Forward what the workers printed, before the call returns: when
-        the control block says there is some (every Python-level write is
-        counted there), a line is begun, or, at most every OUTPUT_POLL
-        seconds, when a pipe holds some (written by C code)."""
-        forwarder = self.pool.forwarder
-        now = time.monotonic()
-        due = now - self._polled > OUTPUT_POLL
-        if self._quiet and not due and not forwarder._begun:
-            return
-        if due:
-            self._polled = now
-        if (
-            forwarder.begun
-            or (not self._quiet and self.ctl.output() != self.output_seen)
-            or (due and forwarder.pending())
-        ):
-            forwarder.drain()
-            self.output_seen = self.ctl.output()
-
-    def prepared(self, call: Call, should_stop: Callable[[], BaseException | None]) -> Any:
-        """``run`` for a prepared map: when every worker holds the job and
-        nothing is pending, one ring-and-spin call, and nothing else unless
-        it found work for the Python path."""
         job = call.job
         holdings = self.holdings
         pool = self.pool
         if (
             self.dirty
             or job.tracked
+            or not job.cached
             or (job.dynamic and job.boundary is not None)  # the caller fills ghosts
             or call.progress is True
             or job.ready != holdings.forgets
@@ -172,8 +147,13 @@ class Runner:
             or time.monotonic() - self._polled > OUTPUT_POLL
             or not (call.args is job.ready_args or same_args(job.ready_args, call.args))
         ):
-            return self.run(call, should_stop)
-        self._should_stop = should_stop
+            self._quiet = False
+            try:
+                if job.tracked:
+                    return tracked.run(self, call)
+                return self.round(call, job)
+            finally:
+                self._forward()
         seq = pool.next_seq()
         self.dirty = True
         state, asleep = self.ring_lean(job, job.busy, call, seq)
@@ -196,9 +176,31 @@ class Runner:
                 self.abandon(busy, seq)
                 raise
             self.dirty = False
+            if pool.max_tasks is not None or pool.max_memory is not None:
+                pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
             return values
         finally:
             self._forward()
+
+    def _forward(self) -> None:
+        """Forward what the workers printed, before the call returns: when
+        the control block says there is some (every Python-level write is
+        counted there), a line is begun, or, at most every OUTPUT_POLL
+        seconds, when a pipe holds some (written by C code)."""
+        forwarder = self.pool.forwarder
+        now = time.monotonic()
+        due = now - self._polled > OUTPUT_POLL
+        if self._quiet and not due and not forwarder._begun:
+            return
+        if due:
+            self._polled = now
+        if (
+            forwarder.begun
+            or (not self._quiet and self.ctl.output() != self.output_seen)
+            or (due and forwarder.pending())
+        ):
+            forwarder.drain()
+            self.output_seen = self.ctl.output()
 
     def closing(self) -> bool:
         return isinstance(self._should_stop(), EngineClosedError)
