@@ -347,7 +347,19 @@ def _signal(pid: int, sig: int) -> None:
 
 def _plan_call(rng: random.Random) -> dict:
     kind = rng.choice(
-        ("map", "reduce", "imap", "iterate", "iterate", "submit", "slow", "slow", "slow", "fail")
+        (
+            "map",
+            "reduce",
+            "imap",
+            "iterate",
+            "iterate",
+            "loop",
+            "submit",
+            "slow",
+            "slow",
+            "slow",
+            "fail",
+        )
     )
     opts: dict = {}
     if kind != "iterate":
@@ -360,7 +372,7 @@ def _plan_call(rng: random.Random) -> dict:
     if kind in ("map", "reduce", "imap", "fail") and rng.random() < 0.3:
         opts["errors"] = "collect"
     plan = {"kind": kind, "opts": opts, "scale": float(rng.randint(1, 9))}
-    if kind == "iterate":
+    if kind in ("iterate", "loop"):
         plan["steps"] = rng.randint(1, 400)
         plan["boundary"] = rng.choice((None, "wrap", "edge"))
     if kind == "slow":
@@ -453,6 +465,30 @@ def _call(eng, kind: str, plan: dict, opts: dict, base, futures: list, lock) -> 
         if not np.all(inner == 5.0 + plan["steps"]):
             raise Failure(
                 f"iterate: interior {np.unique(inner)[:5]} after "
+                f"{plan['steps']} steps, not {5.0 + plan['steps']}"
+            )
+        return "ok"
+    if kind == "loop":
+        # A Python loop of repeated maps, the lean path: a prepared map and
+        # eng.map on the same double-buffered arrays, interleaved.
+        b = plan["boundary"]
+        u, v = eng.zeros(N), eng.zeros(N)
+        u[:] = 5.0
+        v[:] = 5.0
+        step = eng.prepare(plus_one, v, u, halo=1, boundary=b, **opts)
+        x, y = u, v
+        for k in range(plan["steps"]):
+            if k % 3 == 1:
+                eng.map(plus_one, y, x, halo=1, boundary=b, **opts)
+            else:
+                if step.arrays[0] is not y:
+                    step.swap()
+                step()
+            x, y = y, x
+        inner = x[1:-1]
+        if not np.all(inner == 5.0 + plan["steps"]):
+            raise Failure(
+                f"loop: interior {np.unique(inner)[:5]} after "
                 f"{plan['steps']} steps, not {5.0 + plan['steps']}"
             )
         return "ok"
