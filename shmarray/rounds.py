@@ -160,7 +160,7 @@ class Runner:
         if state == control.QUIET and not asleep:
             self.dirty = False
             if pool.max_tasks is not None or pool.max_memory is not None:
-                pool.recycle(job.busy, job.dynamic, self.wakeup, self.closing)
+                self.recycle(job.busy, job)
             return None
         # Something for the Python path: finish this round there.
         self._quiet = False
@@ -177,7 +177,7 @@ class Runner:
                 raise
             self.dirty = False
             if pool.max_tasks is not None or pool.max_memory is not None:
-                pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
+                self.recycle(busy, job)
             return values
         finally:
             self._forward()
@@ -201,6 +201,14 @@ class Runner:
         ):
             forwarder.drain()
             self.output_seen = self.ctl.output()
+
+    def recycle(self, busy: list, job) -> None:
+        """Replace the workers of ``busy`` past their task or memory limit
+        (``Pool.recycle``).  Dirty meanwhile: a Ctrl-C while a replacement
+        starts leaves one the next run's recover() waits for."""
+        self.dirty = True
+        self.pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
+        self.dirty = False
 
     def closing(self) -> bool:
         return isinstance(self._should_stop(), EngineClosedError)
@@ -255,7 +263,7 @@ class Runner:
                 holdings.cache.forgotten.append(job.key)
         self.dirty = False
         if self.pool.max_tasks is not None or self.pool.max_memory is not None:
-            self.pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
+            self.recycle(busy, job)
         return values
 
     def ring_lean(self, job, busy: list, call: Call, seq: int) -> tuple[int, int]:
@@ -331,7 +339,10 @@ class Runner:
         stuck = [w for w in self.unfinished(busy, seq) if self.pool.workers[w.index] is w]
         if stuck:
             self.replace_all(stuck)
-        self.dirty = False
+        # A replacement started within the round and interrupted before it
+        # said Ready (a Ctrl-C while it started) is waited for by the next
+        # run's recover(); its Ready is no reply to a ring.
+        self.dirty = not all(w.ready for w in self.pool.workers)
 
 
 def nap_budget(timeout: float | None) -> int:

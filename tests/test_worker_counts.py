@@ -220,3 +220,54 @@ def test_a_stopped_neighbour_costs_its_waiters_nothing():
         timeout=120,
     )
     assert proc.stdout.startswith("ok") and proc.stderr == ""
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_ctrl_c_while_a_replacement_starts_leaves_a_working_engine(tmp_path, workers):
+    # A worker killed while idle is replaced within the next map; a Ctrl-C
+    # while the replacement started abandoned the round as clean, though
+    # the replacement had not said Ready yet, and the next map read its
+    # Ready as a reply ("'Ready' object has no attribute 'seq'": chaos
+    # seed 11).
+    marker = str(tmp_path / "interrupt")
+    proc = run_python(
+        COMMON
+        + textwrap.dedent(f"""
+        import signal
+        import psutil
+
+        def init(coordinator):
+            if os.path.exists({marker!r}):  # the replacement: Ctrl-C while it starts
+                os.remove({marker!r})
+                os.kill(coordinator, signal.SIGINT)
+                deadline = time.monotonic() + 30
+                while not os.path.exists({marker!r} + ".caught"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+
+        def one(x):
+            x[:] += 1
+
+        with shmarray.Engine(workers={workers}, initializer=init, initargs=(os.getpid(),)) as eng:
+            x = eng.zeros(8 * {workers})
+            eng.map(one, x)
+            open({marker!r}, "w").close()
+            victim = psutil.Process(eng.worker_pids[0])
+            victim.kill()
+            victim.wait(30)
+            try:
+                eng.map(one, x)
+                print("not interrupted")
+            except KeyboardInterrupt:
+                open({marker!r} + ".caught", "w").close()
+            before = x.copy()
+            eng.map(one, x)
+            assert np.array_equal(x, before + 1)
+            eng.map(one, x)
+            assert np.array_equal(x, before + 2)
+            del x
+        print("ok")
+    """),
+        timeout=120,
+    )
+    assert proc.stdout.split() == ["ok"] and proc.stderr == ""
