@@ -54,7 +54,7 @@ from shmarray import boundary, control, deaths, tracked
 from shmarray.descriptors import WAKE, Failed, Values, decode
 from shmarray.errors import EngineClosedError
 from shmarray.holdings import Holdings
-from shmarray.jobs import Call, JobCache, same_args
+from shmarray.jobs import Call, JobCache
 from shmarray.pool import Pool, WorkerProcess
 from shmarray.progress import ChunkProgress, resolve as resolve_progress
 from shmarray.wakeup import Wakeup
@@ -132,7 +132,6 @@ class Runner:
         """
         self._should_stop = should_stop
         job = call.job
-        holdings = self.holdings
         pool = self.pool
         if (
             self.dirty
@@ -140,12 +139,8 @@ class Runner:
             or not job.cached
             or (job.dynamic and job.boundary is not None)  # the caller fills ghosts
             or call.progress is True
-            or job.ready != holdings.forgets
-            or job.ready_pool != pool.generation
-            or holdings.table.has_released()
-            or holdings.cache.forgotten
             or time.monotonic() - self._polled > OUTPUT_POLL
-            or not (call.args is job.ready_args or same_args(job.ready_args, call.args))
+            or not self.holdings.ready(job, call.args)
         ):
             self._quiet = False
             try:
@@ -282,7 +277,7 @@ class Runner:
             self._spin_ns,
             self.output_seen,
             job.round_words,
-            control.NAP_BUDGET_NS if call.timeout is None else nap_budget(call.timeout),
+            nap_budget(call.timeout),
         )
 
     def ring(self, w: WorkerProcess, job, seq: int, steps: int) -> None:

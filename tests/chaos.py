@@ -461,12 +461,7 @@ def _call(eng, kind: str, plan: dict, opts: dict, base, futures: list, lock) -> 
         u[:] = 5.0
         v[:] = 5.0
         last = eng.iterate(plus_one, v, u, steps=plan["steps"], halo=1, boundary=b, **opts)
-        inner = last[1:-1]
-        if not np.all(inner == 5.0 + plan["steps"]):
-            raise Failure(
-                f"iterate: interior {np.unique(inner)[:5]} after "
-                f"{plan['steps']} steps, not {5.0 + plan['steps']}"
-            )
+        _check_stepped("iterate", last, plan["steps"])
         return "ok"
     if kind == "loop":
         # A Python loop of repeated maps, the lean path: a prepared map and
@@ -485,14 +480,19 @@ def _call(eng, kind: str, plan: dict, opts: dict, base, futures: list, lock) -> 
                     step.swap()
                 step()
             x, y = y, x
-        inner = x[1:-1]
-        if not np.all(inner == 5.0 + plan["steps"]):
-            raise Failure(
-                f"loop: interior {np.unique(inner)[:5]} after "
-                f"{plan['steps']} steps, not {5.0 + plan['steps']}"
-            )
+        _check_stepped("loop", x, plan["steps"])
         return "ok"
     raise AssertionError(kind)
+
+
+def _check_stepped(kind: str, last, steps: int) -> None:
+    """``plus_one`` ran ``steps`` times from 5.0: every interior cell is
+    5.0 + steps."""
+    inner = last[1:-1]
+    if not np.all(inner == 5.0 + steps):
+        raise Failure(
+            f"{kind}: interior {np.unique(inner)[:5]} after {steps} steps, not {5.0 + steps}"
+        )
 
 
 def _check_finished(out, scale: float, report) -> None:
