@@ -86,7 +86,7 @@ class ChunkStream:
             item = self._sink.queue.get()
         except BaseException:  # Ctrl-C while waiting: as for map, kill
             self._done = True
-            self._future.stop()
+            self._future.stop_and_wait()
             raise
         if item is _END:
             self._done = True
@@ -120,7 +120,7 @@ class ChunkStream:
             try:
                 concurrent.futures.wait([self._future])
             except BaseException:
-                self._future.stop()  # Ctrl-C while waiting: kill them
+                self._future.stop_and_wait()  # Ctrl-C while waiting: kill them
                 raise
 
     def __del__(self) -> None:

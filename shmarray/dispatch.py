@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shmarray.errors import EngineClosedError, MapCancelledError
+from shmarray.interrupts import SIGNALS, drop
 from shmarray.jobs import Call, JobCache
 from shmarray.pool import Pool
 from shmarray.rounds import Runner
@@ -55,6 +56,9 @@ class MapFuture(concurrent.futures.Future):
 
     def __init__(self, interrupt: Callable[[], None]):
         super().__init__()
+        # Set once no worker of this map runs (it finished, was settled, or
+        # never started): what a caller that gives up waiting waits for.
+        self._quiet: concurrent.futures.Future = concurrent.futures.Future()
         self._stop_requested = False
         self._committed = False  # the driver has settled the outcome
         self._stop_lock = threading.Lock()
@@ -82,6 +86,40 @@ class MapFuture(concurrent.futures.Future):
         self._interrupt()
         return True
 
+    def stop_and_wait(self) -> None:
+        """``stop()``, then wait until no worker of the map runs, with the
+        main thread's signals held (``interrupts.SIGNALS``): a caller that
+        gives up waiting (the first Ctrl-C of a burst) returns only once
+        nothing of the map writes its arrays any more."""
+        self.stop()
+        held = SIGNALS.hold(drop)  # the later signals of a burst
+        try:
+            try:
+                self._quiet.result(SETTLE_LIMIT)
+            except concurrent.futures.TimeoutError:
+                warnings.warn(
+                    f"shmarray: a stopped map's workers did not end within "
+                    f"{SETTLE_LIMIT:.0f} s; they may still write its arrays",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        finally:
+            if held:
+                SIGNALS.release()
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            self._set_quiet()  # it never ran
+            return True
+        return False
+
+    def _set_quiet(self) -> None:
+        """No worker of the map runs any more (the driver's word)."""
+        try:
+            self._quiet.set_result(None)
+        except concurrent.futures.InvalidStateError:
+            pass  # said already
+
     def _commit(self) -> bool:
         """The driver's last word on a map that ran: False if a stop came
         first (then it ends with MapCancelledError, as ``stop`` promised),
@@ -91,6 +129,12 @@ class MapFuture(concurrent.futures.Future):
                 return False
             self._committed = True
             return True
+
+
+# How long a caller that gave up on a map waits for its workers to be
+# ended: the driver's settling takes milliseconds; this is a hang
+# detector, not an expectation.
+SETTLE_LIMIT = 60.0
 
 
 # Every open dispatcher, closed by one exit hook of our own, registered when
@@ -136,7 +180,7 @@ class Dispatcher:
     def __init__(self, pool: Pool, table, cache: JobCache):
         self.pool = pool
         self.table = table
-        self.runner = Runner(pool, table, cache)
+        self.runner = Runner(pool, table, cache, self._should_stop)
         self._owner = os.getpid()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -168,7 +212,7 @@ class Dispatcher:
                 else:
                     future = self._enqueue(call)
             if driving:
-                values = self.runner.run(call, self._should_stop)
+                values = self.runner.run(call)
         finally:
             if driving:
                 self._let_go()
@@ -181,7 +225,8 @@ class Dispatcher:
                 self._check_open()
             raise
         except BaseException:
-            future.stop()  # Ctrl-C while waiting stops it too
+            if not future.done():  # Ctrl-C while waiting: it stops the map too
+                future.stop_and_wait()
             raise
 
     def tidy(self) -> None:
@@ -238,7 +283,7 @@ class Dispatcher:
             # The future is settled after letting go, so its callbacks may
             # call the engine again.
             try:
-                values = self.runner.run(call, self._should_stop)
+                values = self.runner.run(call, future._set_quiet)
             except BaseException as raised:
                 self._let_go()
                 # a map stopped in time ends as stopped, whatever it raised

@@ -1379,4 +1379,7 @@ async def _awaited(future: MapFuture) -> Any:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         future.stop()  # the task was cancelled: so is the map
+        # ... and ends once none of its workers runs (a second cancel
+        # ends the wait for that).
+        await asyncio.wrap_future(future._quiet)
         raise

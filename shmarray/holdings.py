@@ -44,7 +44,7 @@ class Holdings:
             and (args is job.ready_args or same_args(job.ready_args, args))
         )
 
-    def prepare(self, job, args: tuple, wake, closing) -> None:
+    def prepare(self, job, args: tuple, stop) -> None:
         """Make every worker ``job`` uses hold it, its kernel and ``args``."""
         if self.table.has_released() or self.cache.forgotten:
             self.tidy()
@@ -57,8 +57,7 @@ class Holdings:
             job.done_at = self.pool.ctl.done_words([w for w, _, _ in job.groups])
             job.workers = np.array([w for w, _, _ in job.groups], np.int64)
         job.busy = [
-            self.provide(w, job, args, indices, chunks, wake, closing)
-            for w, indices, chunks in job.groups
+            self.provide(w, job, args, indices, chunks, stop) for w, indices, chunks in job.groups
         ]
         # Valid until a worker is replaced or something is forgotten.
         # (Bound, so the job holds descriptors, never the caller's arrays.)
@@ -88,7 +87,7 @@ class Holdings:
         return tuple(order[g] for g in sorted(waits))
 
     def provide(
-        self, index: int, job, args: tuple, indices: tuple, chunks: tuple, wake, closing
+        self, index: int, job, args: tuple, indices: tuple, chunks: tuple, stop
     ) -> WorkerProcess:
         """Worker ``index`` with the kernel, the job and ``args``; a worker
         found dead while idle is replaced (nothing was lost)."""
@@ -129,8 +128,8 @@ class Holdings:
                 w.jobs[job.key] = bound
             return w
         except OSError:
-            self.pool.replace(index, wake=wake, closing=closing)
-            return self.provide(index, job, args, indices, chunks, wake, closing)
+            self.pool.replace(index, stop=stop)
+            return self.provide(index, job, args, indices, chunks, stop)
 
     def tidy(self) -> None:
         """Before a map: tell workers which blocks are gone and which jobs

@@ -31,7 +31,8 @@ import psutil
 from shmarray import blocks, launch, output, watchdog
 from shmarray.control import ControlBlock
 from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
-from shmarray.errors import EngineClosedError, WorkerStartError
+from shmarray.errors import WorkerStartError
+from shmarray.interrupts import Interrupts
 from shmarray.waiting import WaitPolicy
 
 DEFAULT_START_METHOD = launch.DEFAULT_METHOD
@@ -78,6 +79,34 @@ def pipes(count: int) -> list[tuple[int, int]]:
             raise blocks.out_of_descriptors(exc, "start a worker") from None
         raise
     return made
+
+
+# How long kill_all waits for the processes it sent SIGKILL: the kernel
+# ends a killed process within microseconds, unless it is stuck inside a
+# system call no signal can cut short (a hung network filesystem).
+KILL_WAIT = 10.0
+
+
+def kill_all(procs: list[WorkerProcess], timeout: float = KILL_WAIT) -> list[WorkerProcess]:
+    """End every process in ``procs``: SIGKILL to all of them first, then
+    wait until each has exited by its own word (pidfd or pipe), all within
+    ``timeout`` seconds.  From then on none of them writes anything.  The
+    signals all go before the first wait, so even a caller that could be
+    interrupted never leaves one unsignalled behind a slow one.  Returns
+    those still running at the deadline (logged)."""
+    for w in procs:
+        w.signal_kill()
+    deadline = time.monotonic() + timeout
+    left = [w for w in procs if not w.closed]
+    while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        launch.wait_readable([w.sentinel for w in left], remaining)
+        left = [w for w in left if not w.child.exited()]
+    for w in left:
+        log.warning("worker %d did not exit within %.0f s of SIGKILL", w.pid, timeout)
+    return left
 
 
 # How often, at most, a worker whose RSS is over max_worker_memory has its
@@ -127,6 +156,7 @@ class WorkerProcess:
         self.chunks_at_start = 0
         self.busy_at_start = 0
         self.ready = False
+        self.killed = False  # sent SIGKILL: a writer no more once it has exited
         self.closed = False
         self._ps: psutil.Process | None = None  # for over_memory
         self._uss_at = -USS_EVERY
@@ -246,10 +276,13 @@ class WorkerProcess:
     def kill(self) -> None:
         """End the process now (it may be deep in a numba loop, or stopped)
         and wait until it has exited: from then on it writes nothing."""
+        kill_all([self])
+
+    def signal_kill(self) -> None:
+        """SIGKILL, without waiting (``kill_all`` waits for many at once)."""
+        self.killed = True
         if not self.closed:
             self.child.kill()
-            if self.child.join(10.0) is None:
-                log.warning("worker %d did not exit within 10 s of SIGKILL", self.pid)
 
     def close(self, timeout: float) -> None:
         """Stop the process (politely if ``timeout``), close the pipes.
@@ -287,6 +320,10 @@ class Pool:
     _control_name: str | None = None
     _closing = False
     forwarder = output.Forwarder()
+    # Every worker is alive as far as the driver knows, ready, and idle:
+    # False from the moment one is killed or started until recover() has
+    # seen them all ready (the lean path's first condition).
+    intact = False
 
     # A replacement that dies while starting (killed with its predecessor,
     # say) is started again this many times before the map fails.
@@ -331,6 +368,7 @@ class Pool:
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)
+            self.intact = True
             self._tell_watchdog()
         except BaseException:
             self.close()
@@ -373,11 +411,11 @@ class Pool:
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
 
-    def await_ready(self, procs: list[WorkerProcess], wake=None, closing=lambda: False) -> None:
-        """Wait for every process in ``procs`` to say Ready.  ``wake``: the
-        driver's ``Wakeup``, which interrupts the wait, to raise
-        EngineClosedError when ``closing()``.  Raises ``_StartDied`` for a process that died
-        before it could say why."""
+    def await_ready(self, procs: list[WorkerProcess], stop: Interrupts | None = None) -> None:
+        """Wait for every process in ``procs`` to say Ready.  ``stop``: the
+        driver's interruptions, which end the wait with their reason
+        (EngineClosedError, MapCancelledError, a held Ctrl-C).  Raises
+        ``_StartDied`` for a process that died before it could say why."""
         deadline = time.monotonic() + self._startup_timeout
         waiting: dict = {}
         for p in procs:
@@ -387,8 +425,8 @@ class Pool:
         while any(not p.ready for p in procs):
             left = deadline - time.monotonic()
             fds = list(waiting) + list(forwarded)
-            if wake is not None:
-                fds.append(wake.fileno())
+            if stop is not None:
+                fds.append(stop.fileno())
             ready = launch.wait_readable(fds, max(left, 0))
             if not ready:
                 raise WorkerStartError(
@@ -400,12 +438,10 @@ class Pool:
             if shown:
                 for fd in self.forwarder.forward(shown):
                     forwarded.discard(fd)
-            if wake is not None and wake.fileno() in ready:
-                if closing():
-                    raise EngineClosedError("the engine was closed while a worker was starting")
-                # Something else (a stop()) woke us: the driver acts on it
-                # after the start, through the ABORT word, which stays set.
-                wake.clear()
+            if stop is not None and stop.fileno() in ready:
+                # The worker is left starting (not ready): the next
+                # recover() waits for it.
+                stop.check()
             for fd in ready:
                 proc = waiting.get(fd)
                 if proc is None or proc.ready:
@@ -421,13 +457,15 @@ class Pool:
                 proc.ready = True
 
     def replace(
-        self, index: int, graceful: bool = False, wake=None, closing=lambda: False
+        self, index: int, graceful: bool = False, stop: Interrupts | None = None
     ) -> WorkerProcess:
         """A new worker in place of worker ``index``.  Kills the old one
         unless ``graceful`` (recycling an idle worker, which is asked to
         stop first), and waits until it has exited.  A replacement that
         dies while starting is started again, up to ``START_ATTEMPTS``
-        times."""
+        times.  Interrupted (``stop``), it leaves the new worker starting
+        and the pool not ``intact``."""
+        self.intact = False
         old = self.workers[index]
         why = "recycled"
         if graceful:
@@ -452,9 +490,10 @@ class Pool:
             new = self.workers[index] = self._start(index)
             self._tell_watchdog()
             try:
-                self.await_ready([new], wake, closing)
+                self.await_ready([new], stop)
                 if not graceful:
                     log.info("replaced worker %d: %s; pid %d took its place", index, why, new.pid)
+                self.intact = all(w.ready and not w.killed for w in self.workers)
                 return new
             except _StartDied as died:
                 why = died.proc.describe_death()
@@ -473,31 +512,40 @@ class Pool:
                 )
         raise AssertionError("unreachable")
 
-    def recover(self, wake=None, closing=lambda: False) -> None:
-        """Make every worker idle and alive again after an interrupted map:
-        replace the dead and those still busy with a job nobody waits for;
-        wait for those still starting."""
+    def kill(self, procs: list[WorkerProcess]) -> None:
+        """Kill ``procs`` (``kill_all``); they are replaced by the next
+        ``recover``."""
+        self.intact = False
+        kill_all([w for w in procs if self.workers[w.index] is w])
+
+    def recover(self, stop: Interrupts | None = None) -> None:
+        """Make every worker idle, alive and ready again after a round that
+        ended early: replace the killed, the dead, and any still busy with
+        a ring nobody waits for; wait for those still starting.  Then the
+        pool is ``intact``."""
         ctl = self.ctl
         assert ctl is not None  # a Pool is built whole or not at all
         for w in list(self.workers):
             idle = ctl.done(w.index) >= w.rung
-            if not w.alive() or not idle:
-                if w.alive():
+            if w.killed or not w.alive() or not idle:
+                if w.alive() and not w.killed:
                     log.info(
                         "worker %d (pid %d) is still busy with an interrupted map: replacing it",
                         w.index,
                         w.pid,
                     )
-                self.replace(w.index, wake=wake, closing=closing)
+                self.replace(w.index, stop=stop)
         starting = [w for w in self.workers if not w.ready]
         try:
-            self.await_ready(starting, wake, closing)
+            self.await_ready(starting, stop)
         except _StartDied as died:
-            self.replace(died.proc.index, wake=wake, closing=closing)
-            self.recover(wake, closing)
+            self.replace(died.proc.index, stop=stop)
+            self.recover(stop)
+            return
+        self.intact = True
 
     def recycle(
-        self, busy: list[WorkerProcess], dynamic: bool, wake=None, closing=lambda: False
+        self, busy: list[WorkerProcess], dynamic: bool, stop: Interrupts | None = None
     ) -> None:
         """Replace, gracefully, the workers past ``max_tasks_per_worker``
         tasks or ``max_worker_memory`` bytes of unique memory."""
@@ -519,7 +567,7 @@ class Pool:
                     log.info(
                         "recycling worker %d (pid %d) after %d tasks", w.index, w.pid, w.tasks_run
                     )
-                    self.replace(w.index, graceful=True, wake=wake, closing=closing)
+                    self.replace(w.index, graceful=True, stop=stop)
                     continue
             if memory is not None and w.over_memory(memory):
                 log.info(
@@ -529,7 +577,7 @@ class Pool:
                     w.pid,
                     memory,
                 )
-                self.replace(w.index, graceful=True, wake=wake, closing=closing)
+                self.replace(w.index, graceful=True, stop=stop)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every worker, politely then by force, then the watchdog;

@@ -52,12 +52,12 @@ from typing import Any
 
 from shmarray import boundary, control, deaths, tracked
 from shmarray.descriptors import WAKE, Failed, Values, decode
-from shmarray.errors import EngineClosedError
+from shmarray.errors import EngineClosedError, MapCancelledError
 from shmarray.holdings import Holdings
+from shmarray.interrupts import SIGNALS, Interrupts
 from shmarray.jobs import Call, JobCache
 from shmarray.pool import Pool, WorkerProcess
 from shmarray.progress import ChunkProgress, resolve as resolve_progress
-from shmarray.wakeup import Wakeup
 
 # Crashes and timeouts of workers, at WARNING (shmarray.pool logs the
 # replacements, at INFO).
@@ -74,22 +74,31 @@ SPIN_ROUNDS = 64
 # Seconds between polls of the workers' output pipes when the lean path
 # sees no output in the control block: C code that writes to a descriptor
 # itself is forwarded within this long of a map (at the latest, when the
-# driver next sleeps or the engine closes).
+# driver next sleeps or the engine closes).  The watchdog's liveness is
+# checked as often, so one killed on its own is back within this long of
+# the next map.
 OUTPUT_POLL = 0.05
 
 
 class Runner:
     """Runs calls on the pool, one at a time.  Called by the driver only,
-    except ``interrupt``."""
+    except ``interrupt``.
 
-    def __init__(self, pool: Pool, table, cache: JobCache):
+    A round's steps: *place* (every worker it uses holds the job and its
+    arguments: ``Holdings``), *ring*, *wait*, *collect*; and, when it ends
+    early (a crash, the timeout, Ctrl-C, ``stop()``, ``close()``, an
+    exception of the driver's own), *settle*: the one place that ends a
+    round early, which kills every worker still writing its arrays, and
+    waits until they have exited, before anything is raised.
+    """
+
+    def __init__(self, pool: Pool, table, cache: JobCache, should_stop):
         self.pool = pool
         assert pool.ctl is not None  # a Pool is built whole or not at all
         self.ctl: control.ControlBlock = pool.ctl
         self.holdings = Holdings(pool, table, cache)
-        self.wakeup = Wakeup()
-        self.dirty = False  # a round was abandoned half-way
-        self._should_stop: Callable[[], BaseException | None] = lambda: None
+        self.interrupts = Interrupts(self.ctl, should_stop)
+        self._catch = self.interrupts.catch  # bound once: every map holds signals
         # The workers' OUTPUT words added up when their pipes were last
         # drained (the lean path's cue to forward), and when a pipe was last
         # polled for output the words do not count (C code writing to the
@@ -102,86 +111,80 @@ class Runner:
     # -- from any thread ---------------------------------------------------------
 
     def interrupt(self) -> None:
-        """Wake the driver wherever it waits: its spin watches ABORT, its
-        sleep the wake-up."""
-        self.ctl.abort()
-        self.wakeup.wakeup()
+        """Wake the driver wherever it waits (``Interrupts.interrupt``)."""
+        self.interrupts.interrupt()
 
     def close(self) -> None:
-        self.wakeup.close()
+        self.interrupts.close()
 
     forget_in_child = close  # the wake-up is this process's own
 
     # -- the driver ----------------------------------------------------------------
 
-    def run(self, call: Call, should_stop: Callable[[], BaseException | None]) -> Any:
+    def run(self, call: Call, quiet: Callable[[], None] | None = None) -> Any:
         """Run ``call``: its values in chunk order (reduce) or None; for a
         tracked call, its Tally.
 
         Raises the earliest failing chunk's exception, WorkerCrashedError,
-        TaskTimeoutError, or what ``should_stop`` returns when interrupted;
-        every worker is idle or replaced when it returns, except after an
-        interruption of the cleanup itself, which the next run repairs.
-        What the workers printed is forwarded before it returns.
-
-        A repeat of a job every worker holds, with nothing pending, takes
-        the lean path first: one compiled call (``ring_lean``), and no
-        Python after it unless it found something to read.  The driver of
-        a loop of large maps runs on a cache the kernel has just flushed,
-        where every line of Python it runs costs a miss or two.
+        TaskTimeoutError, or the interruption's reason.  Whatever it
+        raises, no worker of the call is running any more: ``quiet`` (if
+        given) is called at that point, before a worker is replaced.  In
+        the main thread, the SIGINT and SIGTERM handlers' exceptions are
+        held from the ring to the settling of the round
+        (``interrupts.SIGNALS``) and raised then.  What the workers
+        printed is forwarded before it returns.
         """
-        self._should_stop = should_stop
-        job = call.job
-        pool = self.pool
-        if (
-            self.dirty
-            or job.tracked
-            or not job.cached
-            or (job.dynamic and job.boundary is not None)  # the caller fills ghosts
-            or call.progress is True
-            or time.monotonic() - self._polled > OUTPUT_POLL
-            or not self.holdings.ready(job, call.args)
-        ):
-            self._quiet = False
-            try:
-                if job.tracked:
-                    return tracked.run(self, call)
-                return self.round(call, job)
-            finally:
-                self._forward()
-        seq = pool.next_seq()
-        self.dirty = True
-        state, asleep = self.ring_lean(job, job.busy, call, seq)
-        if state == control.QUIET and not asleep:
-            self.dirty = False
-            if pool.max_tasks is not None or pool.max_memory is not None:
-                self.recycle(job.busy, job)
-            return None
-        # Something for the Python path: finish this round there.
-        self._quiet = False
+        held = SIGNALS.hold(self._catch)
         try:
-            busy = list(job.busy)
-            try:
-                if asleep:
-                    for w in busy:
-                        if self.ctl.asleep(w.index):
-                            w.wake()
-                values = Round(self, busy, seq, call, job, None).wait(state)
-            except BaseException:
-                self.abandon(busy, seq)
-                raise
-            self.dirty = False
-            if pool.max_tasks is not None or pool.max_memory is not None:
-                self.recycle(busy, job)
-            return values
+            values = self._rounds(call)
+            failure = None
+        except BaseException as exc:
+            failure = exc
         finally:
-            self._forward()
+            if held:
+                SIGNALS.release()
+        # Here every worker of the call has finished, or is dead.
+        if quiet is not None:
+            quiet()
+        caught = self.interrupts.take_caught()
+        if caught is not None:
+            if failure is not None and failure is not caught:
+                caught.__context__ = failure
+            failure = caught
+        self._forward()
+        if failure is None:
+            return values
+        if caught is None:
+            self.repair()
+        raise failure
+
+    def _rounds(self, call: Call) -> Any:
+        """The call's round (a tracked call's rounds)."""
+        job = call.job
+        if job.tracked:
+            return tracked.run(self, call)
+        return self.round(call, job)
+
+    def repair(self) -> None:
+        """After a round ended early: replace the workers it killed now,
+        unless the engine is closing (or a Ctrl-C came: then the next
+        round's place step does it)."""
+        if self.pool.intact or self.interrupts.closing():
+            return
+        try:
+            self.pool.recover(self.interrupts)
+        except (EngineClosedError, MapCancelledError):
+            pass  # closed or stopped meanwhile: the next round repairs
+        except Exception as exc:  # the call's own error matters more
+            log.warning("could not replace the workers of a map that ended early: %r", exc)
 
     def _forward(self) -> None:
         """Forward what the workers printed, before the call returns: when
         the control block says there is some (every Python-level write is
         counted there), a line is begun, or, at most every OUTPUT_POLL
-        seconds, when a pipe holds some (written by C code)."""
+        seconds, when a pipe holds some (written by C code).  As often,
+        the watchdog's liveness is checked (a poll of its pidfd costs
+        0.36 us: too much for every map of a loop)."""
         forwarder = self.pool.forwarder
         now = time.monotonic()
         due = now - self._polled > OUTPUT_POLL
@@ -189,6 +192,9 @@ class Runner:
             return
         if due:
             self._polled = now
+            watchdog = self.pool.watchdog
+            if watchdog is not None:
+                watchdog.check()
         if (
             forwarder.begun
             or (not self._quiet and self.ctl.output() != self.output_seen)
@@ -197,69 +203,96 @@ class Runner:
             forwarder.drain()
             self.output_seen = self.ctl.output()
 
-    def recycle(self, busy: list, job) -> None:
-        """Replace the workers of ``busy`` past their task or memory limit
-        (``Pool.recycle``).  Dirty meanwhile: a Ctrl-C while a replacement
-        starts leaves one the next run's recover() waits for."""
-        self.dirty = True
-        self.pool.recycle(busy, job.dynamic, self.wakeup, self.closing)
-        self.dirty = False
-
-    def closing(self) -> bool:
-        return isinstance(self._should_stop(), EngineClosedError)
-
     def tidy(self) -> None:
         self.holdings.tidy()
 
     def round(self, call: Call, job, tally: tracked.Tally | None = None) -> list | None:
-        """One ring of ``job`` on its workers; see ``run``."""
-        holdings = self.holdings
-        if self.dirty or not holdings.ready(job, call.args):
-            if self.dirty:
-                self.pool.recover(self.wakeup, self.closing)
-                self.dirty = False
-            holdings.prepare(job, call.args, self.wakeup, self.closing)
+        """One ring of ``job`` on its workers: place, ring, wait, collect;
+        settle if it ends early.
+
+        A repeat of a job every worker holds, with nothing pending, is
+        rung by the lean path (``ring_lean``): one compiled call that
+        rings, spins and naps, and no Python after it unless it found
+        something to read.  The driver of a loop of large maps runs on a
+        cache the kernel has just flushed, where every line of Python it
+        runs costs a miss or two.
+        """
+        pool, holdings = self.pool, self.holdings
+        lean = (
+            tally is None
+            and call.stream is None
+            and call.progress is not True
+            and not (job.dynamic and job.boundary is not None)  # the caller fills ghosts
+        )
+        ready = pool.intact and holdings.ready(job, call.args)
+        if lean and ready and job.cached and time.monotonic() - self._polled <= OUTPUT_POLL:
+            # The fast path: nothing to place, nothing to fill, no reset.
+            busy = job.busy
+            seq = pool.next_seq()
+            try:
+                state, asleep = self.ring_lean(job, busy, call, seq)
+                if state == control.QUIET and not asleep:
+                    self._quiet = True
+                    values = None
+                else:
+                    self._quiet = False
+                    values = self._finish(call, job, list(busy), seq, state, asleep, None)
+            except BaseException:
+                self.settle(busy, seq)
+                raise
+            if pool.max_tasks is not None or pool.max_memory is not None:
+                pool.recycle(busy, job.dynamic, self.interrupts)
+            return values
+        self._quiet = False
+        # place
+        if not ready:
+            if not pool.intact:
+                pool.recover(self.interrupts)
+            holdings.prepare(job, call.args, self.interrupts)
         busy = list(job.busy)
-        seq = self.pool.next_seq()
+        seq = pool.next_seq()
         if (job.dynamic or job.tracked) and job.boundary is not None and job.indices is None:
             # Chunks with no fixed owners to fill ghosts next to (or that
             # may run again elsewhere): the caller fills them (copies of the
             # surface only).
             for a in call.arrays:
                 boundary.fill(a, job.halo, job.boundary, job.axis)
-        lean = tally is None and call.stream is None and call.progress is not True
         if job.round_words and not lean:
             # Every worker of the last round is done or dead: see the
             # invariants in shmarray.control.
             self.ctl.new_round(halted=call.stream is not None and call.stream.halted)
-        self.dirty = True
+        # ring, wait, collect
         try:
             if lean:
-                # The lean path: ring and spin in one call.
                 state, asleep = self.ring_lean(job, busy, call, seq)
-                if asleep:
-                    for w in busy:
-                        if self.ctl.asleep(w.index):
-                            w.wake()
-                if state == control.QUIET:
-                    values = None
-                    self._quiet = True
-                else:
-                    values = Round(self, busy, seq, call, job, tally).wait(state)
+                values = self._finish(call, job, busy, seq, state, asleep, tally)
             else:
                 for w in busy:
                     self.ring(w, job, seq, call.steps)
                 values = Round(self, busy, seq, call, job, tally).wait()
         except BaseException:
-            self.abandon(busy, seq)
+            self.settle(busy, seq)
             raise
         finally:
             if not job.cached:
                 holdings.cache.forgotten.append(job.key)
-        self.dirty = False
-        if self.pool.max_tasks is not None or self.pool.max_memory is not None:
-            self.recycle(busy, job)
+        if pool.max_tasks is not None or pool.max_memory is not None:
+            pool.recycle(busy, job.dynamic, self.interrupts)
         return values
+
+    def _finish(
+        self, call: Call, job, busy: list, seq: int, state: int, asleep: int, tally
+    ) -> list | None:
+        """What the lean path's compiled call left to do: wake the workers
+        that slept when rung, wait for them, collect."""
+        if asleep:
+            for w in busy:
+                if self.ctl.asleep(w.index):
+                    w.wake()
+        elif state == control.QUIET:
+            self._quiet = True
+            return None
+        return Round(self, busy, seq, call, job, tally).wait(state)
 
     def ring_lean(self, job, busy: list, call: Call, seq: int) -> tuple[int, int]:
         """Ring ``job``'s workers, spin and nap for their answer in one
@@ -286,14 +319,9 @@ class Runner:
             w.wake()
 
     def check_interrupt(self, tally: tracked.Tally | None = None) -> None:
-        """Something interrupted the wait: raise what ``should_stop`` says,
-        if anything.  Cleared first, so an interruption after the check is
-        seen next time."""
-        self.ctl.clear_abort()
-        self.wakeup.clear()
-        exc = self._should_stop()
-        if exc is not None:
-            raise exc
+        """Something interrupted the wait: raise its reason, if any
+        (``Interrupts.check``); a closed imap stream takes no new chunks."""
+        self.interrupts.check()
         if tally is not None and tally.stream is not None and tally.stream.halted:
             self.ctl.stop()  # imap closed: no new chunks
 
@@ -301,43 +329,55 @@ class Runner:
         return [w for w in busy if self.ctl.done(w.index) < seq]
 
     def replace_all(self, procs: list[WorkerProcess]) -> None:
-        """Kill ``procs`` (waiting until each has exited) and start their
-        replacements, unless closing."""
-        seen = []
-        for w in procs:
-            if w.index in seen or self.pool.workers[w.index] is not w:
-                continue
-            seen.append(w.index)
-            w.kill()
-        if self.closing():
-            return
-        for index in seen:
-            self.replace(index)
+        """Kill ``procs`` (all first, then wait for each to exit) and start
+        their replacements, unless closing."""
+        self.pool.kill(procs)
+        if not self.interrupts.closing():
+            self.pool.recover(self.interrupts)
 
     def replace(self, index: int) -> WorkerProcess:
         """A new worker in place of ``index``; interruptible by close()."""
-        return self.pool.replace(index, wake=self.wakeup, closing=self.closing)
+        return self.pool.replace(index, stop=self.interrupts)
 
-    def crashed(self, dead: WorkerProcess, busy, seq: int, call: Call) -> BaseException:
-        """A worker died mid-map: the map fails at once, and the workers
-        still busy with its other chunks (maybe for hours) are replaced too."""
+    def settle(self, busy: list[WorkerProcess], seq: int) -> None:
+        """The round of ring ``seq`` ends early (interrupted, timed out,
+        crashed, stopped, or the driver raised): kill every worker of it
+        that has not finished, all of them first, then wait until each has
+        exited, so nothing of it writes the arrays once the caller has
+        control.  Replacements wait for ``repair`` or the next round's
+        place step.  Messages the round left unread are dropped later by
+        their ring number.
+
+        Never raises, and is never cut short: in the main thread, signals'
+        exceptions are held until the call returns (``Runner.run``), and no
+        other thread can raise here."""
+        try:
+            writers = [
+                w
+                for w in busy
+                if self.pool.workers[w.index] is w
+                and not w.killed
+                and self.ctl.done(w.index) < seq
+            ]
+            if writers:
+                self.pool.kill(writers)
+            elif not all(w.ready for w in self.pool.workers):
+                # A replacement started within the round and interrupted
+                # before it said Ready (Ctrl-C while it started): the next
+                # place step waits for it; its Ready is no reply to a ring.
+                self.pool.intact = False
+        except BaseException as exc:  # a bug: never hide the round's own error
+            self.pool.intact = False
+            log.error("settling an interrupted map failed: %r", exc)
+
+    def crashed(self, dead: WorkerProcess, call: Call) -> BaseException:
+        """A worker died mid-map: the map fails at once (``settle`` ends
+        the workers still busy with its other chunks, maybe for hours)."""
         exc = deaths.death_error(self.ctl, dead, call.job, call.job.plan.chunks)
         log.warning("%s", exc)
-        self.replace_all(self.unfinished(busy, seq) + [dead])
+        dead.killed = True  # dead: replaced with the others
+        self.pool.intact = False
         return exc
-
-    def abandon(self, busy, seq: int) -> None:
-        """The round ends early (interrupted, timed out, crashed, stopped):
-        nothing of it may survive into the next round.  Messages it left
-        unread are dropped later by their ring number."""
-        self.dirty = True
-        stuck = [w for w in self.unfinished(busy, seq) if self.pool.workers[w.index] is w]
-        if stuck:
-            self.replace_all(stuck)
-        # A replacement started within the round and interrupted before it
-        # said Ready (a Ctrl-C while it started) is waited for by the next
-        # run's recover(); its Ready is no reply to a ring.
-        self.dirty = not all(w.ready for w in self.pool.workers)
 
 
 def nap_budget(timeout: float | None) -> int:
@@ -499,7 +539,7 @@ class Round:
 
     def _poller(self, forwarder):
         poller = select.poll()
-        wake = self.runner.wakeup.fileno()
+        wake = self.runner.interrupts.fileno()
         by_fd: dict[int, tuple[WorkerProcess | None, bool]] = {wake: (None, False)}
         poller.register(wake, select.POLLIN)
         for w in self.busy:
@@ -530,7 +570,7 @@ class Round:
             self.start(w)
             return True
         if self.tally is None:
-            raise runner.crashed(w, self.busy, seq, self.call)
+            raise runner.crashed(w, self.call)
         exc = deaths.death_error(ctl, w, self.job, self.tally.chunks)
         log.warning("%s", exc)
         self.lose(w, exc)
@@ -546,7 +586,7 @@ class Round:
         runner.replace(dead.index)
         job, indices, chunks = self.assigned[dead.index]
         new = runner.holdings.provide(
-            dead.index, job, self.call.args, indices, chunks, runner.wakeup, runner.closing
+            dead.index, job, self.call.args, indices, chunks, runner.interrupts
         )
         self.busy[self.busy.index(dead)] = new
         runner.ring(new, job, self.seq, self.call.steps)
@@ -561,10 +601,9 @@ class Round:
         if tally is None:
             exc = deaths.map_timeout(sorted(w.pid for w in late), timeout)
             log.warning("%s", exc)
-            runner.replace_all(late)
-            raise exc
+            raise exc  # settle kills them
+        runner.pool.kill(late)
         for w in late:
-            w.kill()
             exc = deaths.chunk_timeout(self.ctl, w, timeout, tally.chunks)
             log.warning("%s", exc)
             self.lose(w, exc)
@@ -638,7 +677,7 @@ class Round:
                     self._take(w, w.recv_bytes())
             except (EOFError, OSError):
                 if tally is None:
-                    raise self.runner.crashed(w, self.busy, self.seq, self.call) from None
+                    raise self.runner.crashed(w, self.call) from None
                 self.lose(w, deaths.death_error(ctl, w, job, tally.chunks))
                 continue
         problems = []

@@ -100,8 +100,9 @@ class Watchdog:
     Created and closed by the Pool, once.  Any thread may report blocks
     (allocations happen anywhere), so sending takes a lock.  A watchdog that
     died (killed on its own) is started again, and told everything, the
-    next time there is news; if that fails too, one warning says the safety
-    net is gone, and the engine carries on.
+    next time there is news or the driver checks (``check``); if that fails
+    too, one warning says the safety net is gone, and the engine carries
+    on.
     """
 
     child = None
@@ -128,6 +129,18 @@ class Watchdog:
             os.close(life_r)
         self._lifeline = Connection(life_w, readable=False)
 
+    def check(self) -> None:
+        """Restart the watchdog if it has died, by its own word (its pidfd
+        or pipe, without waiting): the driver asks every ``OUTPUT_POLL``
+        seconds while maps run (``shmarray.rounds``), since a loop of maps
+        over the same arrays has no news to send, and a dead watchdog is
+        otherwise found only by the next send."""
+        child = self.child
+        if child is not None and child.exited():
+            with self._lock:
+                if self.child is child:
+                    self._restart()
+
     def _send(self, msg) -> None:
         """Send under the lock; restart a dead watchdog and tell it all."""
         if self._lifeline is not None:
@@ -136,6 +149,11 @@ class Watchdog:
                 return
             except (OSError, AttributeError):
                 pass
+        self._restart()
+
+    def _restart(self) -> None:
+        """Start a new watchdog in place of a dead one, and tell it the
+        workers and blocks (under the lock)."""
         try:
             self._retire()
             self._start()

@@ -186,6 +186,40 @@ def test_a_killed_watchdog_is_replaced_and_still_cleans_up():
     assert err == ""
 
 
+@pytest.mark.parametrize("where", ["shm", "dir"])
+def test_a_watchdog_killed_during_a_loop_of_maps_is_restarted(where, storage_dir):
+    # The maps bring no news (no worker replaced, no block made), so only
+    # the driver's own check can find the watchdog dead.
+    storage = storage_dir if where == "dir" else "shm"
+    code = HOLD + textwrap.dedent(f"""
+        import signal
+        import psutil
+        eng = shmarray.Engine(workers=2, storage={storage!r})
+        x = eng.from_numpy(np.ones(10))
+        pool = eng._dispatcher.pool
+        dog = pool.watchdog.child.pid
+        print("pids:", *eng.worker_pids, flush=True)
+        print("blocks:", *[b.name for b in eng.blocks], pool._control_name, flush=True)
+        os.kill(dog, signal.SIGKILL)
+        psutil.Process(dog).wait(10)
+        started = time.monotonic()
+        while pool.watchdog.child is None or pool.watchdog.child.pid == dog:
+            eng.map(scale, x, args=(1.0,))
+            if time.monotonic() - started > 30:  # a hang detector
+                break
+        print("restarted:", pool.watchdog.child.pid != dog, flush=True)
+        print("ready", flush=True)
+        eng.map(hold, eng.zeros(2), chunks=1)  # runs until killed
+    """)
+    proc = start(code)
+    pids, names, other = read_report(proc)
+    assert "restarted: True" in "".join(other), other
+    proc.kill()  # the coordinator: the new watchdog must clean up
+    _, err = proc.communicate(timeout=30)
+    assert _gone(pids, names)
+    assert err == ""
+
+
 # 6 -----------------------------------------------------------------------------
 
 

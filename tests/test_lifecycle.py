@@ -23,15 +23,21 @@ def scale(out, inp, s):
 """
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie); one that vanishes
+    while we look is gone."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _gone(pids, names, within=10.0) -> bool:
+    """Polls until every process of ``pids`` has exited and every block of
+    ``names`` is gone (``within``: a hang detector)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [
-            p
-            for p in pids
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-        ]
-        if not alive and all(gone(n) for n in names):
+        if not any(_running(p) for p in pids) and all(gone(n) for n in names):
             return True
         time.sleep(0.05)
     return False
