@@ -18,9 +18,7 @@ import pytest
 import burst
 from conftest import storage_for
 
-CASES = [("map", 2), ("map", 3), ("map", 5)] + [
-    (how, 5) for how in burst.HOWS if how != "map"
-]
+CASES = [("map", 2), ("map", 3), ("map", 5)] + [(how, 5) for how in burst.HOWS if how != "map"]
 
 
 @pytest.mark.breaks_things
