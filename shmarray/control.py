@@ -10,26 +10,31 @@ until the last worker wakes it.  Pipes stay for what is rare or large:
 kernels, job definitions, reduce values, errors, and the wake-ups of
 sleepers.
 
-This module is the only one that touches the block's memory.  The
-coordinator's side is :class:`ControlBlock`, a worker's is
+This module is the only one that touches the block's memory, through the
+primitives of ``shmarray.atomics`` (what each guarantees is written
+there).  The coordinator's side is :class:`ControlBlock`, a worker's is
 :class:`WorkerWords`; both are thin names over the compiled functions
 below, which compiled hot paths may call directly.
 
 Protocol
 ========
 
-Layout, in int64 words; every writer has its own 128-byte line, so a worker
-spinning on its ring never shares a line with another process's writes::
+Layout, in int64 words, a 128-byte line (``LINE`` words) at a time, and
+who writes each line.  The words a process spins on sit on lines that one
+party writes: a worker's RING on its line a, written by the coordinator
+alone, and its DONE and STEP on its line b, written by worker i alone; so
+a spinner's line changes only when the write it waits for lands::
 
-    line 0      COORD_ASLEEP, WORKERS             coordinator
-    line 1      NEXT, STOP                        the workers of a round
-                                                  (coordinator between rounds)
-    line 2      ABORT                             any coordinator thread
-                BELL                              any worker (and ABORT's
-                                                  writers)
+    line 0      COORD_ASLEEP, WORKERS             the coordinator (WORKERS
+                                                  once, at creation)
+    line 1      NEXT, STOP                        the workers of a round, and
+                                                  the coordinator (see STOP)
+    line 2      ABORT, BELL                       whoever wakes the driver:
+                                                  any coordinator thread, and
+                                                  workers (BELL only)
     line 3      SLEEPERS                          workers asleep on a STEP word
     worker i:
-      line a    RING, JOB, PIPED, STEPS           coordinator
+      line a    RING, JOB, PIPED, STEPS           the coordinator
       line b    DONE, REPLY, ASLEEP, CHUNK,       worker i (the coordinator
                 CHUNKS, BUSY_NS, STARTED, RAN,    once worker i is dead)
                 STEP, OUTPUT
@@ -37,34 +42,68 @@ spinning on its ring never shares a line with another process's writes::
                 map                               (coordinator between rounds,
                                                   and for a dead worker's chunk)
 
+Lines 1 and 2 have several writers, on purpose:
+
+* Line 1: NEXT is the dynamic schedule's shared counter, so every worker of
+  a dynamic round writes it; STOP sits beside it because a worker reads
+  both to take a chunk.  A worker that waits for a neighbour's STEP word
+  polls STOP too, but only a static round waits for neighbours, and NEXT
+  moves only in dynamic ones.
+* Line 2: ABORT and BELL have one reader, the driver, and every write to
+  either but the driver's own (clearing ABORT) is meant to wake it.  Sharing
+  a line is safe: atomicity and order are per word, whatever line it is on;
+  a line is only a matter of speed.  And it costs next to nothing: the
+  driver spins on ABORT (``wait_all``, ``wait_done``) only while it does not
+  nap, and a worker rings BELL only after it saw the driver napping
+  (COORD_ASLEEP = COORD_NAPS: ``_answer``), so under a spinning driver the
+  line changes for an abort, which is what it spins for (or once, for a ring
+  decided just before a nap ended).  While the driver naps, the bump on BELL
+  is its wake-up.  Each bump moves the line to the ringer and back, which
+  the driver's next look at BELL costs anyway; ``abort`` bumps BELL as well
+  as setting ABORT, so one call reaches a driver that spins or naps.  BELL
+  on a line of its own would save nothing (the driver reads both words in
+  every nap slice) and would move every worker's lines.
+
 Who writes what, and who reads it:
 
 =============  ==========================================  =====================
 word           meaning                                     read by
 =============  ==========================================  =====================
-RING           the last ring given: a sequence number,     worker i
-               strictly increasing (``Pool.seq``)
+RING           the last ring given: a sequence number,     worker i; every
+               strictly increasing (``Pool.seq``)          worker (``_answer``:
+                                                           who was rung)
 JOB, PIPED,    the job key (0: just read the pipe), pipe   worker i, once RING
 STEPS          messages sent before this ring, steps       has changed
-DONE           the last ring finished                      coordinator
+DONE           the last ring finished                      coordinator; every
+                                                           worker (``_answer``)
 REPLY          messages on the results pipe for ring DONE  coordinator
 ASLEEP         worker i sleeps on its task pipe            coordinator (ring)
 CHUNK          the chunk it runs (-1: loading the job)     coordinator (deaths)
 STARTED, RAN   the last ring taken; chunks of it done      coordinator
-CHUNKS,        totals for the process's life               ``Engine.stats``
-BUSY_NS
+CHUNKS,        totals for the process's life, bumped by    coordinator (plain
+BUSY_NS        worker i's main thread alone                loads: ``stats``,
+                                                           recycling)
 STEP           ``step_word(ring, stage)``: stages of an    its neighbours
                iterated or ghost-filling job done
-OUTPUT         lines written to its stdout/stderr so far   coordinator (forward)
-NEXT           the next dynamic chunk (fetch-and-add)      workers of the round
-STOP           stop taking chunks: a chunk failed, or the  workers of the round
-               coordinator wants no more
+OUTPUT         writes to its stdout/stderr pipes so far:   coordinator (forward)
+               a fetch-and-add, as any thread of worker i
+               may write
+NEXT           the next dynamic chunk (fetch-and-add); 0   workers of the round
+               from each round's reset
+STOP           stop taking chunks.  Cleared only between   workers of the round
+               rounds; within one only ever set to 1, at
+               any time, by anyone of the round: a worker
+               whose chunk failed, the coordinator when
+               an ``imap`` stream is closed or a tracked
+               round must start nothing new
 COORD_ASLEEP   the coordinator sleeps: 1 on the pipes (a   workers (finish,
                worker wakes it there), 2 on BELL (the      serve)
                last worker of the ring to finish rings
                BELL: ``_answer``)
 WORKERS        the pool's size, written at creation        workers (``_answer``)
-ABORT          interrupt the driver's spin (close, stop)   the driver
+ABORT          interrupt the driver's spin (close, stop):  the driver
+               set by any coordinator thread, cleared by
+               the driver once it has looked
 BELL           the driver's doorbell: bumped, then woken   the driver (futex)
                (futex), by the last worker of a ring to
                finish while the driver naps on it, or by
@@ -74,12 +113,16 @@ board[k]       PENDING, RUNNING, FINISHED or FAILED        coordinator
 =============  ==========================================  =====================
 
 The one publishing rule: **every access to a word, or to a board byte, is a
-sequentially consistent atomic load, store or fetch-and-add** (LLVM atomic
-instructions generated through numba's public ``numba.extending.intrinsic``
-API, compiled once at import with ``cache=True``), so the order in which
-one process writes is the order in which every other sees, on weakly
-ordered CPUs (ARM) too.  The only exceptions are the per-process totals
-(CHUNKS, BUSY_NS), read for statistics.
+sequentially consistent atomic load, store or fetch-and-add**, so the order
+in which one process writes is the order in which every other sees, on
+weakly ordered CPUs (ARM) too.  A counter that several threads or
+processes bump (NEXT, BELL, SLEEPERS, OUTPUT) moves only by fetch-and-add;
+a flag that several set (STOP, ABORT) needs only stores; a counter with
+one writing thread (CHUNKS, BUSY_NS) may move by a load and a store.  The
+one exception: the coordinator reads CHUNKS and BUSY_NS with plain loads,
+for statistics; they order nothing.  The protocol's functions are compiled
+once, at import, with ``cache=True``; ``serve``, which calls a user's
+kernel, is compiled in each worker for that kernel.
 
 Invariants:
 
@@ -92,6 +135,10 @@ Invariants:
   process is gone: see ``launch.Child``).  A killed worker may still be
   running until then, so a dead worker's line, and its chunk on the board,
   are written by the coordinator only after its death is confirmed.
+* STOP, once set, stays set until the next round's reset (which sets it
+  again for a round of an ``imap`` stream already closed): nobody clears it
+  within a round, so a worker that looks after it was set sees it.  A
+  worker sets it before its DONE store, so that reset always comes after.
 * A dead worker leaves its line as it was: CHUNK says which chunk it held,
   STARTED whether it had taken its ring.  The coordinator reads them, then
   takes the line over for the replacement (``ControlBlock.take_over``).
@@ -108,22 +155,31 @@ Invariants:
 from __future__ import annotations
 
 import functools
-import platform
-import sys
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+
+from shmarray.atomics import (
+    FUTEX_WAIT,
+    FUTEX_WAKE,
+    SYS_FUTEX,
+    _fetch_add,
+    _futex,
+    _load,
+    _now_ns,
+    _relax,
+    _sched_yield,
+    _store,
+    _usleep,
+)
 
 LINE = 16  # int64 words per 128-byte line
 
 COORD_ASLEEP = 0
 WORKERS = 1  # the pool's size: written once, before any worker starts
 NEXT = LINE  # the next dynamic chunk to take
-STOP = LINE + 1  # stop taking chunks
+STOP = LINE + 1  # stop taking chunks: set at any time, cleared between rounds
 ABORT = 2 * LINE  # close() or stop(): the waiting driver returns
 BELL = 2 * LINE + 1  # the napping driver's doorbell
 COORD_NAPS = 2  # COORD_ASLEEP's value while the driver naps on BELL
@@ -137,6 +193,17 @@ RING, JOB, PIPED, STEPS = 0, 1, 2, 3
 DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP, OUTPUT = (
     LINE + k for k in range(10)
 )
+
+# Every word of the layout by name: the shared ones, a worker's (offsets
+# from its ``slot``), and the board.  The docstring's tables and
+# docs/internals.md name exactly these, and the functions below index the
+# block with no other (tests/test_protocol_text.py).
+SHARED_WORDS = ("COORD_ASLEEP", "WORKERS", "NEXT", "STOP", "ABORT", "BELL", "SLEEPERS")
+WORKER_WORDS = (
+    *("RING", "JOB", "PIPED", "STEPS"),
+    *("DONE", "REPLY", "ASLEEP", "CHUNK", "CHUNKS", "BUSY_NS", "STARTED", "RAN", "STEP", "OUTPUT"),
+)
+WORDS = (*SHARED_WORDS, *WORKER_WORDS, "board")
 
 STEP_BITS = 24
 STEP_LIMIT = (1 << STEP_BITS) - 1  # stages (3 a step) per call: fewer than this
@@ -178,182 +245,17 @@ def slot(index: int) -> int:
     return _WORKERS_AT + index * _PER_WORKER
 
 
-# -- atomics as LLVM instructions --------------------------------------------
-
-
-def _element(context, builder, array_type, array, index):
-    ary = context.make_array(array_type)(context, builder, array)
-    return builder.gep(ary.data, [index])
-
-
-def _width(array_type) -> int:
-    return array_type.dtype.bitwidth // 8
-
-
-@intrinsic
-def _load(typingctx, array, index):
-    def codegen(context, builder, sig, args):
-        ptr = _element(context, builder, sig.args[0], *args)
-        return builder.load_atomic(ptr, "seq_cst", _width(sig.args[0]))
-
-    return array.dtype(array, index), codegen
-
-
-@intrinsic
-def _store(typingctx, array, index, value):
-    def codegen(context, builder, sig, args):
-        ptr = _element(context, builder, sig.args[0], args[0], args[1])
-        val = context.cast(builder, args[2], sig.args[2], sig.args[0].dtype)
-        builder.store_atomic(val, ptr, "seq_cst", _width(sig.args[0]))
-        return context.get_dummy_value()
-
-    return types.void(array, index, value), codegen
-
-
-@intrinsic
-def _fetch_add(typingctx, array, index, value):
-    def codegen(context, builder, sig, args):
-        ptr = _element(context, builder, sig.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-
-    return types.int64(array, index, value), codegen
-
-
-# x86's PAUSE tells the core it is spinning (less power, no memory-order
-# flush when the word changes).  Other CPUs spin without a hint.
-_PAUSE = (
-    "llvm.x86.sse2.pause"
-    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-    else None
-)
-
-
-@intrinsic
-def _relax(typingctx):
-    def codegen(context, builder, sig, args):
-        if _PAUSE is not None:
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), []), _PAUSE
-            )
-            builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return types.void(), codegen
-
-
-@intrinsic
-def _sched_yield(typingctx):
-    # POSIX sched_yield, resolved from the C library already in the process
-    # (a ctypes pointer would stop numba from caching the machine code).
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield"
-        )
-        builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return types.void(), codegen
-
-
-# Sleeping on a word.  Linux has futexes: a process sleeps until another
-# wakes the address it sleeps on, or its timeout passes, and the kernel
-# compares the word before sleeping, so no wake-up is lost.  Elsewhere (and
-# on a CPU whose futex call number we do not know) the sleeper naps for the
-# timeout and looks again.  Decided once, here.
-_FUTEX_CALLS = {"x86_64": 202, "amd64": 202, "aarch64": 98, "arm64": 98}
-SYS_FUTEX = (
-    _FUTEX_CALLS.get(platform.machine().lower(), -1)
-    if sys.platform.startswith("linux") and sys.byteorder == "little"
-    else -1
-)
-FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE): across processes
-
-
-@intrinsic
-def _futex(typingctx, array, index, op, value, timeout_ns):
-    """``syscall(SYS_futex, &array[index], op, value, timeout, NULL, 0)`` on
-    the word's low 32 bits (little-endian: its first four bytes); a
-    timeout of 0 or less means none (FUTEX_WAKE ignores it)."""
-
-    def codegen(context, builder, sig, args):
-        ary, idx, op_, val, tmo = args
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        ptr = builder.bitcast(_element(context, builder, sig.args[0], ary, idx), i32.as_pointer())
-        spec = ir.LiteralStructType([i64, i64])
-        ts = cgutils.alloca_once(builder, spec)
-        billion = ir.Constant(i64, 1_000_000_000)
-        builder.store(
-            builder.sdiv(tmo, billion), builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)])
-        )
-        builder.store(
-            builder.srem(tmo, billion), builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)])
-        )
-        voidp = ir.IntType(8).as_pointer()
-        tsp = builder.select(
-            builder.icmp_signed(">", tmo, ir.Constant(i64, 0)),
-            builder.bitcast(ts, voidp),
-            ir.Constant(voidp, None),
-        )
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i64, [i64], var_arg=True), "syscall"
-        )
-        return builder.call(
-            fn,
-            [
-                ir.Constant(i64, SYS_FUTEX),
-                builder.bitcast(ptr, voidp),
-                builder.trunc(op_, i32),
-                builder.trunc(val, i32),
-                tsp,
-                ir.Constant(voidp, None),
-                ir.Constant(i32, 0),
-            ],
-        )
-
-    return types.int64(array, index, op, value, timeout_ns), codegen
-
-
-@intrinsic
-def _usleep(typingctx, microseconds):
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32)]), "usleep"
-        )
-        builder.call(fn, [builder.trunc(args[0], ir.IntType(32))])
-        return context.get_dummy_value()
-
-    return types.void(microseconds), codegen
-
-
-_CLOCK = getattr(__import__("time"), "CLOCK_MONOTONIC", 1)
-
-
-@intrinsic
-def _now_ns(typingctx):
-    """``clock_gettime(CLOCK_MONOTONIC)`` in nanoseconds (a vDSO call on
-    Linux: no system call)."""
-
-    def codegen(context, builder, sig, args):
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        spec = ir.LiteralStructType([i64, i64])
-        ts = cgutils.alloca_once(builder, spec)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32, [i32, spec.as_pointer()]), "clock_gettime"
-        )
-        builder.call(fn, [ir.Constant(i32, _CLOCK), ts])
-        sec = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)]))
-        nsec = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)]))
-        return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
-
-    return types.int64(), codegen
-
-
 # -- compiled functions -----------------------------------------------------------
 
 _words = types.Array(types.int64, 1, "C")
 _bytes = types.Array(types.uint8, 1, "C")
 _indices = types.Array(types.int64, 1, "C")
 _OPTS: dict[str, Any] = dict(nogil=True, cache=True)
+# numba checks a cached function against its own source file only, and
+# these inline shmarray/atomics.py: its hash here (sha256, 16 digits) makes
+# an edit there change this file too, so nothing stale is served from the
+# cache.  tests/test_protocol_text.py fails until it is updated.
+_ATOMICS_SHA256 = "a8a3259fe6fd5bf5"
 
 # Each spin round is a check and a PAUSE; every YIELD_EVERY rounds the
 # spinner also yields its CPU, so with as many processes as cores a waiting
@@ -849,7 +751,7 @@ class ControlBlock:
         return bool(self._word(index, ASLEEP))
 
     def output(self) -> int:
-        """Lines the workers have written so far, in all."""
+        """Writes the workers have made to their stdout/stderr so far, in all."""
         return int(output_lines(self.words, self.n_workers))
 
     def sleeping(self, asleep: bool) -> None:
@@ -867,12 +769,13 @@ class ControlBlock:
     # -- rounds
     def new_round(self, halted: bool = False) -> None:
         """Reset NEXT and STOP for a round (STOP set if ``halted``).  Only
-        between rounds: see the invariants."""
+        between rounds: the one place STOP is cleared (see the invariants)."""
         store(self.words, NEXT, 0)
         store(self.words, STOP, int(halted))
 
     def stop(self) -> None:
-        """Workers of the running round take no more chunks."""
+        """Workers of the running round take no more chunks: at any time in
+        a round (STOP stays set until ``new_round``)."""
         store(self.words, STOP, 1)
 
     def stopped(self) -> bool:
@@ -962,6 +865,7 @@ class WorkerWords:
         return bool(load(self.words, STOP))
 
     def stop(self) -> None:
+        """A chunk of this worker failed: the round's workers take no more."""
         store(self.words, STOP, 1)
 
     def mark(self, chunk: int, state: int) -> None:
@@ -979,8 +883,11 @@ class WorkerWords:
         return bool(finish(self.words, self.at, seq, replies, chunks, busy_ns))
 
     def wrote(self) -> None:
-        """A line went to this worker's stdout or stderr pipe."""
-        store(self.words, self.at + OUTPUT, load(self.words, self.at + OUTPUT) + 1)
+        """A write went to this worker's stdout or stderr pipe.  Any thread
+        of the worker may call it (a kernel's own threads print too), so
+        OUTPUT moves by fetch-and-add: a load and a store could lose a
+        count, and the driver would not see that write until the next."""
+        fetch_add(self.words, self.at + OUTPUT, 1)
 
     def where(self) -> tuple[int, int]:
         """(the last ring taken, the chunk running): where a kernel that
