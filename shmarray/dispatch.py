@@ -389,6 +389,8 @@ class Dispatcher:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
         self._closed = True
+        if all(d._closed for d in list(_OPEN)):
+            SIGNALS.restore()  # the last engine: the user's handlers, as they were
 
 
 def finish(call: Call, values) -> Any:
