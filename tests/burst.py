@@ -15,7 +15,8 @@ none.  Then one more map checks that the engine works.
 The victim's handler raises ``KeyboardInterrupt`` for every signal that
 lands inside the call (as Python's default handler would) and only counts
 those that land after it, so the victim's own observation is never cut
-short.
+short.  With SIGTERM, its handler raises ``SystemExit`` (a service's
+graceful shutdown) the same way.
 
 Run::
 
@@ -59,7 +60,7 @@ def held_step(out, inp, flags, row_offset, rows):
     return held(out, flags, row_offset, rows)
 
 
-def victim(how: str, workers: int, storage: str) -> None:
+def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> None:
     import threading
 
     import numpy as np
@@ -91,12 +92,15 @@ def victim(how: str, workers: int, storage: str) -> None:
             frame = frame.f_back
         return False
 
-    def ctrl_c(sig, frame):
+    # Ctrl-C as Python raises it; SIGTERM as a service's handler might.
+    interrupted = KeyboardInterrupt if sig == signal.SIGINT else SystemExit
+
+    def handler(signum, frame):
         hits.append(time.monotonic())
         if in_call(frame):
-            raise KeyboardInterrupt
+            raise interrupted
 
-    signal.signal(signal.SIGINT, ctrl_c)
+    signal.signal(sig, handler)
     with shmarray.Engine(workers=workers, storage=storage) as eng:
         out, other = eng.zeros(ROWS), eng.zeros(ROWS)
         flags = eng.zeros(1 + workers)
@@ -110,7 +114,7 @@ def victim(how: str, workers: int, storage: str) -> None:
         result = {"raised": None}
         try:
             call()
-        except KeyboardInterrupt:
+        except interrupted:
             raised = time.monotonic()
             seen = (out.copy(), other.copy())
             flags[0] = 1.0  # a surviving worker writes now
@@ -133,11 +137,19 @@ def _fill(x):
     x[:] = 2.0
 
 
-def trial(how: str, workers: int, storage: str, signals: int = 3, gap: float = 0.05) -> dict:
-    """One victim, one burst: the victim's result, with its exit code and
-    stderr."""
+def trial(
+    how: str,
+    workers: int,
+    storage: str,
+    signals: int = 3,
+    gap: float = 0.05,
+    sig: int = signal.SIGINT,
+) -> dict:
+    """One victim, one burst of ``sig``: the victim's result, with its exit
+    code and stderr."""
+    victim_args = ["--victim", how, str(workers), storage, str(int(sig))]
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--victim", how, str(workers), storage],
+        [sys.executable, os.path.abspath(__file__), *victim_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -155,7 +167,7 @@ def trial(how: str, workers: int, storage: str, signals: int = 3, gap: float = 0
         for k in range(signals):
             if k:
                 time.sleep(gap)  # the user's rhythm, not a synchronisation
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -169,7 +181,7 @@ def trial(how: str, workers: int, storage: str, signals: int = 3, gap: float = 0
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--victim", nargs=3, metavar=("HOW", "WORKERS", "STORAGE"))
+    p.add_argument("--victim", nargs=4, metavar=("HOW", "WORKERS", "STORAGE", "SIGNAL"))
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--how", choices=HOWS, default="map")
     p.add_argument("--workers", type=int, default=5)
@@ -178,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--gap", type=float, default=0.05)
     a = p.parse_args(argv)
     if a.victim:
-        victim(a.victim[0], int(a.victim[1]), a.victim[2])
+        victim(a.victim[0], int(a.victim[1]), a.victim[2], int(a.victim[3]))
         return 0
     bad = 0
     for k in range(a.trials):

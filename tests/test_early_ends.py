@@ -13,10 +13,13 @@ yet killed wrote their rows after ``KeyboardInterrupt`` was raised.
 
 from __future__ import annotations
 
+import signal
+import textwrap
+
 import pytest
 
 import burst
-from conftest import storage_for
+from conftest import run_python, storage_for
 
 CASES = [("map", 2), ("map", 3), ("map", 5)] + [(how, 5) for how in burst.HOWS if how != "map"]
 
@@ -32,3 +35,72 @@ def test_a_burst_of_ctrl_c_leaves_no_worker_writing(how, workers):
         f"a worker of the map was still running"
     )
     assert report["after"], "the next map did not work"
+
+
+@pytest.mark.breaks_things
+def test_a_burst_of_sigterm_whose_handler_exits_leaves_no_worker_writing():
+    report = burst.trial("map", 3, storage_for(3), sig=signal.SIGTERM)
+    assert report["returncode"] == 0 and report["stderr"] == "", report
+    assert report["raised"] and report["changed"] == [] and report["after"], report
+
+
+def test_a_handler_that_does_not_raise_leaves_the_map_running():
+    # The user's handler runs at once, as without shmarray; only what it
+    # raises is held.  This one raises nothing: the map goes on.
+    code = textwrap.dedent("""
+        import os, signal, threading, time
+        import numpy as np
+        import shmarray
+
+        hits = []
+        signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
+
+        def held(out, flags):
+            flags[0] = 1.0
+            while flags[1] == 0.0:
+                time.sleep(0.001)
+            out[:] = 1.0
+
+        with shmarray.Engine(workers=2) as eng:
+            out, flags = eng.zeros(8), eng.zeros(2)
+
+            def poke():
+                while flags[0] == 0.0:
+                    time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGINT)
+                while not hits:
+                    time.sleep(0.001)
+                flags[1] = 1.0
+
+            threading.Thread(target=poke, daemon=True).start()
+            eng.map(held, out, args=(flags,), chunks=1)
+            print("hits:", len(hits), "out:", out.tolist())
+    """)
+    proc = run_python(code)
+    assert "hits: 1 out: " + str([1.0] * 8) in proc.stdout, proc.stdout
+    assert proc.stderr == ""
+
+
+def test_the_users_signal_handlers_are_back_once_the_last_engine_closes():
+    code = textwrap.dedent("""
+        import signal
+        import numpy as np
+        import shmarray
+
+        mine = lambda s, f: None
+        signal.signal(signal.SIGINT, mine)
+        a, b = shmarray.Engine(workers=2), shmarray.Engine(workers=2)
+        x = a.zeros(4)
+        a.map(lambda v: v.fill(1.0), x)
+        print("while open:", signal.getsignal(signal.SIGINT) is mine)
+        del x
+        a.close()
+        print("one open:", signal.getsignal(signal.SIGINT) is mine)
+        b.close()
+        print("all closed:", signal.getsignal(signal.SIGINT) is mine)
+    """)
+    proc = run_python(code)
+    assert "while open: False" in proc.stdout  # wrapped (see interrupts.py)
+    assert "one open: False" in proc.stdout
+    assert "all closed: True" in proc.stdout
+    assert proc.stderr == ""
