@@ -14,12 +14,13 @@ from shmarray.descriptors import Failed
 from shmarray.errors import KernelError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError
 
 
-def death_error(ctl: ControlBlock, dead, job, chunks) -> WorkerCrashedError:
-    """Worker ``dead`` died mid-map: what it was doing, and the likely causes."""
+def death_error(ctl: ControlBlock, dead, groups: tuple, chunks) -> WorkerCrashedError:
+    """Worker ``dead`` died mid-map: what it was doing (``groups``: the
+    round's (worker, indices, chunks)), and the likely causes."""
     death, exitcode = dead.describe_death(), dead.exitcode
     k = ctl.chunk(dead.index)
     if k < 0:  # took the ring, died before its first chunk
-        group = next((g for g in job.groups if g[0] == dead.index), job.groups[0])
+        group = next((g for g in groups if g[0] == dead.index), groups[0])
         rows = (group[2][0][0], group[2][-1][1])
         what = (
             f"while loading the kernel or the arguments for rows "

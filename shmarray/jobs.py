@@ -14,7 +14,6 @@ describing everything again costs about 25 us; the signature lookup 2 us.
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
 import threading
 import weakref
@@ -59,13 +58,15 @@ class KernelTable:
 
 
 class Job:
-    """The checked, repeatable part of a map or reduce.
+    """The checked, repeatable part of a map or reduce: immutable.
 
     ``args`` is the template: the descriptors of shared arrays, None for
     plain values (which come with each call).  The job keeps weak references
     to every array it describes, so a cached job never outlives them and a
     recycled ``id()`` never matches it.  ``cached``: False for a job made
-    for one call only, which the driver forgets after running it.
+    for one call only, which the driver forgets after running it.  Where a
+    job runs, and what its workers hold, is the driver's business
+    (``holdings.Placement``), not the job's.
     """
 
     __slots__ = (
@@ -85,17 +86,30 @@ class Job:
         "_refs",
         "mode",
         "indices",
-        "groups",
-        "done_at",
-        "workers",
         "args_are_plain",
-        "busy",
-        "ready",
-        "ready_pool",
-        "ready_args",
         "tracked",
         "round_words",
     )
+    # (set once, in _init)
+    key: int
+    kernel: Callable
+    descriptors: tuple
+    args: tuple
+    halo: int
+    plan: Plan
+    dynamic: bool
+    iterated: bool
+    want_values: bool
+    axis: int
+    boundary: Any
+    blocks: frozenset[str]
+    cached: bool
+    _refs: tuple
+    mode: int
+    indices: tuple[int, ...] | None
+    args_are_plain: bool
+    tracked: bool
+    round_words: bool
 
     def __init__(
         self,
@@ -112,59 +126,109 @@ class Job:
         axis: int = 0,
         boundary=None,
         mode: int = 0,
+        cached: bool = False,
     ):
         """``args``: the template (see above); ``iterated``: swap the first
         two arrays after each of several steps (``Engine.iterate``);
         ``axis``: the split axis; ``boundary``: a ``boundary.Boundary``;
-        ``mode``: ``control.COLLECT | TRACK | STREAM`` bits."""
-        self.key = key
-        self.kernel = kernel
-        self.descriptors = descriptors
-        self.args = args
-        self.halo = halo
-        self.plan = plan
-        self.dynamic = dynamic
-        self.iterated = iterated
-        self.want_values = want_values
-        self.axis = axis
-        self.boundary = boundary
-        self.mode = mode
-        self.tracked = bool(mode & control.TRACK)
-        # Its rounds use NEXT and STOP (reset before each).
-        self.round_words = dynamic or iterated or boundary is not None or self.tracked
-        self.indices: tuple[int, ...] | None = (
-            None  # a retry's: the chunks' places in the whole map
+        ``mode``: ``control.COLLECT | TRACK | STREAM`` bits; ``cached``: kept
+        by the JobCache (repeats find it)."""
+        self._init(
+            key,
+            kernel,
+            tuple(weakref.ref(a) for a in arrays),
+            descriptors,
+            args,
+            halo,
+            plan,
+            dynamic,
+            want_values,
+            iterated,
+            axis,
+            boundary,
+            mode,
+            cached,
+            None,
         )
-        self.blocks = frozenset(
-            [d.block for d in descriptors] + [a.block for a in self.args if a is not None]
-        )
-        self.cached = False
-        self._refs = tuple(weakref.ref(a) for a in arrays)
-        self.args_are_plain = all(t is None for t in args)
-        # The driver's: (worker, indices, chunks) for each worker it uses,
-        # the control words it waits on, those workers, and the runner's and
-        # the pool's generations and the args when they last all held it.
-        self.groups: tuple | None = None
-        self.done_at: np.ndarray | None = None
-        self.workers: np.ndarray | None = None  # the indices of those workers, for the lean path
-        self.busy: list = []
-        self.ready = self.ready_pool = -1
-        self.ready_args: tuple = ()
 
-    def retry(self, key: int, indices: list[int]) -> Job:
-        """A job for one call that runs chunks ``indices`` of this one again,
-        dynamically (whichever worker is free), ghost cells already filled."""
-        job = copy.copy(self)
-        job.key = key
-        job.plan = Plan(tuple(self.plan.chunks[i] for i in indices), ())
-        job.indices = tuple(indices)
-        job.dynamic = True
-        job.round_words = True
-        job.cached = False
-        job.groups = job.done_at = job.workers = None
-        job.busy = []
-        job.ready = job.ready_pool = -1
-        job.ready_args = ()
+    def _init(
+        self,
+        key,
+        kernel,
+        refs,
+        descriptors,
+        args,
+        halo,
+        plan,
+        dynamic,
+        want_values,
+        iterated,
+        axis,
+        boundary,
+        mode,
+        cached,
+        indices,
+    ) -> None:
+        put = object.__setattr__
+        for name, value in (
+            ("key", key),
+            ("kernel", kernel),
+            ("_refs", refs),
+            ("descriptors", descriptors),
+            ("args", args),
+            ("halo", halo),
+            ("plan", plan),
+            ("dynamic", dynamic),
+            ("want_values", want_values),
+            ("iterated", iterated),
+            ("axis", axis),
+            ("boundary", boundary),
+            ("mode", mode),
+            ("cached", cached),
+            # A retry's: the chunks' places in the whole map.
+            ("indices", indices),
+            ("tracked", bool(mode & control.TRACK)),
+            # Its rounds use NEXT and STOP (reset before each).
+            (
+                "round_words",
+                dynamic or iterated or boundary is not None or bool(mode & control.TRACK),
+            ),
+            (
+                "blocks",
+                frozenset(
+                    [d.block for d in descriptors] + [a.block for a in args if a is not None]
+                ),
+            ),
+            ("args_are_plain", all(t is None for t in args)),
+        ):
+            put(self, name, value)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"a Job is immutable (tried to set {name!r})")
+
+    def retry(self, key: int, indices: list[int], dynamic: bool = True) -> Job:
+        """A job for one call that runs chunks ``indices`` of this one
+        again, ghost cells already filled: dynamically (whichever worker is
+        free), or, with ``dynamic=False``, on the one worker it is given
+        (a replacement taking over a dead worker's rows)."""
+        job = object.__new__(Job)
+        job._init(
+            key,
+            self.kernel,
+            self._refs,
+            self.descriptors,
+            self.args,
+            self.halo,
+            Plan(tuple(self.plan.chunks[i] for i in indices), ()),
+            dynamic,
+            self.want_values,
+            self.iterated,
+            self.axis,
+            self.boundary,
+            self.mode,
+            False,
+            tuple(indices),
+        )
         return job
 
     def holds(self, arrays: tuple) -> bool:
@@ -345,9 +409,9 @@ class JobCache:
         return next(self._keys)
 
     def add(self, sig: tuple | None, job: Job) -> Job:
+        """Keep ``job`` (made ``cached`` for a ``sig``) for repeats."""
         if sig is None:  # not cacheable: forgotten after its call
             return job
-        job.cached = True
         with self._lock:
             old = self._jobs.pop(sig, None)
             if old is not None:
@@ -418,7 +482,9 @@ class Calls:
         job = self.cache.get(sig, kernel, arrays, args)
         if job is None:
             layout = Layout(halo, chunks, schedule, axis, boundary, mode)
-            job = self.cache.add(sig, self._new_job(kernel, arrays, args, layout, want_values))
+            job = self.cache.add(
+                sig, self._new_job(kernel, arrays, args, layout, want_values, sig is not None)
+            )
         if timeout is not None:
             timeout = options.coerce_timeout(timeout)
         if progress is not None and progress is not True and progress is not False:
@@ -436,7 +502,9 @@ class Calls:
             stream,
         )
 
-    def _new_job(self, kernel, arrays: tuple, args, layout: Layout, want_values: bool) -> Job:
+    def _new_job(
+        self, kernel, arrays: tuple, args, layout: Layout, want_values: bool, cached: bool
+    ) -> Job:
         options.check_kernel(kernel)
         args = options.coerce_args(args)
         halo = options.coerce_halo(layout.halo)
@@ -474,4 +542,5 @@ class Calls:
             axis,
             bound,
             layout.mode,
+            cached,
         )

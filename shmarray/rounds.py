@@ -1,4 +1,5 @@
-"""Running one call on the pool: ring the busy workers, wait, collect.
+"""Running one call on the pool: a round's steps, and the one place it
+ends early.
 
 How a map flows, and who owns what::
 
@@ -8,31 +9,48 @@ How a map flows, and who owns what::
     Engine.submit: check,         is idle, else the manager thread
       enqueue, return a           (dispatch.Dispatcher)
       Future at once                |
-                                    | tasks pipe, rare or large
+                                    | place: tasks pipe, rare or large
                                     | (holdings.Holdings):
                                     |  Install(kernel) Define(job)       -> kept by key
                                     |  Rebind(args) Release(blocks)      -> unmap
                                     |
-                                    | control block, every map
+                                    | ring: control block, every map
                                     | (control.ControlBlock):
                                     |  JOB, PIPED, then RING = seq   ~~> spinning: sees it
                                     |  (+ a wake frame if ASLEEP)        asleep: woken
                                     |                                    drains the pipe,
                                     |                                    runs its chunks
                                     |                                    in place
-                                    |  spins on DONE, then naps    <~~  REPLY, DONE = seq
-                                    |  on BELL (up to 20 ms),          (+ Values / Failed
+                                    | wait: spins on DONE, then    <~~  REPLY, DONE = seq
+                                    |  naps on BELL (up to 20 ms),     (+ Values / Failed
                                     |  then sleeps on pipes +           of ring seq on the
                                     |  sentinels (Round.wait)           results pipe);
                                     |                                   rings BELL if the
                                     |                                   driver naps
-    result or exception   <-------  values in chunk order
+                                    | collect: values in chunk order
+                                    | settle (an early end): SIGKILL   x  killed mid-chunk
+                                    |  every busy worker, then reap
+    result or exception   <-------
+
+A round's steps are ``Runner.round``'s: *place* (``Holdings.prepare``:
+every worker the job uses holds it, its kernel and its arguments), *ring*,
+*wait*, *collect* (``Round``), and *settle* (``Runner.settle``), the only
+code that ends a round early, whatever ended it: a crash, the timeout,
+Ctrl-C, ``stop()``, ``close()``, or an exception of the driver's own.  It
+kills every worker of the round that has not finished, all of them first,
+then waits until each has exited, so nothing of the round writes the
+arrays once the caller has control; in the main thread, signals'
+exceptions are held meanwhile (``shmarray.interrupts``).  The workers it
+killed are replaced after it (``Runner.repair``) or by the next round's
+place step.
 
 The static schedule gives each worker its contiguous group of chunks, the
 same rows every call; the dynamic schedule gives every worker the whole
-list, and they take chunks one at a time from the shared counter.  A
-tracked call (``retries``, ``errors="collect"``, ``imap``) runs in rounds
-of its own (``shmarray.tracked``).
+list, and they take chunks one at a time from the shared counter.  What a
+death, a timeout, a value or a failure means for the call is the round's
+*policy*: ``FAIL_FAST`` (the first failure ends the call) or a tracked
+call's ``tracked.Tally`` (``retries``, ``errors="collect"``, ``imap``),
+which goes on without a lost worker and runs more rounds of its own.
 
 Every message a worker sends names its ring; the driver drops one of an
 earlier ring (left unread when that ring was abandoned), so it can never be
@@ -53,9 +71,10 @@ from typing import Any
 from shmarray import boundary, control, deaths, tracked
 from shmarray.descriptors import WAKE, Failed, Values, decode
 from shmarray.errors import EngineClosedError, MapCancelledError
-from shmarray.holdings import Holdings
+from shmarray.holdings import Holdings, Placement
 from shmarray.interrupts import SIGNALS, Interrupts
 from shmarray.jobs import Call, JobCache
+from shmarray.policy import FAIL_FAST, Policy
 from shmarray.pool import Pool, WorkerProcess
 from shmarray.progress import ChunkProgress, resolve as resolve_progress
 
@@ -206,9 +225,10 @@ class Runner:
     def tidy(self) -> None:
         self.holdings.tidy()
 
-    def round(self, call: Call, job, tally: tracked.Tally | None = None) -> list | None:
+    def round(self, call: Call, job, policy: Policy | None = None) -> list | None:
         """One ring of ``job`` on its workers: place, ring, wait, collect;
-        settle if it ends early.
+        settle if it ends early.  ``policy``: what a failure means
+        (``FAIL_FAST`` when None, a tracked call's ``tracked.Tally``).
 
         A repeat of a job every worker holds, with nothing pending, is
         rung by the lean path (``ring_lean``): one compiled call that
@@ -218,25 +238,32 @@ class Runner:
         runs costs a miss or two.
         """
         pool, holdings = self.pool, self.holdings
-        lean = (
-            tally is None
-            and call.stream is None
-            and call.progress is not True
-            and not (job.dynamic and job.boundary is not None)  # the caller fills ghosts
-        )
-        ready = pool.intact and holdings.ready(job, call.args)
-        if lean and ready and job.cached and time.monotonic() - self._polled <= OUTPUT_POLL:
-            # The fast path: nothing to place, nothing to fill, no reset.
-            busy = job.busy
+        if policy is None:
+            policy = FAIL_FAST
+            lean = (
+                call.progress is not True
+                and not (job.dynamic and job.boundary is not None)  # the caller fills ghosts
+            )
+        else:
+            lean = False
+        placed = holdings.ready(job, call.args) if pool.intact else None
+        if (
+            lean
+            and placed is not None
+            and job.cached
+            and time.monotonic() - self._polled <= OUTPUT_POLL
+        ):
+            # Nothing to place, nothing to fill, nothing to reset.
+            busy = placed.busy
             seq = pool.next_seq()
             try:
-                state, asleep = self.ring_lean(job, busy, call, seq)
+                state, asleep = self.ring_lean(placed, call, seq)
                 if state == control.QUIET and not asleep:
                     self._quiet = True
                     values = None
                 else:
                     self._quiet = False
-                    values = self._finish(call, job, list(busy), seq, state, asleep, None)
+                    values = self._finish(call, job, placed, list(busy), seq, state, asleep)
             except BaseException:
                 self.settle(busy, seq)
                 raise
@@ -245,11 +272,11 @@ class Runner:
             return values
         self._quiet = False
         # place
-        if not ready:
+        if placed is None:
             if not pool.intact:
                 pool.recover(self.interrupts)
-            holdings.prepare(job, call.args, self.interrupts)
-        busy = list(job.busy)
+            placed = holdings.prepare(job, call.args, self.interrupts)
+        busy = list(placed.busy)
         seq = pool.next_seq()
         if (job.dynamic or job.tracked) and job.boundary is not None and job.indices is None:
             # Chunks with no fixed owners to fill ghosts next to (or that
@@ -264,12 +291,12 @@ class Runner:
         # ring, wait, collect
         try:
             if lean:
-                state, asleep = self.ring_lean(job, busy, call, seq)
-                values = self._finish(call, job, busy, seq, state, asleep, tally)
+                state, asleep = self.ring_lean(placed, call, seq)
+                values = self._finish(call, job, placed, busy, seq, state, asleep)
             else:
                 for w in busy:
                     self.ring(w, job, seq, call.steps)
-                values = Round(self, busy, seq, call, job, tally).wait()
+                values = Round(self, placed, busy, seq, call, job, policy).wait()
         except BaseException:
             self.settle(busy, seq)
             raise
@@ -281,7 +308,7 @@ class Runner:
         return values
 
     def _finish(
-        self, call: Call, job, busy: list, seq: int, state: int, asleep: int, tally
+        self, call: Call, job, placed: Placement, busy: list, seq: int, state: int, asleep: int
     ) -> list | None:
         """What the lean path's compiled call left to do: wake the workers
         that slept when rung, wait for them, collect."""
@@ -292,17 +319,17 @@ class Runner:
         elif state == control.QUIET:
             self._quiet = True
             return None
-        return Round(self, busy, seq, call, job, tally).wait(state)
+        return Round(self, placed, busy, seq, call, job, FAIL_FAST).wait(state)
 
-    def ring_lean(self, job, busy: list, call: Call, seq: int) -> tuple[int, int]:
-        """Ring ``job``'s workers, spin and nap for their answer in one
+    def ring_lean(self, placed: Placement, call: Call, seq: int) -> tuple[int, int]:
+        """Ring the job's workers, spin and nap for their answer in one
         compiled call (``control.ring_and_wait``): (what it says, how many
         workers slept)."""
-        for w in busy:
+        for w in placed.busy:
             w.rung = seq
-        assert job.workers is not None  # placed: its workers are known
+        job = call.job
         return self.ctl.ring_and_wait(
-            job.workers,
+            placed.workers,
             job.key,
             self.pool.sent,
             call.steps,
@@ -318,13 +345,6 @@ class Runner:
         if self.ctl.ring(w.index, job.key, w.sent, steps, seq):
             w.wake()
 
-    def check_interrupt(self, tally: tracked.Tally | None = None) -> None:
-        """Something interrupted the wait: raise its reason, if any
-        (``Interrupts.check``); a closed imap stream takes no new chunks."""
-        self.interrupts.check()
-        if tally is not None and tally.stream is not None and tally.stream.halted:
-            self.ctl.stop()  # imap closed: no new chunks
-
     def unfinished(self, busy, seq: int) -> list[WorkerProcess]:
         return [w for w in busy if self.ctl.done(w.index) < seq]
 
@@ -334,10 +354,6 @@ class Runner:
         self.pool.kill(procs)
         if not self.interrupts.closing():
             self.pool.recover(self.interrupts)
-
-    def replace(self, index: int) -> WorkerProcess:
-        """A new worker in place of ``index``; interruptible by close()."""
-        return self.pool.replace(index, stop=self.interrupts)
 
     def settle(self, busy: list[WorkerProcess], seq: int) -> None:
         """The round of ring ``seq`` ends early (interrupted, timed out,
@@ -370,15 +386,6 @@ class Runner:
             self.pool.intact = False
             log.error("settling an interrupted map failed: %r", exc)
 
-    def crashed(self, dead: WorkerProcess, call: Call) -> BaseException:
-        """A worker died mid-map: the map fails at once (``settle`` ends
-        the workers still busy with its other chunks, maybe for hours)."""
-        exc = deaths.death_error(self.ctl, dead, call.job, call.job.plan.chunks)
-        log.warning("%s", exc)
-        dead.killed = True  # dead: replaced with the others
-        self.pool.intact = False
-        return exc
-
 
 def nap_budget(timeout: float | None) -> int:
     """How long the driver naps on BELL (ns) before it sleeps on the pipes:
@@ -390,26 +397,28 @@ def nap_budget(timeout: float | None) -> int:
 
 class Round:
     """One ring of one job, from the ring to the values: waiting (a spin,
-    then asleep on the pipes), reading messages of this ring, handling
-    deaths and the timeout, and collecting."""
+    then asleep on the pipes), reading messages of this ring, seeing
+    deaths and the timeout (which the policy judges), and collecting."""
 
     def __init__(
         self,
         runner: Runner,
+        placed: Placement,
         busy: list[WorkerProcess],
         seq: int,
         call: Call,
         job,
-        tally: tracked.Tally | None,
+        policy: Policy,
     ):
         self.runner = runner
         self.ctl = runner.ctl
-        self.busy = busy
+        self.placed = placed
+        self.busy = busy  # settle reads it: replacements are put in here
         self.seq = seq
         self.call = call
         self.job = job
-        self.tally = tally
-        self.chunks = job.plan.chunks if tally is None else tally.chunks
+        self.policy = policy
+        self.chunks = job.plan.chunks if policy.chunks is None else policy.chunks
         # This ring's messages, by worker: how many were read, and those
         # not yet used (streamed values are used as they come).
         self.count: dict[int, int] = {}
@@ -417,7 +426,14 @@ class Round:
         self.lost: list[WorkerProcess] = []  # set aside, in a tracked round
         # What each worker index runs in this round: (job, indices, chunks)
         # (a replacement in a tracked round may run a job of its own).
-        self.assigned = {g[0]: (job, g[1], g[2]) for g in job.groups}
+        self.assigned = {g[0]: (job, g[1], g[2]) for g in placed.groups}
+
+    def check_interrupt(self) -> None:
+        """Something interrupted the wait: raise its reason, if any
+        (``Interrupts.check``); else the policy's say (a closed imap
+        stream takes no new chunks)."""
+        self.runner.interrupts.check()
+        self.policy.interrupted(self.ctl)
 
     # -- waiting ---------------------------------------------------------------
 
@@ -438,9 +454,8 @@ class Round:
             # nap on the driver's doorbell, which the last worker to finish
             # rings (a futex call on each side), for a bounded time, before
             # sleeping on the pipes.
-            assert self.job.workers is not None
             budget = nap_budget(call.timeout)
-            state = self.ctl.nap_all(self.job.workers, self.seq, runner.output_seen, budget)
+            state = self.ctl.nap_all(self.placed.workers, self.seq, runner.output_seen, budget)
             if state == control.SPUN:
                 state = control.NAPPED
         if state == control.QUIET:
@@ -449,7 +464,7 @@ class Round:
         if state == control.ATTEND:
             return self.collect()
         if state == control.ABORTED:
-            runner.check_interrupt(self.tally)
+            self.check_interrupt()
         # Asked-for progress shows even for a quick map, and streamed values
         # as they come: no spin then.  Nor after the lean path's spin.
         if (
@@ -460,20 +475,20 @@ class Round:
         ):
             spin_until = time.monotonic() + policy.driver_spin
             while True:
-                left = self.ctl.wait_done(self.job.done_at, self.seq, SPIN_ROUNDS)
+                left = self.ctl.wait_done(self.placed.done_at, self.seq, SPIN_ROUNDS)
                 if left == 0:
                     return self.collect()
                 if left < 0:
-                    runner.check_interrupt(self.tally)
+                    self.check_interrupt()
                 elif time.monotonic() > spin_until:
                     break
         return self.sleep(started)
 
     def sleep(self, started: float) -> list | None:
         """Wait asleep: on the busy workers' pipes and sentinels and the
-        wake-up.  The last worker to finish wakes us.  In a tracked round,
-        a worker that dies or times out is set aside (``lose``), and
-        replaced within the round if it should be (``tracked.respawn``)."""
+        wake-up.  The last worker to finish wakes us.  A worker that dies
+        or times out is the policy's to judge (``Policy.died``,
+        ``Policy.timed_out``)."""
         runner, ctl, call, seq = self.runner, self.ctl, self.call, self.seq
         deadline = None if call.timeout is None else started + call.timeout
         forwarder = runner.pool.forwarder
@@ -489,17 +504,17 @@ class Round:
             while True:
                 poller, by_fd, output = self._poller(forwarder)
                 ctl.sleeping(True)
-                left = ctl.wait_done(self.job.done_at, seq, 1)
+                left = ctl.wait_done(self.placed.done_at, seq, 1)
                 if left == 0:
                     break
                 if left < 0:
-                    runner.check_interrupt(self.tally)
+                    self.check_interrupt()
                     continue
                 waits = []
                 if deadline is not None:
                     now = time.monotonic()
                     if now >= deadline:
-                        deadline = self._timed_out(deadline)
+                        self.policy.timed_out(self, runner.unfinished(self.busy, seq))
                         continue
                     waits.append(deadline - now)
                 if progress is not None:
@@ -519,7 +534,7 @@ class Round:
                         continue  # output
                     w, is_sentinel = what
                     if w is None:
-                        runner.check_interrupt(self.tally)
+                        self.check_interrupt()
                     elif is_sentinel:
                         started = time.monotonic()
                         if self._died(w) and deadline is not None:
@@ -561,7 +576,7 @@ class Round:
     def _died(self, w: WorkerProcess) -> bool:
         """Worker ``w`` has exited (by its own process's word).  True if a
         replacement was started."""
-        runner, ctl, seq = self.runner, self.ctl, self.seq
+        ctl, seq = self.ctl, self.seq
         if ctl.done(w.index) >= seq:
             return False  # finished, then died: collect reads it
         if ctl.started(w.index) < seq:
@@ -569,12 +584,24 @@ class Round:
             # so a fresh worker takes the same chunks.
             self.start(w)
             return True
-        if self.tally is None:
-            raise runner.crashed(w, self.call)
-        exc = deaths.death_error(ctl, w, self.job, self.tally.chunks)
-        log.warning("%s", exc)
-        self.lose(w, exc)
-        return tracked.respawn(self, w) is not None
+        return self.policy.died(self, w)
+
+    def restart(self, dead: WorkerProcess, indices: list[int] | None = None) -> WorkerProcess:
+        """A fresh worker in place of ``dead`` (confirmed dead), rung in
+        this round: with what ``dead`` was assigned, or, given
+        ``indices``, with those chunks of it alone (a job of its own, for
+        this call only)."""
+        if indices is not None:
+            holdings = self.runner.holdings
+            rerun = self.job.retry(holdings.cache.new_key(), indices, dynamic=False)
+            holdings.cache.forgotten.append(rerun.key)
+            self.assigned[dead.index] = (rerun, rerun.indices, rerun.plan.chunks)
+        return self.start(dead)
+
+    def assignment(self, index: int) -> tuple[int, ...]:
+        """The chunk indices (in the whole map) worker ``index`` runs in
+        this round."""
+        return self.assigned[index][1]
 
     def start(self, dead: WorkerProcess) -> WorkerProcess:
         """A fresh worker in place of ``dead`` (confirmed dead), given what
@@ -583,31 +610,20 @@ class Round:
         # It must answer this ring: it starts as if it had answered the one
         # before.
         self.ctl.take_over(dead.index, self.seq - 1)
-        runner.replace(dead.index)
+        runner.pool.replace(dead.index, stop=runner.interrupts)
         job, indices, chunks = self.assigned[dead.index]
         new = runner.holdings.provide(
-            dead.index, job, self.call.args, indices, chunks, runner.interrupts
+            dead.index,
+            job,
+            self.call.args,
+            indices,
+            chunks,
+            runner.interrupts,
+            ((dead.index, indices, chunks),),
         )
         self.busy[self.busy.index(dead)] = new
         runner.ring(new, job, self.seq, self.call.steps)
         return new
-
-    def _timed_out(self, deadline: float) -> float:
-        """The timeout passed: an untracked round fails; a tracked one sets
-        the late workers aside and goes on.  Returns the new deadline."""
-        runner, tally, timeout = self.runner, self.tally, self.call.timeout
-        assert timeout is not None  # there was a deadline
-        late = runner.unfinished(self.busy, self.seq)
-        if tally is None:
-            exc = deaths.map_timeout(sorted(w.pid for w in late), timeout)
-            log.warning("%s", exc)
-            raise exc  # settle kills them
-        runner.pool.kill(late)
-        for w in late:
-            exc = deaths.chunk_timeout(self.ctl, w, timeout, tally.chunks)
-            log.warning("%s", exc)
-            self.lose(w, exc)
-        return deadline
 
     # -- messages ----------------------------------------------------------------
 
@@ -628,28 +644,27 @@ class Round:
         if msg.seq != self.seq:
             return  # left from an abandoned ring
         self.count[w.index] = self.count.get(w.index, 0) + 1
-        tally = self.tally
-        if tally is not None and tally.stream is not None and type(msg) is Values:
-            tally.take(msg.indices, self._values(w, msg))
+        if type(msg) is Values and self.call.stream is not None:
+            self.policy.took(msg.indices, self._values(w, msg))
             return
         self.inbox.setdefault(w.index, []).append((w, msg))
 
-    def lose(self, w: WorkerProcess, exc: BaseException) -> None:
-        """Set aside dead worker ``w`` of a tracked round: use what it left
-        in its pipe now (its descriptors are closed, and their numbers
-        reused, when it is replaced), and wait for it no more."""
+    def lose(self, w: WorkerProcess) -> list:
+        """Set aside dead worker ``w`` (for a policy that goes on without
+        it): read what it left in its pipe now (its descriptors are closed,
+        and their numbers reused, when it is replaced), and wait for it no
+        more.  The problems in what it sent, as ``_file`` gives them."""
         try:
             while w.results.poll(0):
                 self._take(w, w.results.recv_bytes())
         except (EOFError, OSError):
             pass
-        self._use(w)
+        problems = []
+        for w_, msg in self.inbox.pop(w.index, []):
+            problems += self._file(w_, msg, None)
         self.lost.append(w)
-        tally = self.tally
-        assert tally is not None  # only tracked rounds go on without one
-        tally.lost.append((w, exc))
-        tally.lost_on[self.ctl.chunk(w.index)] = exc
         self.ctl.take_over(w.index, self.seq)
+        return problems
 
     def _values(self, w: WorkerProcess, msg: Values) -> tuple:
         """The values a Values message carries, unpickled here."""
@@ -661,14 +676,14 @@ class Round:
             raise deaths.unpicklable_value(w.pid, exc) from None
 
     def collect(self) -> list | None:
-        """Every worker is done: read the rest of their replies, raise the
-        earliest failing chunk's error, or return the values in chunk order.
-        In a tracked round, the values and errors go to the tally."""
-        ctl, job, tally = self.ctl, self.job, self.tally
-        if not job.want_values and tally is None and not self.inbox:
+        """Every worker is done: read the rest of their replies, and give
+        the problems and the values in chunk order to the policy."""
+        ctl, job, policy = self.ctl, self.job, self.policy
+        if not job.want_values and policy is FAIL_FAST and not self.inbox:
             if all(ctl.replies(w.index) == 0 for w in self.busy):
                 return None
-        for w in self.busy:
+        problems = []
+        for w in list(self.busy):
             if w in self.lost:
                 continue
             need = ctl.replies(w.index)
@@ -676,34 +691,13 @@ class Round:
                 while self.count.get(w.index, 0) < need:
                     self._take(w, w.recv_bytes())
             except (EOFError, OSError):
-                if tally is None:
-                    raise self.runner.crashed(w, self.call) from None
-                self.lose(w, deaths.death_error(ctl, w, job, tally.chunks))
+                policy.died(self, w, respawn=False)  # raises, or goes on without it
                 continue
-        problems = []
-        values = [None] * len(job.plan.chunks) if job.want_values and tally is None else None
+        values = [None] * len(job.plan.chunks) if job.want_values and policy is FAIL_FAST else None
         for index in list(self.inbox):
             for w, msg in self.inbox.pop(index):
                 problems += self._file(w, msg, values)
-        if tally is not None:
-            for index, exc in problems:
-                if index < 0:
-                    raise exc
-                tally.fail(index, exc)
-            return None
-        if problems:
-            raise min(problems, key=lambda p: p[0])[1]
-        return values
-
-    def _use(self, w: WorkerProcess) -> None:
-        """File what ``w`` sent (a lost worker's, at once)."""
-        problems = []
-        for w_, msg in self.inbox.pop(w.index, []):
-            problems += self._file(w_, msg, None)
-        for index, exc in problems:
-            if index >= 0:
-                assert self.tally is not None  # lose(): tracked rounds only
-                self.tally.fail(index, exc)
+        return policy.filed(problems, values)
 
     def _file(self, w: WorkerProcess, msg, values: list | None) -> list:
         """Put one message's content where it belongs; the problems in it,
@@ -714,10 +708,10 @@ class Round:
         try:
             got = self._values(w, msg)
         except Exception as exc:
-            return [(-1 if self.tally is None else msg.indices[0], exc)]
-        if self.tally is not None:
-            self.tally.take(msg.indices, got)
-        elif values is not None:
+            return [(-1 if self.policy is FAIL_FAST else msg.indices[0], exc)]
+        if values is not None:
             for i, v in zip(msg.indices, got):
                 values[i] = v
+        else:
+            self.policy.took(msg.indices, got)
         return []

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shmarray import control
+from shmarray import control, deaths
 from shmarray.errors import MapReport, WorkerCrashedError
 from shmarray.jobs import Call
+from shmarray.policy import Policy, log
 
 if TYPE_CHECKING:
     from shmarray.pool import WorkerProcess
@@ -34,10 +35,13 @@ def combined(combine, values: list) -> Any:
     return result
 
 
-class Tally:
+class Tally(Policy):
     """A tracked call's chunks, across the rounds that run them: values and
     failures by chunk index, attempts of the chunks whose worker died or
-    timed out, and, for the round running, the workers lost in it."""
+    timed out, and, for the round running, the workers lost in it.  Each
+    of its rounds' policy: a lost worker costs the call only its chunk."""
+
+    chunks: tuple  # the whole map's, which every round's messages index
 
     def __init__(self, call: Call):
         self.chunks = call.job.plan.chunks
@@ -48,6 +52,83 @@ class Tally:
         self.lost: list[tuple[WorkerProcess, BaseException]] = []
         self.lost_on: dict[int, BaseException] = {}  # chunk -> why its worker was lost
         self.stream = call.stream
+
+    # -- the round's policy ----------------------------------------------------
+
+    def died(self, rnd: Round, w: WorkerProcess, respawn: bool = True) -> bool:
+        exc = deaths.death_error(rnd.ctl, w, rnd.placed.groups, self.chunks)
+        log.warning("%s", exc)
+        self._lose(rnd, w, exc)
+        return respawn and self.respawn(rnd, w) is not None
+
+    def timed_out(self, rnd: Round, late: list[WorkerProcess]) -> None:
+        timeout = rnd.call.timeout
+        assert timeout is not None  # there was a deadline
+        rnd.runner.pool.kill(late)  # all of them first
+        for w in late:
+            exc = deaths.chunk_timeout(rnd.ctl, w, timeout, self.chunks)
+            log.warning("%s", exc)
+            self._lose(rnd, w, exc)
+
+    def took(self, indices: tuple, values: tuple) -> None:
+        self.take(indices, values)
+
+    def filed(self, problems: list, values: list | None) -> None:
+        for index, exc in problems:
+            if index < 0:
+                raise exc
+            self.fail(index, exc)
+        return None
+
+    def interrupted(self, ctl) -> None:
+        if self.stream is not None and self.stream.halted:
+            ctl.stop()  # imap closed: no new chunks
+
+    def _lose(self, rnd: Round, w: WorkerProcess, exc: BaseException) -> None:
+        """The round goes on without dead worker ``w``: what it sent
+        counts, its chunk is noted lost (``exc``: why)."""
+        chunk = rnd.ctl.chunk(w.index)
+        for index, problem in rnd.lose(w):
+            if index >= 0:
+                self.fail(index, problem)
+        self.lost.append((w, exc))
+        self.lost_on[chunk] = exc
+
+    def respawn(self, rnd: Round, dead: WorkerProcess) -> WorkerProcess | None:
+        """The round lost ``dead`` (confirmed dead) to a crash: settle the
+        chunk it was running (one attempt more: run again, or failed for
+        good), and unless the call must stop now, start a fresh worker in
+        its place and ring it in this same round, so the round goes on with
+        every worker: with the same job under the dynamic schedule (it
+        takes chunks from the shared counter), with the dead worker's
+        unfinished chunks under the static one.  None if nobody was
+        started."""
+        ctl, call = rnd.ctl, rnd.call
+        k = ctl.chunk(dead.index)
+        if k < 0:
+            return None  # died loading the kernel: a new one would too
+        if k not in self.values and ctl.board_state(k) == control.RUNNING:
+            if self.attempt(k, call.retries, self.lost[-1][1]):
+                ctl.board_set(k, control.PENDING)
+            else:
+                ctl.board_set(k, control.FAILED)
+        if (k in self.failed and not call.collect) or (
+            self.stream is not None and self.stream.halted
+        ):
+            ctl.stop()  # raise now: start nothing new
+            return None
+        if rnd.job.dynamic:
+            return rnd.restart(dead)
+        indices = [
+            i
+            for i in rnd.assignment(dead.index)
+            if i not in self.values and ctl.board_state(i) == control.PENDING
+        ]
+        if not indices:
+            return None
+        return rnd.restart(dead, indices)  # its own rows: others may rerun too
+
+    # -- the call's chunks -----------------------------------------------------
 
     def take(self, indices, values) -> None:
         """Values arrived: those chunks finished, for good."""
@@ -165,43 +246,3 @@ def run(runner: Runner, call: Call) -> Tally:
         if todo:
             round_job = job.retry(runner.holdings.cache.new_key(), todo)
     return tally
-
-
-def respawn(rnd: Round, dead: WorkerProcess) -> WorkerProcess | None:
-    """A tracked round lost ``dead`` (confirmed dead) to a crash: settle the
-    chunk it was running (one attempt more: run again, or failed for good),
-    and unless the call must stop now, start a fresh worker in its place and
-    ring it in this same round, so the round goes on with every worker: with
-    the same job under the dynamic schedule (it takes chunks from the
-    shared counter), with the dead worker's unfinished chunks under the
-    static one.  None if nobody was started."""
-    runner, ctl, call, tally = rnd.runner, rnd.ctl, rnd.call, rnd.tally
-    assert tally is not None  # a tracked round
-    job = rnd.job
-    k = ctl.chunk(dead.index)
-    if k < 0:
-        return None  # died loading the kernel: a new one would too
-    if k not in tally.values and ctl.board_state(k) == control.RUNNING:
-        if tally.attempt(k, call.retries, tally.lost[-1][1]):
-            ctl.board_set(k, control.PENDING)
-        else:
-            ctl.board_set(k, control.FAILED)
-    stop = (k in tally.failed and not call.collect) or (
-        call.stream is not None and call.stream.halted
-    )
-    if stop:
-        ctl.stop()  # raise now: start nothing new
-        return None
-    if not job.dynamic:
-        group = rnd.assigned[dead.index]
-        indices = [
-            i for i in group[1] if i not in tally.values and ctl.board_state(i) == control.PENDING
-        ]
-        if not indices:
-            return None
-        rerun = job.retry(runner.holdings.cache.new_key(), indices)
-        rerun.dynamic = False  # its own rows: others may rerun too
-        runner.holdings.cache.forgotten.append(rerun.key)
-        rerun.groups = ((dead.index, rerun.indices, rerun.plan.chunks),)
-        rnd.assigned[dead.index] = (rerun, rerun.indices, rerun.plan.chunks)
-    return rnd.start(dead)
