@@ -152,6 +152,10 @@ class WorkerStats(NamedTuple):
     replaced : int
         Times a worker in this place was replaced (crash, timeout,
         recycling).
+    compiled : int
+        Maps this process ran in its compiled serving loop (a map is
+        served there once it is hot: ``Engine.prepare``'s at once, others
+        after ``shmarray.worker.HOT_RUNS`` runs).
     """
 
     worker: int  # its index, 0 .. workers-1 (shmarray.worker_id)
@@ -162,3 +166,4 @@ class WorkerStats(NamedTuple):
     kernels: int  # kernels it holds
     busy: float  # seconds this process spent running jobs
     replaced: int  # times a worker in this place was replaced
+    compiled: int = 0  # maps run in the compiled serving loop

@@ -37,7 +37,7 @@ a spinner's line changes only when the write it waits for lands::
       line a    RING, JOB, PIPED, STEPS           the coordinator
       line b    DONE, REPLY, ASLEEP, CHUNK,       worker i (the coordinator
                 CHUNKS, BUSY_NS, STARTED, RAN,    once worker i is dead)
-                STEP, OUTPUT
+                STEP, OUTPUT, SERVED
     board       one byte per chunk of a tracked   workers of a round
                 map                               (coordinator between rounds,
                                                   and for a dead worker's chunk)
@@ -81,8 +81,9 @@ ASLEEP         worker i sleeps on its task pipe            coordinator (ring)
 CHUNK          the chunk it runs (-1: loading the job)     coordinator (deaths)
 STARTED, RAN   the last ring taken; chunks of it done      coordinator
 CHUNKS,        totals for the process's life, bumped by    coordinator (plain
-BUSY_NS        worker i's main thread alone                loads: ``stats``,
-                                                           recycling)
+BUSY_NS,       worker i's main thread alone: chunks run,   loads: ``stats``,
+SERVED         ns busy, rings its compiled loop served     recycling)
+               (``serve``)
 STEP           ``step_word(ring, stage)``: stages of an    its neighbours
                iterated or ghost-filling job done
 OUTPUT         writes to its stdout/stderr pipes so far:   coordinator (forward)
@@ -118,8 +119,8 @@ in which one process writes is the order in which every other sees, on
 weakly ordered CPUs (ARM) too.  A counter that several threads or
 processes bump (NEXT, BELL, SLEEPERS, OUTPUT) moves only by fetch-and-add;
 a flag that several set (STOP, ABORT) needs only stores; a counter with
-one writing thread (CHUNKS, BUSY_NS) may move by a load and a store.  The
-one exception: the coordinator reads CHUNKS and BUSY_NS with plain loads,
+one writing thread (CHUNKS, BUSY_NS, SERVED) may move by a load and a
+store.  The one exception: the coordinator reads those with plain loads,
 for statistics; they order nothing.  The protocol's functions are compiled
 once, at import, with ``cache=True``; ``serve``, which calls a user's
 kernel, is compiled in each worker for that kernel.
@@ -190,8 +191,8 @@ _PER_WORKER = 2 * LINE
 # offsets in a worker's coordinator line
 RING, JOB, PIPED, STEPS = 0, 1, 2, 3
 # offsets in a worker's own line
-DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP, OUTPUT = (
-    LINE + k for k in range(10)
+DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP, OUTPUT, SERVED = (
+    LINE + k for k in range(11)
 )
 
 # Every word of the layout by name: the shared ones, a worker's (offsets
@@ -201,7 +202,8 @@ DONE, REPLY, ASLEEP, CHUNK, CHUNKS, BUSY_NS, STARTED, RAN, STEP, OUTPUT = (
 SHARED_WORDS = ("COORD_ASLEEP", "WORKERS", "NEXT", "STOP", "ABORT", "BELL", "SLEEPERS")
 WORKER_WORDS = (
     *("RING", "JOB", "PIPED", "STEPS"),
-    *("DONE", "REPLY", "ASLEEP", "CHUNK", "CHUNKS", "BUSY_NS", "STARTED", "RAN", "STEP", "OUTPUT"),
+    *("DONE", "REPLY", "ASLEEP", "CHUNK", "CHUNKS", "BUSY_NS", "STARTED", "RAN", "STEP"),
+    *("OUTPUT", "SERVED"),
 )
 WORDS = (*SHARED_WORDS, *WORKER_WORDS, "board")
 
@@ -653,6 +655,7 @@ def serve(ctl, at, last, keys, received, kernel, calls_by, indices_by, spin_ns):
         _store(ctl, at + REPLY, 0)
         _store(ctl, at + CHUNKS, _load(ctl, at + CHUNKS) + len(calls))
         _store(ctl, at + BUSY_NS, _load(ctl, at + BUSY_NS) + _now_ns() - t0)
+        _store(ctl, at + SERVED, _load(ctl, at + SERVED) + 1)
         _store(ctl, at + DONE, seq)
         if _answer(ctl, seq) != 0:
             return WAKE_DRIVER, seq
@@ -720,6 +723,11 @@ class ControlBlock:
     def replies(self, index: int) -> int:
         """Messages worker ``index`` sent on its results pipe for ring DONE."""
         return self._word(index, REPLY)
+
+    def served(self, index: int) -> int:
+        """Rings worker ``index``'s compiled loop (``serve``) has served in
+        all, for statistics."""
+        return int(self.words[slot(index) + SERVED])
 
     def totals(self, index: int) -> tuple[int, int]:
         """(chunks, nanoseconds busy) in all, for statistics."""

@@ -290,9 +290,10 @@ class Engine:
         -------
         list of WorkerStats
             By worker index: pid, memory (RSS and unique, in bytes), chunks
-            run, kernels held, seconds busy, and times its place was taken
-            by a replacement (crash, timeout, recycling).  Counts are the
-            current process's, since it started.
+            run, kernels held, seconds busy, times its place was taken by a
+            replacement (crash, timeout, recycling), and maps it ran in its
+            compiled serving loop.  Counts are the current process's, since
+            it started.
 
         Raises
         ------
@@ -316,6 +317,7 @@ class Engine:
                     len(w.kernels),
                     (busy_ns - w.busy_at_start) / 1e9,
                     pool.replaced[w.index],
+                    ctl.served(w.index) - w.served_at_start,
                 )
             )
         return out

@@ -155,6 +155,7 @@ class WorkerProcess:
         self.chunks_seen = 0
         self.chunks_at_start = 0
         self.busy_at_start = 0
+        self.served_at_start = 0
         self.ready = False
         self.killed = False  # sent SIGKILL: a writer no more once it has exited
         self.closed = False
@@ -397,6 +398,7 @@ class Pool:
         proc.rung = ring
         proc.chunks_seen = proc.chunks_at_start = ctl.totals(index)[0]
         proc.busy_at_start = ctl.totals(index)[1]
+        proc.served_at_start = ctl.served(index)
         return proc
 
     def _tell_watchdog(self) -> None:

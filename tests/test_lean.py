@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -19,7 +20,6 @@ from numba import njit
 import shmarray
 from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
 from shmarray import control, options
-from shmarray.control import _now_ns
 from shmarray.kernels.stencils import heat_step
 from shmarray.worker import HOT_RUNS
 
@@ -67,9 +67,10 @@ def test_a_prepared_heat_loop_equals_the_sequential_one(eng):
 
 def test_a_double_buffered_loop_of_maps_stays_exact(eng):
     # The two halves of the loop (a -> b, b -> a) are two jobs the workers
-    # serve from one compiled loop (that they do is measured in
-    # bench/loop_figures.py, not asserted here); a third job joining, and a
-    # kernel that raises on such a pair, must change nothing about the results.
+    # serve from one compiled loop (that a hot job is served there at all is
+    # test_a_hot_map_runs_in_the_compiled_serve_loop's); a third job
+    # joining, and a kernel that raises on such a pair, must change nothing
+    # about the results.
     rng = np.random.default_rng(2)
     u0 = rng.random((90, 40))
     a, b = u0.copy(), u0.copy()
@@ -122,6 +123,86 @@ def test_a_prepared_map_raises_like_map_and_the_engine_goes_on(eng):
     assert np.array_equal(x, np.arange(60.0))
 
 
+# -- where a hot map runs ---------------------------------------------------------
+
+
+def test_a_hot_map_runs_in_the_compiled_serve_loop(eng):
+    # A map is served by the workers' compiled loop (control.serve, which
+    # counts the rings it serves) once it is hot: from its run HOT_RUNS + 1
+    # on, a prepared map from its second; until then the Python path runs it.
+    def served() -> int:
+        return sum(r.compiled for r in eng.stats())
+
+    x = eng.zeros(4 * eng.workers)
+    before = served()
+    for _ in range(HOT_RUNS):  # cold: the Python path
+        eng.map(add, x, args=(1.0,))
+    assert served() == before
+    for _ in range(10):  # hot: every worker, every ring
+        eng.map(add, x, args=(1.0,))
+    assert served() == before + 10 * eng.workers
+    assert np.all(x == HOT_RUNS + 10)
+    y = eng.zeros(4 * eng.workers)
+    step = eng.prepare(add, y, args=(1.0,))
+    step()  # the first run defines the job
+    assert served() == before + 10 * eng.workers
+    step()
+    assert served() == before + 11 * eng.workers
+    assert np.all(y == 2.0)
+    del step
+
+
+# -- a map held as long as the test wants ----------------------------------------
+
+# The words of a gate (an int64 array in shared memory, passed in args):
+# the test arms and releases it, the held chunk says it runs, and where.
+ARMED, RUNNING, RELEASED, WHO = 0, 1, 2, 3
+
+
+@njit(cache=True)
+def held(x, gate, row, worker):
+    """Adds 1 to its rows.  While the gate is armed, the chunk of row 0
+    first says it runs (RUNNING, and its worker in WHO), then waits until
+    the test releases it: a map as long as the test wants, by no clock.
+    Atomic loads, so the compiler cannot hoist the wait's read."""
+    if row == 0 and control.load(gate, ARMED) != 0:
+        control.store(gate, WHO, worker)
+        control.store(gate, RUNNING, 1)
+        while control.load(gate, RELEASED) == 0:
+            pass
+    for i in range(x.shape[0]):
+        x[i] += 1.0
+
+
+def wait_for(seen, what: str, within: float = 60.0) -> None:
+    """Poll for an event (a word in shared memory); ``within`` only detects
+    a hang."""
+    deadline = time.monotonic() + within
+    while not seen():
+        assert time.monotonic() < deadline, f"{what}: not within {within:.0f} s"
+        time.sleep(0.001)
+
+
+def in_thread(call) -> tuple[threading.Thread, list]:
+    """Run ``call`` in a thread; the list gets what it raised."""
+    errors: list = []
+
+    def run():
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def gate_args(eng) -> tuple:
+    gate = eng.zeros(4, np.int64)
+    return gate, (gate, shmarray.row_offset, shmarray.worker_id)
+
+
 @pytest.mark.breaks_things
 @pytest.mark.parametrize("workers", WORKER_COUNTS)
 def test_a_worker_killed_under_a_prepared_map_is_a_clear_error(workers):
@@ -132,82 +213,80 @@ def test_a_worker_killed_under_a_prepared_map_is_a_clear_error(workers):
 
 
 def killed_under_a_prepared_map(eng):
-    x = eng.zeros(1000)
-
-    def spin(x, flag):
-        flag[0] = 1  # running: the test may kill it
-        while flag[1] == 0:
-            time.sleep(0.001)
-
-    flag = eng.zeros(2, np.int64)
-    step = eng.prepare(spin, x, args=(flag,), chunks=1)
-    import threading
-
-    errors = []
-
-    def run():
-        try:
-            step()
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 30
-    while flag[0] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    os.kill(eng.worker_pids[0], signal.SIGKILL)
-    t.join(30)
-    assert not t.is_alive()
-    assert isinstance(errors[0], shmarray.WorkerCrashedError)
+    x = eng.zeros(4 * eng.workers)
+    gate, args = gate_args(eng)
+    step = eng.prepare(held, x, args=args)
+    for _ in range(3):
+        step()  # hot from its first run: the workers serve it in compiled code
+    control.store(gate, ARMED, 1)
+    thread, errors = in_thread(step)
+    try:
+        wait_for(lambda: control.load(gate, RUNNING), "the held chunk running")
+        os.kill(eng.worker_pids[int(gate[WHO])], signal.SIGKILL)  # inside the kernel
+    finally:
+        control.store(gate, RELEASED, 1)  # the others, had the kill not come
+    thread.join(60)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], shmarray.WorkerCrashedError), errors
+    gate[:] = 0
+    x[:] = 0
+    step()  # the engine goes on, with a replacement
+    assert np.all(x == 1.0)
     x2 = eng.zeros(10)
     eng.map(add, x2, args=(1.0,))
     assert np.all(x2 == 1.0)
-
-
-@njit(cache=True)
-def dwell(x, ms):
-    """Busy for ``ms[0]`` milliseconds (by the clock), then count the call."""
-    t0 = _now_ns()
-    while _now_ns() - t0 < ms[0] * 1_000_000:
-        pass
-    for i in range(x.shape[0]):
-        x[i] += 1.0
+    del step
 
 
 @pytest.mark.parametrize("workers", WORKER_COUNTS, ids=engine_id)
 def test_a_map_that_outlasts_the_drivers_nap_and_a_timeout_within_it(workers):
     """The lean path spins, then naps on BELL for NAP_BUDGET_NS, then hands
     the wait to the pipes: a map longer than the nap still ends right, and
-    a timeout shorter than the nap still fires on time.  An engine of its
-    own: the timeout replaces workers."""
+    a timeout shorter than the nap still fires.  An engine of its own: the
+    timeout replaces workers."""
     with shmarray.Engine(workers=workers, storage=storage_for(workers)) as eng:
         outlast_the_nap(eng)
 
 
 def outlast_the_nap(eng):
-    rows = 4 * eng.workers
-    x, ms = eng.zeros(rows), eng.zeros(rows)
-    nap_ms = control.NAP_BUDGET_NS // 1_000_000
-    ms[:] = nap_ms + 30
-    step = eng.prepare(dwell, x, ms)
+    x = eng.zeros(4 * eng.workers)
+    gate, args = gate_args(eng)
+    words = eng._dispatcher.pool.ctl.words  # the control block: COORD_ASLEEP
+    step = eng.prepare(held, x, args=args)
     for k in range(1, 4):
-        step()
+        step()  # hot: the lean path on both sides
         assert np.all(x == k)
-    ms[:] = 0
-    quick = eng.prepare(dwell, x, ms, timeout=nap_ms / 4000)
-    for _ in range(3):
-        quick()  # hot: the lean path, with a nap as long as the timeout
-    ms[:] = 3000
-    t0 = time.monotonic()
-    with pytest.raises(shmarray.TaskTimeoutError):
-        quick()
-    assert time.monotonic() - t0 < 1.5  # the timeout, and a replacement worker
-    ms[:] = 0
+    # A map longer than the nap: held until the driver has napped its whole
+    # budget and sleeps on the pipes (COORD_ASLEEP 1; 2 while it naps),
+    # then let go.  It must end, and end right.
+    control.store(gate, ARMED, 1)
+    thread, errors = in_thread(step)
+    try:
+        wait_for(lambda: control.load(gate, RUNNING), "the held chunk running")
+        wait_for(lambda: control.load(words, control.COORD_ASLEEP) == 1, "the driver past its nap")
+    finally:
+        control.store(gate, RELEASED, 1)
+    thread.join(60)
+    assert not thread.is_alive() and not errors, errors
+    assert np.all(x == 4)
+    # A timeout shorter than the nap, on the same job (a timeout belongs to
+    # the call, not the job): the map is held, and never let go before the
+    # timeout fires.
+    gate[:] = 0
+    quick = eng.prepare(held, x, args=args, timeout=control.NAP_BUDGET_NS / 4e9)
+    control.store(gate, ARMED, 1)
+    thread, errors = in_thread(quick)
+    thread.join(60)
+    fired = not thread.is_alive()
+    control.store(gate, RELEASED, 1)  # only now, so that a stuck map ends too
+    thread.join(60)
+    assert fired, "the timeout did not fire within 60 s"
+    assert len(errors) == 1 and isinstance(errors[0], shmarray.TaskTimeoutError), errors
+    gate[:] = 0
+    x[:] = 0
     step()  # the engine goes on (new workers: no timeout for their first load)
-    assert np.all(x == 7)
-    del step, quick, x, ms
+    assert np.all(x == 1)
+    del step, quick, x
 
 
 @njit(cache=True)
@@ -287,11 +366,15 @@ def test_every_wait_policy_gives_the_same_results_and_an_idle_engine_rests(wait)
             eng.map(add, x, args=(1.0,))
         assert np.all(x == 300.0)
         procs = [psutil.Process(p) for p in eng.worker_pids]
-        time.sleep(0.3)  # past every policy's spin (spin: 0.1 s)
+        # Past every policy's spin (spin: 0.1 s), each worker says it sleeps
+        # on its pipe (its ASLEEP word); then, over a second, none uses CPU.
+        ctl = eng._dispatcher.pool.ctl
+        wait_for(lambda: all(ctl.asleep(i) for i in range(eng.workers)), "every worker asleep")
         cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
-        time.sleep(1.0)
+        time.sleep(1.0)  # the window measured, not a wait for an event
         used = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
         assert used < 0.05, (wait, used)
+        assert all(ctl.asleep(i) for i in range(eng.workers))
 
 
 def test_the_wait_policy_is_checked_and_read_from_the_environment(monkeypatch):
@@ -387,7 +470,6 @@ def test_a_napping_driver_is_rung_by_the_last_worker_to_finish_and_by_abort():
     # The protocol of BELL on a real shared mapping, driver and workers in
     # two threads (both sides are nogil compiled calls).
     import mmap
-    import threading
 
     from shmarray import control
 
