@@ -1,6 +1,14 @@
 # Quick start: `make demo` runs the main job, `make test` runs the tests.
 # Both create .venv with the standard library's venv on first use and
 # install the project (editable) with the extras they need.
+#
+# make test      lint, types, the main suite, the package checks and the
+#                docs, all in the one environment .venv: the README's command,
+#                meant to take at most 10 minutes on 2 CPUs from a fresh
+#                clone, installs included.
+# make test-all  make test, then the core suites on Python 3.12 and 3.13 and
+#                on the oldest dependencies allowed, each in a venv of its own
+#                (.ci/other-pythons): what CI runs (.ci/run).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,20 +17,27 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # $(call install,WHAT): pip install WHAT, its log shown only if it fails
 install = $(PIP) $(1) >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 
-# The suites that also run on Python 3.12 and 3.13 and on the oldest numba
-# allowed (see .ci/other-pythons): the engine's contract and lifecycle, and
-# the batch tests that touch the standard library most (output
-# forwarding: dup2, poll, logging).
+# The suites that make test-all also runs on Python 3.12 and 3.13 and on
+# the oldest numba allowed (see .ci/other-pythons): the engine's contract
+# and lifecycle, and the batch tests that touch the standard library most
+# (output forwarding: dup2, poll, logging).
 CORE := tests/test_engine.py tests/test_first_run.py tests/test_lifecycle.py \
         tests/test_descriptors.py tests/test_blocks.py tests/test_async.py \
         tests/test_batch.py::test_prints_and_logging_reach_the_caller_tagged \
         tests/test_batch.py::test_a_print_right_before_a_segfault_is_not_lost
 
-# The parts of `make test`.  Every part runs, whatever an earlier one did;
-# the run fails at the end, naming the parts that failed.  test-docs comes
-# after test-main, whose notebook tests leave the executed notebooks that
-# the gallery shows (build/executed/).
-TEST_PARTS := test-lint test-types test-main test-others test-package test-docs
+# The parts of `make test`, and those `make test-all` adds.  Every part
+# runs, whatever an earlier one did; the run fails at the end, naming the
+# parts that failed.  test-docs comes after test-main, whose notebook tests
+# leave the executed notebooks that the gallery shows (build/executed/).
+# The package and docs checks stay in `make test`: they need no venv of
+# their own and catch what a change breaks easily (a file left out of the
+# sdist, a docstring or a page the strict site build refuses).  The other
+# interpreters and the oldest dependencies each need a venv and a full
+# install of their own (most of the old make test's time and disk), so
+# they wait for test-all.
+TEST_PARTS := test-lint test-types test-main test-package test-docs
+TEST_ALL_PARTS := $(TEST_PARTS) test-others
 
 # The suites run in TEST_JOBS pytest processes (pytest-xdist): most tests
 # wait on child interpreters starting.  Each process judges leaks by its own
@@ -31,14 +46,16 @@ TEST_JOBS ?= 2
 export TEST_JOBS
 
 # The other interpreters run the core suites at 2 workers; the 3- and
-# 5-worker runs of the same suites are the main suite's.
+# 5-worker runs of the same suites are the main suite's.  A missing
+# interpreter is skipped with a line that says so, and fails the run under
+# CI=true (.ci/other-pythons).
 OTHERS_K := not 3w and not 5w
 
 # make stress: the seeded chaos run (tests/chaos.py) for DURATION seconds,
 # or one episode again with SEED=... (WORKERS=... to fix the worker count).
 DURATION ?= 1800
 
-.PHONY: demo test $(TEST_PARTS) stress bench docs clean
+.PHONY: demo test test-all $(TEST_ALL_PARTS) stress bench docs clean
 
 # pip's log is shown only when it fails (a machine's own pip configuration
 # may name indexes that warn on every install).
@@ -59,17 +76,26 @@ $(VENV)/.installed-test: pyproject.toml
 demo: $(VENV)/.installed-core
 	$(BIN)/shmarray demo
 
-test: $(VENV)/.installed-test
-	@failed=""; \
-	for part in $(TEST_PARTS); do \
-	    echo "== make $$part"; \
-	    $(MAKE) --no-print-directory $$part || failed="$$failed $$part"; \
-	done; \
-	if [ -n "$$failed" ]; then \
-	    echo "== make test FAILED: these parts failed:$$failed"; exit 1; \
-	fi; \
-	echo "== make test: every part passed"
+# $(call run_parts,NAME,PARTS): make each part of PARTS, then say which failed.
+define run_parts
+@failed=""; \
+for part in $(2); do \
+    echo "== make $$part"; \
+    $(MAKE) --no-print-directory $$part || failed="$$failed $$part"; \
+done; \
+if [ -n "$$failed" ]; then \
+    echo "== make $(1) FAILED: these parts failed:$$failed"; exit 1; \
+fi; \
+echo "== make $(1): every part passed"
+endef
 
+test: $(VENV)/.installed-test
+	+$(call run_parts,test,$(TEST_PARTS))
+
+test-all: $(VENV)/.installed-test
+	+$(call run_parts,test-all,$(TEST_ALL_PARTS))
+
+# --durations: the slowest tests, so a slow one is seen when it lands.
 test-main: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --durations=20
 

@@ -3,6 +3,8 @@ worker processes on loopback), bit-identical to the local engine."""
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import signal
 import time
@@ -92,21 +94,49 @@ def test_map_takes_dask_arrays_and_iterates(client, eng):
     del a, b
 
 
+def interior_chunks(n: int, count: int, halo: int) -> list[tuple[int, int]]:
+    """The chunks that ``chunks=count`` gives, as documented: the interior
+    rows ``[halo, n - halo)`` in ``count`` parts whose sizes differ by at
+    most one, the longer ones first.  Written with NumPy's ``array_split``
+    (which splits so), not with ``shmarray.partition``, whose
+    ``split_rows`` both the engine and ``shmarray.dask`` use."""
+    parts = np.array_split(np.arange(halo, n - halo), count)
+    return [(int(p[0]), int(p[-1]) + 1) for p in parts if p.size]
+
+
+def sequential_reduce(kernel, x, count: int, halo: int = 0, args=(), combine=operator.add):
+    """The kernel run sequentially on each chunk (rows ``lo - halo`` to
+    ``hi + halo``, as the contract says), combined from the left in chunk
+    order."""
+    parts = [
+        kernel(x[lo - halo : hi + halo], *args) for lo, hi in interior_chunks(len(x), count, halo)
+    ]
+    return functools.reduce(combine, parts)
+
+
 @pytest.mark.parametrize("halo", [0, 2])
 @pytest.mark.parametrize("chunks", [1, 4, 7])
-def test_reduce_matches_the_local_engine_bit_for_bit(client, eng, halo, chunks):
+def test_reduce_matches_a_sequential_reference_bit_for_bit(client, eng, halo, chunks):
+    # Both sides equal a reference computed without shmarray's chunking: a
+    # wrong split changes the rounding of the sums (and, with a halo, which
+    # rows are counted twice).
     x = np.random.default_rng(2).standard_normal(10_001) * 100
     X = eng.from_numpy(x)
-    assert sd.reduce(total, x, halo=halo, chunks=chunks) == eng.reduce(
-        total, X, halo=halo, chunks=chunks
-    )
-    assert sd.reduce(moments, x, combine=combine_moments, chunks=chunks) == eng.reduce(
-        moments, X, combine=combine_moments, chunks=chunks
-    )
-    assert np.array_equal(
-        sd.reduce(histogram, x, args=(-300.0, 300.0, 32), chunks=chunks),
-        eng.reduce(histogram, X, args=(-300.0, 300.0, 32), chunks=chunks),
-    )
+    expected = sequential_reduce(total, x, chunks, halo)
+    assert sd.reduce(total, x, halo=halo, chunks=chunks) == expected
+    assert eng.reduce(total, X, halo=halo, chunks=chunks) == expected
+    expected = sequential_reduce(moments, x, chunks, combine=combine_moments)
+    assert sd.reduce(moments, x, combine=combine_moments, chunks=chunks) == expected
+    assert eng.reduce(moments, X, combine=combine_moments, chunks=chunks) == expected
+    args = (-300.0, 300.0, 32)
+    expected = sequential_reduce(histogram, x, chunks, args=args)
+    assert np.array_equal(sd.reduce(histogram, x, args=args, chunks=chunks), expected)
+    assert np.array_equal(eng.reduce(histogram, X, args=args, chunks=chunks), expected)
+    # The chunks themselves: each one's first row (row_offset) and length.
+    spans = lambda a, row: ((row, len(a)),)
+    want = tuple((lo, hi - lo) for lo, hi in interior_chunks(len(x), chunks, 0))
+    assert sd.reduce(spans, x, args=(shmarray.row_offset,), chunks=chunks) == want
+    assert eng.reduce(spans, X, args=(shmarray.row_offset,), chunks=chunks) == want
     del X
 
 
@@ -224,11 +254,17 @@ def test_bad_arguments(client):
         sd.reduce(total, np.zeros(20), halo=1, boundary="periodic")
 
 
-def slow_double(out, inp, started):
-    """Doubles, slowly; first leaves a file named after its worker's pid in
-    the folder ``started``, so the test knows which process is at work."""
+def held_double(out, inp, started, go):
+    """Doubles, once let go: first leaves a file named after its worker's
+    pid in the folder ``started`` (the test then knows which process is at
+    work), then waits until the file ``go`` exists, so a kill lands inside
+    the chunk whatever the machine's load."""
     open(os.path.join(started, str(os.getpid())), "w").close()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 300  # a hang detector: the test makes it at once
+    while not os.path.exists(go):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{go} never appeared")
+        time.sleep(0.001)
     out[...] = 2 * inp
 
 
@@ -236,16 +272,19 @@ def slow_double(out, inp, started):
 def test_a_killed_dask_worker_is_retried(tmp_path):
     # A cluster of its own: the nanny restarts the victim, and everything
     # it starts must be gone when the test ends.
+    started, go = tmp_path / "started", tmp_path / "go"
+    started.mkdir()
     with local_cluster() as cluster, distributed.Client(cluster) as client:
         x = np.arange(400.0).reshape(40, 10)
-        lazy = sd.map(slow_double, np.zeros_like(x), x, args=(str(tmp_path),), chunks=40)
+        lazy = sd.map(held_double, np.zeros_like(x), x, args=(str(started), str(go)), chunks=40)
         future = client.compute(lazy)
         workers = set(client.run(os.getpid).values())
         deadline = time.monotonic() + 60
-        while not (busy := workers & {int(p.name) for p in tmp_path.iterdir()}):
+        while not (busy := workers & {int(p.name) for p in started.iterdir()}):
             assert time.monotonic() < deadline, "no chunk started within 60 s"
             time.sleep(0.01)
         os.kill(busy.pop(), signal.SIGKILL)  # a worker in the middle of a chunk
+        go.touch()
         # One death is within Dask's allowed failures (3): the lost tasks
         # run again elsewhere, with the same result.
         result = future.result(timeout=120)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import select
 import shlex
 import signal
 import stat
@@ -341,15 +342,64 @@ def shmem() -> int:
     raise AssertionError("no Shmem in /proc/meminfo")
 
 
-def ended(p: psutil.Process) -> bool:
-    """Exited (a zombie nobody has reaped yet counts: its memory is gone)."""
+def exits(pids: list[int]):
+    """Watch ``pids``, which must be alive now (the caller holds what keeps
+    them so); returns ``wait(within)``: True once every one of them has
+    exited (a zombie counts: it runs no more), False if one still runs
+    after ``within`` seconds, a limit that only detects a hang.
+
+    By pidfd, which turns readable when its process exits and cannot name
+    another process that reuses the pid; without pidfds (Linux < 5.3), by
+    psutil, a process that has vanished counting as exited."""
+    fds: list[int] = []
     try:
-        return p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                pass  # gone already
+    except (AttributeError, OSError):
+        for fd in fds:
+            os.close(fd)
+        procs = []
+        for pid in pids:
+            try:
+                procs.append(psutil.Process(pid))  # its start time, taken now
+            except psutil.NoSuchProcess:
+                pass
+
+        def ended(p: psutil.Process) -> bool:
+            try:
+                return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        return lambda within: poll(lambda: all(ended(p) for p in procs), within)
+
+    def wait(within: float) -> bool:
+        waiting = select.poll()
+        for fd in fds:
+            waiting.register(fd, select.POLLIN)
+        left, deadline = set(fds), time.monotonic() + within
+        try:
+            while left:
+                ms = (deadline - time.monotonic()) * 1000
+                if ms <= 0:
+                    return False
+                for fd, _ in waiting.poll(ms):
+                    waiting.unregister(fd)
+                    left.discard(fd)
+            return True
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    return wait
 
 
 def poll(predicate, within: float) -> bool:
+    """Poll for a state no event announces (a block gone, memory freed);
+    ``within`` only detects a hang."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if predicate():
@@ -378,13 +428,14 @@ def test_everything_killed_at_once(storage):
         names = holder.stdout.readline().split()[1:]
         assert len(pids) == 5 and names, holder.communicate(timeout=30)
         procs = [psutil.Process(p) for p in pids]  # exactly those, by start time
+        exited = exits(pids)  # all alive: the holder waits on its stdin
         during = shmem()
         for p in procs:  # none reacts to the others' death
             p.send_signal(signal.SIGSTOP)
         for p in procs:
             p.send_signal(signal.SIGKILL)
-        holder.wait(30)
-        assert poll(lambda: all(ended(p) for p in procs), 30)
+        holder.wait(60)
+        assert exited(60), "a process outlived its SIGKILL by 60 s"
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -519,12 +570,18 @@ def test_the_watchdog_removes_directory_blocks_of_a_killed_coordinator(storage_d
     try:
         pids = [int(p) for p in holder.stdout.readline().split()[1:]]
         names = holder.stdout.readline().split()[1:]
-        assert names and all(os.path.dirname(n) == storage_dir for n in names)
+        assert len(pids) == 5 and names, holder.communicate(timeout=30)
+        assert all(os.path.dirname(n) == storage_dir for n in names)
+        # The two workers and the watchdog, watched while the holder keeps
+        # them alive (it waits on its stdin): one may exit as soon as the
+        # coordinator is killed, and a vanished process has nothing to ask.
+        exited = exits(pids[1:4])
         holder.kill()  # the coordinator alone
-        holder.wait(30)
-        workers = [psutil.Process(p) for p in pids[1:3]]
-        assert poll(lambda: all(gone(n) for n in names), 20)
-        assert poll(lambda: all(ended(p) for p in workers), 20)  # killed by it too
+        holder.wait(60)
+        # The watchdog unlinks the blocks, kills the workers, then exits:
+        # once all three have exited, the blocks must be gone.
+        assert exited(60), "the watchdog or a worker still runs 60 s after the coordinator died"
+        assert [n for n in names if not gone(n)] == []
     finally:
         if holder.poll() is None:
             holder.kill()
