@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shmarray.errors import EngineClosedError, MapCancelledError
-from shmarray.interrupts import SIGNALS, drop
+from shmarray.interrupts import SIGNALS, at_exit, drop
 from shmarray.jobs import Call, JobCache
 from shmarray.pool import Pool
 from shmarray.rounds import Runner
@@ -144,10 +144,12 @@ SETTLE_LIMIT = 60.0
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
-@atexit.register
 def _close_all() -> None:
     for dispatcher in list(_OPEN):
         dispatcher.close()
+
+
+atexit.register(at_exit, _close_all)
 
 
 def _forget_all_in_child() -> None:

@@ -210,6 +210,21 @@ def drop(exc: BaseException) -> None:
     is already ending with the first of its burst."""
 
 
+def at_exit(cleanup: Callable[[], object]) -> None:
+    """Run an exit hook's ``cleanup`` with the main thread's signals held
+    and dropped: when a burst of Ctrl-C ends the program, the later ones
+    land in the exit hooks, and must neither cut the cleanup short (what
+    it did not stop is left to the watchdog) nor print a second traceback
+    ("Exception ignored in atexit callback").  The cleanup is bounded (a
+    few seconds at most)."""
+    held = SIGNALS.hold(drop)
+    try:
+        cleanup()
+    finally:
+        if held:
+            SIGNALS.release()
+
+
 SIGNALS = HeldSignals()
 
 

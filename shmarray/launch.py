@@ -47,6 +47,8 @@ import threading
 import traceback
 from typing import NamedTuple
 
+from shmarray.interrupts import at_exit
+
 log = logging.getLogger(__name__)
 
 METHODS = ("forkserver", "spawn", "fork")
@@ -600,7 +602,7 @@ def _fork(request: Request, fds: list[int]) -> Child:
 _SERVER = ForkServer()
 # Registered at import, before the engines' own exit hook (shmarray.dispatch
 # imports this module first), so it runs after every engine has closed.
-atexit.register(_SERVER.stop)
+atexit.register(at_exit, _SERVER.stop)
 os.register_at_fork(after_in_child=_SERVER.forget_in_child)
 
 
