@@ -1,7 +1,12 @@
 """A short, fixed-seed chaos run (``tests/chaos.py``): random calls from
 several threads while workers are killed, stopped and continued, maps are
-stopped, the caller gets Ctrl-C and the engine is closed at random; every
-invariant is checked, and each episode is observed from outside.  ``make
+stopped, the caller gets Ctrl-C (alone, in bursts of 2-4, and while its
+map waits behind another thread's), the watchdog is killed and the engine
+is closed at random.  Every invariant is checked, and each episode is
+observed from outside: among them, that a call raises only what the
+episode caused (a crash only after a kill, a timeout only with a
+``timeout``, ...), that no array changes after the call that wrote it has
+left, and that a killed watchdog runs again after the next map.  ``make
 stress`` runs the same for as long as you like."""
 
 from __future__ import annotations
