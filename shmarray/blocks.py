@@ -26,8 +26,9 @@ Who does what, and how many times
 ---------------------------------
 * The coordinator creates each block once (``Storage.create``, through
   :meth:`BlockTable.allocate`) and unlinks it once (``Storage.unlink``):
-  when the last array over it dies, or when the engine closes, whichever
-  comes first.  For a memfd block "unlink" closes the coordinator's
+  once the last array over it has died (reaped by a thread of its own, so
+  that no Ctrl-C can cut it short: :class:`BlockTable`), or when the engine
+  closes, whichever comes first.  For a memfd block "unlink" closes the coordinator's
   descriptor, after which no worker can attach it any more: the same rule
   as a removed name.
 * The coordinator never unmaps a block explicitly.  The mapping belongs to
@@ -38,8 +39,12 @@ Who does what, and how many times
 * For named blocks (shm, files) the coordinator holds a shared ``flock``
   on each block it created, for as long as it maps it: the proof of life
   ``shmarray gc`` tests, which a pid cannot give across pid namespaces
-  (containers sharing ``/dev/shm``).  A memfd block needs none: it cannot
-  outlive the processes that map it.
+  (containers sharing ``/dev/shm``).  On Linux a block is made without a
+  name (``O_TMPFILE``), locked, and only then named, so no block is ever
+  seen unlocked; elsewhere ``gc`` also spares a block whose creator (the
+  pid in its name) is alive (:func:`owner_alive`).  Liveness, never age,
+  decides.  A memfd block needs none: it cannot outlive the processes that
+  map it.
 * Every block's space is reserved when it is made (``posix_fallocate``),
   so a full filesystem, or a machine out of memory, is an error at
   allocation and never a SIGBUS on first touch later (cpython #114390).
@@ -60,8 +65,10 @@ import bisect
 import collections
 import errno
 import fcntl
+import logging
 import mmap
 import os
+import queue
 import re
 import secrets
 import stat
@@ -74,6 +81,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shmarray import cgroups
 from shmarray.errors import EngineClosedError, SharedMemoryFullError
 
 try:
@@ -94,6 +102,8 @@ HAVE_MEMFD = hasattr(os, "memfd_create") and _HAVE_PROC
 _MFD_FLAGS = getattr(os, "MFD_CLOEXEC", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Named blocks are made without a name and linked once ready (Linux).
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0) if _HAVE_PROC else 0
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 # Reading a file into a block from several threads at once (eng.load).
 HAVE_PREADV = hasattr(os, "preadv")
@@ -185,26 +195,11 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def _cgroup_memory_left() -> int | None:
-    """Bytes this process's cgroup (v2) may still charge, if it is capped."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
-        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
-        with open(os.path.join(base, "memory.max")) as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open(os.path.join(base, "memory.current")) as f:
-            return max(int(limit) - int(f.read().strip()), 0)
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
 def memory_available() -> tuple[int, int] | None:
     """(available, total) bytes that anonymous shared memory may take: the
-    kernel's MemAvailable plus free swap, capped by a container's memory
-    limit (cgroup v2); None where this cannot be read."""
+    kernel's MemAvailable plus free swap, capped by what this process's
+    cgroups may still charge (:func:`shmarray.cgroups.memory_left`: v1 and
+    v2, every level up to the root); None where this cannot be read."""
     if not _HAVE_PROC:
         return None
     try:
@@ -213,7 +208,7 @@ def memory_available() -> tuple[int, int] | None:
         total = info["MemTotal"] + info.get("SwapTotal", 0)
     except (OSError, KeyError, ValueError):
         return None
-    left = _cgroup_memory_left()
+    left = cgroups.memory_left()
     if left is not None:
         free = min(free, left)
     return free, total
@@ -229,7 +224,8 @@ _ELSEWHERE = (
 
 
 def out_of_descriptors(exc: OSError, doing: str) -> OSError:
-    """EMFILE/ENFILE, said so a user can act on it."""
+    """EMFILE/ENFILE, said so a user can act on it: raise the soft limit
+    where the hard one allows, and say what else to do where it does not."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -237,15 +233,42 @@ def out_of_descriptors(exc: OSError, doing: str) -> OSError:
         opened = len(os.listdir("/proc/self/fd")) if _HAVE_PROC else None
     except OSError:
         opened = None
-    which = "this process" if exc.errno == errno.EMFILE else "the whole system"
-    held = f" (it has {opened} open)" if opened is not None and exc.errno == errno.EMFILE else ""
+    fewer = (
+        "hold fewer descriptors: fewer live arrays (each block costs the "
+        'coordinator one, two with storage="memfd": storage="shm" or a '
+        "directory halves that), fewer workers, or close files you no longer "
+        "need"
+    )
+    if exc.errno != errno.EMFILE:
+        return OSError(
+            exc.errno,
+            f"cannot {doing}: the whole system is out of file descriptors "
+            f"(fs.file-max). H{fewer[1:]}; or raise the system's limit as "
+            f"root (`sysctl -w fs.file-max=...`).",
+        )
+    held = f" (it has {opened} open)" if opened is not None else ""
+    unlimited = hard == resource.RLIM_INFINITY
+    if unlimited or soft < hard:
+        target = max(4 * soft, 4096) if unlimited else min(max(4 * soft, 4096), hard)
+        ceiling = "no hard limit" if unlimited else f"the hard limit is {hard}"
+        advice = (
+            f"Raise it in the shell with `ulimit -n {target}`, or in Python "
+            f"with resource.setrlimit(resource.RLIMIT_NOFILE, ({target}, "
+            f"{'resource.RLIM_INFINITY' if unlimited else hard})), or {fewer}."
+        )
+    else:
+        # soft == hard: `ulimit -n` cannot go higher without root.
+        ceiling = "which is also the hard limit: only root can raise it"
+        advice = (
+            f"Either {fewer}; or have the hard limit raised (as root: "
+            f"`ulimit -Hn {max(4 * hard, 4096)}` before starting Python, "
+            f'"nofile" in /etc/security/limits.conf, LimitNOFILE= for a '
+            f"systemd service, `docker run --ulimit nofile=...`)."
+        )
     return OSError(
         exc.errno,
-        f"cannot {doing}: {which} is out of file descriptors{held}; the "
-        f"limit (ulimit -n) is {soft}, at most {hard}. Raise it in the "
-        f"shell with `ulimit -n {min(max(4 * soft, 4096), hard)}`, or in "
-        f"Python with resource.setrlimit(resource.RLIMIT_NOFILE, ...), "
-        f"or close files you no longer need.",
+        f"cannot {doing}: this process is out of file descriptors{held}; "
+        f"its limit (ulimit -n) is {soft}, {ceiling}. {advice}",
     )
 
 
@@ -294,6 +317,43 @@ def _made(fd: int, size: int, lock: bool, full) -> mmap.mmap:
         raise
 
 
+def _made_unnamed(
+    directory: str, size: int, full, failed: Callable[[OSError], BaseException]
+) -> tuple[str, mmap.mmap] | None:
+    """A new named block in ``directory``, made as a file with no name
+    (``O_TMPFILE``) that is locked, reserved and mapped before it is linked
+    under a fresh name: nobody ever sees the block unlocked (``shmarray gc``
+    cannot take it for an orphan, whatever pid namespace it looks from) or
+    half made (a failure leaves no name).  Returns (path, mapping), or None
+    where the system or the filesystem cannot (the caller then names the
+    file first and locks it a moment later).  ``failed(exc)`` says why the
+    file could not be opened."""
+    try:
+        fd = os.open(directory, _O_TMPFILE | os.O_RDWR | _O_CLOEXEC, MODE)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None  # no O_TMPFILE here (EISDIR: a kernel before 3.11)
+        raise failed(exc) from None
+    try:
+        mm = _made(fd, size, True, full)
+        while True:
+            path = os.path.join(directory, new_name()[1:])
+            try:
+                # linkat(AT_SYMLINK_FOLLOW), which os.link calls only when
+                # given a directory descriptor (else link(2), which would
+                # link the /proc symlink itself); an absolute path ignores it.
+                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd)
+                return path, mm
+            except FileExistsError:  # 64 random bits: never, but be correct
+                continue
+            except OSError as exc:
+                if exc.errno in _FULL:
+                    raise full(exc.errno) from None
+                raise
+    finally:
+        os.close(fd)
+
+
 class Storage(abc.ABC):
     """Where one engine's blocks live: the contract every kind fulfils.
 
@@ -320,7 +380,9 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def unlink(self, name: str) -> bool:
         """End block ``name`` (no new attach will succeed); False if it was
-        already gone.  Safe from a finalizer on any thread."""
+        already gone.  Called by whichever thread reaps a dead block (see
+        BlockTable), by ``close()``, and by the Pool for its control block:
+        safe on any thread."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec!r}>"
@@ -332,6 +394,7 @@ class ShmStorage(Storage):
     size of the /dev/shm mount."""
 
     spec = "shm"
+    _unnamed = bool(_O_TMPFILE)  # False once /dev/shm refused O_TMPFILE
 
     def full_error(self, nbytes: int, inodes: bool = False) -> SharedMemoryFullError:
         space = free_space()
@@ -362,6 +425,13 @@ class ShmStorage(Storage):
         space = free_space()
         if space is not None and size > space[0]:
             raise self.full_error(size)
+        if self._unnamed and SHM_DIR is not None:
+            made = _made_unnamed(
+                SHM_DIR, size, lambda _: self.full_error(size), lambda e: self._failed(e, size)
+            )
+            if made is not None:
+                return "/" + os.path.basename(made[0]), made[1]
+            self._unnamed = False
         while True:
             name = new_name()
             try:
@@ -370,11 +440,7 @@ class ShmStorage(Storage):
             except FileExistsError:  # 64 random bits: never, but be correct
                 continue
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:  # no inode left (nr_inodes)
-                    raise self.full_error(size, inodes=True) from None
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    raise out_of_descriptors(exc, "create a shared block") from None
-                raise
+                raise self._failed(exc, size) from None
         try:
             mm = _made(fd, size, True, lambda _: self.full_error(size))
         except BaseException:
@@ -383,6 +449,14 @@ class ShmStorage(Storage):
         finally:
             os.close(fd)
         return name, mm
+
+    def _failed(self, exc: OSError, size: int) -> BaseException:
+        """What to raise when a new block's file cannot be opened."""
+        if exc.errno == errno.ENOSPC:  # no inode left (nr_inodes)
+            return self.full_error(size, inodes=True)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return out_of_descriptors(exc, "create a shared block")
+        return exc
 
     def unlink(self, name: str) -> bool:
         return unlink(name)
@@ -470,6 +544,7 @@ class DirStorage(Storage):
 
     def __init__(self, directory: str):
         self.spec = self.directory = directory
+        self._unnamed = bool(_O_TMPFILE)  # False once the filesystem refused it
 
     def full_error(self, nbytes: int, err: int | None = None) -> SharedMemoryFullError:
         try:
@@ -502,6 +577,15 @@ class DirStorage(Storage):
             space = None  # os.open below says it clearly
         if space is not None and size > space[0]:
             raise self.full_error(size)
+
+        def full(err: int) -> SharedMemoryFullError:
+            return self.full_error(size, err)
+
+        if self._unnamed:
+            made = _made_unnamed(self.directory, size, full, lambda e: self._failed(e, size))
+            if made is not None:
+                return made
+            self._unnamed = False  # a filesystem without O_TMPFILE (NFS, ...)
         while True:
             name = os.path.join(self.directory, new_name()[1:])
             try:
@@ -512,26 +596,39 @@ class DirStorage(Storage):
             except FileExistsError:
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise self.full_error(size, exc.errno) from None
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    raise out_of_descriptors(exc, "create a shared block") from None
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EROFS):
-                    raise OSError(
-                        exc.errno,
-                        f"cannot create a block in the storage "
-                        f"directory {self.directory}: {exc.strerror}. Pass "
-                        f"Engine(storage=...) a directory you can write.",
-                    ) from None
-                raise
+                raise self._failed(exc, size) from None
         try:
-            mm = _made(fd, size, True, lambda err: self.full_error(size, err))
+            mm = _made(fd, size, True, full)
         except BaseException:
             unlink(name)
             raise
         finally:
             os.close(fd)
         return name, mm
+
+    def _failed(self, exc: OSError, size: int) -> BaseException:
+        """What to raise when a new block's file cannot be opened."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self.full_error(size, exc.errno)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return out_of_descriptors(exc, "create a shared block")
+        if exc.errno == errno.ENOENT and not os.path.lexists(self.directory):
+            return FileNotFoundError(
+                exc.errno,
+                f"cannot create a block in the storage directory "
+                f"{self.directory}: it no longer exists (removed while this "
+                f"engine ran?). Its workers cannot be replaced either: close "
+                f"this engine, and give the next one a storage= directory that "
+                f"stays while it runs.",
+            )
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EROFS):
+            return OSError(
+                exc.errno,
+                f"cannot create a block in the storage directory "
+                f"{self.directory}: {exc.strerror}. Pass Engine(storage=...) "
+                f"a directory you can write.",
+            )
+        return exc
 
     def unlink(self, name: str) -> bool:
         return unlink(name)
@@ -579,8 +676,30 @@ def _open_memfd(name: str) -> int:
     return new
 
 
+def _gone(name: str) -> FileNotFoundError:
+    """Block ``name`` (shm or file) has no name any more: why, and what to
+    do.  A process that mapped it still can use it; nobody else can."""
+    where = os.path.dirname(name) if kind_of(name) == "file" else SHM_DIR or "shared memory"
+    if not os.path.isdir(where):
+        why = (
+            f"its storage directory {where} no longer exists. No new worker "
+            f"can join the engine that made it: close that engine, and give "
+            f"the next one a storage= directory that stays while it runs"
+        )
+    else:
+        why = (
+            f"it was unlinked from {where}: by its engine (closed, or the "
+            f"array freed), or by hand or a cleaner (`rm`, `shmarray gc`) "
+            f"while its engine ran"
+        )
+    return FileNotFoundError(errno.ENOENT, f"block {name!r} is gone: {why}")
+
+
 def _open_file(name: str) -> int:
-    fd = os.open(name, os.O_RDWR | _O_CLOEXEC | _O_NOFOLLOW)
+    try:
+        fd = os.open(name, os.O_RDWR | _O_CLOEXEC | _O_NOFOLLOW)
+    except FileNotFoundError:
+        raise _gone(name) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         os.close(fd)
@@ -602,7 +721,10 @@ def attach(name: str) -> mmap.mmap:
     elif kind == "file":
         fd = _open_file(name)
     else:
-        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+        try:
+            fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0)
+        except FileNotFoundError:
+            raise _gone(name) from None
     try:
         return _map(fd, os.fstat(fd).st_size, **_MMAP_KWARGS)
     finally:
@@ -626,7 +748,10 @@ def unlink(name: str) -> bool:
 
 
 def exists(name: str) -> bool:
-    """Whether block ``name`` can still be attached (it was not unlinked)."""
+    """Whether block ``name`` can still be attached (it was not unlinked).
+    A block of this process whose arrays have died is unlinked first
+    (:func:`settle`)."""
+    settle()
     kind = kind_of(name)
     if kind == "memfd":
         try:
@@ -673,12 +798,20 @@ class Block:
 
 
 _TABLES: weakref.WeakSet = weakref.WeakSet()  # every engine's table
+_TABLES_LOCK = threading.Lock()  # a set must not grow while another thread copies it
+_PID = os.getpid()  # kept current by _after_fork_in_child: no system call per use
+_log = logging.getLogger("shmarray")
+
+
+def _tables() -> list[BlockTable]:
+    with _TABLES_LOCK:
+        return list(_TABLES)
 
 
 def blocks_of_other_engines(array: np.ndarray, mine: BlockTable) -> Block | None:
     """The block of another live engine that holds ``array``, if any."""
     data = address_of(array)
-    for table in list(_TABLES):
+    for table in _tables():
         if table is not mine and not table.closed:
             found = table.locate(data, data + max(array.nbytes, 1))
             if found is not None:
@@ -686,101 +819,242 @@ def blocks_of_other_engines(array: np.ndarray, mine: BlockTable) -> Block | None
     return None
 
 
+def settle() -> None:
+    """Wait until every block of this process whose arrays have died is
+    unlinked (:meth:`BlockTable.settle`): what this process then sees of
+    its own blocks, in /dev/shm or anywhere, is current."""
+    for table in _tables():
+        table.settle()
+
+
+class _Wake(weakref.ref):
+    """A weak reference to a block's mapping whose death wakes the reaper,
+    naming the table to reap (a weak reference to it)."""
+
+    __slots__ = ("table",)
+    table: weakref.ref
+
+
+class _Reaper:
+    """The thread that reaps blocks whose arrays died, one per process.
+
+    A KeyboardInterrupt is raised only in the main thread, at any bytecode,
+    and one raised inside a weakref callback or a finalizer is printed
+    ("Exception ignored in ...") and lost, with whatever the callback had
+    left to do: the unlink, the Release.  So a mapping's death runs no
+    Python code at all: its two weak references call C functions,
+    ``deque.append`` (the table's record of the dead) and
+    ``SimpleQueue.put`` (this thread's wake-up), and the reaping is done
+    later, by code that can be cut short anywhere and lose nothing
+    (:meth:`BlockTable._reap`): here, where no signal is ever raised, at
+    once; or by whichever thread first needs it done
+    (:meth:`BlockTable.settle`).
+
+    Started with the first block of a process, and again in a forked
+    child, which starts with no thread and a fresh queue (the parent's
+    blocks it inherited wake nobody there); a daemon, so it never keeps the
+    interpreter alive.
+    """
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """A fresh start; in a forked child, where the parent's thread and
+        queue are not ours."""
+        self.wake: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def running(self) -> None:
+        """Start the thread unless it runs (a failure, at interpreter
+        shutdown, leaves reaping to ``settle`` and ``close``)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._run, name="shmarray-reaper", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    return
+                self._thread = thread
+
+    def _run(self) -> None:
+        while True:
+            tables = {self.wake.get().table}
+            # One wake-up per burst of deaths rather than per death: a
+            # thread woken at once takes the GIL from the main thread at its
+            # next system call, which doubled the cost of a loop of
+            # `y = eng.zeros(n)` (the main thread reaps inline there).
+            time.sleep(_REAP_DELAY)
+            while True:
+                try:
+                    tables.add(self.wake.get_nowait().table)
+                except queue.Empty:
+                    break
+            for ref in tables:
+                table = ref()
+                try:
+                    if table is not None:
+                        table._reap()
+                except Exception:  # never die: later deaths need this thread
+                    _log.exception("shmarray: reaping the blocks of dead arrays failed")
+                del table
+
+
+# Seconds the reaper lets deaths gather before it reaps them.
+_REAP_DELAY = 0.005
+_REAPER = _Reaper()
+
+
+def _after_fork_in_child() -> None:
+    """The parent's reaper may have held any of these locks at the fork."""
+    global _PID, _TABLES_LOCK
+    _PID = os.getpid()
+    _REAPER.forget()
+    _TABLES_LOCK = threading.Lock()
+    for table in list(_TABLES):
+        table._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class BlockTable:
     """The coordinator's live blocks, indexed by the address they map at.
 
     One per engine.  Creates every block (``allocate``) and unlinks every
-    name exactly once: from a finalizer on the mapping when the last array
-    over it dies, or from ``close()``.  Holds no strong reference to any
+    name exactly once: once the last array over the block has died
+    (``_reap``), or from ``close()``.  Holds no strong reference to any
     mapping, so memory lives exactly as long as the arrays do.
 
-    The finalizers may run inside garbage collection on any thread, even
-    while this thread holds the lock; they therefore only unlink and append
-    to deques, and the index is purged under the lock on the next use.
-    CPython unmaps an mmap before it calls the finalizer, without holding
-    the GIL, so a new block can be mapped over a dead one's addresses before
-    the dead one is reported: a new block therefore evicts every entry it
-    overlaps, and a late report removes only the block it names.
+    A block's death is recorded by C code (``_dead``, see :class:`_Reaper`)
+    and reaped under the lock by the reaper thread, or first by any method
+    that needs it done (``settle``): every method that reads the index or
+    the released names settles first, so a freed block's space is back
+    before the next ``allocate``, as if the unlink had been synchronous.
+    Reaping a block unlinks its name, records it for the workers' Release
+    (``take_released``) and drops it from the index; each step can be done
+    again harmlessly, and the record is dropped last, so a reaping cut
+    short anywhere (a Ctrl-C in the main thread) is finished by the next.
+    Between a death and its reaping the name stays in /dev/shm for a few
+    milliseconds (the reaper gathers deaths for ``_REAP_DELAY``, then needs
+    the GIL): this process's own views, ``exists`` and ``scan``, settle
+    first.  (A memfd block's "unlink" closes its descriptor: a reaping cut
+    between forgetting and closing it leaks that descriptor rather than
+    ever closing a number that may have been reused.)
+
+    CPython unmaps an mmap before the references are told, so a new block
+    can be mapped over a dead one's addresses before the dead one is
+    reaped: a new block therefore evicts every entry it overlaps, and a
+    late reaping removes only the block it names.  A forked child's copy
+    of a table reaps nothing: the parent owns the names.
     """
 
     def __init__(self, storage: Storage | None = None) -> None:
         self.storage = storage if storage is not None else ShmStorage()
+        self._owner = _PID
+        self._me = weakref.ref(self)
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._blocks: dict[int, Block] = {}
-        self._finalizers: dict[str, weakref.finalize] = {}
-        self._dead: collections.deque[tuple[int, str]] = collections.deque()
-        self._released: collections.deque[str] = collections.deque()
+        # the reference that reports each live block's death -> (start,
+        # name, the reference that wakes the reaper); both go with the entry
+        self._pending: dict[weakref.ref, tuple[int, str, _Wake]] = {}
+        self._dead: collections.deque[weakref.ref] = collections.deque()
+        self._released: dict[str, None] = {}  # an ordered set: adding twice is harmless
         self._descriptors: dict = {}
         self.closed = False
         self.warned_copy = False  # a CopyWarning was shown for this engine
         self.on_create: Callable[[str], object] | None = (
             None  # told each new name that can leak (the watchdog)
         )
-        _TABLES.add(self)
+        with _TABLES_LOCK:
+            _TABLES.add(self)
 
     @property
     def descriptors(self) -> dict:
         """A cache for ``descriptors.describe``, valid while no block dies:
         a dead block's addresses may be mapped again by a new one."""
-        if self._dead:
-            with self._lock:
-                self._purge()
+        self.settle()
         if len(self._descriptors) > 4096:
             self._descriptors = {}
         return self._descriptors
 
     def allocate(self, nbytes: int) -> np.ndarray:
         """A new block; returns a uint8 array of ``nbytes`` over it."""
+        _REAPER.running()
         with self._lock:
             if self.closed:
                 raise EngineClosedError("this engine is closed; create a new one")
+            self._reap_locked()  # the space of blocks that died is free again
             name, mm = self.storage.create(nbytes)
-            if self.on_create is not None and self.storage.leaks:
-                self.on_create(name)
             buf = np.frombuffer(mm, dtype=np.uint8)
             start = address_of(buf)
-            self._purge()
+            # Its death is told by C callbacks only (see _Reaper), set up
+            # first so that close() knows the name whatever comes next.
+            # CPython calls the newest reference's callback first: the
+            # death is recorded before the reaper is woken.
+            wake = _Wake(mm, _REAPER.wake.put)
+            wake.table = self._me
+            self._pending[weakref.ref(mm, self._dead.append)] = (start, name, wake)
+            if self.on_create is not None and self.storage.leaks:
+                self.on_create(name)
             self._evict(start, start + len(mm))
+            self._blocks[start] = Block(name, len(mm), start)  # before _starts: see _forget
             bisect.insort(self._starts, start)
-            self._blocks[start] = Block(name, len(mm), start)
-            fin = weakref.finalize(
-                mm,
-                self._mapping_died,
-                start,
-                name,
-                self._dead,
-                self._released,
-                os.getpid(),
-                self.storage.unlink,
-            )
-            fin.atexit = False  # Engine.close() covers interpreter exit
-            self._finalizers[name] = fin
         return buf[:nbytes]
 
-    @staticmethod
-    def _mapping_died(start, name, dead, released, owner, unlink_block) -> None:
-        if os.getpid() != owner:
-            return  # a forked child's copy: the parent owns the name
-        unlink_block(name)
-        dead.append((start, name))
-        released.append(name)
+    def settle(self) -> None:
+        """Reap every block whose arrays have died, if the reaper has not
+        yet: their names are unlinked, recorded and out of the index when
+        this returns (or raises: a Ctrl-C here leaves the rest to the next
+        reaping, and loses nothing)."""
+        if self._dead and _PID == self._owner:
+            self._reap()
 
-    def _purge(self) -> None:
-        if self._dead:
-            self._descriptors = {}
+    def _reap(self) -> None:
+        with self._lock:
+            self._reap_locked()
+
+    def _reap_locked(self) -> None:
+        """Reap each recorded death: unlink, record the Release, forget.
+        Every step may be cut short and done again (the unlink of a gone
+        name is a no-op, ``_released`` is a set, ``_forget`` checks); the
+        entry and then the record go last."""
+        if not self._dead or _PID != self._owner:
+            return  # nothing died, or a forked child's copy: the parent owns the names
         while self._dead:
-            start, name = self._dead.popleft()
-            self._finalizers.pop(name, None)
-            block = self._blocks.get(start)
-            if block is None or block.name != name:
-                continue  # that address already holds a newer block
-            self._starts.pop(bisect.bisect_left(self._starts, start))
+            ref = self._dead[0]
+            entry = self._pending.get(ref)
+            if entry is not None:  # else reaped already, or close() unlinked it
+                start, name, _ = entry
+                try:
+                    self.storage.unlink(name)
+                except OSError as exc:
+                    _log.warning("shmarray: could not unlink block %s: %s", name, exc)
+                self._released[name] = None
+                self._forget(start, name)
+                self._pending.pop(ref, None)
+            if self._dead and self._dead[0] is ref:
+                self._dead.popleft()
+
+    def _forget(self, start: int, name: str) -> None:
+        """Drop block ``name`` at ``start`` from the index, if it is still
+        there; ``_starts`` first, so a cut leaves nothing ``locate`` sees."""
+        block = self._blocks.get(start)
+        if block is not None and block.name == name:  # else a newer block is there
+            i = bisect.bisect_left(self._starts, start)
+            if i < len(self._starts) and self._starts[i] == start:
+                self._starts.pop(i)
             del self._blocks[start]
+        self._descriptors = {}
 
     def _evict(self, lo: int, hi: int) -> None:
         """Forget blocks over [lo, hi): they are unmapped, whatever their
-        finalizers have said so far."""
+        reaping has done so far."""
         i = bisect.bisect_right(self._starts, lo) - 1
         if (
             i < 0
@@ -788,13 +1062,13 @@ class BlockTable:
         ):
             i += 1  # the block before lo ends before it
         while i < len(self._starts) and self._starts[i] < hi:
-            del self._blocks[self._starts.pop(i)]
+            self._blocks.pop(self._starts.pop(i), None)
             self._descriptors = {}
 
     def locate(self, lo: int, hi: int) -> Block | None:
         """The live block holding bytes [lo, hi), if any."""
         with self._lock:
-            self._purge()
+            self._reap_locked()
             i = bisect.bisect_right(self._starts, lo) - 1
             if i < 0:
                 return None
@@ -802,34 +1076,36 @@ class BlockTable:
             return block if hi <= block.address + block.size else None
 
     def has_released(self) -> bool:
-        return bool(self._released)
+        """Whether blocks died since the last ``take_released``."""
+        return bool(self._released or self._dead)
 
     def take_released(self) -> tuple[str, ...]:
         """Names unlinked since the last call: workers should unmap them."""
-        out = []
-        while self._released:
-            out.append(self._released.popleft())
-        return tuple(out)
+        with self._lock:
+            self._reap_locked()
+            out = tuple(self._released)
+            self._released.clear()
+            return out
 
     def live(self) -> list[Block]:
         with self._lock:
-            self._purge()
+            self._reap_locked()
             return [self._blocks[s] for s in self._starts]
 
     def close(self) -> list[str]:
-        """Unlink every live name.  Mappings stay with their arrays."""
+        """Unlink every name not unlinked yet, of the blocks still in use
+        and of those whose arrays died a moment ago alike; returns them.
+        Mappings stay with their arrays, and their deaths are no longer
+        reported."""
         with self._lock:
             self.closed = True
-            self._purge()
             names = []
-            for start in self._starts:
-                name = self._blocks[start].name
-                if self._finalizers[name].detach() is not None:
-                    self.storage.unlink(name)
+            for _, name, _ in self._pending.values():
+                if self.storage.unlink(name):
                     names.append(name)
+            self._pending.clear()  # the references go, and with them their callbacks
             self._starts.clear()
             self._blocks.clear()
-            self._finalizers.clear()
             self._released.clear()
             self._descriptors = {}
             return names
@@ -840,16 +1116,20 @@ class BlockTable:
 
 @dataclass(frozen=True)
 class BlockInfo:
-    """A shmarray block found in the shared-memory filesystem.
-    ``owner_alive``: True when a live process holds its lock, False when
-    none does, None when this user cannot tell (another user's block)."""
+    """A shmarray block found in the shared-memory filesystem (or in a
+    storage directory).
+
+    ``owner_alive`` is the verdict ``shmarray ls`` shows and ``shmarray
+    gc`` obeys (:func:`owner_alive`): True when a process holds the block's
+    lock or its creator (the pid in its name) is alive, False when neither,
+    None when this user cannot tell (another user's block)."""
 
     name: str
     size: int
     owner_pid: int
     owner_alive: bool | None
     uid: int
-    age: float  # seconds since it was created
+    age: float  # seconds since it was made (or last changed: its ctime)
 
 
 def _boot_time() -> float:
@@ -860,16 +1140,58 @@ def _boot_time() -> float:
     raise OSError("no btime in /proc/stat")
 
 
+def _proc_stat(pid: int) -> tuple[str, float]:
+    """(state, start time in seconds since the epoch) of process ``pid``
+    from /proc; raises OSError if there is none."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    try:
+        return fields[0], _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError) as exc:
+        raise OSError(f"cannot read /proc/{pid}/stat: {exc}") from None
+
+
 def process_start_time(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), if known."""
     if not _HAVE_PROC:
         return None
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        return _proc_stat(pid)[1]
+    except OSError:
         return None
+
+
+# /proc counts a process's start in clock ticks since boot, and gives the
+# boot time (btime) in whole seconds, which also moves a little when the
+# clock is set: a process that seems to have started up to this long after
+# a block was made may still be its creator, and is taken for it.
+_START_SLACK = 2.0
+
+
+def creator_alive(pid: int, made: float) -> bool:
+    """Whether process ``pid`` is alive and started before ``made`` (seconds
+    since the epoch; a block's ctime), give or take :data:`_START_SLACK`:
+    whether the creator of a block made then, whose name says ``pid``,
+    may still live.  A process that started later only reuses the pid.  In
+    doubt (cannot look), True.  Without /proc: ``kill(pid, 0)``, no time
+    check."""
+    if not _HAVE_PROC:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        state, started = _proc_stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True
+    if state in ("Z", "X"):  # exited, not yet reaped: holds nothing
+        return False
+    return started <= made + _START_SLACK
 
 
 def lock_held(name: str) -> bool | None:
@@ -896,17 +1218,41 @@ def lock_held(name: str) -> bool | None:
         os.close(fd)
 
 
+def owner_alive(name: str, made: float) -> bool | None:
+    """Liveness of block ``name`` made at ``made`` (its ctime), by the
+    process's own word, never by age: True if a process holds its lock or
+    its creator is alive (:func:`creator_alive`); False if neither; None if
+    the lock cannot be tested (another user's block) and the creator is not
+    alive.
+
+    Both tests, because each has a gap the other closes.  Where a block is
+    named before it is locked (no ``O_TMPFILE``: macOS, NFS), its creator
+    is alive in between; the lock holds across pid namespaces, where the
+    pid in a name means nothing.  A dead verdict cannot turn: a dead
+    creator takes no lock, and nobody else holds one (a probe like this
+    one takes it for a moment, and then reads as a holder: kept)."""
+    held = lock_held(name)
+    if held:
+        return True
+    pid = owner_of(name)
+    if pid is not None and creator_alive(pid, made):
+        return True
+    return held
+
+
 def scan(directory: str | None = None, pids: Iterable[int] | None = None) -> list[BlockInfo]:
     """Every shmarray block in the shared-memory filesystem, or in
     ``directory`` (blocks of ``storage=directory``), sorted by name; only
     those created by ``pids``, if given.
 
     Only regular files with names of shmarray's own form are considered;
-    anything else there is never listed and never touched.
+    anything else there is never listed and never touched.  Blocks of this
+    process whose arrays have died are unlinked first (:func:`settle`).
     """
     where = SHM_DIR if directory is None else directory
     if where is None:
         return []
+    settle()
     only = None if pids is None else set(pids)
     found = []
     for entry in os.scandir(where):
@@ -920,14 +1266,13 @@ def scan(directory: str | None = None, pids: Iterable[int] | None = None) -> lis
         if not stat.S_ISREG(st.st_mode):
             continue
         name = "/" + entry.name if directory is None else os.path.join(where, entry.name)
-        found.append(
-            BlockInfo(name, st.st_size, pid, lock_held(name), st.st_uid, time.time() - st.st_ctime)
-        )
+        alive = owner_alive(name, st.st_ctime)
+        found.append(BlockInfo(name, st.st_size, pid, alive, st.st_uid, time.time() - st.st_ctime))
     return sorted(found, key=lambda b: b.name)
 
 
-# A block is locked a moment after it is created: younger ones are left
-# alone, whatever their lock says.
+# Not a test of liveness (owner_alive is): an extra margin, by default, for
+# blocks whose owner is already judged dead.
 GC_MIN_AGE = 5.0
 
 
@@ -937,13 +1282,18 @@ def collect_orphans(
     pids: Iterable[int] | None = None,
 ) -> list[BlockInfo]:
     """Unlink this user's shmarray blocks (in /dev/shm, or in ``directory``;
-    only those created by ``pids``, if given) that no live process holds;
-    returns those removed.  In doubt (cannot look, younger than ``min_age``
-    seconds), leave it."""
+    only those created by ``pids``, if given) whose owner is dead: no
+    process holds the block's lock and its creator (the pid in its name)
+    is not a live process that started before the block was made
+    (:func:`owner_alive`).  Returns those removed.
+
+    A block whose creator is alive is never removed, whatever ``min_age``
+    says; ``min_age`` only spares dead owners' blocks younger than that
+    many seconds.  In doubt (another user's block, cannot look), leave it.
+    """
     removed = []
     for info in scan(directory, pids):
-        # Nobody holds the lock of a dead creator, and nobody can take it
-        # back: the verdict still holds when we unlink.
+        # A dead verdict stays true until the unlink (see owner_alive).
         if (
             info.owner_alive is False
             and info.uid == os.getuid()

@@ -278,7 +278,7 @@ def _info(args: argparse.Namespace) -> int:
     for b in data["blocks"]:
         print(
             f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
-            f"{b['owner_pid']} {'alive' if b['owner_alive'] else 'dead'}"
+            f"{b['owner_pid']} {_state(b['owner_alive'])}"
         )
     return 0
 
@@ -365,7 +365,7 @@ def _gc(args: argparse.Namespace) -> int:
     for b in removed:
         print(
             f"unlinked {b.name} ({blocks.format_bytes(b.size)}, created by pid "
-            f"{b.owner_pid}; no live process holds it)"
+            f"{b.owner_pid}, which is dead; no live process holds it)"
         )
     print(f"{len(removed)} block(s) removed")
     return 0
@@ -461,15 +461,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=int, action="append", metavar="PID", help=pid_help)
     p.set_defaults(func=_ls)
 
-    p = command("gc", "unlink shmarray blocks that no live process holds (their creator is dead)")
+    p = command(
+        "gc",
+        "unlink shmarray blocks whose owner is dead: no process holds their "
+        "lock and their creator is not alive",
+    )
     p.add_argument(
         "--min-age",
         type=float,
         default=blocks.GC_MIN_AGE,
         metavar="SECONDS",
-        help="leave blocks younger than this many seconds alone "
-        f"(default {blocks.GC_MIN_AGE:g}: a block is locked a "
-        f"moment after it is created)",
+        help="also leave dead owners' blocks younger than this many seconds "
+        f"alone (default {blocks.GC_MIN_AGE:g}); liveness, not age, decides: "
+        f"a block whose creator is alive is kept whatever its age",
     )
     p.add_argument("--dir", metavar="PATH", help=dir_help)
     p.add_argument("--pid", type=int, action="append", metavar="PID", help=pid_help)

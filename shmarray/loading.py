@@ -76,18 +76,14 @@ def _header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     try:
         if version == (1, 0):
             return fmt.read_array_header_1_0(f)
-        if version == (2, 0):
+        if version in ((2, 0), (3, 0)):
+            # 3.0 is 2.0 with its header in UTF-8 rather than latin-1, which
+            # matters only for non-ASCII field names: a structured dtype,
+            # refused by the caller whatever its names read as.  Any dtype
+            # may be written as 3.0 (np.lib.format.write_array(version=(3, 0))).
             return fmt.read_array_header_2_0(f)
     except ValueError as exc:
         raise ValueError(f"{what} has a damaged .npy header: {exc}") from None
-    if version == (3, 0):
-        # 3.0 only adds UTF-8 field names: structured dtypes, refused anyway.
-        raise ValueError(
-            f"{what} is an .npy file of format version 3.0, which "
-            f"holds a structured dtype; shared arrays hold plain "
-            f"numbers. Load it with np.load and pass each field to "
-            f"eng.from_numpy."
-        )
     got = ".".join(map(str, version)) if len(version) == 2 else "cut off"
     raise ValueError(
         f"{what} has a damaged .npy header: its format version is "

@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple, NoReturn, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
-from shmarray import blocks, control, launch, waiting
+from shmarray import blocks, cgroups, control, launch, waiting
 from shmarray.boundary import MODES, Boundary
 from shmarray.descriptors import (
     ArrayDescriptor,
@@ -60,69 +60,12 @@ def _got(value: object) -> str:
 # -- the machine -----------------------------------------------------------------
 
 
-def _read_ints(path: str) -> list[str] | None:
-    try:
-        with open(path) as f:
-            return f.read().split()
-    except OSError:
-        return None
-
-
 def cgroup_cpus(proc: str = "/proc/self") -> float | None:
-    """The CPU quota of this process's cgroups, in CPUs, if any: the
-    smallest ``cpu.max`` (cgroup v2) or ``cpu.cfs_quota_us /
-    cpu.cfs_period_us`` (v1) from its own cgroup up to the root, found
-    through ``/proc/self/mountinfo`` wherever the hierarchies are mounted
-    (as loky's ``cpu_count`` reads them).  A ``--cpus=2`` container on a
-    64-core host has 2."""
-    try:
-        with open(f"{proc}/cgroup") as f:
-            memberships = f.read().splitlines()
-        with open(f"{proc}/mountinfo") as f:
-            mounts = f.read().splitlines()
-    except OSError:
-        return None
-    v2 = v1 = None
-    for line in memberships:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            v2 = parts[2]
-        elif "cpu" in parts[1].split(","):
-            v1 = parts[2]
-    quotas = []
-    files: tuple[str, ...]
-    for line in mounts:
-        fields = line.split()
-        if "-" not in fields:
-            continue
-        sep = fields.index("-")
-        root, point = fields[3], fields[4]
-        fstype, opts = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
-        if fstype == "cgroup2" and v2 is not None:
-            path, files = v2, ("cpu.max",)
-        elif fstype == "cgroup" and v1 is not None and "cpu" in opts.split(","):
-            path, files = v1, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
-        else:
-            continue
-        rel = os.path.relpath(path, root) if path.startswith(root) else None
-        if rel is None or rel.startswith(".."):
-            continue
-        here = os.path.normpath(os.path.join(point, rel))
-        while True:
-            if len(files) == 1:
-                got = _read_ints(os.path.join(here, files[0]))
-                if got and len(got) >= 2 and got[0] != "max" and int(got[1]) > 0:
-                    quotas.append(int(got[0]) / int(got[1]))
-            else:
-                q, p = (_read_ints(os.path.join(here, name)) for name in files)
-                if q and p and int(q[0]) > 0 and int(p[0]) > 0:
-                    quotas.append(int(q[0]) / int(p[0]))
-            if os.path.normpath(here) == os.path.normpath(point):
-                break
-            here = os.path.dirname(here)
-    return min(quotas) if quotas else None
+    """The CPU quota of this process's cgroups, in CPUs, if any
+    (:func:`shmarray.cgroups.cpu_quota`: v1 and v2, from its own cgroup up
+    to the root, the tightest wins).  A ``--cpus=2`` container on a 64-core
+    host has 2."""
+    return cgroups.cpu_quota(proc)
 
 
 def usable_cpus() -> int:

@@ -105,9 +105,11 @@ def _note_descendants() -> None:
 
 def shm_entries() -> set[str]:
     """The shmarray blocks in /dev/shm made by this session's processes
-    (names without the leading slash)."""
+    (names without the leading slash).  This process's dead blocks are
+    reaped first (their names leave a moment after their arrays die)."""
     if not SHM_DIR:
         return set()
+    blocks.settle()
     _note_descendants()
     out = set()
     for name in os.listdir(SHM_DIR):
@@ -120,6 +122,7 @@ def shm_entries() -> set[str]:
 def dir_entries() -> set[str]:
     """The block files under STORAGE_ROOT made by this session's processes
     (absolute paths)."""
+    blocks.settle()
     _note_descendants()
     out: set[str] = set()
     for here, _, files in os.walk(STORAGE_ROOT):

@@ -15,7 +15,7 @@ from numba import njit
 
 import shmarray
 from conftest import block_entries, engine_id, run_python, storage_for
-from shmarray import loading
+from shmarray import blocks, loading
 
 WORKERS = (2, 3, 5)  # each with its storage (conftest.STORAGES)
 
@@ -77,6 +77,28 @@ def test_load_takes_str_paths_file_objects_and_format_2(eng, tmp_path):
     assert np.array_equal(eng.load(buf), a)
 
 
+def test_load_reads_format_3_of_any_dtype(eng, tmp_path):
+    # Format 3.0 only writes its header in UTF-8: NumPy picks it for field
+    # names latin-1 cannot hold, and anyone may ask for it.  A plain float64
+    # file was refused as "holds a structured dtype".
+    a = np.arange(12.0).reshape(3, 4)
+    path = tmp_path / "v3.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, a, version=(3, 0))
+    assert path.read_bytes()[6:8] == b"\x03\x00"
+    x = eng.load(path)
+    assert x.dtype == np.float64 and np.array_equal(x, a)
+    eng.map(double, x)
+    assert np.array_equal(x, a * 2)
+    del x
+    # A structured dtype is refused as such, whatever its names.
+    with pytest.warns(UserWarning, match="format 3.0"):
+        np.save(tmp_path / "rec3.npy", np.zeros(3, dtype=[("温度", "f8")]))
+    assert (tmp_path / "rec3.npy").read_bytes()[6:8] == b"\x03\x00"
+    with pytest.raises(TypeError, match="structured dtype"):
+        eng.load(tmp_path / "rec3.npy")
+
+
 def test_writing_results_back_is_np_save(eng, tmp_path):
     """The recipe: np.save writes straight from the shared array, and
     eng.load reads the file back into another one."""
@@ -136,6 +158,7 @@ def test_load_refuses_what_it_cannot_read_and_leaves_no_block(eng, tmp_path):
         ("store.zarr", ValueError, r"a zarr store.*shmarray\[zarr\].*zarr\.open_array"),
         ("missing.npy", FileNotFoundError, "missing.npy"),
     ]
+    blocks.settle()  # earlier tests' dropped blocks are unlinked by now
     before, live = block_entries(), len(eng.blocks)
     for name, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
