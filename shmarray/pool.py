@@ -43,10 +43,12 @@ DEFAULT_START_METHOD = launch.DEFAULT_METHOD
 log = logging.getLogger(__name__)
 
 
-def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
+def start_failed(pid: int, msg: StartFailed, replacing: int | None = None) -> WorkerStartError:
     """One exception that says why a worker could not start, and where: the
     worker's traceback is kept as ``remote_traceback``, not chained, so an
-    uncaught error prints one traceback, not two."""
+    uncaught error prints one traceback, not two.  ``replacing``: the index
+    of the worker it was to replace in a running engine (None: the engine
+    was starting)."""
     where = ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', msg.traceback)
     if frames:
@@ -56,9 +58,15 @@ def start_failed(pid: int, msg: StartFailed) -> WorkerStartError:
         "initializer": "its initializer raised",
         "import": "importing the worker code failed with",
     }.get(msg.stage, "it failed with")
+    then = (
+        "The engine was not started."
+        if replacing is None
+        else f"It was to replace worker {replacing}: the engine stays open, but a "
+        f"map needs every worker. Remove the cause, or close the engine and "
+        f"create a new one."
+    )
     exc = WorkerStartError(
-        f"worker {pid} could not start: {what} {msg.type_name}: {msg.message}"
-        f"{where}. The engine was not started."
+        f"worker {pid} could not start: {what} {msg.type_name}: {msg.message}{where}. {then}"
     )
     exc.remote_traceback = msg.traceback
     return exc
@@ -325,6 +333,7 @@ class Pool:
     # False from the moment one is killed or started until recover() has
     # seen them all ready (the lean path's first condition).
     intact = False
+    intact_once = False  # every worker said Ready once: the engine runs
 
     # A replacement that dies while starting (killed with its predecessor,
     # say) is started again this many times before the map fails.
@@ -369,7 +378,7 @@ class Pool:
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)
-            self.intact = True
+            self.intact = self.intact_once = True
             self._tell_watchdog()
         except BaseException:
             self.close()
@@ -453,7 +462,7 @@ class Pool:
                 except (EOFError, OSError):
                     msg = None
                 if isinstance(msg, StartFailed):
-                    raise start_failed(proc.pid, msg)
+                    raise start_failed(proc.pid, msg, proc.index if self.intact_once else None)
                 if not isinstance(msg, Ready):
                     raise _StartDied(proc)
                 proc.ready = True

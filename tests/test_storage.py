@@ -653,3 +653,40 @@ def test_memfd_beyond_the_machines_memory_is_a_clear_error():
         assert err.storage == "memfd" and err.path is None
         assert 'storage="memfd"' in str(err) and 'storage="/a/directory"' in str(err)
         assert eng.zeros(3).sum() == 0.0
+
+
+@pytest.mark.breaks_things
+def test_a_removed_storage_directory_is_named_when_a_worker_cannot_be_replaced(storage_dir):
+    # The directory goes while the engine runs, then a worker dies: its
+    # replacement cannot map the engine's control block.  The error says
+    # so, and that the engine is still open, not that it was never started.
+    code = textwrap.dedent(f"""
+        import os, shutil, signal
+        import psutil
+        import numpy as np
+        import shmarray
+
+        where = os.path.join({storage_dir!r}, "engine")
+        os.mkdir(where)
+        with shmarray.Engine(workers=2, storage=where) as eng:
+            x = eng.zeros(8)
+            eng.map(lambda a: a.fill(1.0), x)
+            shutil.rmtree(where)
+            victim = eng.worker_pids[0]
+            os.kill(victim, signal.SIGKILL)
+            psutil.Process(victim).wait(30)
+            for _ in range(2):
+                try:
+                    eng.map(lambda a: a.fill(2.0), x)
+                except shmarray.WorkerStartError as exc:
+                    print("error:", exc)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, (proc.stdout, proc.stderr)
+    for line in errors:
+        assert "no longer exists" in line and "It was to replace worker 0" in line, line
+        assert "was not started" not in line
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
