@@ -13,19 +13,30 @@ import operator
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
 
 import numpy as np
 import numpy.typing as npt
 from numpy.typing import NDArray
 
-from shmarray import blocks, display, loading, options
+from shmarray import blocks, display, loading, options as checks
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.dispatch import Dispatcher, MapFuture
 from shmarray.errors import EngineClosedError, MapReport
 from shmarray.jobs import Call, Calls, JobCache
-from shmarray.options import BoundaryMode, CallOptions, Errors, Order, Schedule, StartMethod, Wait
+from shmarray.options import (
+    CallOptions,
+    Errors,
+    IterateOptions,
+    MapOptions,
+    Order,
+    ReduceOptions,
+    Schedule,
+    StartMethod,
+    Wait,
+    call_options,
+)
 from shmarray.pool import Pool
 from shmarray.prepared import PreparedMap
 
@@ -33,6 +44,7 @@ if TYPE_CHECKING:
     from shmarray.compare import Comparison  # imported when first used
 
 Kernel = Callable[..., Any]
+_T = TypeVar("_T")  # what a reduce's kernel returns
 
 # This process's pid, kept current across fork() without a system call per
 # map (os.getpid() costs 0.2 us).
@@ -150,7 +162,7 @@ class Engine:
         wait: Wait | None = None,
         storage: str | os.PathLike | None = None,
     ):
-        opts = options.engine_options(
+        opts = checks.engine_options(
             workers,
             start_method,
             max_tasks_per_worker,
@@ -363,9 +375,9 @@ class Engine:
             y = eng.empty((1000, 1000), np.float32)
         """
         d = self._live()
-        shape = options.coerce_shape(shape)
-        dtype = options.coerce_dtype(dtype, "dtype")
-        order = options.coerce_order(order)
+        shape = checks.coerce_shape(shape)
+        dtype = checks.coerce_dtype(dtype, "dtype")
+        order = checks.coerce_order(order)
         if d.table.has_released():
             d.tidy()  # let workers unmap dead blocks before asking for more
         buf = d.table.allocate(math.prod(shape) * dtype.itemsize)
@@ -489,16 +501,8 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[MapOptions],
     ) -> PreparedMap:
         """A map made ready to run again and again at the least cost.
 
@@ -536,9 +540,7 @@ class Engine:
                 step()
                 step.swap()
         """
-        opts = CallOptions(
-            halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
-        )
+        args, opts = call_options("prepare", "map", options, errors)
         d, call = self._call(kernel, arrays, args, opts, None, prepared=True)
         calls = self._calls
 
@@ -547,7 +549,7 @@ class Engine:
                 raise ValueError(
                     f"swap() exchanges the first two arrays; this map has {len(arrays)}."
                 )
-            options.check_swappable(arrays[0], arrays[1])
+            checks.check_swappable(arrays[0], arrays[1])
             return calls.make(
                 kernel, (arrays[1], arrays[0]) + arrays[2:], args, opts, None, prepared=True
             )
@@ -559,33 +561,8 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Literal["raise"] = ...,
-    ) -> None: ...
-
-    @overload
-    def map(
-        self,
-        kernel: Kernel,
-        *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
         errors: Literal["collect"],
+        **options: Unpack[MapOptions],
     ) -> MapReport: ...
 
     @overload
@@ -593,32 +570,16 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Errors = ...,
-    ) -> MapReport | None: ...
+        errors: Literal["raise"] = ...,
+        **options: Unpack[MapOptions],
+    ) -> None: ...
 
     def map(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[MapOptions],
     ) -> MapReport | None:
         """Run ``kernel`` on every chunk of rows, in the workers, in place.
 
@@ -709,15 +670,8 @@ class Engine:
             eng.map(smooth, y, x, halo=1, boundary="wrap")   # ghost cells filled first
             report = eng.map(smooth, y, x, halo=1, errors="collect")
         """
-        d, call = self._call(
-            kernel,
-            arrays,
-            args,
-            CallOptions(
-                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
-            ),
-            None,
-        )
+        args, opts = call_options("map", "map", options, errors)
+        d, call = self._call(kernel, arrays, args, opts, None)
         return d.run(call)
 
     @overload
@@ -725,70 +679,25 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        combine: Callable[[Any, Any], Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Literal["raise"] = ...,
-    ) -> Any: ...
-
-    @overload
-    def reduce(
-        self,
-        kernel: Kernel,
-        *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        combine: Callable[[Any, Any], Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
         errors: Literal["collect"],
+        **options: Unpack[ReduceOptions],
     ) -> MapReport: ...
 
     @overload
     def reduce(
         self,
-        kernel: Kernel,
+        kernel: Callable[..., _T],
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        combine: Callable[[Any, Any], Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Errors = ...,
-    ) -> Any: ...
+        errors: Literal["raise"] = ...,
+        **options: Unpack[ReduceOptions],
+    ) -> _T: ...
 
     def reduce(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        combine: Callable[[Any, Any], Any] = operator.add,
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[ReduceOptions],
     ) -> Any:
         """Run ``kernel`` on every chunk and combine the values it returns.
 
@@ -830,32 +739,17 @@ class Engine:
             s = eng.reduce(total, x)                # x.sum(), up to rounding
             report = eng.reduce(total, x, errors="collect", retries=2)
         """
-        d, call = self._call(
-            kernel,
-            arrays,
-            args,
-            CallOptions(
-                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
-            ),
-            options.check_combine(combine),
-        )
+        combine = checks.check_combine(options.get("combine", operator.add))
+        args, opts = call_options("reduce", "reduce", options, errors)
+        d, call = self._call(kernel, arrays, args, opts, combine)
         return d.run(call)
 
     def imap(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        combine: Callable[[Any, Any], Any] = operator.add,
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = False,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[ReduceOptions],
     ) -> ChunkStream:
         """Stream ``(rows, value)`` for each chunk as soon as it finishes.
 
@@ -894,16 +788,10 @@ class Engine:
             report = stream.result
         """
         sink = Sink()
-        d, call = self._call(
-            kernel,
-            arrays,
-            args,
-            CallOptions(
-                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
-            ),
-            options.check_combine(combine),
-            stream=sink,
-        )
+        combine = checks.check_combine(options.get("combine", operator.add))
+        options.setdefault("progress", False)  # a stream shows its own progress
+        args, opts = call_options("imap", "reduce", options, errors)
+        d, call = self._call(kernel, arrays, args, opts, combine, stream=sink)
         return ChunkStream(sink, d.submit(call), d.interrupt)
 
     def iterate(
@@ -913,13 +801,7 @@ class Engine:
         inp: NDArray[Any],
         *arrays: NDArray[Any],
         steps: int,
-        args: Sequence[Any] = (),
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
+        **options: Unpack[IterateOptions],
     ) -> NDArray[Any]:
         """Run ``steps`` steps of a double-buffered map inside the workers.
 
@@ -967,19 +849,12 @@ class Engine:
 
             last = eng.iterate(heat_step, new, old, steps=1000, args=(0.2,), halo=1)
         """
-        steps = options.coerce_steps(steps)
+        steps = checks.coerce_steps(steps)
+        args, opts = call_options("iterate", "iterate", options)
         if steps == 0:
             self._live()
             return inp
-        d, call = self._call(
-            kernel,
-            (out, inp) + arrays,
-            args,
-            CallOptions(halo, chunks, "static", axis, boundary, timeout, progress),
-            None,
-            steps,
-            iterated=True,
-        )
+        d, call = self._call(kernel, (out, inp) + arrays, args, opts, None, steps, iterated=True)
         d.run(call)
         return out if steps % 2 else inp
 
@@ -1033,7 +908,7 @@ class Engine:
         from shmarray.compare import compare
 
         self._live()
-        options.check_kernel(kernel)
+        checks.check_kernel(kernel)
         return compare(
             self,
             kernel,
@@ -1053,16 +928,8 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[MapOptions],
     ) -> MapFuture:
         """Start ``map(kernel, *arrays, ...)`` and return at once.
 
@@ -1097,32 +964,16 @@ class Engine:
             ...                                  # other work meanwhile
             future.result()
         """
-        d, call = self._call(
-            kernel,
-            arrays,
-            args,
-            CallOptions(
-                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
-            ),
-            None,
-        )
+        args, opts = call_options("submit", "map", options, errors)
+        d, call = self._call(kernel, arrays, args, opts, None)
         return d.submit(call)
 
     def submit_reduce(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        combine: Callable[[Any, Any], Any] = operator.add,
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[ReduceOptions],
     ) -> MapFuture:
         """Start ``reduce(kernel, *arrays, ...)`` and return at once.
 
@@ -1145,15 +996,9 @@ class Engine:
         TypeError, ValueError, EngineClosedError
             As for ``submit``.
         """
-        d, call = self._call(
-            kernel,
-            arrays,
-            args,
-            CallOptions(
-                halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors
-            ),
-            options.check_combine(combine),
-        )
+        combine = checks.check_combine(options.get("combine", operator.add))
+        args, opts = call_options("submit_reduce", "reduce", options, errors)
+        d, call = self._call(kernel, arrays, args, opts, combine)
         return d.submit(call)
 
     @overload
@@ -1161,33 +1006,8 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Literal["raise"] = ...,
-    ) -> None: ...
-
-    @overload
-    async def map_async(
-        self,
-        kernel: Kernel,
-        *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
         errors: Literal["collect"],
+        **options: Unpack[MapOptions],
     ) -> MapReport: ...
 
     @overload
@@ -1195,32 +1015,16 @@ class Engine:
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Errors = ...,
-    ) -> MapReport | None: ...
+        errors: Literal["raise"] = ...,
+        **options: Unpack[MapOptions],
+    ) -> None: ...
 
     async def map_async(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[MapOptions],
     ) -> MapReport | None:
         """``map`` for asyncio code: ``await eng.map_async(kernel, *arrays, ...)``.
 
@@ -1249,92 +1053,32 @@ class Engine:
             async def handle(request):
                 await eng.map_async(scale, y, x, args=(request.factor,))
         """
-        return await _awaited(
-            self.submit(
-                kernel,
-                *arrays,
-                args=args,
-                halo=halo,
-                chunks=chunks,
-                timeout=timeout,
-                schedule=schedule,
-                progress=progress,
-                boundary=boundary,
-                axis=axis,
-                retries=retries,
-                errors=errors,
-            )
-        )
+        return await _awaited(self.submit(kernel, *arrays, errors=errors, **options))
 
     @overload
     async def reduce_async(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        combine: Callable[[Any, Any], Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Literal["raise"] = ...,
-    ) -> Any: ...
-
-    @overload
-    async def reduce_async(
-        self,
-        kernel: Kernel,
-        *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        combine: Callable[[Any, Any], Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
         errors: Literal["collect"],
+        **options: Unpack[ReduceOptions],
     ) -> MapReport: ...
 
     @overload
     async def reduce_async(
         self,
-        kernel: Kernel,
+        kernel: Callable[..., _T],
         *arrays: NDArray[Any],
-        args: Sequence[Any] = ...,
-        combine: Callable[[Any, Any], Any] = ...,
-        halo: int = ...,
-        chunks: int | Sequence[int] | None = ...,
-        timeout: float | None = ...,
-        schedule: Schedule = ...,
-        progress: bool | None = ...,
-        boundary: BoundaryMode = ...,
-        axis: int = ...,
-        retries: int = ...,
-        errors: Errors = ...,
-    ) -> Any: ...
+        errors: Literal["raise"] = ...,
+        **options: Unpack[ReduceOptions],
+    ) -> _T: ...
 
     async def reduce_async(
         self,
         kernel: Kernel,
         *arrays: NDArray[Any],
-        args: Sequence[Any] = (),
-        combine: Callable[[Any, Any], Any] = operator.add,
-        halo: int = 0,
-        chunks: int | Sequence[int] | None = None,
-        timeout: float | None = None,
-        schedule: Schedule = "static",
-        progress: bool | None = None,
-        boundary: BoundaryMode = None,
-        axis: int = 0,
-        retries: int = 0,
         errors: Errors = "raise",
+        **options: Unpack[ReduceOptions],
     ) -> Any:
         """``reduce`` for asyncio code: ``await eng.reduce_async(kernel, *arrays, ...)``.
 
@@ -1357,23 +1101,7 @@ class Engine:
         TypeError, ValueError, WorkerCrashedError, TaskTimeoutError, EngineClosedError
             As for ``reduce``, when awaited; and the kernel's own exception.
         """
-        return await _awaited(
-            self.submit_reduce(
-                kernel,
-                *arrays,
-                args=args,
-                combine=combine,
-                halo=halo,
-                chunks=chunks,
-                timeout=timeout,
-                schedule=schedule,
-                progress=progress,
-                boundary=boundary,
-                axis=axis,
-                retries=retries,
-                errors=errors,
-            )
-        )
+        return await _awaited(self.submit_reduce(kernel, *arrays, errors=errors, **options))
 
 
 async def _awaited(future: MapFuture) -> Any:

@@ -10,13 +10,14 @@ the fix.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, NoReturn, TypeGuard
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, NoReturn, TypedDict, TypeGuard, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -886,6 +887,46 @@ def check_not_elsewhere(a: np.ndarray, what: str, table, others) -> None:
         )
 
 
+class MapOptions(TypedDict, total=False):
+    """The keywords of every call that runs a map, in one place: ``map``,
+    ``reduce``, ``imap``, ``prepare``, ``submit`` and the async forms take
+    them as ``**options: Unpack[MapOptions]`` (so a type checker names a
+    misspelt keyword), and ``call_options`` checks them at run time.  A
+    new option is added here, and to ``CallOptions`` if it defines a job.
+    (``errors`` is a parameter of its own: what ``map`` returns depends on
+    it.)"""
+
+    args: Sequence[Any]
+    halo: int
+    chunks: int | Sequence[int] | None
+    timeout: float | None
+    schedule: Schedule
+    progress: bool | None
+    boundary: BoundaryMode
+    axis: int
+    retries: int
+
+
+class ReduceOptions(MapOptions, total=False):
+    """``MapOptions`` and how the chunks' values combine (``reduce``,
+    ``imap``)."""
+
+    combine: Callable[[Any, Any], Any]
+
+
+class IterateOptions(TypedDict, total=False):
+    """The keywords of ``Engine.iterate``: ``MapOptions`` without those a
+    loop of steps cannot take (``schedule``, ``retries``)."""
+
+    args: Sequence[Any]
+    halo: int
+    chunks: int | Sequence[int] | None
+    timeout: float | None
+    progress: bool | None
+    boundary: BoundaryMode
+    axis: int
+
+
 class CallOptions(NamedTuple):
     """The keywords of a map, reduce, imap or iterate, as given (checked
     once per job: see ``shmarray.jobs``)."""
@@ -899,3 +940,47 @@ class CallOptions(NamedTuple):
     progress: Any = None
     retries: Any = 0
     errors: Any = "raise"
+
+
+_KEYWORDS = {
+    "map": frozenset(MapOptions.__annotations__),
+    "reduce": frozenset(ReduceOptions.__annotations__),
+    "iterate": frozenset(IterateOptions.__annotations__),
+}
+_PLAIN_OPTIONS = {"raise": CallOptions(), "collect": CallOptions(errors="collect")}
+
+
+def call_options(method: str, kind: str, given: Mapping[str, Any], errors: object = "raise") -> tuple:
+    """``(args, options)`` from the keywords ``method`` was given
+    (``kind``: "map", "reduce" or "iterate": which ``*Options`` it takes).
+    Takes ``args`` (and ``combine``) out of ``given``.  An unknown keyword
+    is a TypeError, as Python's own, with the closest known one.
+
+    >>> call_options("map", "map", {"halo": 1, "args": (2.0,)})
+    ((2.0,), CallOptions(halo=1, chunks=None, schedule='static', axis=0, boundary=None, timeout=None, progress=None, retries=0, errors='raise'))
+    >>> call_options("map", "map", {"chunk": 4})
+    Traceback (most recent call last):
+    ...
+    TypeError: map() got an unexpected keyword argument 'chunk'; did you mean 'chunks'?
+    """
+    if not given:
+        plain = _PLAIN_OPTIONS.get(errors)  # type: ignore[call-overload]
+        if plain is not None:
+            return (), plain
+    given = cast(dict[str, Any], given)  # a call's own **kwargs: ours to change
+    args = given.pop("args", ())
+    given.pop("combine", None)
+    if kind != "iterate":  # a map's keywords are CallOptions's fields
+        try:
+            return args, CallOptions(errors=errors, **given)
+        except TypeError:
+            pass
+    known = _KEYWORDS[kind]
+    if given.keys() <= known:
+        return args, CallOptions(errors=errors, **given)
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known | {"errors"}, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (it takes {sorted(known)})"
+            raise TypeError(f"{method}() got an unexpected keyword argument {name!r}{hint}")
+    raise AssertionError(f"CallOptions refused {sorted(given)}")  # fields = keywords

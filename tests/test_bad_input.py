@@ -117,3 +117,40 @@ def test_bad_argument_fails_before_anything_is_sent(eng, bad):
     assert shm_entries() == blocks
     eng.map(copy, out, inp)
     assert np.array_equal(out, inp)
+
+
+@pytest.mark.parametrize(
+    "call, said",
+    [
+        (
+            lambda eng, x: eng.map(_noop, x, chunk=4),
+            "map() got an unexpected keyword argument 'chunk'; did you mean 'chunks'?",
+        ),
+        (
+            lambda eng, x: eng.reduce(_noop, x, combin=max),
+            "reduce() got an unexpected keyword argument 'combin'; did you mean 'combine'?",
+        ),
+        (
+            lambda eng, x: eng.iterate(_noop2, x, x.copy(), steps=0, schedule="dynamic"),
+            "iterate() got an unexpected keyword argument 'schedule'",
+        ),
+        (
+            lambda eng, x: eng.prepare(_noop, x, timeuot=1.0),
+            "prepare() got an unexpected keyword argument 'timeuot'; did you mean 'timeout'?",
+        ),
+    ],
+    ids=["map", "reduce", "iterate", "prepare"],
+)
+def test_an_unknown_keyword_is_named_with_the_closest_one(engine, call, said):
+    x = engine.zeros(8)
+    with pytest.raises(TypeError) as info:
+        call(engine, x)
+    assert str(info.value).startswith(said)
+
+
+def _noop(x):
+    pass
+
+
+def _noop2(out, inp):
+    pass

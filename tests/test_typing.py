@@ -36,6 +36,22 @@ BAD = """
         eng.map(k, y, x, schedule="fastest")
 """
 
+TYPO = """
+    import numpy as np
+    import shmarray
+
+
+    def k(out, x):
+        out[:] = x
+
+
+    with shmarray.Engine(workers=2) as eng:
+        x = eng.from_numpy(np.arange(10.0))
+        y = eng.empty(x.shape)
+        eng.reduce(k, y, x, chunk=4)
+        eng.iterate(k, y, x, steps=2, schedule="dynamic")
+"""
+
 GOOD = """
     import asyncio
     import operator
@@ -52,7 +68,7 @@ GOOD = """
         out[:] = a * x
 
 
-    def total(x):
+    def total(x) -> float:
         return float(x.sum())
 
 
@@ -66,6 +82,7 @@ GOOD = """
         assert_type(x, NDArray[Any])
         assert_type(eng.map(scale, y, x, args=(2.5,), schedule="dynamic"), None)
         s = eng.reduce(total, x, combine=operator.add, boundary=np.float32(0))
+        assert_type(s, float)  # what the kernel returns
         report = eng.reduce(total, x, errors="collect", retries=1)
         assert_type(report, MapReport)
         if not report.ok:
@@ -151,3 +168,19 @@ def test_mypy_rejects_an_unknown_schedule(mypy):
 def test_mypy_accepts_a_correct_script(mypy):
     done = mypy("good.py", GOOD)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_names_a_misspelt_or_misplaced_keyword(mypy):
+    done = mypy("typo.py", TYPO)
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    # The first error of each call names the keyword (an overloaded one
+    # then lists its two variants).
+    first = {}
+    for line in errors:
+        first.setdefault(line.split(":")[1], line)
+    assert len(first) == 2, done.stdout
+    reduce_line, iterate_line = (first[k] for k in sorted(first, key=int))
+    assert 'Unexpected keyword argument "chunk"' in reduce_line, done.stdout
+    assert 'did you mean "chunks"?' in reduce_line, done.stdout
+    assert 'Unexpected keyword argument "schedule" for "iterate"' in iterate_line, done.stdout
