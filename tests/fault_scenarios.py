@@ -263,7 +263,9 @@ def observe(case: str, timeout: float = 120.0) -> dict:
     """Run ``case`` in a child interpreter (its own session, as a terminal
     job) and watch it from outside: its report, its stderr, and how long
     until its workers, watchdog and blocks are gone."""
-    import psutil
+    # Here, not at the top: the victim runs this file too, and needs none of
+    # the tests' helpers (nor conftest's hooks on Popen and fork).
+    from processes import running as _running
 
     prefix = []
     if case == "out_of_inodes":
@@ -302,11 +304,7 @@ def observe(case: str, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + 10.0
     names = [n.lstrip("/") for n in report.get("blocks", [])]
     while True:
-        alive = [
-            p
-            for p in report.get("pids", [])
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-        ]
+        alive = [p for p in report.get("pids", []) if _running(p)]  # vanishing: gone
         left = [n for n in names if os.path.exists(f"/dev/shm/{n}")]
         if not (alive or left) or time.monotonic() > deadline:
             break

@@ -5,10 +5,12 @@ crashes (a segfault), real timeouts."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -17,7 +19,7 @@ from numba import njit
 
 import shmarray
 from conftest import WORKER_COUNTS, engine_id, run_python, storage_for
-from shmarray import row_offset
+from shmarray import control, row_offset
 from shmarray.partition import assign_static
 
 N, SIZE = 8, 10  # chunks of the maps below, rows a chunk
@@ -265,40 +267,85 @@ def test_a_crashed_worker_is_replaced_within_the_round(eng):
             assert pids[c] not in now  # the one that died
 
 
+def wait_for_gate(gate):
+    """In a kernel: wait until the test lets it go (gate[0]); the 60 s only
+    detect a hang."""
+    deadline = time.monotonic() + 60
+    while gate[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def released_at_stop(eng, gate):
+    """Sets gate[0] once the call running is stopped: STOP set in the
+    control block after the call's chunk 0 began (it sets gate[1]; STOP
+    is cleared when a round begins).  Chunks that wait for gate[0] thus
+    end only after STOP, so a worker that honours it starts no other
+    chunk, whatever the machine's speed.  Yields a list that gets True if
+    STOP was seen (and not the hang detector's 60 s)."""
+    words = eng._dispatcher.pool.ctl.words
+    stopped: list[bool] = []
+    leaving = threading.Event()
+
+    def relay():
+        deadline = time.monotonic() + 60  # a hang detector
+        while not leaving.is_set() and time.monotonic() < deadline:
+            if gate[1] and control.load(words, control.STOP):
+                stopped.append(True)
+                break
+            time.sleep(0.001)
+        gate[0] = 1
+
+    thread = threading.Thread(target=relay)
+    thread.start()
+    try:
+        yield stopped
+    finally:
+        leaving.set()
+        thread.join(60)
+
+
 def test_raise_stops_the_rest_at_the_first_final_failure(eng):
     n = 20
-    a, counts = eng.zeros(n), eng.zeros(n, np.int64)
-    with pytest.raises(shmarray.WorkerCrashedError):
-        for _ in eng.imap(slow_crash, a, args=(row_offset, counts), chunks=n, schedule="dynamic"):
-            pass
-    assert counts.sum() < n
-    a, counts = eng.zeros(n), eng.zeros(n, np.int64)
-    with pytest.raises(ValueError):
-        eng.map(slow_fail, a, args=(row_offset, counts), chunks=n, retries=1)
+    a, counts, gate = eng.zeros(n), eng.zeros(n, np.int64), eng.zeros(2, np.int64)
+    with released_at_stop(eng, gate) as stopped:
+        with pytest.raises(shmarray.WorkerCrashedError):
+            for _ in eng.imap(
+                slow_crash, a, args=(row_offset, counts, gate), chunks=n, schedule="dynamic"
+            ):
+                pass
+    assert stopped
+    # Every chunk but the crashed one waits for STOP: each worker ran one
+    # chunk at most, and took no other after STOP.
+    assert counts[0] == 1 and counts.sum() <= eng.workers, counts
+    a, counts, gate = eng.zeros(n), eng.zeros(n, np.int64), eng.zeros(2, np.int64)
+    with released_at_stop(eng, gate) as stopped:
+        with pytest.raises(ValueError):
+            eng.map(slow_fail, a, args=(row_offset, counts, gate), chunks=n, retries=1)
+    assert stopped
     # Static: the failing chunk is the first worker's first; the last
-    # worker's chunks (20 ms each) stop too, at STOP, not at their end.
+    # worker's chunks stop too, at STOP, not at their end: it ran at most
+    # the one it held when STOP came.
     last = n - n // eng.workers
-    assert counts[last:].sum() <= 2, counts
+    assert counts[last:].sum() <= 1, counts
+    assert counts.sum() <= eng.workers, counts
 
 
-def slow_crash(a, off, counts):
+def slow_crash(a, off, counts, gate):
     counts[off] += 1
     if off == 0:
+        gate[1] = 1
         ctypes.string_at(0)
-    time.sleep(0.02)
+    wait_for_gate(gate)  # until the call is stopped
     return off
 
 
-def slow_fail(a, off, counts):
+def slow_fail(a, off, counts, gate):
     counts[off] += 1
     if off == 0:
+        gate[1] = 1
         raise ValueError("first chunk")
-    # The others run only once the failing chunk has started (a fresh worker
-    # may take a while to load the kernel), then take 20 ms each.
-    deadline = time.monotonic() + 30
-    while counts[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    time.sleep(0.02)
+    wait_for_gate(gate)  # until the call is stopped
 
 
 def test_an_idle_worker_killed_before_a_reduce_or_imap(tmp_path):
@@ -343,9 +390,12 @@ def test_imap_yields_every_chunk_exactly_once(eng, schedule):
     assert counts.tolist() == [1] * N
 
 
-def slow_row(a, off, counts):
+def slow_row(a, off, counts, gate):
     counts[off] += 1
-    time.sleep(0.02)
+    if off == 0:
+        gate[1] = 1  # the first value, at once
+    else:
+        wait_for_gate(gate)  # the others end only once the stream is stopped
     a[:] = off
     return off
 
@@ -353,16 +403,28 @@ def slow_row(a, off, counts):
 @pytest.mark.parametrize("schedule", ["static", "dynamic"])
 def test_abandoning_imap_stops_the_rest(eng, schedule):
     n = 40
-    a, counts = eng.zeros(n), eng.zeros(n, np.int64)
-    for _first in eng.imap(slow_row, a, args=(row_offset, counts), chunks=n, schedule=schedule):
-        break  # dropped: the map stops
-    # The next map waits its turn behind what was still running.
-    eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N)
+    a, counts, gate = eng.zeros(n), eng.zeros(n, np.int64), eng.zeros(2, np.int64)
+    with released_at_stop(eng, gate) as stopped:
+        for _first in eng.imap(
+            slow_row, a, args=(row_offset, counts, gate), chunks=n, schedule=schedule
+        ):
+            break  # dropped: the map stops
+        # The next map waits its turn behind what was still running.
+        eng.map(
+            flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N
+        )
+    assert stopped
     ran = int(counts.sum())
-    assert 1 <= ran < n and counts.max() == 1
-    with eng.imap(slow_row, a, args=(row_offset, counts), chunks=n, schedule=schedule) as stream:
-        next(stream)
-    assert int(counts.sum()) - ran < n  # close() waited, and stopped it
+    # Chunk 0, and at most one more a worker (held until the stop).
+    assert 1 <= ran <= eng.workers + 1 and counts.max() == 1, counts
+    gate = eng.zeros(2, np.int64)
+    with released_at_stop(eng, gate) as stopped:
+        with eng.imap(
+            slow_row, a, args=(row_offset, counts, gate), chunks=n, schedule=schedule
+        ) as stream:
+            next(stream)
+    assert stopped
+    assert int(counts.sum()) - ran <= eng.workers + 1  # close() waited, and stopped it
     settled = counts.copy()
     eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N)
     np.testing.assert_array_equal(counts, settled)  # nothing ran after close

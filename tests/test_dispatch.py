@@ -50,29 +50,28 @@ def test_close_from_another_thread_ends_the_running_map(workers):
         flag = eng.zeros(2)
         print("pids:", *eng.worker_pids)
         print("blocks:", *[b.name for b in eng.blocks])
-        took = []
+        closed = threading.Event()
 
         def closer():
             wait_running(flag)
-            started = time.monotonic()
             eng.close()
-            took.append(time.monotonic() - started)
+            closed.set()
 
         threading.Thread(target=closer).start()
-        started = time.process_time()
         try:
             eng.map(hold, flag, chunks=1)
         except shmarray.EngineClosedError as exc:
             print("map ended:", type(exc).__name__)
-        while not took:                 # the closer thread is still in close()
-            time.sleep(0.001)
-        print("close took:", took[0])
-        print("cpu:", time.process_time() - started)
+        closed.wait()                   # the closer thread is still in close()
+        print("closed")
     """)
+    # `hold` never ends by itself: the map ends only if close() ends it.
+    # Had close() waited the map out instead, it would give up after its
+    # own 5 s with a RuntimeWarning ("did not stop") on stderr, which must
+    # be empty; run_python's timeout only detects a hang.
     proc = run_python(code, timeout=60)
     assert "map ended: EngineClosedError" in proc.stdout
-    took = float(proc.stdout.split("close took:")[1].split()[0])
-    assert took < 1.5, proc.stdout
+    assert "closed" in proc.stdout.splitlines()
     pids, names = _report(proc.stdout)
     assert _gone(pids, names)
     assert proc.stderr == ""
@@ -90,9 +89,7 @@ def test_exit_with_a_submitted_map_running_is_clean(workers, run):
         print("blocks:", *[b.name for b in eng.blocks])
         # the interpreter exits with the map running and the engine open
     """)
-    started = time.monotonic()
-    proc = run_python(code, timeout=60)
-    assert time.monotonic() - started < 30
+    proc = run_python(code, timeout=60)  # the timeout: a hang detector
     pids, names = _report(proc.stdout)
     assert len(pids) == workers and names
     assert _gone(pids, names)
@@ -181,6 +178,8 @@ def test_two_quick_ctrl_c_leave_the_engine_usable(gap, workers):
         if line.startswith("running") or not line:
             break
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, and again soon after
+    # Not a wait for anything: the gap varies where the second one lands
+    # (the victim must come through wherever that is).
     time.sleep(gap)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import textwrap
 import time
 
-import psutil
 import pytest
 
 from conftest import gone, run_python
+from processes import running
 
 KERNEL = """
 import numpy as np
@@ -23,21 +23,12 @@ def scale(out, inp, s):
 """
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not a zombie); one that vanishes
-    while we look is gone."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _gone(pids, names, within=10.0) -> bool:
     """Polls until every process of ``pids`` has exited and every block of
     ``names`` is gone (``within``: a hang detector)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if not any(_running(p) for p in pids) and all(gone(n) for n in names):
+        if not any(running(p) for p in pids) and all(gone(n) for n in names):
             return True
         time.sleep(0.05)
     return False

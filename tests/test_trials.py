@@ -26,26 +26,55 @@ def test_a_dead_fork_server_corrupts_nothing():
     proc = run_python(
         COMMON
         + textwrap.dedent("""
+        import select
+        from shmarray import control
+
         @njit(nogil=True)
-        def slow_set(x, value, rounds):
-            acc = 0.0
-            for k in range(rounds):
-                acc += k * 1e-12
+        def held_set(x, value, gate):
+            # gate[0]: chunks running; gate[1]: let go (by the test).
+            control.fetch_add(gate, 0, 1)
+            while control.load(gate, 1) == 0:
+                pass
             for i in range(x.shape[0]):
-                x[i] = value + 0.0 * acc
+                x[i] = value
+
+        def wait_for(seen, what):
+            deadline = time.monotonic() + 60               # a hang detector
+            while not seen():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.001)
 
         with shmarray.Engine(workers=3) as eng:
             x = eng.zeros(3000)
-            eng.map(slow_set, x, args=(1.0, 10))
-            f = eng.submit(slow_set, x, args=(2.0, 300_000_000))
-            time.sleep(0.2)
-            os.kill(launch.server_pid(), signal.SIGKILL)
+            gate = eng.zeros(2, np.int64)
+            gate[1] = 1
+            eng.map(held_set, x, args=(1.0, gate), chunks=3)   # compiled everywhere
+            gate[:] = 0
+            before = eng.worker_pids
+            f = eng.submit(held_set, x, args=(2.0, gate), chunks=3)
+            wait_for(lambda: control.load(gate, 0) == 3, "every worker in the map")
+            server = launch.server_pid()
+            pidfd = os.pidfd_open(server)
+            os.kill(server, signal.SIGKILL)
+            # Let the map go only once the server has exited and the driver
+            # then sleeps on its pipes with the map still held: a driver
+            # that took its workers' fate from the server would find them
+            # "crashed" there.
+            exited = select.select([pidfd], [], [], 60)[0]   # readable: it exited
+            os.close(pidfd)
+            assert exited, "the fork server outlived SIGKILL for 60 s"
+            words = eng._dispatcher.pool.ctl.words
+            wait_for(lambda: control.load(words, control.COORD_ASLEEP) == 1, "the driver asleep")
+            control.store(gate, 1, 1)
             f.result(timeout=120)                  # no false crash
             assert np.all(x == 2.0)
-            eng.map(slow_set, x, args=(5.0, 10))   # a new server starts if needed
-            time.sleep(1.0)
+            assert eng.worker_pids == before       # none replaced
+            eng.map(held_set, x, args=(5.0, gate), chunks=3)
+            # No stray writer: every process that ran the held map is still
+            # a worker of the engine (idle now), so nothing writes after this.
+            assert eng.worker_pids == before
             assert np.all(x == 5.0), np.unique(x)
-            eng.map(slow_set, x, args=(6.0, 10))
+            eng.map(held_set, x, args=(6.0, gate), chunks=3)
             assert np.all(x == 6.0)
         print("ok")
     """),
@@ -70,9 +99,19 @@ def test_impatient_ctrl_c_leaves_correct_data_and_a_working_engine():
             for i in range(x.shape[0]):
                 x[i] = value + 0.0 * acc
 
+        import psutil
+
         rng = random.Random(3)
         me = os.getpid()
         go, sent = threading.Event(), threading.Event()
+        handled = [0]
+        unhandled = []
+
+        def ctrl_c(sig, frame):          # Python's own behaviour, counted
+            handled[0] += 1
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, ctrl_c)
 
         def impatient():                 # 2 to 4 Ctrl-C, a few ms apart, per round
             while True:
@@ -80,34 +119,49 @@ def test_impatient_ctrl_c_leaves_correct_data_and_a_working_engine():
                 go.clear()
                 if stop_all:
                     return
-                time.sleep(rng.uniform(0.0, 0.05))
+                time.sleep(rng.uniform(0.0, 0.05))   # lands anywhere in the map
                 for _ in range(rng.randint(2, 4)):
+                    before = handled[0]
                     os.kill(me, signal.SIGINT)
+                    # Handled before the next is sent (two pending SIGINTs
+                    # would make one), so that settle() knows none is left.
+                    deadline = time.monotonic() + 60      # a hang detector
+                    while handled[0] == before and time.monotonic() < deadline:
+                        time.sleep(0.0005)
+                    if handled[0] == before:
+                        unhandled.append(1)
                     time.sleep(rng.uniform(0.0, 0.01))
                 sent.set()
 
         def settle():
-            # Until this round's signals were sent and handled: a Ctrl-C may
-            # land anywhere here, in this harness too.
+            # Until this round's signals were sent and each handled: then
+            # none can land in the next map.  One may land anywhere before,
+            # in this harness too.
             while True:
                 try:
                     while not sent.wait(0.01):
                         pass
-                    for _ in range(5):
-                        time.sleep(0.01)
                     sent.clear()
                     return
                 except KeyboardInterrupt:
                     continue
 
+        def running(pid):
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
         stop_all = False
         t = threading.Thread(target=impatient, daemon=True)
         t.start()
         interrupted = 0
+        ran_maps = set()                 # every worker that ran an interrupted map
         with shmarray.Engine(workers=3) as eng:
             x = eng.zeros(3000)
             for r in range(40):
                 try:
+                    ran_maps.update(eng.worker_pids)
                     go.set()
                     eng.map(slow_set, x, args=(-1.0, 20_000_000))
                 except KeyboardInterrupt:
@@ -116,10 +170,17 @@ def test_impatient_ctrl_c_leaves_correct_data_and_a_working_engine():
                 value = float(r)
                 eng.map(slow_set, x, args=(value, 10))
                 assert np.all(x == value), (r, np.unique(x))
-            time.sleep(1.0)
+            # No stray writer can change x later: every process that ran an
+            # interrupted map is a worker now (idle), or has exited (its
+            # own word: a pid's exit, not a second of quiet).
+            deadline = time.monotonic() + 60              # a hang detector
+            while any(running(p) for p in ran_maps - set(eng.worker_pids)):
+                assert time.monotonic() < deadline, "a replaced worker lives on"
+                time.sleep(0.01)
             assert np.all(x == value), np.unique(x)
         stop_all = True
         go.set()
+        assert not unhandled, "a Ctrl-C was never handled"
         print("ok", interrupted)
     """),
         timeout=300,
@@ -161,10 +222,16 @@ def test_a_replacement_killed_while_starting_is_started_again(tmp_path):
         import ctypes
 
         def init():
-            if os.path.exists({str(marker)!r}):
-                with open({str(marker)!r} + ".pids", "a") as f:
-                    f.write(f"{{os.getpid()}}\\n")
-                time.sleep(1.0)
+            if not os.path.exists({str(marker)!r}):
+                return
+            try:  # the first replacement only; the next starts as usual
+                os.close(os.open({str(marker)!r} + ".first", os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+            with open({str(marker)!r} + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename({str(marker)!r} + ".tmp", {str(marker)!r} + ".pids")  # whole
+            threading.Event().wait()      # starting until the killer's SIGKILL
 
         def crash(x):
             if x[0] == 0:
@@ -178,7 +245,7 @@ def test_a_replacement_killed_while_starting_is_started_again(tmp_path):
             def kill_first_replacement():
                 while not os.path.exists(pids):
                     time.sleep(0.005)
-                os.kill(int(open(pids).read().split()[0]), signal.SIGKILL)
+                os.kill(int(open(pids).read()), signal.SIGKILL)
 
             t = threading.Thread(target=kill_first_replacement)
             t.start()

@@ -67,16 +67,16 @@ def test_a_failing_iterate_raises_promptly_at_four_workers():
             calls = eng.zeros(402, np.int64)
             for trial in range(20):
                 calls[:] = 0
-                t = time.monotonic()
+                # No timeout: the error alone must end the call.  Neighbours
+                # that kept waiting for the failed chunk would hang it, and
+                # run_python's limit would say so.
                 try:
                     eng.iterate(step, v, u, steps=20, halo=1, boundary="wrap",
-                                args=(calls, shmarray.row_offset, 200), timeout=60)
+                                args=(calls, shmarray.row_offset, 200))
                 except ZeroDivisionError:
                     pass
                 else:
                     raise AssertionError("no error")
-                took = time.monotonic() - t
-                assert took < 5, took
             # usable after
             out = eng.iterate(step, v, u, steps=4, halo=1, boundary="wrap",
                               args=(calls, shmarray.row_offset, -1))
@@ -90,6 +90,13 @@ def test_a_failing_iterate_raises_promptly_at_four_workers():
 def test_close_while_a_replacement_starts_returns_at_once(tmp_path):
     # The driver's wake-up descriptor was taken for a worker's output pipe
     # and never drained: close() spun for seconds at full CPU.
+    #
+    # The replacement never finishes starting (its initializer waits until
+    # it is killed), so a close() that waited for it would hang, and one
+    # that gave up on the map after its own 5 s would warn on stderr: no
+    # bound on close()'s wall time is needed.  Its CPU time is measured,
+    # with a generous bound: tens of ms are close()'s own work; the bug
+    # spun for seconds.
     marker = tmp_path / "slow"
     proc = run_python(
         COMMON
@@ -97,9 +104,9 @@ def test_close_while_a_replacement_starts_returns_at_once(tmp_path):
         import resource, signal
 
         def init():
-            if os.path.exists({str(marker)!r}):    # replacements start slowly
+            if os.path.exists({str(marker)!r}):    # replacements never start
                 open({str(marker)!r} + ".in", "w").close()
-                time.sleep(30)
+                threading.Event().wait()           # until close() kills it
 
         def one(x):
             x[:] = 1
@@ -124,17 +131,14 @@ def test_close_while_a_replacement_starts_returns_at_once(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         cpu = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.monotonic()
         eng.close()
-        took = time.monotonic() - t0
         cpu2 = resource.getrusage(resource.RUSAGE_SELF)
-        t.join(10)
+        t.join(60)                                 # a hang detector
         used = (cpu2.ru_utime + cpu2.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
         assert not t.is_alive()
         assert type(errors[0]).__name__ == "EngineClosedError", errors
-        assert took < 2.0, took
         assert used < 0.5, used
-        print("ok", round(took, 2), round(used, 2))
+        print("ok", round(used, 3))
     """),
         timeout=120,
     )
@@ -193,6 +197,8 @@ def test_a_stopped_neighbour_costs_its_waiters_nothing():
             for i in range(1, inp.shape[0] - 1):
                 out[i] = inp[i] + 1.0 + 0.0 * (inp[i - 1] + inp[i + 1])
 
+        from shmarray import control
+
         with shmarray.Engine(workers=3) as eng:
             u, v = eng.zeros(3002), eng.zeros(3002)
             eng.iterate(step, v, u, steps=2, halo=1)       # compiled everywhere
@@ -204,16 +210,25 @@ def test_a_stopped_neighbour_costs_its_waiters_nothing():
             t = threading.Thread(target=lambda: result.append(
                 eng.iterate(step, v, u, steps=1000, halo=1)))
             t.start()
-            time.sleep(0.5)
+            # Until both others wait for the stopped one asleep on its STEP
+            # word (SLEEPERS counts them; each wakes every nap to look
+            # again): past their spin, which is allowed to cost CPU.
+            words = eng._dispatcher.pool.ctl.words
+            deadline = time.monotonic() + 60               # a hang detector
+            while control.load(words, control.SLEEPERS) < 2:
+                assert time.monotonic() < deadline, "the waiters never slept"
+                time.sleep(0.001)
             others = [psutil.Process(p) for p in eng.worker_pids if p != victim]
             cpu0 = sum(sum(p.cpu_times()[:2]) for p in others)
-            time.sleep(1.0)
+            time.sleep(1.0)  # the window measured, not a wait for an event
             used = sum(sum(p.cpu_times()[:2]) for p in others) - cpu0
             os.kill(victim, signal.SIGCONT)
             t.join(60)
             assert not t.is_alive()
             last = result[0]
             assert np.all(last[1:-1] == 1000.0), np.unique(last)
+            # Two sleepers over 1 s: a few ms (a look every nap).  Spinning
+            # they took a core each, and half of one even beside two CPU hogs.
             assert used < 0.2, used
             print("ok", round(used, 3))
     """),
