@@ -60,7 +60,7 @@ def test_request_larger_than_free_space_is_a_memory_error_at_once(engine):
 def test_posix_fallocate_failure_leaves_no_block(engine, monkeypatch):
     # The statvfs check can pass while the reservation fails (another
     # process took the space in between): the half-made block must go.
-    monkeypatch.setattr(blocks, "free_space", lambda: None)
+    monkeypatch.setattr("shmarray.storage.shm.free_space", lambda: None)
     free = os.statvfs(SHM).f_bavail * os.statvfs(SHM).f_frsize
     blocks.settle()
     before = shm_entries()
