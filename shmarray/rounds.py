@@ -155,7 +155,8 @@ class Runner:
         """
         held = SIGNALS.hold(self._catch)
         try:
-            values = self._rounds(call)
+            job = call.job
+            values = tracked.run(self, call) if job.tracked else self.round(call, job)
             failure = None
         except BaseException as exc:
             failure = exc
@@ -165,24 +166,26 @@ class Runner:
         # Here every worker of the call has finished, or is dead.
         if quiet is not None:
             quiet()
+        if failure is None and self.interrupts.caught is None:
+            # (The lean path's round came back QUIET: nothing printed, unless
+            # C code wrote to a pipe itself, polled every OUTPUT_POLL.)
+            if (
+                not self._quiet
+                or self.pool.forwarder._begun
+                or time.monotonic() - self._polled > OUTPUT_POLL
+            ):
+                self._forward()
+            return values
         caught = self.interrupts.take_caught()
         if caught is not None:
             if failure is not None and failure is not caught:
                 caught.__context__ = failure
             failure = caught
         self._forward()
-        if failure is None:
-            return values
         if caught is None:
             self.repair()
+        assert failure is not None  # else it returned above
         raise failure
-
-    def _rounds(self, call: Call) -> Any:
-        """The call's round (a tracked call's rounds)."""
-        job = call.job
-        if job.tracked:
-            return tracked.run(self, call)
-        return self.round(call, job)
 
     def repair(self) -> None:
         """After a round ended early: replace the workers it killed now,
