@@ -9,6 +9,7 @@ import logging
 logging.getLogger("shmarray").addHandler(logging.NullHandler())
 
 from shmarray.batch import ChunkStream, WorkerStats
+from shmarray.check import CheckReport
 from shmarray.compare import Comparison
 from shmarray.descriptors import row_offset, worker_id
 from shmarray.engine import Engine, MapFuture
@@ -18,6 +19,7 @@ from shmarray.errors import (
     KernelError,
     MapCancelledError,
     MapReport,
+    RaceError,
     RemoteTraceback,
     SharedMemoryFullError,
     ShmarrayError,
@@ -34,6 +36,7 @@ __all__ = [
     "Engine",
     "MapFuture",
     "MapReport",
+    "CheckReport",
     "ChunkStream",
     "WorkerStats",
     "row_offset",
@@ -48,6 +51,7 @@ __all__ = [
     "MapCancelledError",
     "WorkerStartError",
     "KernelError",
+    "RaceError",
     "RemoteTraceback",
     "CopyWarning",
 ]

@@ -11,6 +11,7 @@ import asyncio
 import math
 import operator
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
@@ -19,14 +20,16 @@ import numpy as np
 import numpy.typing as npt
 from numpy.typing import NDArray
 
-from shmarray import blocks, display, loading, options as checks
+from shmarray import blocks, check as races, display, loading, options as checks
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
+from shmarray.check import CheckReport
 from shmarray.dispatch import Dispatcher, MapFuture
-from shmarray.errors import EngineClosedError, MapReport
+from shmarray.errors import EngineClosedError, MapReport, RaceError
 from shmarray.jobs import Call, Calls, JobCache
 from shmarray.options import (
     CallOptions,
+    CheckOptions,
     Errors,
     IterateOptions,
     MapOptions,
@@ -147,6 +150,7 @@ class Engine:
     """
 
     _dispatcher: Dispatcher | None = None  # close() is safe after a failed __init__
+    _check_first = False
     _finalizer: weakref.finalize | None = None
 
     def __init__(
@@ -193,6 +197,9 @@ class Engine:
         self._calls = Calls(cache, table, pool.size)
         self._dispatcher = Dispatcher(pool, table, cache)
         self._finalizer = weakref.finalize(self, self._dispatcher.close)
+        # SHMARRAY_CHECK=1: the first map of every kernel and signature in
+        # this process is race-checked (shmarray.check).
+        self._check_first = races.from_environment()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -497,6 +504,81 @@ class Engine:
             kernel, arrays, args, opts, combine, steps, stream, iterated, prepared
         )
 
+    def check(
+        self, kernel: Kernel, *arrays: NDArray[Any], **options: Unpack[CheckOptions]
+    ) -> CheckReport:
+        """Run the map in check mode: find the races a parallel run of
+        ``kernel`` would have, without touching ``arrays``.
+
+        Every chunk runs in a worker on private copies of its rows (with
+        guard cells past both ends), several times, and the check looks,
+        element by element, for a chunk that writes outside its rows (a
+        neighbour's rows, halo or ghost cells, or past the end of its
+        view), one that reads what another chunk writes in the same map,
+        and results that change with the chunking (the chunks' results put
+        together, against the kernel run once over the whole array).  See
+        ``shmarray.check``.
+
+        Parameters
+        ----------
+        kernel, *arrays, args, halo, chunks, boundary, axis
+            As for ``map``.  With one chunk (one worker), two are checked.
+
+        Returns
+        -------
+        CheckReport
+            ``ok`` when no problem was found; else each problem with the
+            array, the first offending element's index, the chunk's rows
+            and, for a conflict, the other chunk.  ``str()`` reads as a
+            list.  When it cannot judge (arrays that share memory, a
+            kernel that raises), ``judged`` is False and ``reason`` says
+            why.
+
+        Raises
+        ------
+        TypeError, ValueError, EngineClosedError
+            Bad arguments, as for ``map``.
+
+        Examples
+        --------
+        ::
+
+            report = eng.check(heat_step, new, old, args=(0.2,), halo=1)
+            if not report.ok:
+                print(report)
+        """
+        args, opts = call_options("check", "check", options)
+        _, call = self._call(kernel, arrays, args, opts, None)  # checked as a map's
+        return self._race_check(call, raising=False)
+
+    def _race_check(self, call: Call, raising: bool = True) -> CheckReport:
+        """Check ``call``'s kernel (``Engine.check``).  ``raising``: for
+        ``check=True``: a kernel with problems raises RaceError, its arrays
+        left as one run over the whole array leaves them (when that is safe
+        to run); one the check cannot judge runs unchecked, with a warning
+        (or raises its own error, as the map will)."""
+        job = call.job
+        sizes = [hi - lo for lo, hi in job.plan.chunks]
+        report = races.run(
+            self, job.kernel, call.arrays, call.args, job.halo, sizes, job.boundary, job.axis
+        )
+        if raising and not report.ok:
+            if not report.judged:
+                if "raised" not in report.reason:  # the map raises it itself
+                    warnings.warn(
+                        f"shmarray could not race-check {report.kernel}: {report.reason}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return report
+            sequential = races.sequential_is_safe(report)
+            if sequential:  # one chunk: what a sequential run leaves (not checked again)
+                opts = CallOptions(job.halo, 1, "static", job.axis, _as_given(job.boundary))
+                d, once = self._call(job.kernel, call.arrays, call.args, opts, None)
+                d.run(once)
+            raise RaceError(report, sequential)
+        return report
+
     def prepare(
         self,
         kernel: Kernel,
@@ -562,6 +644,7 @@ class Engine:
         kernel: Kernel,
         *arrays: NDArray[Any],
         errors: Literal["collect"],
+        check: bool = ...,
         **options: Unpack[MapOptions],
     ) -> MapReport: ...
 
@@ -571,6 +654,7 @@ class Engine:
         kernel: Kernel,
         *arrays: NDArray[Any],
         errors: Literal["raise"] = ...,
+        check: bool = ...,
         **options: Unpack[MapOptions],
     ) -> None: ...
 
@@ -579,6 +663,7 @@ class Engine:
         kernel: Kernel,
         *arrays: NDArray[Any],
         errors: Errors = "raise",
+        check: bool = False,
         **options: Unpack[MapOptions],
     ) -> MapReport | None:
         """Run ``kernel`` on every chunk of rows, in the workers, in place.
@@ -672,6 +757,8 @@ class Engine:
         """
         args, opts = call_options("map", "map", options, errors)
         d, call = self._call(kernel, arrays, args, opts, None)
+        if check or (self._check_first and races.first(call)):
+            self._race_check(call)
         return d.run(call)
 
     @overload
@@ -680,6 +767,7 @@ class Engine:
         kernel: Kernel,
         *arrays: NDArray[Any],
         errors: Literal["collect"],
+        check: bool = ...,
         **options: Unpack[ReduceOptions],
     ) -> MapReport: ...
 
@@ -689,6 +777,7 @@ class Engine:
         kernel: Callable[..., _T],
         *arrays: NDArray[Any],
         errors: Literal["raise"] = ...,
+        check: bool = ...,
         **options: Unpack[ReduceOptions],
     ) -> _T: ...
 
@@ -697,6 +786,7 @@ class Engine:
         kernel: Kernel,
         *arrays: NDArray[Any],
         errors: Errors = "raise",
+        check: bool = False,
         **options: Unpack[ReduceOptions],
     ) -> Any:
         """Run ``kernel`` on every chunk and combine the values it returns.
@@ -742,6 +832,8 @@ class Engine:
         combine = checks.check_combine(options.get("combine", operator.add))
         args, opts = call_options("reduce", "reduce", options, errors)
         d, call = self._call(kernel, arrays, args, opts, combine)
+        if check or (self._check_first and races.first(call)):
+            self._race_check(call)
         return d.run(call)
 
     def imap(
@@ -1102,6 +1194,13 @@ class Engine:
             As for ``reduce``, when awaited; and the kernel's own exception.
         """
         return await _awaited(self.submit_reduce(kernel, *arrays, errors=errors, **options))
+
+
+def _as_given(b) -> Any:
+    """A checked boundary as ``boundary=`` takes it."""
+    if b is None:
+        return None
+    return b.value if b.mode == "constant" else b.mode
 
 
 async def _awaited(future: MapFuture) -> Any:

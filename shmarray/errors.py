@@ -141,6 +141,35 @@ class KernelError(ShmarrayError):
         return type(self), (str(self), self.type_name)
 
 
+class RaceError(ShmarrayError, ValueError):
+    """A race check (``check=True``, ``SHMARRAY_CHECK=1``) found the kernel
+    writing outside its rows, reading what another chunk writes, or
+    depending on the chunking.
+
+    The arrays hold what one run of the kernel over the whole array (a
+    sequential run) leaves, unless the kernel writes past the end of its
+    view (then it is not run again, and the arrays are as they were).
+
+    Attributes
+    ----------
+    report : CheckReport
+        What the check found (``str(report)`` reads as a list).
+    """
+
+    def __init__(self, report, sequential: bool = True):
+        then = (
+            "The arrays hold what the kernel run once over the whole array leaves "
+            "(a sequential run)."
+            if sequential
+            else "The arrays are as they were: the kernel writes past the end of its "
+            "view, which past the end of the whole array is not the array's memory."
+        )
+        super().__init__(
+            f"{report}\n{then} See 'Finding races in your kernel' in the documentation."
+        )
+        self.report = report
+
+
 class CopyWarning(UserWarning):
     """A private array in ``args`` is copied to the workers with every call.
 

@@ -927,6 +927,16 @@ class IterateOptions(TypedDict, total=False):
     axis: int
 
 
+class CheckOptions(TypedDict, total=False):
+    """The keywords of ``Engine.check``: what defines a map's chunks."""
+
+    args: Sequence[Any]
+    halo: int
+    chunks: int | Sequence[int] | None
+    boundary: BoundaryMode
+    axis: int
+
+
 class CallOptions(NamedTuple):
     """The keywords of a map, reduce, imap or iterate, as given (checked
     once per job: see ``shmarray.jobs``)."""
@@ -946,11 +956,14 @@ _KEYWORDS = {
     "map": frozenset(MapOptions.__annotations__),
     "reduce": frozenset(ReduceOptions.__annotations__),
     "iterate": frozenset(IterateOptions.__annotations__),
+    "check": frozenset(CheckOptions.__annotations__),
 }
 _PLAIN_OPTIONS = {"raise": CallOptions(), "collect": CallOptions(errors="collect")}
 
 
-def call_options(method: str, kind: str, given: Mapping[str, Any], errors: object = "raise") -> tuple:
+def call_options(
+    method: str, kind: str, given: Mapping[str, Any], errors: object = "raise"
+) -> tuple:
     """``(args, options)`` from the keywords ``method`` was given
     (``kind``: "map", "reduce" or "iterate": which ``*Options`` it takes).
     Takes ``args`` (and ``combine``) out of ``given``.  An unknown keyword
@@ -969,8 +982,12 @@ def call_options(method: str, kind: str, given: Mapping[str, Any], errors: objec
             return (), plain
     given = cast(dict[str, Any], given)  # a call's own **kwargs: ours to change
     args = given.pop("args", ())
+    if not given:  # args alone: the commonest call of a loop
+        plain = _PLAIN_OPTIONS.get(errors)  # type: ignore[call-overload]
+        if plain is not None:
+            return args, plain
     given.pop("combine", None)
-    if kind != "iterate":  # a map's keywords are CallOptions's fields
+    if kind in ("map", "reduce"):  # their keywords are CallOptions's fields
         try:
             return args, CallOptions(errors=errors, **given)
         except TypeError:
