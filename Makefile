@@ -52,7 +52,8 @@ export TEST_JOBS
 OTHERS_K := not 3w and not 5w
 
 # make stress: the seeded chaos run (tests/chaos.py) for DURATION seconds,
-# or one episode again with SEED=... (WORKERS=... to fix the worker count).
+# or one episode again with SEED=... (WORKERS=... to fix the worker count,
+# STORAGE=shm|memfd|dir the storage; by default each seed picks both).
 DURATION ?= 1800
 
 .PHONY: demo test test-all $(TEST_ALL_PARTS) stress bench docs clean
@@ -101,7 +102,7 @@ test-main: $(VENV)/.installed-test
 
 stress: $(VENV)/.installed-test
 	$(BIN)/python tests/chaos.py $(if $(SEED),--seed $(SEED),--seconds $(DURATION)) \
-	    $(if $(WORKERS),--workers $(WORKERS))
+	    $(if $(WORKERS),--workers $(WORKERS)) $(if $(STORAGE),--storage $(STORAGE))
 
 test-others:
 	CORE_K="$(OTHERS_K)" .ci/other-pythons $(CORE)

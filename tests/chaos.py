@@ -150,10 +150,21 @@ class Failure(Exception):
     """An invariant broke."""
 
 
-def episode(seed: int, workers: int | None = None) -> dict:
-    """Run episode ``seed``; returns its report (``failures`` empty if every
-    invariant held)."""
-    return Episode(seed, workers).run()
+STORAGES = ("shm", "memfd", "dir")
+
+
+def storage_of(seed: int, storage: str | None = None) -> str:
+    """Where episode ``seed``'s blocks live: ``storage`` if given, else a
+    choice of its seed's own (a generator of its own, so the rest of an
+    episode is as it was before storages were drawn)."""
+    return storage or random.Random(seed * 13 + 5).choice(STORAGES)
+
+
+def episode(seed: int, workers: int | None = None, storage: str = "shm") -> dict:
+    """Run episode ``seed`` (blocks in ``storage``: "shm", "memfd" or a
+    directory); returns its report (``failures`` empty if every invariant
+    held)."""
+    return Episode(seed, workers, storage).run()
 
 
 class _Call:
@@ -189,9 +200,10 @@ class Episode:
     """One engine's life (see the module's docstring).  Built from the seed
     alone; ``run()`` plays it and returns the report."""
 
-    def __init__(self, seed: int, workers: int | None = None):
+    def __init__(self, seed: int, workers: int | None = None, storage: str = "shm"):
         rng = random.Random(seed)
         self.seed = seed
+        self.storage = storage
         self.n_workers = workers or rng.choice((2, 3, 5))
         self.wait: Any = rng.choice(("auto", "auto", "passive", "spin"))
         self.n_threads = rng.randint(1, 3)
@@ -787,7 +799,9 @@ class Episode:
         launch.stop_server()
         me = psutil.Process()
         fds_before = _fds()
-        self.eng = eng = shmarray.Engine(workers=self.n_workers, wait=self.wait)
+        self.eng = eng = shmarray.Engine(
+            workers=self.n_workers, wait=self.wait, storage=self.storage
+        )
         self.base = eng.from_numpy(np.arange(N, dtype=np.float64))
         # The last map's array, made now, so that map brings the watchdog
         # no news (a new block) that would restart it anyway.
@@ -1062,12 +1076,31 @@ def _check_finished(out, scale: float, report) -> None:
 # -- the driver: episodes in child interpreters, checked from outside -----------
 
 
-def run_episode(seed: int, workers: int | None = None, limit: float = EPISODE_LIMIT) -> dict:
+def run_episode(
+    seed: int,
+    workers: int | None = None,
+    limit: float = EPISODE_LIMIT,
+    storage: str | None = None,
+) -> dict:
     """Run episode ``seed`` in a child interpreter; returns its report with
-    what was checked from outside added."""
+    what was checked from outside added.  ``storage``: "shm", "memfd" or
+    "dir" (a directory made for the episode); None: the seed's choice."""
+    import shutil
+    import tempfile
+
+    kind = storage_of(seed, storage)
+    where = tempfile.mkdtemp(prefix="shmarray-chaos-") if kind == "dir" else None
+    try:
+        return _run_episode(seed, workers, limit, kind, where)
+    finally:
+        if where is not None:
+            shutil.rmtree(where, ignore_errors=True)
+
+
+def _run_episode(seed, workers, limit, kind, where) -> dict:
     code = (
         f"import sys, json; sys.path.insert(0, {HERE!r}); import chaos; "
-        f"r = chaos.episode({seed}, {workers!r}); "
+        f"r = chaos.episode({seed}, {workers!r}, {(where or kind)!r}); "
         f"print('CHAOS-REPORT ' + json.dumps(r))"
     )
     started = time.monotonic()
@@ -1090,6 +1123,7 @@ def run_episode(seed: int, workers: int | None = None, limit: float = EPISODE_LI
         if line.startswith("CHAOS-REPORT "):
             report = json.loads(line[len("CHAOS-REPORT ") :])
     report["seconds"] = round(time.monotonic() - started, 1)
+    report["storage"] = kind
     if hung:
         report["failures"].append(f"the episode hung for {limit:.0f} s")
     elif proc.returncode != 0:
@@ -1099,22 +1133,23 @@ def run_episode(seed: int, workers: int | None = None, limit: float = EPISODE_LI
         report["failures"].append("stderr not empty:\n" + "\n".join(noise[-30:]))
     # From outside: nothing of the child's left in /dev/shm, no process of
     # its session left, and none of the workers and watchdogs it saw.
-    left = _blocks_of(proc.pid)
+    home = where or "/dev/shm"
+    left = _blocks_of(proc.pid, where)
     deadline = time.monotonic() + 5.0
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = _blocks_of(proc.pid)
+        left = _blocks_of(proc.pid, where)
     if left:
         sizes: dict[str, int | None] = {}
         for name in left:
             try:
-                sizes[name] = os.stat(os.path.join("/dev/shm", name)).st_size
+                sizes[name] = os.stat(os.path.join(home, name)).st_size
             except OSError:
                 sizes[name] = None
-        report["failures"].append(f"blocks left in /dev/shm (name: bytes): {sizes}")
+        report["failures"].append(f"blocks left in {home} (name: bytes): {sizes}")
         for name in left:
             try:
-                os.unlink(os.path.join("/dev/shm", name))
+                os.unlink(os.path.join(home, name))
             except OSError:
                 pass
     seen = report.get("pids_seen", [])
@@ -1133,9 +1168,11 @@ def run_episode(seed: int, workers: int | None = None, limit: float = EPISODE_LI
     return report
 
 
-def _blocks_of(pid: int) -> list[str]:
+def _blocks_of(pid: int, directory: str | None = None) -> list[str]:
     from shmarray import blocks
 
+    if directory is not None:
+        return [n for n in os.listdir(directory) if blocks.owner_of(n) == pid]
     if not blocks.SHM_DIR:
         return []
     return [n for n in os.listdir(blocks.SHM_DIR) if blocks.owner_of(n) == pid]
@@ -1191,6 +1228,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", dest="seed_list")
     parser.add_argument(
+        "--storage",
+        choices=STORAGES,
+        default=None,
+        help="storage for every episode (default: each seed picks one)",
+    )
+    parser.add_argument(
         "--first-seed",
         type=int,
         default=None,
@@ -1220,12 +1263,13 @@ def main(argv=None) -> int:
             k += 1
         else:
             break
-        report = run_episode(seed, args.workers)
+        report = run_episode(seed, args.workers, storage=args.storage)
         count += 1
         status = "ok" if not report["failures"] else "FAILED"
         print(
             f"seed {seed}: {status} ({report.get('workers')} workers, "
-            f"wait={report.get('wait')}, {report.get('calls', 0)} calls, "
+            f"wait={report.get('wait')}, storage={report.get('storage')}, "
+            f"{report.get('calls', 0)} calls, "
             f"{report.get('sigints', 0)} SIGINTs ({report.get('stray_sigints', 0)} outside calls), "
             f"{report.get('early_ends', 0)} early ends "
             f"watched, {report['seconds']} s, outcomes {report.get('outcomes', {})})",

@@ -280,3 +280,23 @@ def test_the_environment_checks_the_first_map_of_each_kernel_and_signature():
         "another kernel: RaceError",
     ], proc.stdout + proc.stderr
     assert proc.stderr == ""
+
+
+def test_the_guide_shows_what_the_check_prints(tmp_path):
+    # docs/guide/races.md: its example, run as a script, prints exactly the
+    # reports the page shows.
+    page = os.path.join(os.path.dirname(__file__), "..", "docs", "guide", "races.md")
+    with open(page) as f:
+        text = f.read()
+    blocks = text.split("```")
+    code = next(b[len("python") :] for b in blocks if b.startswith("python") and "def relax" in b)
+    shown = [b[len("text") :].strip() for b in blocks if b.startswith("text\nrace check")]
+    assert len(shown) == 4
+    script = tmp_path / "races.py"
+    script.write_text(code)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    printed = proc.stdout.strip()
+    assert printed == "\n".join(shown), printed
