@@ -48,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -771,7 +772,16 @@ def run(eng, kernel, arrays: tuple, kargs: tuple, halo: int, chunks, boundary, a
             errors="collect",
         )
         for (lo, hi), exc in got.failed:
-            if isinstance(exc, WorkerCrashedError):
+            if isinstance(exc, WorkerCrashedError) and exc.exitcode not in _WILD:
+                # Killed, or exited: the kernel's own doing (a test of
+                # retries, say), not a wild access the check can judge.
+                if not report.reason:
+                    report.judged = False
+                    report.reason = (
+                        f"the worker died running the kernel on rows {lo}:{hi} ({exc}); "
+                        f"a kernel that ends its worker cannot be checked"
+                    )
+            elif isinstance(exc, WorkerCrashedError):
                 if phase == "chunks" and only is None:
                     crashed[lo] = (lo, hi)  # looked at again below, with more guard
                     continue
@@ -797,6 +807,11 @@ def run(eng, kernel, arrays: tuple, kargs: tuple, halo: int, chunks, boundary, a
     finally:
         probe("release", max(1, min(eng.workers, n - 2 * halo)))  # one chunk a worker
     return report
+
+
+# How a worker dies reaching memory it may not: a kernel that reads or
+# writes far past its view (the check's guard page included).
+_WILD = (-signal.SIGSEGV, -signal.SIGBUS)
 
 
 def _judge(report: CheckReport, probe, sizes, n: int, halo: int, axis: int, parts, crashed):

@@ -551,6 +551,16 @@ class Engine:
         _, call = self._call(kernel, arrays, args, opts, None)  # checked as a map's
         return self._race_check(call, raising=False)
 
+    def _unchecked(self, kernel: Kernel, arrays: tuple, reduce: bool, options: dict) -> Any:
+        """``map`` (or ``reduce``), never race-checked, whatever
+        ``SHMARRAY_CHECK`` says: for ``compare``, which reports a kernel's
+        mismatches itself."""
+        kind = "reduce" if reduce else "map"
+        combine = checks.check_combine(options.get("combine", operator.add)) if reduce else None
+        args, opts = call_options(kind, kind, options)
+        d, call = self._call(kernel, arrays, args, opts, combine)
+        return d.run(call)
+
     def _race_check(self, call: Call, raising: bool = True) -> CheckReport:
         """Check ``call``'s kernel (``Engine.check``).  ``raising``: for
         ``check=True``: a kernel with problems raises RaceError, its arrays

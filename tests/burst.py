@@ -194,7 +194,12 @@ def main(argv=None) -> int:
         return 0
     bad = 0
     for k in range(a.trials):
-        r = trial(a.how, a.workers, a.storage, a.signals, a.gap)
+        try:
+            r = trial(a.how, a.workers, a.storage, a.signals, a.gap)
+        except subprocess.TimeoutExpired:
+            bad += 1
+            print(f"trial {k + 1}: the victim hung (killed after 120 s)", flush=True)
+            continue
         late = len(r.get("changed", []))
         ok = r.get("raised") and not late and r.get("after") and r["returncode"] == 0
         bad += not ok

@@ -300,3 +300,62 @@ def test_the_guide_shows_what_the_check_prints(tmp_path):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     printed = proc.stdout.strip()
     assert printed == "\n".join(shown), printed
+
+
+def _doc_examples() -> list:
+    """Every complete example of the README and the docs (a block that
+    imports shmarray and makes an Engine, with nothing left out)."""
+    import glob
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    pages = ["README.md"] + sorted(
+        os.path.relpath(p, root)
+        for p in glob.glob(os.path.join(root, "docs", "**", "*.md"), recursive=True)
+    )
+    found = []
+    for page in pages:
+        with open(os.path.join(root, page)) as f:
+            text = f.read()
+        for k, code in enumerate(re.findall(r"```python\n(.*?)```", text, re.S)):
+            if "import shmarray" in code and "Engine(" in code and "..." not in code:
+                found.append(pytest.param(code, id=f"{page}-{k}"))
+    return found
+
+
+@pytest.mark.parametrize("code", _doc_examples())
+def test_every_doc_example_passes_the_check(code, tmp_path):
+    # SHMARRAY_CHECK=1: the first map of each kernel is race-checked; a
+    # false alarm raises RaceError.
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = dict(os.environ, SHMARRAY_CHECK="1")
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0 and "RaceError" not in proc.stderr, proc.stderr[-3000:]
+
+
+def ends_its_worker(out, row0):
+    if row0 == 0:
+        os.kill(os.getpid(), 9)  # as a test of retries does
+    out[:] = 1.0
+
+
+@pytest.mark.breaks_things
+def test_a_kernel_that_ends_its_worker_is_not_judged_and_runs_as_asked():
+    with shmarray.Engine(workers=2) as eng:
+        x = eng.zeros(40)
+        report = eng.check(ends_its_worker, x, args=(shmarray.row_offset,))
+        assert not report.judged and "cannot be checked" in report.reason, str(report)
+        with pytest.warns(RuntimeWarning, match="could not race-check"):
+            got = eng.map(
+                ends_its_worker, x, args=(shmarray.row_offset,), check=True, errors="collect"
+            )
+        assert len(got.failed) == 1  # the map itself ran, as without check
+        del x

@@ -73,6 +73,19 @@ def test_notebook_runs_in_a_fresh_kernel(name):
         check_batch(nb)
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_passes_the_race_check(name, monkeypatch):
+    # SHMARRAY_CHECK=1 in the kernel's environment: the first map of every
+    # kernel and signature is race-checked; a false alarm is a RaceError in
+    # a cell.  (Its outputs are not kept: a check's cost is in its timings.)
+    monkeypatch.setenv("SHMARRAY_CHECK", "1")
+    nb = nbformat.read(os.path.join(HERE, name), as_version=4)
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}
+    )
+    client.execute()  # raises CellExecutionError, RaceError included
+
+
 def check_batch(nb) -> None:
     """Worker prints show in the cell that ran the map, tagged; the killed
     worker's chunk was retried; imap drew every chunk."""
