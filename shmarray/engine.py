@@ -37,6 +37,7 @@ from shmarray.options import (
     ReduceOptions,
     Schedule,
     StartMethod,
+    StorageKind,
     Wait,
     call_options,
 )
@@ -102,8 +103,11 @@ class Engine:
         container).  "memfd": anonymous shared memory, bounded only by the
         machine's memory, which cannot outlive its processes, whatever
         kills them (Linux).  A directory: blocks are files there, mapped
-        shared, for data bigger than ``/dev/shm`` or than RAM.  None:
-        ``SHMARRAY_STORAGE`` if set, else "shm".
+        shared, for data bigger than ``/dev/shm`` or than RAM: give it as
+        a ``pathlib.Path`` (a plain str works too, but a type checker then
+        cannot tell a misspelt "memfd" from a directory).  None:
+        ``SHMARRAY_STORAGE`` if set, else "shm".  A near miss of a kind
+        ("memfdd") is refused with the kind it meant.
 
     Raises
     ------
@@ -164,7 +168,7 @@ class Engine:
         initargs: Sequence[Any] = (),
         max_worker_memory: int | None = None,
         wait: Wait | None = None,
-        storage: str | os.PathLike | None = None,
+        storage: StorageKind | os.PathLike[str] | None = None,
     ):
         opts = checks.engine_options(
             workers,

@@ -505,13 +505,15 @@ class Calls:
     def _new_job(
         self, kernel, arrays: tuple, args, layout: Layout, want_values: bool, cached: bool
     ) -> Job:
+        iterated = layout.schedule == "iterate"
+        method = "iterate" if iterated else "reduce" if want_values else "map"
         options.check_kernel(kernel)
         args = options.coerce_args(args)
         halo = options.coerce_halo(layout.halo)
         axis = options.coerce_axis(layout.axis, arrays)
-        descriptors = options.describe_arrays(arrays, self.table, axis)
+        descriptors = options.describe_arrays(arrays, self.table, axis, method)
+        options.check_arity(kernel, len(arrays), len(args), method)
         described = options.describe_args(args, self.table)
-        iterated = layout.schedule == "iterate"
         dynamic = not iterated and options.coerce_schedule(layout.schedule)
         bound = options.coerce_boundary(layout.boundary)
         if bound is not None:

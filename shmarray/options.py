@@ -37,6 +37,10 @@ from shmarray.errors import CopyWarning
 Schedule = Literal["static", "dynamic"]
 Errors = Literal["raise", "collect"]
 StartMethod = Literal["forkserver", "spawn", "fork"]
+# A kind by name, or a directory as a path object (os.PathLike: a directory
+# given as a plain str works too, but then a misspelt kind cannot be told
+# from a directory by a type checker).
+StorageKind = Literal["shm", "memfd"]
 Wait = Literal["auto", "spin", "passive"]
 Order = Literal["C", "F"]
 # None, a numpy.pad mode, or a number: the constant (numpy scalars too).
@@ -227,6 +231,10 @@ def coerce_storage(storage: object) -> str:
     True
     >>> coerce_storage("memfd" if blocks.HAVE_MEMFD else "shm") in ("shm", "memfd")
     True
+    >>> coerce_storage("memfdd")
+    Traceback (most recent call last):
+    ...
+    ValueError: storage must be "shm", "memfd" or an existing directory; got 'memfdd': did you mean 'memfd'?
     >>> coerce_storage("/no/such/dir")
     Traceback (most recent call last):
     ...
@@ -258,6 +266,9 @@ def coerce_storage(storage: object) -> str:
         raise ValueError(f'{expect}. Leave it unset for "shm".')
     path = os.path.abspath(os.path.expanduser(storage))
     if not os.path.exists(path):
+        close = difflib.get_close_matches(storage, blocks.STORAGE_KINDS, n=1)
+        if close and os.sep not in storage:
+            raise ValueError(f"{expect}: did you mean {close[0]!r}?")
         raise ValueError(
             f"{expect}, which does not exist. Create it first (os.makedirs), or pick another."
         )
@@ -414,6 +425,53 @@ def check_kernel(kernel: object) -> None:
             f"of its body, so the map would silently do nothing. Write the kernel "
             f"as a plain function that writes into its arrays (and returns a "
             f"value, for reduce)."
+        )
+
+
+def check_arity(kernel: object, n_arrays: int, n_args: int, method: str = "map") -> None:
+    """Refuse a kernel whose parameters cannot take the arrays and args the
+    call passes (numba would say so from a worker, at the first chunk).
+
+    >>> def k(out, x, a): pass
+    >>> check_arity(k, 2, 0)
+    Traceback (most recent call last):
+    ...
+    TypeError: kernel k takes 3 parameters, but map passes it 2: 2 array(s) and 0 in args=(...). Pass what it takes after the arrays in args=(...), or add parameters.
+    """
+    func = getattr(kernel, "py_func", kernel)
+    try:
+        params = list(inspect.signature(func).parameters.values())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return  # a builtin, or a callable Python cannot describe
+    kinds = inspect.Parameter
+    positional = [
+        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+    ]
+    required = sum(p.default is p.empty for p in positional)
+    required_keywords = [
+        p.name for p in params if p.kind == kinds.KEYWORD_ONLY and p.default is p.empty
+    ]
+    most = len(positional) if not any(p.kind == kinds.VAR_POSITIONAL for p in params) else None
+    n = n_arrays + n_args
+    name = getattr(func, "__qualname__", type(kernel).__name__)
+    if required_keywords:
+        raise TypeError(
+            f"kernel {name} has keyword-only parameters without defaults "
+            f"({', '.join(required_keywords)}); {method} passes arrays and args by "
+            f"position only. Give them defaults, or make them positional."
+        )
+    if n < required or (most is not None and n > most):
+        takes = (
+            f"{required}"
+            if most == required
+            else f"{required} to {most}"
+            if most
+            else f"{required} or more"
+        )
+        raise TypeError(
+            f"kernel {name} takes {takes} parameters, but {method} passes it {n}: "
+            f"{n_arrays} array(s) and {n_args} in args=(...). Pass what it takes after "
+            f"the arrays in args=(...), or add parameters."
         )
 
 
@@ -776,21 +834,29 @@ def check_boundary(b: Boundary, arrays: tuple, halo: int) -> None:
 # -- arrays and args --------------------------------------------------------------
 
 
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
+
 def where(i: int) -> str:
-    return (
-        f"array {i} (argument {i + 2} after the kernel)"
-        if i
-        else "array 0 (the first after the kernel)"
-    )
+    """How messages name the ``i``-th array, as the caller wrote the call.
+
+    >>> where(0), where(1), where(9)
+    ('array 0 (the first argument after the kernel)', 'array 1 (the second argument after the kernel)', 'array 9 (argument 10 after the kernel)')
+    """
+    if i < len(_ORDINALS):
+        return f"array {i} (the {_ORDINALS[i]} argument after the kernel)"
+    return f"array {i} (argument {i + 1} after the kernel)"
 
 
-def describe_arrays(arrays: tuple, table, axis: int = 0) -> tuple[ArrayDescriptor, ...]:
+def describe_arrays(
+    arrays: tuple, table, axis: int = 0, method: str = "map"
+) -> tuple[ArrayDescriptor, ...]:
     """The arrays' descriptors: each a shared array of this engine, with the
     split axis, all of one length along it."""
     from shmarray.blocks import blocks_of_other_engines
 
     if not arrays:
-        raise TypeError("map/reduce needs at least one array after the kernel.")
+        raise TypeError(f"{method} needs at least one array after the kernel.")
     out = []
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
@@ -801,7 +867,7 @@ def describe_arrays(arrays: tuple, table, axis: int = 0) -> tuple[ArrayDescripto
             )
         if a.ndim <= axis:
             raise ValueError(
-                f"{where(i)} has {a.ndim} dimension(s); map splits axis "
+                f"{where(i)} has {a.ndim} dimension(s); {method} splits axis "
                 f"{axis}, so every array needs at least {axis + 1}. Pass "
                 f"scalars in args=(...)."
             )
@@ -820,7 +886,7 @@ def describe_arrays(arrays: tuple, table, axis: int = 0) -> tuple[ArrayDescripto
     n = arrays[0].shape[axis]
     if any(a.shape[axis] != n for a in arrays):
         raise ValueError(
-            f"all arrays must have the same length along axis {axis} (map "
+            f"all arrays must have the same length along axis {axis} ({method} "
             f"splits it); got lengths {[a.shape[axis] for a in arrays]}."
         )
     return tuple(out)

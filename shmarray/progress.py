@@ -106,11 +106,16 @@ def can_show() -> bool:
 
 
 class ChunkProgress:
-    """Chunks completed in one map.  ``mode``: True (show now) or None
-    (automatic, as above); for False build nothing."""
+    """Chunks completed in one map, or steps in an ``iterate`` (``unit``
+    "step", every ``per`` chunks one step).  ``mode``: True (show now) or
+    None (automatic, as above); for False build nothing."""
 
-    def __init__(self, total: int, mode: bool | None, desc: str):
+    def __init__(
+        self, total: int, mode: bool | None, desc: str, unit: str = "chunk", per: int = 1
+    ):
         self.total = total
+        self.unit = unit
+        self.per = per
         self.done = 0
         self.desc = desc
         self.bar = None
@@ -125,7 +130,7 @@ class ChunkProgress:
     def _open(self) -> None:
         bar = bar_class()
         self.bar = bar(
-            total=self.total, initial=self.done, desc=self.desc, unit="chunk", leave=self.leave
+            total=self.total, initial=self.done, desc=self.desc, unit=self.unit, leave=self.leave
         )
 
     def wait(self) -> float | None:
@@ -156,16 +161,26 @@ class ChunkProgress:
             self.tick()
 
     def update_to(self, done: int) -> None:
-        """``done`` chunks completed in all."""
+        """``done`` chunks completed in all (of every step: ``per`` a
+        step)."""
+        done //= self.per
         if done > self.done:
             self.update(done - self.done)
         else:
             self.tick()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.refresh()  # show the final count, not a throttled one
-            self.bar.close()
+        bar = self.bar
+        if bar is None:
+            return
+        bar.refresh()  # show the final count, not a throttled one
+        final = str(bar)
+        bar.close()
+        if in_notebook() and (not self.leave or type(bar).__module__ == "tqdm.notebook"):
+            # A saved or converted notebook keeps no widget's state, and a
+            # bar that goes away leaves its first frame behind there: the
+            # final state, as a line of text.
+            print(final, file=sys.stderr)
 
 
 def steps(n: int, desc: str = "steps", **tqdm_options):

@@ -498,10 +498,12 @@ class Round:
         progress = None
         mode = resolve_progress(call.progress)
         if mode is not False:
-            progress = ChunkProgress(
-                len(self.job.plan.chunks) * call.steps,
-                mode,
-                getattr(self.job.kernel, "__name__", "map"),
+            name = getattr(self.job.kernel, "__name__", "map")
+            n = len(self.job.plan.chunks)
+            progress = (
+                ChunkProgress(call.steps, mode, name, unit="step", per=n)
+                if self.job.iterated
+                else ChunkProgress(n * call.steps, mode, name)
             )
         try:
             while True:

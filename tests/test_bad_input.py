@@ -154,3 +154,30 @@ def _noop(x):
 
 def _noop2(out, inp):
     pass
+
+
+@njit(cache=True)
+def _three(out, x, a):
+    out[:] = a * x
+
+
+def test_a_kernel_whose_parameters_cannot_take_the_call_is_refused_in_one_line(engine):
+    x, y = engine.zeros(8), engine.zeros(8)
+    with pytest.raises(TypeError) as info:
+        engine.map(_three, y, x)  # a missing args=(a,)
+    said = str(info.value)
+    assert "\n" not in said
+    assert "takes 3 parameters, but map passes it 2: 2 array(s) and 0 in args" in said
+    with pytest.raises(TypeError, match="takes 3 parameters, but reduce passes it 4"):
+        engine.reduce(_three, y, x, args=(1.0, 2.0))
+    del x, y
+
+
+def test_messages_number_the_arrays_as_written_and_name_the_call(engine):
+    x = engine.zeros(8)
+    with pytest.raises(TypeError) as info:
+        engine.map(_three, x, [1.0, 2.0], args=(1.0,))
+    assert str(info.value).startswith("array 1 (the second argument after the kernel) is a list")
+    with pytest.raises(ValueError, match=r"\(reduce splits it\)"):
+        engine.reduce(_three, x, engine.zeros(9), args=(1.0,))
+    del x

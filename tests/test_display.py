@@ -185,3 +185,28 @@ def test_progress_in_a_real_kernel_without_ipywidgets():
     assert "IProgress" not in err and "Warning" not in err
     shown = [o for o in nb.cells[2].outputs if o.output_type == "display_data"]
     assert "<table>" in shown[0].data["text/html"]
+
+
+def test_iterate_counts_steps_and_a_notebook_keeps_the_final_state_as_text():
+    proc = in_fake_kernel(
+        """
+        import numpy as np, shmarray
+        from shmarray.kernels.stencils import heat_step
+        from shmarray import progress
+        with shmarray.Engine(workers=2) as eng:
+            a, b = eng.zeros((40, 8)), eng.zeros((40, 8))
+            eng.iterate(heat_step, a, b, steps=7, args=(0.2,), halo=1, progress=True)
+        bar = progress.ChunkProgress(4, None, "auto")  # one that goes away when done
+        bar._open()
+        bar.update(4)
+        bar.close()
+        """,
+        widgets=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "7/7" in proc.stderr and "step" in proc.stderr, proc.stderr
+    assert "14/14" not in proc.stderr  # chunks (2 a step) are not what it counts
+    # The bar that went away (tqdm erases its line) leaves its final state
+    # as a plain line after it: what a saved notebook shows last.
+    last = proc.stderr.split("\n")[-2]  # the last whole line
+    assert last.startswith("auto: 100%") and "\r" not in last, repr(proc.stderr[-300:])

@@ -184,3 +184,20 @@ def test_mypy_names_a_misspelt_or_misplaced_keyword(mypy):
     assert 'Unexpected keyword argument "chunk"' in reduce_line, done.stdout
     assert 'did you mean "chunks"?' in reduce_line, done.stdout
     assert 'Unexpected keyword argument "schedule" for "iterate"' in iterate_line, done.stdout
+
+
+STORAGE_TYPO = """
+    import pathlib
+    import shmarray
+
+    shmarray.Engine(workers=2, storage="memfd")
+    shmarray.Engine(workers=2, storage=pathlib.Path("/tmp"))
+    shmarray.Engine(workers=2, storage="memfdd")
+"""
+
+
+def test_mypy_flags_a_misspelt_storage_kind(mypy):
+    done = mypy("storage.py", STORAGE_TYPO)
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("storage.py:7:"), done.stdout
+    assert 'Argument "storage"' in errors[0], done.stdout
