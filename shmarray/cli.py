@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
         )
         print(f"  {'':34} {'time':>9} {'speedup':>9}")
         for name in names:
-            note = "   (threads in one process: the ceiling here)" if name == "prange" else ""
+            note = "   (threads sharing one process)" if name == "prange" else ""
             print(f"  {labels[name]:<34} {median[name]:8.3f}s {seq / median[name]:8.2f}x{note}")
         print(f"  identical results : {'yes, all four bit for bit' if identical else 'NO'}")
         a = results["map"]
