@@ -413,8 +413,10 @@ def test_abandoning_imap_stops_the_rest(eng, schedule):
         eng.map(
             flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N
         )
-    assert stopped
     ran = int(counts.sum())
+    # STOP was seen; or it came before any worker took a chunk but 0 (then
+    # the next map's round cleared it, maybe before the relay looked).
+    assert stopped or ran == 1, counts
     # Chunk 0, and at most one more a worker (held until the stop).
     assert 1 <= ran <= eng.workers + 1 and counts.max() == 1, counts
     gate = eng.zeros(2, np.int64)
@@ -423,7 +425,7 @@ def test_abandoning_imap_stops_the_rest(eng, schedule):
             slow_row, a, args=(row_offset, counts, gate), chunks=n, schedule=schedule
         ) as stream:
             next(stream)
-    assert stopped
+    assert stopped or int(counts.sum()) - ran == 1, counts  # as above
     assert int(counts.sum()) - ran <= eng.workers + 1  # close() waited, and stopped it
     settled = counts.copy()
     eng.map(flaky, *fresh(eng)[:1], args=(row_offset, eng.zeros(N, np.int64), -1, "", 0), chunks=N)
