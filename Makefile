@@ -28,8 +28,7 @@ CORE := tests/test_engine.py tests/test_first_run.py tests/test_lifecycle.py \
 
 # The parts of `make test`, and those `make test-all` adds.  Every part
 # runs, whatever an earlier one did; the run fails at the end, naming the
-# parts that failed.  test-docs comes after test-main, whose notebook tests
-# leave the executed notebooks that the gallery shows (build/executed/).
+# parts that failed.
 # The package and docs checks stay in `make test`: they need no venv of
 # their own and catch what a change breaks easily (a file left out of the
 # sdist, a docstring or a page the strict site build refuses).  The other
@@ -56,7 +55,7 @@ OTHERS_K := not 3w and not 5w
 # STORAGE=shm|memfd|dir the storage; by default each seed picks both).
 DURATION ?= 1800
 
-.PHONY: demo test test-all $(TEST_ALL_PARTS) stress bench docs clean
+.PHONY: demo test test-all $(TEST_ALL_PARTS) stress bench docs gallery clean
 
 # pip's log is shown only when it fails (a machine's own pip configuration
 # may name indexes that warn on every install).
@@ -122,16 +121,18 @@ test-package: $(VENV)/.installed-test
 	$(BIN)/python .ci/check-sdist build/dist/*.tar.gz
 
 # The site, warnings as errors, into site/ (open site/index.html).  The
-# gallery shows the notebooks as the test suite executed them; any that are
-# missing or older than their source are executed first.
-EXECUTED := $(patsubst notebooks/%,build/executed/%,$(wildcard notebooks/*.ipynb))
-
-build/executed/%.ipynb: notebooks/%.ipynb $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -o addopts= -p no:cacheprovider tests/test_notebooks.py -k "fresh_kernel and $*"
-
-docs test-docs: $(VENV)/.installed-test $(EXECUTED)
+# gallery shows the notebooks as `make gallery` executed them (docs/showcase/).
+docs test-docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	@echo "the site is in site/: open site/index.html"
+
+# The showcase: the demo's printout and the executed notebooks the README
+# and the site show, from one run on a quiet machine, recorded
+# (docs/_ext/gallery.py).  It refuses a busy machine; FORCE=1 runs anyway
+# and says so in the record.  Commit docs/showcase/, README.md and
+# docs/getting-started.md afterwards.
+gallery: $(VENV)/.installed-test
+	$(BIN)/python docs/_ext/gallery.py $(if $(FORCE),--force)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-autosave

@@ -13,10 +13,13 @@ Four steps, writing only under ``build/docs/`` (git-ignored), never into
   symlinks and would then name ``kernels/`` as a package of its own.
 * Gallery.  Every ``notebooks/<name>.ipynb`` becomes ``gallery/<name>.ipynb``
   on the site, rendered by mkdocs-jupyter without executing it.  The copy
-  comes from ``build/executed/<name>.ipynb`` (written by the test suite) when
-  that exists, else from ``notebooks/<name>.ipynb`` as committed; a note
-  saying which (and whether the notebook changed after it was executed) is
-  put under the notebook's title, and the gallery index lists them all.
+  comes from ``docs/showcase/<name>.ipynb``, executed by ``make gallery`` on a
+  quiet machine (``docs/_ext/gallery.py``), with a note under the
+  notebook's title saying when, on what machine and under what load (its
+  ``record.json``), and whether the notebook changed since; else from
+  ``notebooks/<name>.ipynb`` as committed, saying so.  The gallery index
+  lists them all, with the record.  The test suite executes the notebooks
+  too, into a temporary place: it never changes what the site shows.
 * Benchmark plots.  ``bench/results/*.png`` appear on the site as
   ``assets/bench/<name>.png``, so the benchmarks page shows the plots of the
   last ``shmarray bench --out bench/results`` run.
@@ -32,7 +35,6 @@ turns into an error.
 from __future__ import annotations
 
 import ast
-import datetime
 import json
 import shutil
 import tomllib
@@ -43,7 +45,7 @@ from mkdocs.structure.files import File, Files
 
 log = get_plugin_logger("shmarray")
 
-EXECUTED = "build/executed"  # where the test suite leaves executed notebooks
+SHOWCASE = "docs/showcase"  # what `make gallery` executed, with its record.json
 STAGE = "build/docs"  # everything this hook writes
 GALLERY_MARK = "<!-- gallery-table -->"
 # The public modules, and the file whose __all__ lists each one's names.
@@ -86,33 +88,60 @@ def _title(nb: dict, fallback: str) -> str:
     return fallback
 
 
+def record(root: Path) -> dict | None:
+    """``make gallery``'s record (``docs/showcase/record.json``), if any."""
+    path = root / SHOWCASE / "record.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def describe(rec: dict) -> str:
+    """The record as a sentence: when, where, how busy."""
+    m = rec["machine"]
+    load = rec["load_before"]
+    busy = " **(the machine was busy: forced)**" if rec.get("busy") else ""
+    return (
+        f"{rec['date'][:10]}, commit `{rec['commit']}`, on {m['cpu']} with "
+        f"{m['usable_cpus']} usable CPUs; load average {load['1min']} before"
+        f"{busy}"
+    )
+
+
+def _same_cells(a: dict, b: dict) -> bool:
+    """Whether two notebooks have the same code and text (outputs aside)."""
+
+    def cells(nb):
+        return [(c.get("cell_type"), "".join(c.get("source", ""))) for c in nb.get("cells", [])]
+
+    return cells(a) == cells(b)
+
+
 def _stage_notebook(root: Path, name: str) -> dict:
-    executed = root / EXECUTED / name
+    executed = root / SHOWCASE / name
     original = root / "notebooks" / name
-    if executed.is_file():
+    rec = record(root)
+    if executed.is_file() and rec is not None:
         source, was_executed = executed, True
-        when = datetime.datetime.fromtimestamp(executed.stat().st_mtime)
         note = (
-            f"**Executed by the test suite** (`{EXECUTED}/{name}`, "
-            f"{when:%Y-%m-%d %H:%M}); the outputs below come from that run. "
-            f"Source: `notebooks/{name}`."
+            f"**Executed by `make gallery`** ({describe(rec)}); the outputs "
+            f"below come from that run. Source: `notebooks/{name}`."
         )
-        if original.stat().st_mtime > executed.stat().st_mtime:
+        if not _same_cells(
+            json.loads(original.read_text(encoding="utf-8")),
+            json.loads(executed.read_text(encoding="utf-8")),
+        ):
             note += (
                 f" `notebooks/{name}` has changed since: this page may not "
-                f"match it until the notebook tests run again."
+                f"match it until `make gallery` runs again."
             )
-            log.info("gallery: %s changed after its executed copy was made", name)
+            log.info("gallery: %s changed after its showcase copy was made", name)
     else:
         source, was_executed = original, False
         note = (
-            f"**Not executed for this build:** no `{EXECUTED}/{name}` was "
-            f"found, so this page shows `notebooks/{name}` as committed; its "
-            f"outputs, if any, are the ones saved with it, not from a run of "
-            f"the current code. Run the notebook tests before `make docs` "
-            f"to render an executed copy."
+            f"**Not executed:** no `{SHOWCASE}/{name}` was found, so this page "
+            f"shows `notebooks/{name}` as committed. Run `make gallery` on a "
+            f"quiet machine to render an executed copy."
         )
-        log.info("gallery: %s has no executed copy in %s; rendering the original", name, EXECUTED)
+        log.info("gallery: %s has no executed copy in %s; rendering the original", name, SHOWCASE)
     note += f" [Download this notebook]({name})."  # include_source copies it beside the page
     nb = json.loads(source.read_text(encoding="utf-8"))
     cells = nb.setdefault("cells", [])
@@ -165,15 +194,17 @@ def _staged_file(config, uri: str, stage: Path) -> File:
     )
 
 
-def _gallery_table() -> str:
+def _gallery_table(rec: dict | None) -> str:
     rows = ["| notebook | rendered from |", "| --- | --- |"]
     for r in _gallery:
         origin = (
-            "executed by the test suite (`build/executed/`)"
+            "executed by `make gallery` (`docs/showcase/`)"
             if r["executed"]
-            else "**not executed for this build**: `notebooks/` as committed"
+            else "**not executed**: `notebooks/` as committed"
         )
         rows.append(f"| [{r['title']}]({r['name']}) | {origin} |")
+    if rec is not None:
+        rows += ["", f"The run: {describe(rec)}."]
     return "\n".join(rows)
 
 
@@ -193,7 +224,7 @@ def on_page_markdown(markdown: str, page, config, files):
     if page.file.src_uri == "gallery/index.md":
         if GALLERY_MARK not in markdown:
             log.warning("gallery/index.md lost its %s marker", GALLERY_MARK)
-        return markdown.replace(GALLERY_MARK, _gallery_table())
+        return markdown.replace(GALLERY_MARK, _gallery_table(record(_root(config))))
     return markdown
 
 
