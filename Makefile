@@ -115,7 +115,7 @@ test-types: $(VENV)/.installed-test
 
 # A wheel and an sdist that twine accepts, and an sdist the tests can run from.
 test-package: $(VENV)/.installed-test
-	rm -rf build/dist
+	rm -rf build/dist && mkdir -p build/dist
 	$(BIN)/python -m build --outdir build/dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
 	$(BIN)/twine check --strict build/dist/*
 	$(BIN)/python .ci/check-sdist build/dist/*.tar.gz

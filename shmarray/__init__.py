@@ -19,6 +19,7 @@ from shmarray.errors import (
     KernelError,
     MapCancelledError,
     MapReport,
+    PythonKernelWarning,
     RaceError,
     RemoteTraceback,
     SharedMemoryFullError,
@@ -54,4 +55,5 @@ __all__ = [
     "RaceError",
     "RemoteTraceback",
     "CopyWarning",
+    "PythonKernelWarning",
 ]

@@ -170,6 +170,17 @@ class RaceError(ShmarrayError, ValueError):
         self.report = report
 
 
+class PythonKernelWarning(UserWarning):
+    """A kernel that is a plain Python function with a loop: every chunk
+    runs in the interpreter, typically 10 to 100 times slower than the same
+    loop compiled with numba's ``@njit``.
+
+    Shown once per kernel.  A kernel that only calls NumPy (no Python
+    loop) is not warned about.  Silence it with
+    ``warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)``.
+    """
+
+
 class CopyWarning(UserWarning):
     """A private array in ``args`` is copied to the workers with every call.
 

@@ -513,6 +513,7 @@ class Calls:
         axis = options.coerce_axis(layout.axis, arrays)
         descriptors = options.describe_arrays(arrays, self.table, axis, method)
         options.check_arity(kernel, len(arrays), len(args), method)
+        options.warn_python_kernel(kernel)
         described = options.describe_args(args, self.table)
         dynamic = not iterated and options.coerce_schedule(layout.schedule)
         bound = options.coerce_boundary(layout.boundary)

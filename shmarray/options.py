@@ -11,11 +11,14 @@ the fix.
 from __future__ import annotations
 
 import difflib
+import dis
 import inspect
 import math
 import numbers
 import os
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, NoReturn, TypedDict, TypeGuard, cast
 
@@ -32,7 +35,7 @@ from shmarray.descriptors import (
     row_offset,
     worker_id,
 )
-from shmarray.errors import CopyWarning
+from shmarray.errors import CopyWarning, PythonKernelWarning
 
 Schedule = Literal["static", "dynamic"]
 Errors = Literal["raise", "collect"]
@@ -426,6 +429,55 @@ def check_kernel(kernel: object) -> None:
             f"as a plain function that writes into its arrays (and returns a "
             f"value, for reduce)."
         )
+
+
+# Opcodes of a Python loop: a for loop, or a jump back (while).
+_LOOPS = frozenset(
+    op
+    for name, op in dis.opmap.items()
+    if name in ("FOR_ITER", "JUMP_ABSOLUTE")
+    or name.startswith(("JUMP_BACKWARD", "POP_JUMP_BACKWARD"))
+)
+# Functions already warned about (PythonKernelWarning is shown once per kernel).
+_warned_kernels: weakref.WeakSet = weakref.WeakSet()
+
+
+def _loops(code: types.CodeType) -> bool:
+    """Whether ``code`` or a function nested in it runs a Python loop."""
+    return any(i.opcode in _LOOPS for i in dis.get_instructions(code)) or any(
+        _loops(c) for c in code.co_consts if isinstance(c, types.CodeType)
+    )
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside
+    shmarray: the user's call, however deep the engine's own calls are."""
+    package = os.path.dirname(__file__) + os.sep
+    here = inspect.currentframe()  # None where Python keeps no frames: level 2
+    frame, level = here and here.f_back, 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level if here is not None else 2
+
+
+def warn_python_kernel(kernel: object) -> None:
+    """One PythonKernelWarning per plain Python kernel that loops: each chunk
+    runs that loop in the interpreter, typically 10 to 100 times slower than
+    numba's ``@njit``.  A kernel that only calls NumPy is fine as it is."""
+    if type(kernel) is not types.FunctionType or kernel in _warned_kernels:
+        return
+    if not _loops(kernel.__code__):
+        return
+    _warned_kernels.add(kernel)
+    warnings.warn(
+        f"kernel {kernel.__qualname__} is a plain Python function with a loop: "
+        f"every chunk runs it in the interpreter, typically 10 to 100 times "
+        f"slower than the same loop compiled. Decorate it with numba's @njit "
+        f"(from numba import njit), or silence this with warnings.filterwarnings("
+        f"'ignore', category=shmarray.PythonKernelWarning) (shown once per kernel).",
+        PythonKernelWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def check_arity(kernel: object, n_arrays: int, n_args: int, method: str = "map") -> None:
@@ -932,7 +984,7 @@ def describe_args(args: tuple, table) -> tuple:
                         f"shared = eng.from_numpy(a) and pass that instead "
                         f"(shown once per engine).",
                         CopyWarning,
-                        stacklevel=5,
+                        stacklevel=user_stacklevel(),
                     )
         out.append(a)
     check_placeholders(args)

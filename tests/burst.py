@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # What a trial may call: every path a map takes.
@@ -67,6 +68,8 @@ def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> No
 
     import shmarray
 
+    # held() loops in Python on purpose: it holds its worker on a flag.
+    warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
     hits: list[float] = []
 
     def call() -> None:

@@ -24,12 +24,16 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 from numba import njit
 
 import shmarray
 from shmarray.descriptors import ArrayDescriptor
+
+# allocate_forever() loops in Python on purpose.
+warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
 
 # As a terminal job has it, even when the tests run under nohup (which makes
 # every child ignore SIGHUP): group_sighup sends it.

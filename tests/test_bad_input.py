@@ -5,6 +5,7 @@ behind and keep the engine usable."""
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import pytest
@@ -181,3 +182,48 @@ def test_messages_number_the_arrays_as_written_and_name_the_call(engine):
     with pytest.raises(ValueError, match=r"\(reduce splits it\)"):
         engine.reduce(_three, x, engine.zeros(9), args=(1.0,))
     del x
+
+
+def _python_loop(out):
+    for i in range(out.shape[0]):
+        out[i] = i
+
+
+def _python_while(out, lo):
+    i = 0
+    while i < out.shape[0]:
+        out[i] = 2 * (lo + i)
+        i += 1
+
+
+def _numpy_only(out):
+    out[:] = 3.0
+
+
+def test_a_plain_python_kernel_with_a_loop_is_warned_about_once(engine):
+    x = engine.zeros(8)
+    with pytest.warns(shmarray.PythonKernelWarning) as caught:
+        engine.map(_python_loop, x)
+        engine.map(_python_loop, x)  # the same kernel: no second warning
+        engine.submit(_python_while, x, args=(shmarray.row_offset,)).result()
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2, said
+    assert said[0].startswith("kernel _python_loop is a plain Python function with a loop")
+    assert "10 to 100 times slower" in said[0] and "@njit" in said[0]
+    assert "category=shmarray.PythonKernelWarning" in said[0]
+    assert said[1].startswith("kernel _python_while")
+    # It points at the user's line, not into the engine.
+    assert all(w.filename == __file__ for w in caught)
+    np.testing.assert_array_equal(x, 2 * np.arange(8.0))
+    del x
+
+
+def test_compiled_and_numpy_only_kernels_are_not_warned_about(engine):
+    x, y = engine.zeros(8), engine.zeros(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", shmarray.PythonKernelWarning)
+        engine.map(_numpy_only, x)
+        engine.map(_noop, x)
+        engine.map(_three, y, x, args=(2.0,))  # @njit
+    assert (x == 3.0).all() and (y == 6.0).all()
+    del x, y

@@ -48,10 +48,11 @@ def test_a_handler_that_does_not_raise_leaves_the_map_running():
     # The user's handler runs at once, as without shmarray; only what it
     # raises is held.  This one raises nothing: the map goes on.
     code = textwrap.dedent("""
-        import os, signal, threading, time
+        import os, signal, threading, time, warnings
         import numpy as np
         import shmarray
 
+        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
         hits = []
         signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
 

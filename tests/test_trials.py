@@ -15,6 +15,10 @@ COMMON = textwrap.dedent("""
     import shmarray
     from shmarray import launch
     from numba import njit
+
+    # The kernels here loop in Python on purpose (to spin, spew or hold).
+    import warnings
+    warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
 """)
 
 
