@@ -55,7 +55,7 @@ OTHERS_K := not 3w and not 5w
 # STORAGE=shm|memfd|dir the storage; by default each seed picks both).
 DURATION ?= 1800
 
-.PHONY: demo test test-all $(TEST_ALL_PARTS) stress bench docs gallery clean
+.PHONY: demo test test-all $(TEST_ALL_PARTS) stress bench docs screenshots gallery clean
 
 # pip's log is shown only when it fails (a machine's own pip configuration
 # may name indexes that warn on every install).
@@ -122,9 +122,20 @@ test-package: $(VENV)/.installed-test
 
 # The site, warnings as errors, into site/ (open site/index.html).  The
 # gallery shows the notebooks as `make gallery` executed them (docs/showcase/).
+# Not --quiet: mkdocs 1.6 then drops the warnings that --strict counts.
+# Then each page type's layout at 1280 px and on a phone, in headless
+# Chromium where it is installed (apt install chromium).
 docs test-docs: $(VENV)/.installed-test
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	mkdir -p build
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict >build/mkdocs.log 2>&1 \
+	    || { grep -v '^INFO' build/mkdocs.log; exit 1; }
+	$(BIN)/python docs/_ext/site_check.py site
 	@echo "the site is in site/: open site/index.html"
+
+# One screenshot per page type, at 1280 px and on a phone, into
+# docs/screenshots/ (committed: what the site looked like at that commit).
+screenshots: docs
+	$(BIN)/python docs/_ext/site_check.py site --shots docs/screenshots
 
 # The showcase: the demo's printout and the executed notebooks the README
 # and the site show, from one run on a quiet machine, recorded

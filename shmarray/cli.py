@@ -30,8 +30,8 @@ def _demo(args: argparse.Namespace) -> int:
     u0[(yy - n / 2) ** 2 + (xx - n / 3) ** 2 < (n / 8) ** 2] = 100.0
 
     print(
-        f"shmarray demo: 2-D heat diffusion on a {n} x {n} float64 grid, "
-        f"{steps} steps (5-point stencil, halo 1, double buffered)"
+        f"shmarray demo: 2-D heat diffusion, {n} x {n} float64, {steps} steps "
+        f"(5-point stencil, halo 1)"
     )
     for line in load_report(machine_load(), args.workers or _default_workers()):
         print(f"  {line}")

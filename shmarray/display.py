@@ -2,7 +2,8 @@
 
 A small HTML summary built from the public surface only (``stats()``,
 ``blocks``, ``workers``, ``start_method``, ``wait``): one row per worker
-(pid, memory, chunks run, busy time, replacements) and the shared blocks
+(pid, RSS and unique memory (USS), chunks run, kernels installed, busy
+time, replacements) and the shared blocks
 with their total size.  Every value is escaped, and nothing here raises: a
 notebook asks for the HTML whenever the engine is a cell's value, closed or
 not, and a failure would hide the cell's output.
@@ -42,16 +43,8 @@ def _live(engine: Any) -> str:
         f"shmarray.Engine: {engine.workers} workers "
         f"(start method {engine.start_method}, wait {engine.wait})"
     )
-    head = (
-        "worker",
-        "pid",
-        "RSS",
-        "unique memory (USS)",
-        "chunks run",
-        "kernels",
-        "busy",
-        "replaced",
-    )
+    # Short headers: the table fits a notebook's column and a phone.
+    head = ("worker", "pid", "RSS", "USS", "chunks", "kernels", "busy", "replaced")
     rows = [
         (
             s.worker,
@@ -90,8 +83,16 @@ def _table(head: tuple[str, ...], rows: list[tuple]) -> str:
         "<tr>" + "".join(f'<td style="{_STYLE}">{_e(v)}</td>' for v in row) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    # As wide as its columns (a notebook's CSS may stretch tables to 100%).
+    return (
+        f'<table style="width: auto; margin: 0"><thead><tr>{th}</tr></thead>'
+        f"<tbody>{body}</tbody></table>"
+    )
 
 
 def _box(title: str, body: str) -> str:
-    return f'<div class="shmarray-engine"><strong>{_e(title)}</strong>{body}</div>'
+    # Wider than the page (a phone), it scrolls inside its own box.
+    return (
+        f'<div class="shmarray-engine" style="overflow-x: auto; max-width: 100%">'
+        f"<strong>{_e(title)}</strong>{body}</div>"
+    )

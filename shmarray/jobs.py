@@ -57,6 +57,21 @@ class KernelTable:
         return self._next_key, payload, evicted
 
 
+# What a retry takes over from its job as it is (Job.retry).
+_GIVEN = (
+    "kernel",
+    "_refs",
+    "descriptors",
+    "args",
+    "halo",
+    "want_values",
+    "iterated",
+    "axis",
+    "boundary",
+    "mode",
+)
+
+
 class Job:
     """The checked, repeatable part of a map or reduce: immutable.
 
@@ -134,74 +149,40 @@ class Job:
         ``mode``: ``control.COLLECT | TRACK | STREAM`` bits; ``cached``: kept
         by the JobCache (repeats find it)."""
         self._init(
-            key,
-            kernel,
-            tuple(weakref.ref(a) for a in arrays),
-            descriptors,
-            args,
-            halo,
-            plan,
-            dynamic,
-            want_values,
-            iterated,
-            axis,
-            boundary,
-            mode,
-            cached,
-            None,
+            key=key,
+            kernel=kernel,
+            _refs=tuple(weakref.ref(a) for a in arrays),
+            descriptors=descriptors,
+            args=args,
+            halo=halo,
+            plan=plan,
+            dynamic=dynamic,
+            want_values=want_values,
+            iterated=iterated,
+            axis=axis,
+            boundary=boundary,
+            mode=mode,
+            cached=cached,
+            indices=None,  # a retry's: the chunks' places in the whole map
         )
 
-    def _init(
-        self,
-        key,
-        kernel,
-        refs,
-        descriptors,
-        args,
-        halo,
-        plan,
-        dynamic,
-        want_values,
-        iterated,
-        axis,
-        boundary,
-        mode,
-        cached,
-        indices,
-    ) -> None:
-        put = object.__setattr__
-        for name, value in (
-            ("key", key),
-            ("kernel", kernel),
-            ("_refs", refs),
-            ("descriptors", descriptors),
-            ("args", args),
-            ("halo", halo),
-            ("plan", plan),
-            ("dynamic", dynamic),
-            ("want_values", want_values),
-            ("iterated", iterated),
-            ("axis", axis),
-            ("boundary", boundary),
-            ("mode", mode),
-            ("cached", cached),
-            # A retry's: the chunks' places in the whole map.
-            ("indices", indices),
-            ("tracked", bool(mode & control.TRACK)),
+    def _init(self, **given) -> None:
+        """Set the fields ``given`` and those that follow from them, once."""
+        mode, args = given["mode"], given["args"]
+        derived = {
+            "tracked": bool(mode & control.TRACK),
             # Its rounds use NEXT and STOP (reset before each).
-            (
-                "round_words",
-                dynamic or iterated or boundary is not None or bool(mode & control.TRACK),
+            "round_words": given["dynamic"]
+            or given["iterated"]
+            or given["boundary"] is not None
+            or bool(mode & control.TRACK),
+            "blocks": frozenset(
+                [d.block for d in given["descriptors"]] + [a.block for a in args if a is not None]
             ),
-            (
-                "blocks",
-                frozenset(
-                    [d.block for d in descriptors] + [a.block for a in args if a is not None]
-                ),
-            ),
-            ("args_are_plain", all(t is None for t in args)),
-        ):
-            put(self, name, value)
+            "args_are_plain": all(t is None for t in args),
+        }
+        for name, value in (given | derived).items():
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value) -> None:
         raise AttributeError(f"a Job is immutable (tried to set {name!r})")
@@ -213,21 +194,12 @@ class Job:
         (a replacement taking over a dead worker's rows)."""
         job = object.__new__(Job)
         job._init(
-            key,
-            self.kernel,
-            self._refs,
-            self.descriptors,
-            self.args,
-            self.halo,
-            Plan(tuple(self.plan.chunks[i] for i in indices), ()),
-            dynamic,
-            self.want_values,
-            self.iterated,
-            self.axis,
-            self.boundary,
-            self.mode,
-            False,
-            tuple(indices),
+            **{name: getattr(self, name) for name in _GIVEN},
+            key=key,
+            plan=Plan(tuple(self.plan.chunks[i] for i in indices), ()),
+            dynamic=dynamic,
+            cached=False,
+            indices=tuple(indices),
         )
         return job
 

@@ -57,7 +57,7 @@ def test_an_engine_shows_its_workers_and_blocks():
         stats = eng.stats()
         for s in stats:
             assert str(s.pid) in cells
-        assert "unique memory (USS)" in cells and "replaced" in cells
+        assert "USS" in cells and "replaced" in cells
         assert "2 workers" in page and "forkserver" in page
         assert f"{len(eng.blocks)} shared blocks" in page
         for b in eng.blocks:
@@ -184,7 +184,7 @@ def test_progress_in_a_real_kernel_without_ipywidgets():
     assert "100%" in err and "4/4" in err
     assert "IProgress" not in err and "Warning" not in err
     shown = [o for o in nb.cells[2].outputs if o.output_type == "display_data"]
-    assert "<table>" in shown[0].data["text/html"]
+    assert "<table" in shown[0].data["text/html"]
 
 
 def test_iterate_counts_steps_and_a_notebook_keeps_the_final_state_as_text():

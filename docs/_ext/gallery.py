@@ -12,12 +12,13 @@ run on a busy machine nor from figures copied by hand:
 * it writes ``docs/showcase/record.json``: when, at which commit, on which
   machine (CPU, usable CPUs, versions), the load before and after, and
   whether it was forced;
-* it puts the demo's printout into ``README.md`` and
-  ``docs/getting-started.md``, between ``<!-- demo-output -->`` markers.
+* it puts the demo's printout into ``README.md``,
+  ``docs/getting-started.md`` and ``docs/benchmarks.md``, between
+  ``<!-- demo-output -->`` markers.
 
 The site's gallery renders ``docs/showcase/<name>.ipynb`` with that record
-(``docs/_ext/hooks.py``); ``tests/test_gallery.py`` checks that the README's
-and Getting started's printouts are the recorded one, and that its layout
+(``docs/_ext/hooks.py``); ``tests/test_gallery.py`` checks that each of those
+pages shows the recorded printout, and that its layout
 is what ``shmarray demo`` prints now.
 
 Run: ``make gallery`` (or ``.venv/bin/python docs/_ext/gallery.py [--force]``).
@@ -36,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOWCASE = ROOT / "docs" / "showcase"
-PAGES = ("README.md", "docs/getting-started.md")
+PAGES = ("README.md", "docs/getting-started.md", "docs/benchmarks.md")
 BEGIN, END = "<!-- demo-output -->", "<!-- /demo-output -->"
 BUSY = 0.25  # of the usable CPUs: a one-minute load average above is busy
 

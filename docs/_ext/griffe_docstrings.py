@@ -17,6 +17,12 @@ annotation and default from the signature.  A typed group
 is a cross-reference (``boundary : as for ``map````) is read the same way:
 no type given, the reference moved into the description.
 
+Keywords typed as one ``TypedDict``.  ``map`` and its kin take their
+keywords as ``**options: Unpack[MapOptions]``, so that a type checker
+names a misspelt one; the page shows them as the keyword-only parameters
+they are, each with its type from the ``TypedDict`` and its default from
+``CallOptions`` (``args``: ``()``, ``combine``: ``operator.add``).
+
 reST left in Markdown.  A Sphinx role (``:func:`total```) becomes plain
 code (```total```), and a literal-block marker ``::`` at the end of a line
 becomes ``:`` (or nothing after a space), as Sphinx would print them.
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import re
 
-from griffe import Extension
+from griffe import Extension, Parameter, ParameterKind
 
 _SECTIONS = {"Parameters", "Other Parameters"}
 _UNDERLINE = re.compile(r"\s*-{3,}\s*$")
@@ -34,6 +40,9 @@ _GROUP = re.compile(r"(?P<indent>\s*)(?P<names>\*{0,2}\w+(?:, \*{0,2}\w+)+)\s*$"
 _AS_FOR = re.compile(r"(?P<indent>\s*)(?P<names>\*{0,2}\w+) : (?P<ref>[Aa]s for .+?)\.?\s*$")
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|data|mod|obj|exc|const):(`[^`]+`)")
 _LITERAL = re.compile(r"(?P<space>\s?)::$", re.MULTILINE)
+_UNPACK = re.compile(r"Unpack\[(?P<name>\w+)\]")
+# Defaults of the keywords that are not fields of CallOptions.
+_OTHER_DEFAULTS = {"args": "()", "combine": "operator.add"}
 
 
 def expand_groups(text: str) -> str:
@@ -101,8 +110,60 @@ def plain_markdown(text: str) -> str:
     return _LITERAL.sub(lambda m: "" if m["space"] else ":", text)
 
 
+def typed_keywords(typed_dict, defaults: dict) -> list:
+    """The keys of a griffe ``TypedDict`` class (its bases' first) as
+    keyword-only parameters."""
+    fields: dict = {}
+    for base in reversed(typed_dict.mro()):
+        fields.update(
+            (name, member) for name, member in base.members.items() if member.is_attribute
+        )
+    fields.update((n, m) for n, m in typed_dict.members.items() if m.is_attribute)
+    return [
+        Parameter(
+            name,
+            annotation=member.annotation,
+            kind=ParameterKind.keyword_only,
+            default=defaults.get(name),
+        )
+        for name, member in fields.items()
+    ]
+
+
+def unpack_options(obj, options_module) -> None:
+    """Replace every ``**options: Unpack[X]`` under ``obj`` with X's keys."""
+    for member in list(obj.members.values()):
+        if member.is_alias:
+            continue
+        if member.is_class or member.is_module:
+            unpack_options(member, options_module)
+        if not member.is_function:
+            continue
+        params = list(member.parameters)
+        last = params[-1] if params else None
+        if last is None or last.kind is not ParameterKind.var_keyword:
+            continue
+        match = _UNPACK.search(str(last.annotation))
+        if match is None or match["name"] not in options_module.members:
+            continue
+        defaults = {
+            name: str(field.value)
+            for name, field in options_module["CallOptions"].members.items()
+            if field.is_attribute and field.value is not None
+        } | _OTHER_DEFAULTS
+        keywords = typed_keywords(options_module[match["name"]], defaults)
+        named = {p.name for p in params}
+        member.parameters = type(member.parameters)(
+            *params[:-1], *(k for k in keywords if k.name not in named)
+        )
+
+
 class ShmarrayDocstrings(Extension):
     """Rewrite every docstring's rendered copy as described above."""
+
+    def on_package(self, *, pkg, **kwargs) -> None:
+        if pkg.path == "shmarray" and "options" in pkg.members:
+            unpack_options(pkg, pkg["options"])
 
     def on_object(self, *, obj, **kwargs) -> None:
         doc = obj.docstring

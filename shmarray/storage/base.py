@@ -255,6 +255,22 @@ def _made(fd: int, size: int, lock: bool, full) -> mmap.mmap:
         raise
 
 
+def _made_named(
+    fd: int, name: str, size: int, full, unlink: Callable[[str], object]
+) -> tuple[str, mmap.mmap]:
+    """``_made`` for a block whose file already has its name (locked a
+    moment after it was named): a failure unlinks the name; the descriptor
+    is closed either way (the mapping keeps its own)."""
+    try:
+        mm = _made(fd, size, True, full)
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        os.close(fd)
+    return name, mm
+
+
 def _made_unnamed(
     directory: str, size: int, full, failed: Callable[[OSError], BaseException]
 ) -> tuple[str, mmap.mmap] | None:

@@ -20,7 +20,7 @@ from shmarray.storage.base import (
     _O_TMPFILE,
     MODE,
     Storage,
-    _made,
+    _made_named,
     _made_unnamed,
     format_bytes,
     free_space,
@@ -93,14 +93,7 @@ class DirStorage(Storage):
                 continue
             except OSError as exc:
                 raise self._failed(exc, size) from None
-        try:
-            mm = _made(fd, size, True, full)
-        except BaseException:
-            unlink(name)
-            raise
-        finally:
-            os.close(fd)
-        return name, mm
+        return _made_named(fd, name, size, full, unlink)
 
     def _failed(self, exc: OSError, size: int) -> BaseException:
         """What to raise when a new block's file cannot be opened."""

@@ -20,7 +20,7 @@ from shmarray.storage.base import (
     MODE,
     SHM_DIR,
     Storage,
-    _made,
+    _made_named,
     _made_unnamed,
     _posixshmem,
     format_bytes,
@@ -84,14 +84,7 @@ class ShmStorage(Storage):
                 continue
             except OSError as exc:
                 raise self._failed(exc, size) from None
-        try:
-            mm = _made(fd, size, True, lambda _: self.full_error(size))
-        except BaseException:
-            unlink(name)
-            raise
-        finally:
-            os.close(fd)
-        return name, mm
+        return _made_named(fd, name, size, lambda _: self.full_error(size), unlink)
 
     def _failed(self, exc: OSError, size: int) -> BaseException:
         """What to raise when a new block's file cannot be opened."""
