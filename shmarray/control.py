@@ -229,8 +229,10 @@ PENDING, RUNNING, FINISHED, FAILED = 0, 1, 2, 3
 # A job's mode bits (``Define.mode``).  COLLECT: a chunk's exception does not
 # stop the others; TRACK: keep the board, and stop between chunks when told
 # to; STREAM: send each chunk's value as soon as it is computed; PREPARED:
-# ``Engine.prepare`` made it: serve it by the lean path from its first run.
-COLLECT, TRACK, STREAM, PREPARED = 1, 2, 4, 8
+# ``Engine.prepare`` made it: serve it by the lean path from its first run;
+# IN_CALLER: the caller runs one worker's share (``prepare(in_caller=True)``;
+# the workers never see that share).
+COLLECT, TRACK, STREAM, PREPARED, IN_CALLER = 1, 2, 4, 8, 16
 
 
 def words(n_workers: int) -> int:
@@ -546,6 +548,46 @@ def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
 
 
 @njit(
+    types.int64(_words, _indices, types.int64, _indices, types.int64, types.int64, types.int64),
+    **_OPTS,
+)
+def ring_all(ctl, workers, job, sent, steps, seq, new_round):
+    """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
+    before it for worker ``i``; first, if ``new_round``, reset NEXT and STOP
+    (between rounds: see the invariants).  Returns how many of them sleep
+    (wake them: ``ControlBlock.asleep``)."""
+    if new_round:
+        _store(ctl, NEXT, 0)
+        _store(ctl, STOP, 0)
+    asleep = 0
+    for i in range(workers.shape[0]):
+        w = workers[i]
+        at = _WORKERS_AT + w * _PER_WORKER
+        _store(ctl, at + JOB, job)
+        _store(ctl, at + PIPED, sent[w])
+        _store(ctl, at + STEPS, steps)
+        _store(ctl, at + RING, seq)
+        if _load(ctl, at + ASLEEP) != 0:
+            asleep += 1
+    return asleep
+
+
+@njit(
+    types.int64(_words, types.int64, _indices, types.int64, types.int64, types.int64, types.int64),
+    **_OPTS,
+)
+def await_all(ctl, n_all, workers, seq, spin_ns, output_seen, nap_ns):
+    """``wait_all`` (a spin of ``spin_ns``), then, if the workers are not
+    done, ``nap_all`` (a nap of ``nap_ns`` at most): NAPPED if they were
+    not done by the end of the nap."""
+    state = wait_all(ctl, workers, seq, spin_ns, n_all, output_seen)
+    if state != SPUN or nap_ns <= 0:
+        return state
+    state = nap_all(ctl, workers, seq, n_all, output_seen, nap_ns)
+    return NAPPED if state == SPUN else state
+
+
+@njit(
     types.UniTuple(types.int64, 2)(
         _words,
         types.int64,
@@ -564,34 +606,13 @@ def nap_all(ctl, workers, seq, n_all, output_seen, budget_ns):
 def ring_and_wait(
     ctl, n_all, workers, job, sent, steps, seq, spin_ns, output_seen, new_round, nap_ns
 ):
-    """Ring each worker in ``workers`` (indices), ``sent[i]`` messages
-    before it for worker ``i``, then ``wait_all`` (a spin of ``spin_ns``),
-    then, if the workers are not done, ``nap_all`` (a nap of ``nap_ns`` at
-    most); first, if ``new_round``, reset NEXT and STOP (between rounds: see
-    the invariants).  Returns (state, asleep): NAPPED if the workers were
-    not done by the end of the nap; when ``asleep`` workers sleep, nothing
-    was waited for (state SPUN): wake them (``ControlBlock.asleep``), then
-    wait."""
-    if new_round:
-        _store(ctl, NEXT, 0)
-        _store(ctl, STOP, 0)
-    asleep = 0
-    for i in range(workers.shape[0]):
-        w = workers[i]
-        at = _WORKERS_AT + w * _PER_WORKER
-        _store(ctl, at + JOB, job)
-        _store(ctl, at + PIPED, sent[w])
-        _store(ctl, at + STEPS, steps)
-        _store(ctl, at + RING, seq)
-        if _load(ctl, at + ASLEEP) != 0:
-            asleep += 1
+    """``ring_all``, then ``await_all``, in one call (the lean path's).
+    Returns (state, asleep): when ``asleep`` workers sleep, nothing was
+    waited for (state SPUN): wake them, then wait."""
+    asleep = ring_all(ctl, workers, job, sent, steps, seq, new_round)
     if asleep:
         return SPUN, asleep
-    state = wait_all(ctl, workers, seq, spin_ns, n_all, output_seen)
-    if state != SPUN or nap_ns <= 0:
-        return state, 0
-    state = nap_all(ctl, workers, seq, n_all, output_seen, nap_ns)
-    return (NAPPED if state == SPUN else state), 0
+    return await_all(ctl, n_all, workers, seq, spin_ns, output_seen, nap_ns), 0
 
 
 @njit(types.void(_words), **_OPTS)
@@ -687,6 +708,10 @@ class ControlBlock:
         # costs little warm, but the driver of a loop of large maps runs on
         # a cache the kernel has just flushed).
         self.ring_and_wait = functools.partial(ring_and_wait, self.words, self.n_workers)
+        # A prepared map with in_caller=True rings, runs the caller's share,
+        # then waits: the two halves of ring_and_wait.
+        self.ring_all = functools.partial(ring_all, self.words)
+        self.await_all = functools.partial(await_all, self.words, self.n_workers)
 
     @staticmethod
     def nbytes(n_workers: int) -> int:

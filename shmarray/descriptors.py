@@ -174,6 +174,31 @@ Examples
 """
 
 
+def chunk_calls(
+    views: list, args: tuple, chunks: tuple, halo: int, axis: int, index: int
+) -> list[tuple]:
+    """The kernel's arguments for each of ``chunks``: the rows ``lo - halo``
+    to ``hi + halo`` of each array along ``axis``, then ``args`` with
+    ``row_offset`` filled in per chunk and ``worker_id`` as ``index``.  A
+    worker's calls of its share, and the caller's of its own
+    (``prepare(in_caller=True)``), are made here alike.
+
+    >>> a = np.arange(6.0)
+    >>> [(c[0].tolist(), c[1:]) for c in chunk_calls([a], (row_offset, worker_id, 2.0), ((1, 3), (3, 5)), 1, 0, 7)]
+    [([0.0, 1.0, 2.0, 3.0], (0, 7, 2.0)), ([2.0, 3.0, 4.0, 5.0], (2, 7, 2.0))]
+    """
+    lead = (slice(None),) * axis
+    offsets = [i for i, a in enumerate(args) if a is row_offset]
+    args = tuple(index if a is worker_id else a for a in args)
+    calls = []
+    for lo, hi in chunks:
+        these = list(args)
+        for i in offsets:
+            these[i] = lo - halo
+        calls.append(tuple(v[lead + (slice(lo - halo, hi + halo),)] for v in views) + tuple(these))
+    return calls
+
+
 # -- Kernels ---------------------------------------------------------------
 
 

@@ -499,13 +499,14 @@ class Engine:
         stream: Sink | None = None,
         iterated: bool = False,
         prepared: bool = False,
+        in_caller: bool = False,
     ) -> tuple[Dispatcher, Call]:
         """Check everything in the caller's thread, before anything is sent."""
         d = self._dispatcher
         if d is None or d.closing or _pid != self._owner:
             d = self._live()  # raises the right error
         return d, self._calls.make(
-            kernel, arrays, args, opts, combine, steps, stream, iterated, prepared
+            kernel, arrays, args, opts, combine, steps, stream, iterated, prepared, in_caller
         )
 
     def check(
@@ -598,6 +599,7 @@ class Engine:
         kernel: Kernel,
         *arrays: NDArray[Any],
         errors: Errors = "raise",
+        in_caller: bool = False,
         **options: Unpack[MapOptions],
     ) -> PreparedMap:
         """A map made ready to run again and again at the least cost.
@@ -610,6 +612,20 @@ class Engine:
         ----------
         kernel, *arrays, args, halo, chunks, timeout, schedule, progress, boundary, axis, retries, errors
             As for ``map``.
+        in_caller : bool
+            The calling process runs the last worker's share of the chunks
+            itself, between ringing the other workers and waiting for them,
+            and that worker is not rung: a loop uses as many CPUs as there
+            are workers, the caller included (on 2 CPUs with 2 workers, the
+            caller is otherwise a third process).  Results are bit-identical
+            to ``map``'s.  The trade: the caller's share has no timeout
+            (``timeout=`` counts, for the workers, from when it ends), no
+            crash isolation (a segfault in the kernel ends the caller), and
+            Ctrl-C is answered when it ends (then the round settles as any
+            early end does).  A kernel's exception from it keeps its type,
+            with a note naming its rows.  Static schedule only, without
+            ``boundary=``, ``retries`` or ``errors="collect"``, and no
+            progress bar.
 
         Returns
         -------
@@ -637,7 +653,9 @@ class Engine:
                 step.swap()
         """
         args, opts = call_options("prepare", "map", options, errors)
-        d, call = self._call(kernel, arrays, args, opts, None, prepared=True)
+        if in_caller is not True and in_caller is not False:
+            raise TypeError(f"in_caller must be True or False; got {in_caller!r}.")
+        d, call = self._call(kernel, arrays, args, opts, None, prepared=True, in_caller=in_caller)
         calls = self._calls
 
         def swapped() -> Call:
@@ -647,7 +665,13 @@ class Engine:
                 )
             checks.check_swappable(arrays[0], arrays[1])
             return calls.make(
-                kernel, (arrays[1], arrays[0]) + arrays[2:], args, opts, None, prepared=True
+                kernel,
+                (arrays[1], arrays[0]) + arrays[2:],
+                args,
+                opts,
+                None,
+                prepared=True,
+                in_caller=in_caller,
             )
 
         return PreparedMap(d.run, call, swapped)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shmarray import control, options
-from shmarray.descriptors import ArrayDescriptor, Placeholder, kernel_payload
+from shmarray.descriptors import ArrayDescriptor, Placeholder, chunk_calls, kernel_payload
 from shmarray.partition import Plan, plan_for
 
 
@@ -69,6 +69,7 @@ _GIVEN = (
     "axis",
     "boundary",
     "mode",
+    "share",
 )
 
 
@@ -101,6 +102,7 @@ class Job:
         "_refs",
         "mode",
         "indices",
+        "share",
         "args_are_plain",
         "tracked",
         "round_words",
@@ -122,6 +124,9 @@ class Job:
     _refs: tuple
     mode: int
     indices: tuple[int, ...] | None
+    # prepare(in_caller=True): (worker, chunk indices, chunks) of the share
+    # the caller runs itself, in place of that worker (not in plan.groups).
+    share: tuple | None
     args_are_plain: bool
     tracked: bool
     round_words: bool
@@ -142,6 +147,7 @@ class Job:
         boundary=None,
         mode: int = 0,
         cached: bool = False,
+        share: tuple | None = None,
     ):
         """``args``: the template (see above); ``iterated``: swap the first
         two arrays after each of several steps (``Engine.iterate``);
@@ -164,6 +170,7 @@ class Job:
             mode=mode,
             cached=cached,
             indices=None,  # a retry's: the chunks' places in the whole map
+            share=share,
         )
 
     def _init(self, **given) -> None:
@@ -225,7 +232,7 @@ class Layout(NamedTuple):
     schedule: str
     axis: int
     boundary: object
-    mode: int = 0  # control.COLLECT | TRACK | STREAM
+    mode: int = 0  # control.COLLECT | TRACK | STREAM | PREPARED | IN_CALLER
 
 
 class Call(NamedTuple):
@@ -241,6 +248,7 @@ class Call(NamedTuple):
     retries: int = 0  # runs again of a chunk whose worker died or timed out
     collect: bool = False  # errors="collect": return a MapReport
     stream: Any = None  # imap's Stream: values go there as they come
+    share: tuple = ()  # in_caller: the kernel's arguments for each chunk the caller runs
 
 
 # Plain values that compare cheaply and exactly; anything else (a list, a
@@ -423,6 +431,7 @@ class Calls:
         stream: Any = None,
         iterated: bool = False,
         prepared: bool = False,
+        in_caller: bool = False,
     ) -> Call:
         want_values = combine is not None
         halo, chunks, schedule, axis, boundary, timeout, progress, retries, errors = opts
@@ -443,7 +452,7 @@ class Calls:
                 else 0
             )
             if prepared:
-                mode |= control.PREPARED
+                mode |= control.PREPARED | (control.IN_CALLER if in_caller else 0)
         else:
             collect, mode = False, 0
         if iterated:
@@ -461,9 +470,20 @@ class Calls:
             timeout = options.coerce_timeout(timeout)
         if progress is not None and progress is not True and progress is not False:
             options.coerce_progress(progress)
+        args = args if type(args) is tuple else tuple(args)
+        share: tuple = ()
+        if job.share is not None:
+            if progress:
+                raise ValueError(
+                    "prepare(in_caller=True) shows no progress bar: the caller "
+                    "runs a share itself. Leave progress= out, or prepare "
+                    "without in_caller."
+                )
+            worker, _, chunks = job.share
+            share = tuple(chunk_calls(list(arrays), args, chunks, job.halo, job.axis, worker))
         return Call(
             job,
-            args if type(args) is tuple else tuple(args),
+            args,
             timeout,
             progress,
             combine,
@@ -472,6 +492,7 @@ class Calls:
             retries,
             collect,
             stream,
+            share,
         )
 
     def _new_job(
@@ -503,6 +524,13 @@ class Calls:
             options.check_swappable(arrays[0], arrays[1])
         if layout.mode & control.TRACK:
             options.check_trackable(len(where.chunks))
+        share = None
+        if layout.mode & control.IN_CALLER:
+            options.check_in_caller(dynamic, bound, layout.mode & control.TRACK)
+            # The caller takes the last worker's share; that worker is
+            # never rung for this job.
+            share = where.groups[-1]
+            where = Plan(where.chunks, where.groups[:-1])
         return Job(
             self.cache.new_key(),
             kernel,
@@ -518,4 +546,5 @@ class Calls:
             bound,
             layout.mode,
             cached,
+            share,
         )

@@ -480,6 +480,26 @@ def warn_python_kernel(kernel: object) -> None:
     )
 
 
+def check_in_caller(dynamic: bool, boundary: object, tracked: int) -> None:
+    """``prepare(in_caller=True)``: the caller runs one worker's share of a
+    static map, between the ring and the wait; what needs the workers to
+    coordinate between chunks or stages cannot include it."""
+    why = (
+        'schedule="dynamic" (workers take chunks from a shared counter)'
+        if dynamic
+        else "boundary= (workers fill ghost cells in stages, waiting for each other)"
+        if boundary is not None
+        else "retries= or errors='collect' (chunks are tracked and run again)"
+        if tracked
+        else None
+    )
+    if why is not None:
+        raise ValueError(
+            f"prepare(in_caller=True) runs one static share in the caller; it "
+            f"cannot with {why}. Prepare without in_caller, or drop that option."
+        )
+
+
 def check_arity(kernel: object, n_arrays: int, n_args: int, method: str = "map") -> None:
     """Refuse a kernel whose parameters cannot take the arrays and args the
     call passes (numba would say so from a worker, at the first chunk).

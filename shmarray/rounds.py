@@ -299,6 +299,8 @@ class Runner:
             else:
                 for w in busy:
                     self.ring(w, job, seq, call.steps)
+                if job.share is not None:
+                    run_share(call)
                 values = Round(self, placed, busy, seq, call, job, policy).wait()
         except BaseException:
             self.settle(busy, seq)
@@ -331,6 +333,20 @@ class Runner:
         for w in placed.busy:
             w.rung = seq
         job = call.job
+        if job.share is not None:
+            # prepare(in_caller=True): ring, run the caller's share, wait.
+            ctl = self.ctl
+            if ctl.ring_all(
+                placed.workers, job.key, self.pool.sent, call.steps, seq, job.round_words
+            ):
+                for w in placed.busy:
+                    if ctl.asleep(w.index):
+                        w.wake()
+            run_share(call)
+            state = ctl.await_all(
+                placed.workers, seq, self._spin_ns, self.output_seen, nap_budget(call.timeout)
+            )
+            return state, 0
         return self.ctl.ring_and_wait(
             placed.workers,
             job.key,
@@ -388,6 +404,25 @@ class Runner:
         except BaseException as exc:  # a bug: never hide the round's own error
             self.pool.intact = False
             log.error("settling an interrupted map failed: %r", exc)
+
+
+def run_share(call: Call) -> None:
+    """The chunks the caller runs itself (``prepare(in_caller=True)``),
+    between the ring and the wait: in this process, so with no timeout and
+    no isolation.  A kernel's exception keeps its type, with a note naming
+    its rows; the round then settles as any early end does."""
+    kernel, share = call.job.kernel, call.job.share
+    assert share is not None  # (worker, chunk indices, chunks)
+    chunks = share[2]
+    for k, c in enumerate(call.share):
+        try:
+            kernel(*c)
+        except Exception as exc:
+            lo, hi = chunks[k]
+            exc.add_note(
+                f"raised by the kernel in the calling process (in_caller=True) on rows {lo}:{hi}"
+            )
+            raise
 
 
 def nap_budget(timeout: float | None) -> int:

@@ -48,12 +48,12 @@ from shmarray.descriptors import (
     StartFailed,
     Stop,
     Values,
+    chunk_calls,
     decode,
     encode,
     load,
     load_kernel,
     pack_values,
-    row_offset,
     worker_id,
 )
 
@@ -156,7 +156,7 @@ class _Job:
                 not self.staged
                 and not spec.dynamic
                 and not spec.want_values
-                and not spec.mode & ~control.PREPARED
+                and not spec.mode & ~(control.PREPARED | control.IN_CALLER)
                 and is_jitted(self.kernel)
                 and self.calls
             ):
@@ -172,18 +172,8 @@ class _Job:
     def bind(self, views: list, args: tuple, index: int) -> None:
         spec = self.spec
         h, axis = spec.halo, spec.axis
-        lead = (slice(None),) * axis
-        offsets = [i for i, a in enumerate(args) if a is row_offset]
-        args = tuple(index if a is worker_id else a for a in args)
         self.lean = None  # built again from the new calls
-        self.calls = []
-        for lo, hi in spec.chunks:
-            these = list(args)
-            for i in offsets:
-                these[i] = lo - h
-            self.calls.append(
-                tuple(v[lead + (slice(lo - h, hi + h),)] for v in views) + tuple(these)
-            )
+        self.calls = chunk_calls(views, args, spec.chunks, h, axis, index)
         self.swapped = (
             [(c[1], c[0]) + c[2:] for c in self.calls]
             if spec.iterated and len(views) >= 2

@@ -38,7 +38,7 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # What a trial may call: every path a map takes.
-HOWS = ("map", "prepared", "reduce", "retries", "imap", "iterate")
+HOWS = ("map", "prepared", "in_caller", "reduce", "retries", "imap", "iterate")
 # Seconds the victim watches its arrays after the call raised: an
 # observation window (a surviving writer is released at once and writes
 # within milliseconds), not a synchronisation.
@@ -54,6 +54,18 @@ def held(out, flags, row_offset, rows):
         pass
     out[:] = 1.0
     return 0.0
+
+
+def held_but_the_callers(out, flags, row_offset, rows):
+    """``held`` for ``prepare(in_caller=True)``: the last chunk, the
+    caller's own share, writes its rows at once (the caller answers Ctrl-C
+    only when its share ends); the workers' chunks are held."""
+    k = row_offset // rows
+    if k == flags.shape[0] - 2:
+        flags[1 + k] = 1.0
+        out[:] = 1.0
+        return 0.0
+    return held(out, flags, row_offset, rows)
 
 
 def held_step(out, inp, flags, row_offset, rows):
@@ -78,6 +90,8 @@ def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> No
             eng.map(held, out, args=args, chunks=workers)
         elif how == "prepared":
             eng.prepare(held, out, args=args, chunks=workers)()
+        elif how == "in_caller":
+            eng.prepare(held_but_the_callers, out, args=args, chunks=workers, in_caller=True)()
         elif how == "reduce":
             eng.reduce(held, out, args=args, chunks=workers)
         elif how == "retries":
