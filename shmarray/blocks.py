@@ -92,6 +92,7 @@ from shmarray.storage import (
     MemfdStorage as MemfdStorage,
     ShmStorage as ShmStorage,
     Storage as Storage,
+    hugepages,
     storage_for as storage_for,
 )
 from shmarray.storage.base import (
@@ -204,7 +205,10 @@ def attach(name: str) -> mmap.mmap:
         except FileNotFoundError:
             raise _gone(name) from None
     try:
-        return _map(fd, os.fstat(fd).st_size, **_MMAP_KWARGS)
+        mm = _map(fd, os.fstat(fd).st_size, **_MMAP_KWARGS)
+        if hugepages.given(fd):
+            hugepages.advise(mm)  # so this process maps the huge pages whole
+        return mm
     finally:
         os.close(fd)
 

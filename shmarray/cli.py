@@ -13,6 +13,7 @@ import sys
 import time
 
 from shmarray import blocks
+from shmarray.storage import hugepages
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -214,6 +215,7 @@ def info(engine: bool = False) -> dict:
         "shm_dir": blocks.SHM_DIR,
         "storage": options.coerce_storage(None),
         "memfd_available": blocks.HAVE_MEMFD,
+        "huge_pages": hugepages.report(blocks.SHM_DIR),
         "shm_free_bytes": space[0] if space else None,
         "shm_total_bytes": space[1] if space else None,
         "blocks": [
@@ -272,6 +274,7 @@ def _info(args: argparse.Namespace) -> int:
         f"storage            : {data['storage']} (Engine(storage=...) or "
         f"SHMARRAY_STORAGE; memfd {'available' if data['memfd_available'] else 'not available here'})"
     )
+    _print_huge(data["huge_pages"], data["shm_dir"])
     if "fresh_workers" in data:
         _print_fresh(data["fresh_workers"])
     print(f"live blocks        : {len(data['blocks'])}")
@@ -281,6 +284,24 @@ def _info(args: argparse.Namespace) -> int:
             f"{b['owner_pid']} {_state(b['owner_alive'])}"
         )
     return 0
+
+
+def _print_huge(huge: dict, shm_dir: str | None) -> None:
+    """Whether shared blocks get transparent huge pages (as NumPy's private
+    arrays do), and the one-line fix for each kind that gets none."""
+    setting = huge["shmem_enabled"]
+    if setting is None:
+        print("huge pages         : none for shared memory (no transparent huge pages here)")
+        return
+    memfd = "yes" if huge["memfd"] else "no"
+    said = f"memfd {memfd} (shmem_enabled={setting})"
+    if shm_dir is not None:
+        shm = "yes" if huge["shm"] else "no"
+        said += f", {shm_dir} {shm} (huge={huge['shm_huge'] or 'never'})"
+    print(f"huge pages         : {said}")
+    for kind, fix in huge["fixes"].items():
+        where = "memfd" if kind == "memfd" else shm_dir
+        print(f"  to give {where} blocks huge pages (as root): {fix}")
 
 
 def _print_fresh(fresh: dict) -> None:

@@ -29,6 +29,7 @@ from numba import njit
 import shmarray
 from conftest import STORAGE_DIR, gone, shm_entries
 from shmarray import blocks
+from shmarray.storage import hugepages
 
 STORAGES = ["shm", "memfd", STORAGE_DIR]
 IDS = ["shm", "memfd", "dir"]
@@ -308,6 +309,102 @@ def test_memfd_maps_512_mib_where_dev_shm_has_64():
     assert "listing: []" in out  # not even the control block lives there
     assert "ok: 536870912 True 1.0 True" in out
     assert proc.stderr == ""
+
+
+# -- huge pages -------------------------------------------------------------------
+
+HUGE = textwrap.dedent("""
+    import os, numpy as np, shmarray
+    from numba import njit
+
+    @njit
+    def fill(out, first):
+        for i in range(out.shape[0]):
+            out[i, :] = first + i
+
+    def pmd_kb(pid):
+        # kB of /dev/shm files that process pid maps with huge pages (the
+        # caller's mapping was made before its block had a name).
+        total, inside = 0, False
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and not head.endswith(":"):
+                    inside = " /dev/shm/" in line
+                elif inside and head == "ShmemPmdMapped:":
+                    total += int(line.split()[1])
+        return total
+
+    with shmarray.Engine(workers=2, storage="shm") as eng:
+        a = eng.zeros((1024, 1024))                  # 8 MiB: four huge pages
+        eng.map(fill, a, args=(shmarray.row_offset,))
+        want = np.repeat(np.arange(1024.0), 1024).reshape(1024, 1024)
+        print("same:", bool(np.array_equal(a, want)))
+        print("caller:", pmd_kb(os.getpid()) >= 4096)
+        print("workers:", [pmd_kb(p) >= 2048 for p in eng.worker_pids])
+        del a
+""")
+
+
+@pytest.mark.parametrize("huge", ["advise", None])
+def test_blocks_get_huge_pages_where_their_tmpfs_gives_them(huge):
+    # /dev/shm mounted with huge=advise (a private mount): the caller and
+    # each worker map the block's pages 2 MiB at a time; mounted without
+    # it, as most systems have it, they map none.
+    options = "256m" + (f",huge={huge}" if huge else "")
+    proc = run_with_tmpfs(HUGE, {"/dev/shm": options}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    given = huge is not None or hugepages.shmem_enabled() == "force"
+    assert proc.stdout.splitlines() == [
+        "same: True",
+        f"caller: {given}",
+        f"workers: {[given, given]}",
+    ], proc.stdout + proc.stderr
+    assert proc.stderr == ""
+
+
+FULL_HUGE = textwrap.dedent("""
+    import mmap, os
+    from shmarray.storage import hugepages
+
+    fd = os.open("/dev/shm/too-big", os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 8 << 20)                         # on a 4 MiB tmpfs
+    mm = mmap.mmap(fd, 8 << 20)
+    hugepages.advise(mm)
+    try:
+        print("populated:", hugepages.populate(mm))
+    except OSError as exc:
+        print("refused:", os.strerror(exc.errno))
+""")
+
+
+def test_a_block_populated_past_its_tmpfs_is_an_error_not_a_sigbus():
+    # Where huge pages are given, a block is reserved through its mapping
+    # (MADV_POPULATE_WRITE): no room is an OSError, which the storage turns
+    # into SharedMemoryFullError, and never a SIGBUS on first touch.
+    proc = run_with_tmpfs(FULL_HUGE, {"/dev/shm": "4m,huge=advise"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout.strip()
+    assert said in ("refused: No space left on device", "populated: False"), said
+
+
+def test_info_says_whether_shared_memory_gets_huge_pages_and_how_to_give_them():
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmarray", "info"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            setting = f.read().split("[")[1].split("]")[0]
+    except OSError:
+        assert "huge pages         : none for shared memory" in proc.stdout
+        return
+    line = next(x for x in lines if x.startswith("huge pages"))
+    memfd = setting in ("always", "within_size", "advise", "force")
+    assert f"memfd {'yes' if memfd else 'no'} (shmem_enabled={setting})" in line
+    fix = "echo advise | sudo tee /sys/kernel/mm/transparent_hugepage/shmem_enabled"
+    assert any(x.endswith(fix) for x in lines) == (not memfd)
 
 
 # -- everything killed at once -----------------------------------------------------

@@ -5,7 +5,8 @@ Everything that depends on the operating system or the Python version is
 decided here, once, at import (the constants below the imports), for all
 of shmarray's blocks: the storage kinds, :mod:`shmarray.blocks` and
 :mod:`shmarray.orphans` import what they need of it and decide nothing
-themselves.  This module imports nothing of shmarray's but ``cgroups``.
+themselves.  This module imports nothing of shmarray's but ``cgroups``
+and ``storage.hugepages``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Callable
 
 from shmarray import cgroups
+from shmarray.storage import hugepages
 
 try:
     import _posixshmem
@@ -235,24 +237,42 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 
 def _made(fd: int, size: int, lock: bool, full) -> mmap.mmap:
     """Lock (named blocks), reserve and map a new block's descriptor;
-    ``full(errno)`` is the error when its space cannot be reserved."""
+    ``full(errno)`` is the error when its space cannot be reserved.  Where
+    the kernel gives shared memory huge pages, the block is mapped and
+    advised first and reserved through its mapping (see
+    :mod:`shmarray.storage.hugepages`)."""
     if lock:
         # The lock belongs to the open file, which the mapping keeps (mmap
         # holds a duplicate of the descriptor): it lasts as long as the
         # mapping, and a dead process holds none.
         fcntl.flock(fd, fcntl.LOCK_SH)
+    huge = hugepages.given(fd)
     try:
-        _reserve(fd, size)
+        if huge:
+            os.ftruncate(fd, size)
+        else:
+            _reserve(fd, size)
     except OSError as exc:
         if exc.errno in _FULL:
             raise full(exc.errno) from None
         raise
     try:
-        return _map(fd, size)  # keeps a duplicate descriptor before 3.13
+        mm = _map(fd, size)  # keeps a duplicate descriptor before 3.13
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):
             raise out_of_descriptors(exc, "map a shared block") from None
         raise
+    if huge:
+        hugepages.advise(mm)
+        try:
+            if not hugepages.populate(mm):
+                _reserve(fd, size)
+        except OSError as exc:
+            mm.close()
+            if exc.errno in _FULL:
+                raise full(exc.errno) from None
+            raise
+    return mm
 
 
 def _made_named(
