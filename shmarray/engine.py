@@ -157,6 +157,7 @@ class Engine:
     _check_first = False
     _finalizer: weakref.finalize | None = None
 
+    @checks.suggest_keywords
     def __init__(
         self,
         workers: int | None = None,
@@ -521,13 +522,14 @@ class Engine:
         neighbour's rows, halo or ghost cells, or past the end of its
         view), one that reads what another chunk writes in the same map,
         and results that change with the chunking (the chunks' results put
-        together, against the kernel run once over the whole array).  See
+        together, against the kernel run once over the whole array).  A
+        map of one chunk (one worker) is checked as two chunks.  See
         ``shmarray.check``.
 
         Parameters
         ----------
         kernel, *arrays, args, halo, chunks, boundary, axis
-            As for ``map``.  With one chunk (one worker), two are checked.
+            As for ``map``.
 
         Returns
         -------

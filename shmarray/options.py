@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import dis
+import functools
 import inspect
 import math
 import numbers
@@ -20,7 +21,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, NoReturn, TypedDict, TypeGuard, cast
+from typing import Any, Literal, NamedTuple, NoReturn, TypedDict, TypeGuard, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -1097,6 +1098,51 @@ _KEYWORDS = {
     "check": frozenset(CheckOptions.__annotations__),
 }
 _PLAIN_OPTIONS = {"raise": CallOptions(), "collect": CallOptions(errors="collect")}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def suggest_keywords(func: F) -> F:
+    """``func`` with Python's "unexpected keyword argument" TypeError
+    completed by the closest keyword it takes, as ``map()`` says it; any
+    other TypeError passes unchanged.  Costs nothing until it fails.
+
+    >>> @suggest_keywords
+    ... def engine(workers=None, *, storage=None): pass
+    >>> engine(wokers=2)
+    Traceback (most recent call last):
+    ...
+    TypeError: engine() got an unexpected keyword argument 'wokers'; did you mean 'workers'?
+    """
+    signature = inspect.signature(func)
+    known = {
+        name
+        for name, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    title = func.__qualname__.replace(".__init__", "")
+
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except TypeError:
+            unknown = [name for name in kwargs if name not in known]
+            if not unknown:
+                raise
+            name = unknown[0]
+            close = difflib.get_close_matches(name, known - {"self"}, n=1)
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f" (it takes {sorted(known - {'self'})})"
+            )
+            raise TypeError(
+                f"{title}() got an unexpected keyword argument {name!r}{hint}"
+            ) from None
+
+    return cast(F, checked)
 
 
 def call_options(

@@ -149,6 +149,17 @@ def test_an_unknown_keyword_is_named_with_the_closest_one(engine, call, said):
     assert str(info.value).startswith(said)
 
 
+def test_an_unknown_engine_keyword_is_named_with_the_closest_one():
+    # Refused before a worker starts or a block is made.
+    with pytest.raises(TypeError) as info:
+        shmarray.Engine(wokers=2)
+    assert str(info.value) == (
+        "Engine() got an unexpected keyword argument 'wokers'; did you mean 'workers'?"
+    )
+    with pytest.raises(TypeError, match=r"'zzz' \(it takes \['initargs', "):
+        shmarray.Engine(zzz=1)
+
+
 def _noop(x):
     pass
 
