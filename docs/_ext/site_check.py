@@ -6,12 +6,17 @@ What fails the check, at both widths:
 
 * the page is wider than the window (a table, an image or a notebook's
   HTML output runs off the page instead of scrolling inside its own box);
-* a block of code scrolls sideways (a comment is cut off at the edge):
-  Python and shell code, notebook cells and docstring examples fit or wrap
-  (docs/stylesheets/extra.css).
+* a block of code or output is wider than its box and the box cannot
+  scroll sideways: its end is cut off, with no way to reach it;
+* from 600 px up, a block of code scrolls sideways instead of wrapping;
+* a table is wider than its container and neither it nor a box around it
+  inside the text column scrolls sideways (cut off the same way);
+* a word of a table header is split across two lines ("eng.iterat" over
+  "e").
 
-Printed output (text blocks: tables of figures, reports) may scroll inside
-its own box; the check lists how many do.
+What may scroll, and is listed: code on a phone (docs/stylesheets/extra.css),
+printed output (text blocks: tables of figures, reports) at any width, and
+tables wider than the column.
 
 How it measures: a small page served beside the site (same origin) loads
 the page in an iframe of the given width, walks its DOM, and writes what
@@ -48,6 +53,8 @@ PAGES = {
     "notebook": "gallery/quickstart.html",
 }
 WIDTHS = {"desktop": 1280, "phone": 390}
+# From this width up code wraps instead of scrolling (extra.css's media query).
+WRAPS_FROM = 600
 PROBE = "/__site_check__.html"
 
 _SCRIPT = """
@@ -57,15 +64,67 @@ _SCRIPT = """
 const frame = document.getElementById("page");
 frame.onload = () => {
   const d = frame.contentDocument;
-  const found = {overflow: d.documentElement.scrollWidth - %(width)d, cut: [], scrolling: []};
+  const win = frame.contentWindow;
+  const found = {
+    overflow: d.documentElement.scrollWidth - %(width)d,
+    cut: [], scrolling: [], tables_cut: [], tables_scrolling: [], headers_broken: [],
+  };
+  const scrolls = (el) => /auto|scroll/.test(win.getComputedStyle(el).overflowX);
+  const content = d.querySelector(".md-content") || d.body;
+  // The nearest box, the element itself included, that scrolls sideways
+  // inside the page's content column; null if none does.
+  const scroller = (el) => {
+    for (let e = el; e !== null && e !== content; e = e.parentElement) {
+      if (scrolls(e)) return e;
+    }
+    return null;
+  };
+  const longest = (text) =>
+    text.split("\\n").reduce((a, b) => (b.length > a.length ? b : a), "").trim().slice(0, 100);
+  // Code: wider than its box is fine where the box scrolls; cut off where
+  // it cannot (its end hidden, no way to reach it).
   for (const box of d.querySelectorAll("pre, pre > code")) {
     if (box.scrollWidth <= box.clientWidth + 1 || box.offsetParent === null) continue;
+    const line = longest(box.textContent);
+    if (!scrolls(box)) {
+      found.cut.push(line);
+      continue;
+    }
     const block = box.closest("div[class*=language-], .highlight-ipynb");
     const kind = block === null ? "" : block.className;
     const code = /language-(python|bash|sh|console)|hl-python/.test(kind)
       || box.closest(".doc-contents") !== null;  // a docstring's example
-    const line = box.textContent.split("\\n").reduce((a, b) => (b.length > a.length ? b : a), "");
-    (code ? found.cut : found.scrolling).push(line.trim().slice(0, 100));
+    found.scrolling.push((code ? "code: " : "output: ") + line);
+  }
+  // Tables the same way: one wider than its container must scroll in a
+  // box of its own (the table itself or a wrapper inside the content).
+  for (const table of d.querySelectorAll(".md-typeset table")) {
+    if (table.offsetParent === null) continue;
+    const head = longest(table.rows.length ? table.rows[0].textContent.replace(/\\s+/g, " ") : "");
+    const box = scroller(table);
+    if (box !== null) {
+      if (box.scrollWidth > box.clientWidth + 1) found.tables_scrolling.push(head);
+      continue;
+    }
+    const right = table.getBoundingClientRect().right;
+    const edge = Math.min(
+      table.parentElement.getBoundingClientRect().right, content.getBoundingClientRect().right
+    );
+    if (table.scrollWidth > table.clientWidth + 1 || right > edge + 1) found.tables_cut.push(head);
+  }
+  // A word of a table header split across two lines ("eng.iterat" / "e").
+  for (const th of d.querySelectorAll(".md-typeset th")) {
+    if (th.offsetParent === null) continue;
+    const walker = d.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node !== null; node = walker.nextNode()) {
+      for (const m of node.data.matchAll(/\\S+/g)) {
+        const range = d.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
+        if (tops.size > 1) found.headers_broken.push(m[0]);
+      }
+    }
   }
   const out = document.createElement("pre");
   out.id = "found";
@@ -152,13 +211,25 @@ def check(site: str, shots: str | None = None) -> list[str]:
                     problems.append(f"{where}: the page is {found['overflow']} px too wide")
                 for line in found["cut"]:
                     problems.append(f"{where}: code cut off at the edge: {line!r}")
+                if width >= WRAPS_FROM:
+                    for line in found["scrolling"]:
+                        if line.startswith("code: "):
+                            problems.append(f"{where}: code scrolls instead of wrapping: {line!r}")
+                for head in found["tables_cut"]:
+                    problems.append(f"{where}: table cut off at the edge: {head!r}")
+                for word in found["headers_broken"]:
+                    problems.append(f"{where}: a table header breaks inside {word!r}")
                 print(
                     f"{where:32} wider than the page: {max(found['overflow'], 0)} px; "
-                    f"code cut off: {len(found['cut'])}; output scrolling in its box: "
-                    f"{len(found['scrolling'])}"
+                    f"cut off: {len(found['cut'])} code, {len(found['tables_cut'])} tables; "
+                    f"headers broken mid-word: {len(found['headers_broken'])}; "
+                    f"scrolling in their box: {len(found['scrolling'])} code or output, "
+                    f"{len(found['tables_scrolling'])} tables"
                 )
                 for line in found["scrolling"]:
                     print(f"    scrolls: {line[:72]!r}")
+                for head in found["tables_scrolling"]:
+                    print(f"    table scrolls: {head[:66]!r}")
                 if shots:
                     os.makedirs(shots, exist_ok=True)
                     chromium(
