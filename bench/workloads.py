@@ -102,12 +102,14 @@ def machine_info() -> dict:
     return {**machine(), "transparent_hugepage": huge_pages()}
 
 
-def rounds(fns: dict, repeat: int, pause: float = 0.02) -> dict[str, list[float]]:
+def rounds(
+    fns: dict, repeat: int, pause: float = 0.02, prepare: dict | None = None
+) -> dict[str, list[float]]:
     """Seconds per call of each function, one entry per round
     (``shmarray.timing.interleaved``; ``fns`` maps a name to ``(function,
     calls)``).  ``pause`` lets spinning threads and workers of the side that
     just ran go to sleep before the other side runs."""
-    return timing.interleaved(fns, repeat, pause=pause)
+    return timing.interleaved(fns, repeat, pause=pause, prepare=prepare)
 
 
 def interleaved(fns: dict, repeat: int, pause: float = 0.0, inner: int = 1) -> dict[str, float]:

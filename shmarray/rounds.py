@@ -126,6 +126,7 @@ class Runner:
         self._polled = 0.0
         self._quiet = False  # the last round ended QUIET: no output came
         self._spin_ns = int(pool.policy.driver_spin * 1e9)
+        self._share_spin_ns = int(pool.policy.share_spin * 1e9)
 
     # -- from any thread ---------------------------------------------------------
 
@@ -344,7 +345,11 @@ class Runner:
                         w.wake()
             run_share(call)
             state = ctl.await_all(
-                placed.workers, seq, self._spin_ns, self.output_seen, nap_budget(call.timeout)
+                placed.workers,
+                seq,
+                self._share_spin_ns,
+                self.output_seen,
+                nap_budget(call.timeout),
             )
             return state, 0
         return self.ctl.ring_and_wait(

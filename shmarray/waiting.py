@@ -30,6 +30,12 @@ costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
     driver takes CPU time from the worker it shares a CPU with, however
     often it yields (maps of 20-100 us on 2 workers and 2 vCPUs: 18-23 us
     of overhead a map with the 5 us spin, 42-103 us with 150 us).
+    A caller that computes a share (``prepare(in_caller=True)``) holds
+    the CPU of the worker it stands in for, so it spins as long as a
+    worker does: napping there instead costs more than the wake-up, since
+    the last worker's futex wake pulls the caller onto that worker's CPU
+    (wake-affine), where the two then share one CPU while the other idles
+    (a 1024^2 heat loop: 300-400 us a step against 120 us).
 
     With more workers than usable CPUs, the driver and the neighbour waits
     spin next to nothing, since a spinner then holds a CPU a worker with
@@ -57,6 +63,7 @@ class WaitPolicy(NamedTuple):
     driver_spin: float  # seconds the driver spins on the done words
     step_spin: int  # rounds a worker spins on a neighbour's step word
     oversubscribed: bool  # more workers than usable CPUs
+    share_spin: float = 0.0  # seconds the driver spins after computing a share
 
     def for_workers(self) -> tuple[float, int]:
         """What a worker needs to know: (worker_spin, step_spin)."""
@@ -93,11 +100,11 @@ def resolve(name: str, workers: int, cpus: int) -> WaitPolicy:
     """
     over = workers > cpus
     if name == "spin":
-        return WaitPolicy(name, 0.1, 1e-3, 1 << 40, over)
+        return WaitPolicy(name, 0.1, 1e-3, 1 << 40, over, 1e-3)
     if name == "passive":
-        return WaitPolicy(name, 0.0, 0.0, 0, over)
+        return WaitPolicy(name, 0.0, 0.0, 0, over, 0.0)
     if over:  # auto, oversubscribed: see the module docstring
-        return WaitPolicy(name, 1e-3, 5e-6, 64, over)
+        return WaitPolicy(name, 1e-3, 5e-6, 64, over, 5e-6)
     # A round of the step spin is about 0.2 us: 10000 rounds, about 2 ms.
     driver = 2e-3 if workers < cpus else 5e-6  # a CPU of its own, or not
-    return WaitPolicy(name, 2e-3, driver, 10_000, over)
+    return WaitPolicy(name, 2e-3, driver, 10_000, over, 2e-3)

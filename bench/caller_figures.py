@@ -1,0 +1,351 @@
+"""The caller computing a share (``prepare(in_caller=True)``) and huge pages
+for shared memory, each side by side with numba prange in one process,
+interleaved round by round, with identical results:
+
+* a no-op step: ``eng.map``, a prepared map, a prepared map with
+  ``in_caller=True``, the kernel called on its rows from Python (the
+  caller's share alone) and prange's fork-join (2 threads);
+* a heat loop (5-point stencil, one step per call, the grid swapped by
+  Python) at 256^2 to 2048^2: the prepared map with and without
+  ``in_caller``, and ``eng.iterate``, against prange on the same shared
+  memory and on private NumPy arrays;
+* Jacobi 4096^2, 20 steps: a loop of ``eng.map`` and an ``in_caller``
+  prepared loop against prange on private arrays and on the same memory.
+
+``--huge`` (as root, Linux): sets ``shmem_enabled`` to ``advise`` for the
+run and restores what it was, even when interrupted, so that memfd blocks
+get transparent huge pages; use it with ``--storage memfd``.  Every report
+names the kernel's settings and how much shared memory sat on huge pages
+(``ShmemHugePages``) while the figures ran.
+
+Run: ``.venv/bin/python bench/caller_figures.py [--quick] [--storage memfd]
+[--huge] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import signal
+import sys
+
+import numba
+import numpy as np
+from numba import njit, prange as numba_prange
+
+import shmarray
+from peers import jacobi_prange
+from shmarray.kernels.stencils import heat_step, heat_step_prange, jacobi
+from shmarray.storage import hugepages
+from workloads import machine_info, ratios, rounds, save, summary
+
+ALPHA = 0.2
+WORKERS = 2
+ROWS = WORKERS * 8
+
+
+@njit(cache=True)
+def touch(x, by):
+    for i in range(x.shape[0]):
+        x[i] += by
+
+
+@njit(parallel=True, cache=True)
+def touch_prange(x, by):
+    for i in numba_prange(x.shape[0]):
+        x[i] += by
+
+
+def meminfo() -> dict:
+    """``ShmemHugePages`` and ``AnonHugePages`` (kB) from /proc/meminfo."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("ShmemHugePages", "AnonHugePages"):
+                    out[key + "_kB"] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+@contextlib.contextmanager
+def shmem_advise(wanted: bool):
+    """``shmem_enabled`` set to ``advise`` for the block (root only), then
+    restored, also on SIGTERM or Ctrl-C."""
+    if not wanted:
+        yield None
+        return
+    before = hugepages.shmem_enabled()
+    if before is None:
+        raise SystemExit("--huge: this kernel has no transparent huge pages for shmem")
+    try:
+        with open(hugepages.SHMEM_ENABLED, "w") as f:
+            f.write("advise")
+    except OSError as exc:
+        raise SystemExit(
+            f"--huge needs root: cannot write {hugepages.SHMEM_ENABLED}: {exc}"
+        ) from None
+    old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield before
+    finally:
+        with open(hugepages.SHMEM_ENABLED, "w") as f:
+            f.write(before)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def noop_figure(eng, repeat: int, inner: int) -> dict:
+    xs = {name: eng.zeros(ROWS) for name in ("map", "prepared", "in_caller", "alone")}
+    px = np.zeros(ROWS)
+    plain = eng.prepare(touch, xs["prepared"], args=(1.0,))
+    caller = eng.prepare(touch, xs["in_caller"], args=(1.0,), in_caller=True)
+    share = xs["alone"][ROWS // WORKERS :]
+
+    def loop(fn):
+        def run():
+            for _ in range(inner):
+                fn()
+
+        return run, inner
+
+    fns = {
+        "map": loop(lambda: eng.map(touch, xs["map"], args=(1.0,))),
+        "prepared": loop(plain),
+        "in_caller": loop(caller),
+        "share_alone": loop(lambda: touch(share, 1.0)),
+        "prange": loop(lambda: touch_prange(px, 1.0)),
+    }
+    for fn, _ in fns.values():
+        fn()
+    t = rounds(fns, repeat)
+    identical = all(np.array_equal(xs[k], px) for k in ("map", "prepared", "in_caller"))
+    return {
+        "us": {k: summary([v * 1e6 for v in times]) for k, times in t.items()},
+        "identical": identical,
+        "in_caller_over_prange": ratios(t["in_caller"], t["prange"]),
+        "in_caller_over_prepared": ratios(t["in_caller"], t["prepared"]),
+    }
+
+
+def steps_for(n: int) -> int:
+    """Steps in one timed round: about 50 ms of prange at any size, a loop
+    long enough that one wake-up does not decide its time; even, so that
+    every side ends a round with its result in the same array."""
+    return max(20, int(4e8 // (n * n)) // 2 * 2)
+
+
+WARM = 4  # untimed steps before each timed round (an even count: the same parity)
+
+
+def timed(sides: dict, steps: int, repeat: int) -> dict[str, list[float]]:
+    """Seconds per step of each side (``side(count)`` runs ``count`` steps),
+    interleaved round by round.  Each timed round starts warm: ``WARM``
+    untimed steps first wake the side's workers or threads after the pause
+    between sides, as they are awake in a long loop; every side runs the
+    same steps, so their results stay comparable bit for bit."""
+    return rounds(
+        {k: (fn, steps) for k, fn in sides.items()},
+        repeat,
+        prepare={k: functools.partial(fn, WARM) for k, fn in sides.items()},
+    )
+
+
+def heat_figure(eng, n: int, repeat: int) -> dict:
+    steps = steps_for(n)
+    u0 = np.random.default_rng(n).random((n, n))
+    grids = {
+        k: (eng.from_numpy(u0), eng.from_numpy(u0))
+        for k in ("prepared", "in_caller", "iterate", "shared")
+    }
+    pa, pb = u0.copy(), u0.copy()
+    plain = eng.prepare(
+        heat_step, grids["prepared"][1], grids["prepared"][0], args=(ALPHA,), halo=1
+    )
+    caller = eng.prepare(
+        heat_step,
+        grids["in_caller"][1],
+        grids["in_caller"][0],
+        args=(ALPHA,),
+        halo=1,
+        in_caller=True,
+    )
+
+    def prepared(step):
+        def run(count=steps):
+            for _ in range(count):
+                step()
+                step.swap()
+
+        return run
+
+    def prange(x, y):
+        def run(count=steps):
+            a, b = x, y
+            for _ in range(count):
+                heat_step_prange(b, a, ALPHA)
+                a, b = b, a
+
+        return run
+
+    def iterate(count=steps):
+        eng.iterate(
+            heat_step, grids["iterate"][1], grids["iterate"][0], steps=count, args=(ALPHA,), halo=1
+        )
+
+    sides = {
+        "prepared": prepared(plain),
+        "in_caller": prepared(caller),
+        "iterate": iterate,
+        "prange_shared": prange(*grids["shared"]),
+        "prange": prange(pa, pb),
+    }
+    for _ in range(3):
+        for fn in sides.values():
+            fn()
+    t = timed(sides, steps, repeat)
+    identical = all(np.array_equal(a, pa) and np.array_equal(b, pb) for a, b in grids.values())
+    return {
+        "n": n,
+        "steps_per_round": steps,
+        "identical": identical,
+        "per_step_us": {k: summary([s * 1e6 for s in v]) for k, v in t.items()},
+        "in_caller_over_prange_shared": ratios(t["in_caller"], t["prange_shared"]),
+        "in_caller_over_prange": ratios(t["in_caller"], t["prange"]),
+        "prepared_over_prange_shared": ratios(t["prepared"], t["prange_shared"]),
+        "iterate_over_prange_shared": ratios(t["iterate"], t["prange_shared"]),
+        "prange_shared_over_prange": ratios(t["prange_shared"], t["prange"]),
+    }
+
+
+def jacobi_figure(eng, n: int, steps: int, repeat: int) -> dict:
+    u0 = np.random.default_rng(1).random((n, n))
+    grids = {k: (eng.from_numpy(u0), eng.from_numpy(u0)) for k in ("maps", "in_caller", "shared")}
+    pa, pb = u0.copy(), u0.copy()
+    caller = eng.prepare(
+        jacobi, grids["in_caller"][1], grids["in_caller"][0], halo=1, in_caller=True
+    )
+
+    def maps(count=steps):
+        x, y = grids["maps"]
+        for _ in range(count):
+            eng.map(jacobi, y, x, halo=1)
+            x, y = y, x
+
+    def in_caller(count=steps):
+        for _ in range(count):
+            caller()
+            caller.swap()
+
+    def prange(x, y):
+        def run(count=steps):
+            a, b = x, y
+            for _ in range(count):
+                jacobi_prange(b, a)
+                a, b = b, a
+
+        return run
+
+    sides = {
+        "maps": maps,
+        "in_caller": in_caller,
+        "prange_shared": prange(*grids["shared"]),
+        "prange": prange(pa, pb),
+    }
+    for fn in sides.values():
+        fn()
+    t = timed(sides, steps, repeat)
+    identical = all(np.array_equal(a, pa) and np.array_equal(b, pb) for a, b in grids.values())
+    return {
+        "n": n,
+        "steps": steps,
+        "identical": identical,
+        "per_step_ms": {k: summary([s * 1e3 for s in v]) for k, v in t.items()},
+        "maps_over_prange": ratios(t["maps"], t["prange"]),
+        "in_caller_over_prange": ratios(t["in_caller"], t["prange"]),
+        "maps_over_prange_shared": ratios(t["maps"], t["prange_shared"]),
+        "prange_shared_over_prange": ratios(t["prange_shared"], t["prange"]),
+    }
+
+
+def q(s: dict, fmt: str = ".3f") -> str:
+    return f"{s['median']:{fmt}} [{s['q1']:{fmt}}-{s['q3']:{fmt}}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, fewer sizes")
+    parser.add_argument("--storage", default="shm", help="the engine's storage (default: shm)")
+    parser.add_argument(
+        "--huge", action="store_true", help="as root: shmem_enabled=advise for the run, restored"
+    )
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    quick = args.quick
+    numba.set_num_threads(WORKERS)
+    sizes = (256, 1024) if quick else (256, 512, 1024, 2048)
+    with shmem_advise(args.huge) as before:
+        fig: dict = {
+            "machine": machine_info(),
+            "workers": WORKERS,
+            "storage": args.storage,
+            "shmem_enabled_set": "advise" if args.huge else None,
+            "shmem_enabled_before": before,
+            "meminfo_before": meminfo(),
+        }
+        with shmarray.Engine(workers=WORKERS, storage=args.storage) as eng:
+            fig["noop"] = noop_figure(eng, repeat=5 if quick else 21, inner=2000)
+            fig["heat"] = [heat_figure(eng, n, repeat=5 if quick else 15) for n in sizes]
+            fig["jacobi"] = jacobi_figure(
+                eng, 1024 if quick else 4096, steps=20, repeat=3 if quick else 11
+            )
+            fig["meminfo_during"] = meminfo()  # the arrays are still alive
+    fig["machine"]["threading_layer"] = numba.threading_layer()
+
+    m, v = fig["machine"], fig["machine"]["versions"]
+    thp = m["transparent_hugepage"]
+    print(
+        f"machine: {m['cpu']}, {m['usable_cpus']} CPUs, Python {v['python']}, numba "
+        f"{v['numba']} ({m['threading_layer']}); {WORKERS} workers (or 1 + the caller), "
+        f"storage {args.storage}; prange on {WORKERS} threads; medians [quartiles]"
+    )
+    print(
+        f"huge pages: anonymous [{thp['enabled']}], shmem [{thp['shmem_enabled']}]"
+        f"{' (set by this run, was ' + str(before) + ')' if args.huge else ''}; "
+        f"ShmemHugePages {fig['meminfo_during'].get('ShmemHugePages_kB')} kB, "
+        f"AnonHugePages {fig['meminfo_during'].get('AnonHugePages_kB')} kB with the arrays alive"
+    )
+    n = fig["noop"]
+    print(
+        "no-op, us: "
+        + "  ".join(f"{k} {q(s, '.2f')}" for k, s in n["us"].items())
+        + f"  identical {n['identical']}  (target: in_caller <= 4)"
+    )
+    print("heat loop, us per step, and in_caller over prange on the same memory / private:")
+    for h in fig["heat"]:
+        s = h["per_step_us"]
+        print(
+            f"  {h['n']:>5}^2  prepared {s['prepared']['median']:8.1f}  in_caller "
+            f"{s['in_caller']['median']:8.1f}  prange shared {s['prange_shared']['median']:8.1f}"
+            f"  iterate {s['iterate']['median']:8.1f}"
+            f"  private {s['prange']['median']:8.1f}   in_caller/shared "
+            f"{q(h['in_caller_over_prange_shared'])}  in_caller/private "
+            f"{q(h['in_caller_over_prange'])}  identical {h['identical']}"
+        )
+    j = fig["jacobi"]
+    s = j["per_step_ms"]
+    print(
+        f"jacobi {j['n']}^2, ms per step: maps {s['maps']['median']:.3f}  in_caller "
+        f"{s['in_caller']['median']:.3f}  prange shared {s['prange_shared']['median']:.3f}  "
+        f"private {s['prange']['median']:.3f};  maps/private {q(j['maps_over_prange'])}  "
+        f"in_caller/private {q(j['in_caller_over_prange'])}  shared/private "
+        f"{q(j['prange_shared_over_prange'])}  identical {j['identical']}"
+    )
+    save(fig, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
