@@ -32,10 +32,7 @@ costs (OpenMP names the same trade ``OMP_WAIT_POLICY``):
     of overhead a map with the 5 us spin, 42-103 us with 150 us).
     A caller that computes a share (``prepare(in_caller=True)``) holds
     the CPU of the worker it stands in for, so it spins as long as a
-    worker does: napping there instead costs more than the wake-up, since
-    the last worker's futex wake pulls the caller onto that worker's CPU
-    (wake-affine), where the two then share one CPU while the other idles
-    (a 1024^2 heat loop: 300-400 us a step against 120 us).
+    worker does (``share_spin``) rather than nap on a futex each step.
 
     With more workers than usable CPUs, the driver and the neighbour waits
     spin next to nothing, since a spinner then holds a CPU a worker with
