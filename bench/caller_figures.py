@@ -29,6 +29,7 @@ import contextlib
 import functools
 import signal
 import sys
+import time
 
 import numba
 import numpy as np
@@ -128,6 +129,39 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
         "in_caller_over_prange": ratios(t["in_caller"], t["prange"]),
         "in_caller_over_prepared": ratios(t["in_caller"], t["prepared"]),
     }
+
+
+def breakdown(eng, calls: int = 200_000) -> dict:
+    """Where a prepared ``in_caller`` no-op step's microseconds go: the
+    step as a user calls it, then each layer under it called alone, from
+    outside in (the dispatcher's run, the round, the caller's share; the
+    difference between two is that layer's own Python).  Reaches into the
+    engine's private parts: a measurement, not an API."""
+    from shmarray import rounds as rounds_module
+
+    x = eng.zeros(ROWS)
+    step = eng.prepare(touch, x, args=(1.0,), in_caller=True)
+    call = step._calls[0]
+    runner = eng._dispatcher.runner
+    layers = {
+        "step": step,
+        "runner_run": lambda: runner.run(call),
+        "round": lambda: runner.round(call, call.job),
+        "share": lambda: rounds_module.run_share(call),
+        "kernel": functools.partial(touch, call.share[0][0], 1.0),
+    }
+    out = {}
+    for name, fn in layers.items():
+        for _ in range(calls // 10):
+            fn()
+        best = []
+        for _ in range(5):
+            t0 = time.perf_counter_ns()
+            for _ in range(calls // 5):
+                fn()
+            best.append((time.perf_counter_ns() - t0) / (calls // 5) / 1e3)
+        out[name] = summary(best)
+    return out
 
 
 def steps_for(n: int) -> int:
@@ -297,6 +331,7 @@ def main() -> int:
         }
         with shmarray.Engine(workers=WORKERS, storage=args.storage) as eng:
             fig["noop"] = noop_figure(eng, repeat=5 if quick else 21, inner=2000)
+            fig["breakdown_us"] = breakdown(eng, 20_000 if quick else 200_000)
             fig["heat"] = [heat_figure(eng, n, repeat=5 if quick else 15) for n in sizes]
             fig["jacobi"] = jacobi_figure(
                 eng, 1024 if quick else 4096, steps=20, repeat=3 if quick else 11
@@ -322,6 +357,14 @@ def main() -> int:
         "no-op, us: "
         + "  ".join(f"{k} {q(s, '.2f')}" for k, s in n["us"].items())
         + f"  identical {n['identical']}  (target: in_caller <= 4)"
+    )
+    b = {k: v["median"] for k, v in fig["breakdown_us"].items()}
+    print(
+        f"  where a prepared in_caller no-op step's {b['step']:.2f} us go: "
+        f"PreparedMap and the dispatcher {b['step'] - b['runner_run']:.2f}, the runner "
+        f"(signals held, output) {b['runner_run'] - b['round']:.2f}, the round's Python "
+        f"and compiled ring and wait {b['round'] - b['share']:.2f}, the caller's share "
+        f"{b['share']:.2f} (of which the kernel call {b['kernel']:.2f})"
     )
     print("heat loop, us per step, and in_caller over prange on the same memory / private:")
     for h in fig["heat"]:
