@@ -11,9 +11,9 @@ import os
 import nbformat
 import pytest
 import yaml
-from nbclient import NotebookClient
 
 from conftest import shm_entries
+from test_gallery import gallery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "notebooks")
@@ -50,10 +50,8 @@ def test_notebook_runs_in_a_fresh_kernel(name, monkeypatch):
     monkeypatch.setenv("SHMARRAY_CHECK", "1")
     nb = nbformat.read(os.path.join(HERE, name), as_version=4)
     before = shm_entries()
-    client = NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": HERE}}
-    )
-    client.execute()  # raises CellExecutionError on any failing cell
+    # raises CellExecutionError on any failing cell
+    gallery.client(nb, timeout=600, resources={"metadata": {"path": HERE}}).execute()
     errors = [
         o
         for c in nb.cells
@@ -106,7 +104,7 @@ def test_the_seed_a_generator_example_works_in_a_notebook():
         ]
     )
     before = shm_entries()
-    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    gallery.client(nb, timeout=300).execute()
     out = "".join(o.get("text", "") for o in nb.cells[1].outputs)
     assert out.startswith("mean "), nb.cells[1].outputs
     assert shm_entries() == before

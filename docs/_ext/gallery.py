@@ -85,17 +85,26 @@ def shown(text: str) -> str:
     return inner.strip().removeprefix("```").removesuffix("```").strip("\n")
 
 
-def execute(name: str) -> None:
-    import nbformat
+def client(nb, **options):
+    """An nbclient ``NotebookClient`` on a python3 kernel that logs only its
+    errors: ipykernel otherwise warns on stderr that its local TCP traffic
+    is unencrypted, which nobody here asked to hear (a cell's own output
+    and errors reach the notebook as before)."""
     from nbclient import NotebookClient
 
-    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    NotebookClient(
+    return NotebookClient(
         nb,
-        timeout=1200,
         kernel_name="python3",
-        resources={"metadata": {"path": str(ROOT / "notebooks")}},
-    ).execute()
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        **options,
+    )
+
+
+def execute(name: str) -> None:
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    client(nb, timeout=1200, resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     nbformat.write(nb, SHOWCASE / name)
 
 
