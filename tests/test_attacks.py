@@ -77,13 +77,21 @@ RUNNING = HOLD + textwrap.dedent("""
 
 
 def test_a_forked_childs_exit_leaves_the_parents_engine_alone():
+    # The child's map and prepared step are refused in the same words; its
+    # exit touches nothing of the parent's.
     code = HOLD + textwrap.dedent("""
         with shmarray.Engine(workers=2) as eng:
             x = eng.zeros(100)
             names = [b.name for b in eng.blocks]
+            step = eng.prepare(scale, x, args=(2.0,), in_caller=True)
             pid = os.fork()
             if pid == 0:
-                del x
+                for call in (lambda: eng.map(scale, x, args=(2.0,)), step):
+                    try:
+                        call()
+                    except RuntimeError as exc:  # the same words for both
+                        print("child:", exc, flush=True)
+                del x, step
                 sys.exit(0)                      # atexit hooks run in the child
             os.waitpid(pid, 0)
             x[:] = 1.0
@@ -92,6 +100,9 @@ def test_a_forked_childs_exit_leaves_the_parents_engine_alone():
     """)
     proc = run_python(code, timeout=120)
     assert "after: 300.0 True" in proc.stdout
+    said = [line for line in proc.stdout.splitlines() if line.startswith("child:")]
+    assert len(said) == 2 and said[0] == said[1], proc.stdout
+    assert "a forked child cannot use it" in said[0]
     assert proc.stderr == ""
 
 
