@@ -1097,6 +1097,16 @@ _KEYWORDS = {
     "iterate": frozenset(IterateOptions.__annotations__),
     "check": frozenset(CheckOptions.__annotations__),
 }
+# The keywords each Engine method takes besides its **options (a test
+# holds this to the signatures).
+_OWN_KEYWORDS = {
+    "map": frozenset({"errors", "check"}),
+    "reduce": frozenset({"errors", "check"}),
+    "prepare": frozenset({"errors", "in_caller"}),
+    "imap": frozenset({"errors"}),
+    "submit": frozenset({"errors"}),
+    "submit_reduce": frozenset({"errors"}),
+}
 _PLAIN_OPTIONS = {"raise": CallOptions(), "collect": CallOptions(errors="collect")}
 
 
@@ -1179,9 +1189,18 @@ def call_options(
     known = _KEYWORDS[kind]
     if given.keys() <= known:
         return args, CallOptions(errors=errors, **given)
+    takes = known | _OWN_KEYWORDS.get(method, frozenset())
     for name in given:
         if name not in known:
-            close = difflib.get_close_matches(name, known | {"errors"}, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (it takes {sorted(known)})"
+            close = difflib.get_close_matches(name, takes, n=1)
+            if name == "in_caller":
+                hint = (
+                    ": the caller computes a share of a prepared map only, "
+                    "eng.prepare(kernel, *arrays, ..., in_caller=True)"
+                )
+            elif close:
+                hint = f"; did you mean {close[0]!r}?"
+            else:
+                hint = f" (it takes {sorted(takes)})"
             raise TypeError(f"{method}() got an unexpected keyword argument {name!r}{hint}")
     raise AssertionError(f"CallOptions refused {sorted(given)}")  # fields = keywords

@@ -149,6 +149,29 @@ def test_an_unknown_keyword_is_named_with_the_closest_one(engine, call, said):
     assert str(info.value).startswith(said)
 
 
+def test_in_caller_given_to_map_points_at_prepare(engine):
+    x = engine.zeros(8)
+    with pytest.raises(TypeError) as info:
+        engine.map(_noop, x, in_caller=True)
+    assert "eng.prepare(kernel, *arrays, ..., in_caller=True)" in str(info.value)
+    with pytest.raises(TypeError, match=r"\(it takes \['args', .*'check', .*'errors'"):
+        engine.map(_noop, x, zzz=1)
+
+
+def test_the_keywords_named_in_messages_are_the_methods_own():
+    # What "it takes [...]" lists besides the options is each method's
+    # signature, not a copy that could drift from it.
+    import inspect
+
+    from shmarray import options
+
+    for method, own in options._OWN_KEYWORDS.items():
+        params = inspect.signature(getattr(shmarray.Engine, method)).parameters
+        keywords = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        keywords |= {n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD}
+        assert own == keywords - {"self", "kernel"}, method
+
+
 def test_an_unknown_engine_keyword_is_named_with_the_closest_one():
     # Refused before a worker starts or a block is made.
     with pytest.raises(TypeError) as info:

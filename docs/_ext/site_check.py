@@ -112,8 +112,9 @@ frame.onload = () => {
     );
     if (table.scrollWidth > table.clientWidth + 1 || right > edge + 1) found.tables_cut.push(head);
   }
-  // A word of a table header split across two lines ("eng.iterat" / "e").
-  for (const th of d.querySelectorAll(".md-typeset th")) {
+  // A word of a table header, or of a cell's inline code, split across two
+  // lines ("eng.iterat" / "e").
+  for (const th of d.querySelectorAll(".md-typeset th, .md-typeset td code")) {
     if (th.offsetParent === null) continue;
     const walker = d.createTreeWalker(th, NodeFilter.SHOW_TEXT);
     for (let node = walker.nextNode(); node !== null; node = walker.nextNode()) {
@@ -218,11 +219,11 @@ def check(site: str, shots: str | None = None) -> list[str]:
                 for head in found["tables_cut"]:
                     problems.append(f"{where}: table cut off at the edge: {head!r}")
                 for word in found["headers_broken"]:
-                    problems.append(f"{where}: a table header breaks inside {word!r}")
+                    problems.append(f"{where}: a table header or cell code breaks inside {word!r}")
                 print(
                     f"{where:32} wider than the page: {max(found['overflow'], 0)} px; "
                     f"cut off: {len(found['cut'])} code, {len(found['tables_cut'])} tables; "
-                    f"headers broken mid-word: {len(found['headers_broken'])}; "
+                    f"words broken mid-word in tables: {len(found['headers_broken'])}; "
                     f"scrolling in their box: {len(found['scrolling'])} code or output, "
                     f"{len(found['tables_scrolling'])} tables"
                 )
