@@ -249,6 +249,9 @@ def fresh_workers() -> dict:
     return {"start_s": started, "workers": stats}
 
 
+INFO_BLOCKS = 10  # blocks `shmarray info` lists (ls lists all)
+
+
 def _info(args: argparse.Namespace) -> int:
     data = info(engine=args.engine)
     if args.json:
@@ -277,12 +280,15 @@ def _info(args: argparse.Namespace) -> int:
     _print_huge(data["huge_pages"], data["shm_dir"])
     if "fresh_workers" in data:
         _print_fresh(data["fresh_workers"])
+    shown = data["blocks"][:INFO_BLOCKS]
     print(f"live blocks        : {len(data['blocks'])}")
-    for b in data["blocks"]:
+    for b in shown:
         print(
             f"  {b['name']:<30} {blocks.format_bytes(b['size']):>10}  owner "
             f"{b['owner_pid']} {_state(b['owner_alive'])}"
         )
+    if len(data["blocks"]) > len(shown):
+        print(f"  ... and {len(data['blocks']) - len(shown)} more: `shmarray ls` lists them all")
     return 0
 
 

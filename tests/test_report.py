@@ -250,3 +250,20 @@ def test_info_json():
         [sys.executable, "-m", "shmarray", "info"], capture_output=True, text=True, check=True
     ).stdout
     assert "usable CPUs" in text and "shared memory" in text
+
+
+def test_info_lists_ten_blocks_and_counts_the_rest(engine):
+    # Twelve blocks of this process's engine (others may be live too): the
+    # count covers them all, the listing stops at ten and says how to see
+    # the rest.
+    arrays = [engine.zeros(8) for _ in range(12)]
+    text = subprocess.run(
+        [sys.executable, "-m", "shmarray", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("live blocks"))
+    count = int(lines[at].split(":")[1])
+    listed = [line for line in lines[at + 1 :] if line.startswith("  /") or "memfd:" in line]
+    assert count >= 12 and len(listed) == 10
+    assert lines[-1] == f"  ... and {count - 10} more: `shmarray ls` lists them all"
+    del arrays
