@@ -56,7 +56,9 @@ def shmem_enabled() -> str | None:
 def _tmpfs_huge(dev: int) -> str | None:
     """The ``huge=`` option of the tmpfs mounted as device ``dev``
     (``"never"`` where it has none), or None if ``dev`` is no tmpfs mount
-    of this process's mount namespace (memfd's internal mount is not)."""
+    of this process's mount namespace (memfd's internal mount is not).
+    Read once per device and process: a remount takes effect for engines
+    of processes started after it (``shmem_enabled`` is read every time)."""
     major, minor = os.major(dev), os.minor(dev)
     try:
         with open("/proc/self/mountinfo") as f:
