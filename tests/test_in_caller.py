@@ -239,3 +239,22 @@ def test_a_segfault_in_the_callers_share_ends_the_caller_and_leaves_nothing():
             break
         time.sleep(0.01)
     assert alive == [] and left == [], (alive, left)
+
+
+def test_the_same_arrays_prepared_with_and_without_in_caller_are_two_jobs(engines):
+    # Alternating, each gives map's rows, and the last worker runs only the
+    # steps it is rung for (the plain prepared map's and map's).
+    eng = engines
+    x = eng.zeros((40, 3))
+    args = (shmarray.row_offset, shmarray.worker_id, 1.0)
+    mine = eng.prepare(where_am_i, x, args=args, in_caller=True)
+    plain = eng.prepare(where_am_i, x, args=args)
+    before = eng.stats()[-1].tasks
+    results = []
+    for call in (mine, plain, lambda x=x: eng.map(where_am_i, x, args=args)) * 3:
+        x[:] = -1.0
+        call()
+        results.append(np.array(x))
+    assert all(np.array_equal(r, results[0]) for r in results)
+    assert eng.stats()[-1].tasks - before == 6 or eng.workers > 40
+    del x, mine, plain
