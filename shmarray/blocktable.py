@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shmarray.errors import EngineClosedError
+from shmarray.interrupts import SIGNALS
 from shmarray.storage import ShmStorage, Storage
 
 
@@ -228,7 +229,22 @@ class BlockTable:
         return self._descriptors
 
     def allocate(self, nbytes: int) -> np.ndarray:
-        """A new block; returns a uint8 array of ``nbytes`` over it."""
+        """A new block; returns a uint8 array of ``nbytes`` over it.  In the
+        main thread, SIGINT and SIGTERM are held from before the block is
+        made until it is recorded (then raised): a Ctrl-C in between would
+        leave a block that ``close()`` cannot name, mapped by a frame of the
+        exception's traceback."""
+        caught: list[BaseException] = []
+        held = SIGNALS.hold(caught.append)
+        try:
+            return self._allocate(nbytes)
+        finally:
+            if held:
+                SIGNALS.release()
+                if caught:
+                    raise caught[0]
+
+    def _allocate(self, nbytes: int) -> np.ndarray:
         _REAPER.running()
         with self._lock:
             if self.closed:

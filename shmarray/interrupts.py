@@ -136,8 +136,9 @@ class HeldSignals:
     (signals run their handlers in the main thread only).
 
     One per process (:data:`SIGNALS`).  Spans do not nest: a span is a
-    driven round, or a wait for another thread's round to settle, and the
-    main thread is in one of them at a time.
+    driven round, a wait for another thread's round to settle, or the
+    making of a block (``BlockTable.allocate``), and a span asked for
+    within another is not opened (the outer one holds).
 
     The wrapper is installed at the first span and stays between spans,
     where it calls the user's handler and nothing else: installing and
@@ -155,8 +156,10 @@ class HeldSignals:
         self._handler = self._handle  # one bound method, for the identity test
 
     def hold(self, catch: Callable[[BaseException], None]) -> bool:
-        """Open a span; True if one was opened (then call ``release``)."""
-        if threading.get_ident() != _main_ident:
+        """Open a span; True if one was opened (then call ``release``).
+        Within a span already open (a block made while a round is driven),
+        opens none: the outer span's ``catch`` keeps what comes."""
+        if threading.get_ident() != _main_ident or self._catch is not None:
             return False
         if _getsignal(_INT) is not self._seen[0] or _getsignal(_TERM) is not self._seen[1]:
             self._install()

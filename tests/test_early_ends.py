@@ -105,3 +105,63 @@ def test_the_users_signal_handlers_are_back_once_the_last_engine_closes():
     assert "one open: False" in proc.stdout
     assert "all closed: True" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_ctrl_c_while_blocks_are_made_leaves_no_block_unnamed(tmp_path):
+    # SIGINT every 0.2 ms while the main thread makes small arrays in a
+    # directory (thousands of interrupts, some inside the making of a
+    # block): every block made is one close() unlinks, and once the kept
+    # exceptions are dropped no descriptor into the directory is open.
+    where = tmp_path / "blocks"
+    where.mkdir()
+    code = textwrap.dedent(f"""
+        import gc, os, signal, threading, time
+        import shmarray
+
+        where = {str(where)!r}
+        armed = False
+
+        def handler(signum, frame):
+            if armed:                      # only around eng.zeros
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+        done = threading.Event()
+
+        def pester():
+            while not done.wait(0.0002):
+                os.kill(os.getpid(), signal.SIGINT)
+
+        kept, made = [], []
+        with shmarray.Engine(workers=2, storage=where) as eng:
+            threading.Thread(target=pester, daemon=True).start()
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                try:
+                    armed = True
+                    made.append(eng.zeros(1000))
+                    armed = False
+                except KeyboardInterrupt as exc:
+                    armed = False
+                    kept.append(exc)       # as a notebook keeps what it showed
+                del made[:-20]
+            done.set()
+            del made
+        print("interrupted:", len(kept) > 100)
+        print("files left:", os.listdir(where))
+        del kept
+        gc.collect()
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink("/proc/self/fd/" + fd))
+            except OSError:                # the listing's own descriptor
+                pass
+        print("descriptors left:", [f for f in fds if f.startswith(where)])
+    """)
+    proc = run_python(code, timeout=120)
+    assert proc.stdout.splitlines() == [
+        "interrupted: True",
+        "files left: []",
+        "descriptors left: []",
+    ], proc.stdout + proc.stderr

@@ -263,13 +263,13 @@ def _made(fd: int, size: int, lock: bool, full) -> mmap.mmap:
             raise out_of_descriptors(exc, "map a shared block") from None
         raise
     if huge:
-        hugepages.advise(mm)
         try:
+            hugepages.advise(mm)
             if not hugepages.populate(mm):
                 _reserve(fd, size)
-        except OSError as exc:
+        except BaseException as exc:
             mm.close()
-            if exc.errno in _FULL:
+            if isinstance(exc, OSError) and exc.errno in _FULL:
                 raise full(exc.errno) from None
             raise
     return mm
@@ -310,20 +310,25 @@ def _made_unnamed(
         raise failed(exc) from None
     try:
         mm = _made(fd, size, True, full)
-        while True:
-            path = os.path.join(directory, new_name()[1:])
-            try:
-                # linkat(AT_SYMLINK_FOLLOW), which os.link calls only when
-                # given a directory descriptor (else link(2), which would
-                # link the /proc symlink itself); an absolute path ignores it.
-                os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd)
-                return path, mm
-            except FileExistsError:  # 64 random bits: never, but be correct
-                continue
-            except OSError as exc:
-                if exc.errno in _FULL:
-                    raise full(exc.errno) from None
-                raise
+        try:
+            while True:
+                path = os.path.join(directory, new_name()[1:])
+                try:
+                    # linkat(AT_SYMLINK_FOLLOW), which os.link calls only
+                    # when given a directory descriptor (else link(2), which
+                    # would link the /proc symlink itself); an absolute path
+                    # ignores it.
+                    os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd)
+                    return path, mm
+                except FileExistsError:  # 64 random bits: never, but be correct
+                    continue
+                except OSError as exc:
+                    if exc.errno in _FULL:
+                        raise full(exc.errno) from None
+                    raise
+        except BaseException:
+            mm.close()  # its own descriptor too, not left to the traceback
+            raise
     finally:
         os.close(fd)
 
