@@ -33,9 +33,9 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange as numba_prange
 
 import shmarray
+from loop_figures import touch, touch_prange
 from peers import jacobi_prange
 from shmarray.kernels.stencils import heat_step, heat_step_prange, jacobi
 from shmarray.storage import hugepages
@@ -46,16 +46,28 @@ WORKERS = 2
 ROWS = WORKERS * 8
 
 
-@njit(cache=True)
-def touch(x, by):
-    for i in range(x.shape[0]):
-        x[i] += by
+def prepared_steps(step, steps: int):
+    """``run(count)``: ``count`` steps of a prepared map, swapped after each."""
+
+    def run(count=steps):
+        for _ in range(count):
+            step()
+            step.swap()
+
+    return run
 
 
-@njit(parallel=True, cache=True)
-def touch_prange(x, by):
-    for i in numba_prange(x.shape[0]):
-        x[i] += by
+def prange_steps(kernel, x, y, steps: int, *args):
+    """``run(count)``: ``count`` steps of a prange stencil ``kernel(out,
+    inp, *args)`` from ``x`` into ``y``, swapped after each."""
+
+    def run(count=steps):
+        a, b = x, y
+        for _ in range(count):
+            kernel(b, a, *args)
+            a, b = b, a
+
+    return run
 
 
 def meminfo() -> dict:
@@ -207,34 +219,17 @@ def heat_figure(eng, n: int, repeat: int) -> dict:
         in_caller=True,
     )
 
-    def prepared(step):
-        def run(count=steps):
-            for _ in range(count):
-                step()
-                step.swap()
-
-        return run
-
-    def prange(x, y):
-        def run(count=steps):
-            a, b = x, y
-            for _ in range(count):
-                heat_step_prange(b, a, ALPHA)
-                a, b = b, a
-
-        return run
-
     def iterate(count=steps):
         eng.iterate(
             heat_step, grids["iterate"][1], grids["iterate"][0], steps=count, args=(ALPHA,), halo=1
         )
 
     sides = {
-        "prepared": prepared(plain),
-        "in_caller": prepared(caller),
+        "prepared": prepared_steps(plain, steps),
+        "in_caller": prepared_steps(caller, steps),
         "iterate": iterate,
-        "prange_shared": prange(*grids["shared"]),
-        "prange": prange(pa, pb),
+        "prange_shared": prange_steps(heat_step_prange, *grids["shared"], steps, ALPHA),
+        "prange": prange_steps(heat_step_prange, pa, pb, steps, ALPHA),
     }
     for _ in range(3):
         for fn in sides.values():
@@ -268,25 +263,11 @@ def jacobi_figure(eng, n: int, steps: int, repeat: int) -> dict:
             eng.map(jacobi, y, x, halo=1)
             x, y = y, x
 
-    def in_caller(count=steps):
-        for _ in range(count):
-            caller()
-            caller.swap()
-
-    def prange(x, y):
-        def run(count=steps):
-            a, b = x, y
-            for _ in range(count):
-                jacobi_prange(b, a)
-                a, b = b, a
-
-        return run
-
     sides = {
         "maps": maps,
-        "in_caller": in_caller,
-        "prange_shared": prange(*grids["shared"]),
-        "prange": prange(pa, pb),
+        "in_caller": prepared_steps(caller, steps),
+        "prange_shared": prange_steps(jacobi_prange, *grids["shared"], steps),
+        "prange": prange_steps(jacobi_prange, pa, pb, steps),
     }
     for fn in sides.values():
         fn()

@@ -192,7 +192,6 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._closed = False
-        self._forked_from: int | None = None  # in a forked child: the owner
         self._close_on_release = False
         _OPEN.add(self)
 
@@ -252,9 +251,9 @@ class Dispatcher:
 
     def _check_open(self) -> None:
         if self._closing:
-            if self._forked_from is not None:  # as Engine._live says it
+            if os.getpid() != self._owner:  # a forked child's copy: as Engine._live says it
                 raise RuntimeError(
-                    f"this Engine belongs to process {self._forked_from}; a forked "
+                    f"this Engine belongs to process {self._owner}; a forked "
                     "child cannot use it. Create an Engine in the child instead."
                 )
             raise EngineClosedError(
@@ -378,7 +377,6 @@ class Dispatcher:
         """See ``_forget_all_in_child``.  Takes no lock: another thread of
         the parent may have held one at the fork."""
         self._closing = self._closed = True
-        self._forked_from = self._owner
         self._thread = None
         self.pool.forget_in_child()
         self.runner.forget_in_child()
