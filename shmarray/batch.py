@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import queue
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from shmarray.dispatch import LATER, Waiting, ended_within
 
 if TYPE_CHECKING:
     from shmarray.dispatch import MapFuture
@@ -24,7 +25,12 @@ class Sink:
     __slots__ = ("queue", "halted")
 
     def __init__(self):
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        # A queue.Queue, not a SimpleQueue: the consumer waits with a
+        # timeout while signals are held (dispatch.Waiting), and through
+        # Python 3.12 SimpleQueue.get(timeout=...) can block for ever once a
+        # signal interrupts it after its deadline has passed (a burst of
+        # Ctrl-C hung an imap stream; fixed in 3.13).
+        self.queue: queue.Queue = queue.Queue()
         self.halted = False
 
     def put(self, rows: tuple[int, int], value: Any) -> None:
@@ -83,10 +89,10 @@ class ChunkStream:
                 f"child cannot read it. Create an Engine in the child instead."
             )
         try:
-            item = self._sink.queue.get()
-        except BaseException:  # Ctrl-C while waiting: as for map, kill
+            # Ctrl-C while waiting: as for map, the workers are killed first.
+            item = Waiting().wait(self._future, self._take)
+        except BaseException:
             self._done = True
-            self._future.stop_and_wait()
             raise
         if item is _END:
             self._done = True
@@ -117,11 +123,16 @@ class ChunkStream:
         """
         self._done = True
         if self._halt():
-            try:
-                concurrent.futures.wait([self._future])
-            except BaseException:
-                self._future.stop_and_wait()  # Ctrl-C while waiting: kill them
-                raise
+            future = self._future
+            # Ctrl-C while waiting: the running chunks are killed instead.
+            Waiting().wait(future, lambda timeout: ended_within(future, timeout))
+
+    def _take(self, timeout: float | None) -> Any:
+        """The next item of the stream, if one comes within ``timeout``."""
+        try:
+            return self._sink.queue.get(timeout=timeout)
+        except queue.Empty:
+            return LATER
 
     def __del__(self) -> None:
         # Maybe in another thread (garbage collection): ask, do not wait.

@@ -88,24 +88,30 @@ class MapFuture(concurrent.futures.Future):
 
     def stop_and_wait(self) -> None:
         """``stop()``, then wait until no worker of the map runs, with the
-        main thread's signals held (``interrupts.SIGNALS``): a caller that
-        gives up waiting (the first Ctrl-C of a burst) returns only once
-        nothing of the map writes its arrays any more."""
+        main thread's signals held and dropped (``interrupts.SIGNALS``): a
+        caller that gives up waiting returns only once nothing of the map
+        writes its arrays any more.  (The main thread's own waits hold
+        their signals from before they begin: ``Waiting``.)"""
         self.stop()
         held = SIGNALS.hold(drop)  # the later signals of a burst
         try:
-            try:
-                self._quiet.result(SETTLE_LIMIT)
-            except concurrent.futures.TimeoutError:
-                warnings.warn(
-                    f"shmarray: a stopped map's workers did not end within "
-                    f"{SETTLE_LIMIT:.0f} s; they may still write its arrays",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            self.await_quiet()
         finally:
             if held:
                 SIGNALS.release()
+
+    def await_quiet(self) -> None:
+        """Wait until no worker of the map runs (the driver settled it, or
+        it never ran), for at most SETTLE_LIMIT: a hang detector."""
+        try:
+            self._quiet.result(SETTLE_LIMIT)
+        except concurrent.futures.TimeoutError:
+            warnings.warn(
+                f"shmarray: a stopped map's workers did not end within "
+                f"{SETTLE_LIMIT:.0f} s; they may still write its arrays",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def cancel(self) -> bool:
         if super().cancel():
@@ -135,6 +141,96 @@ class MapFuture(concurrent.futures.Future):
 # ended: the driver's settling takes milliseconds; this is a hang
 # detector, not an expectation.
 SETTLE_LIMIT = 60.0
+
+
+# How often the main thread, waiting for a map that another thread drives,
+# looks whether a Ctrl-C came: the handler's exception is held then, so it
+# cannot cut the wait short itself (``Waiting``).
+WAIT_SLICE = 0.05
+
+# What a ``Waiting.wait`` getter returns when its slice passed with nothing.
+LATER = object()
+
+
+class Waiting:
+    """A wait of the calling thread for a map that another thread drives:
+    a blocking map queued behind another thread's, an imap stream's next
+    chunk, a stream's close.
+
+    In the main thread, a Ctrl-C (or a SIGTERM handler's exception) must
+    not end such a wait while the map's workers still write its arrays,
+    nor may the next Ctrl-C of a burst cut short the stopping of the map.
+    So the signals are held (``interrupts.SIGNALS``) from the moment the
+    wait may begin (before the map is queued) until it is over: the first
+    exception is kept, and the wait, taken in slices of WAIT_SLICE, sees
+    it, stops the map, waits until no worker of it runs, and raises it.
+    Before, the exception was raised into the wait and the map stopped
+    after it, when the next Ctrl-C of the burst could land first (found by
+    the chaos test, seed 58362380: a map's rows written 0.22 s after its
+    KeyboardInterrupt).  In another thread nothing is held: one plain wait.
+    """
+
+    __slots__ = ("held", "caught")
+
+    def __init__(self) -> None:
+        self.caught: BaseException | None = None
+        self.held = SIGNALS.hold(self._catch)
+
+    def _catch(self, exc: BaseException) -> None:
+        if self.caught is None:  # the first of a burst; the rest fold into it
+            self.caught = exc
+
+    def wait(self, future: MapFuture, get: Callable[[float | None], Any]) -> Any:
+        """What ``get(timeout)`` returns (``get`` returns LATER when its
+        slice passed with nothing; given None, it blocks), or raise.  Ends
+        the span: call once."""
+        if not self.held:
+            try:
+                return get(None)
+            except BaseException:
+                if not future.done():  # an exception while waiting: stop the map too
+                    future.stop_and_wait()
+                raise
+        try:
+            while self.caught is None:
+                got = get(WAIT_SLICE)
+                if got is not LATER:
+                    return got
+            future.stop()
+            future.await_quiet()
+        finally:
+            self.close()
+            caught = self.caught
+            if caught is not None:
+                if not future._quiet.done():
+                    # Caught after the last look (an imap chunk had come):
+                    # the map runs on; stop it as if caught before.
+                    future.stop_and_wait()
+                raise caught
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    def close(self) -> None:
+        """End the span (when the wait never began: the map was not queued)."""
+        if self.held:
+            self.held = False
+            SIGNALS.release()
+
+
+def result_within(future: concurrent.futures.Future, timeout: float | None) -> Any:
+    """``future.result()`` once it is done within ``timeout``; else LATER
+    (a getter for ``Waiting.wait``)."""
+    if timeout is not None:
+        try:
+            future.exception(timeout)  # raises nothing of the map's own
+        except concurrent.futures.TimeoutError:
+            return LATER
+    return future.result()
+
+
+def ended_within(future: concurrent.futures.Future, timeout: float | None) -> Any:
+    """None once ``future`` is done within ``timeout``; else LATER."""
+    done, _ = concurrent.futures.wait((future,), timeout)
+    return None if done else LATER
 
 
 # Every open dispatcher, closed by one exit hook of our own, registered when
@@ -203,45 +299,66 @@ class Dispatcher:
     # -- calls -----------------------------------------------------------------
 
     def run(self, call: Call) -> Any:
-        """Run ``call`` and return its value; drive it here if idle."""
-        driving = False
-        try:
-            with self._lock:
-                self._check_open()
-                if self._driver is None and not self._queue:
-                    driving = True  # first: _let_go is then harmless
-                    self._driver = _get_ident()
-                else:
+        """Run ``call`` and return its value; drive it here if idle.
+
+        In the main thread, SIGINT's and SIGTERM's exceptions are held
+        (``interrupts.SIGNALS``) from before the driver's role is taken
+        until it is given back: what they raise ends the round
+        (``Interrupts.catch``) and is raised once the round is settled and
+        the role given back.  A signal's exception raised anywhere in
+        between could leave the role taken (every later call would queue
+        behind a driver that is gone) or cut the settling short.  When
+        another thread drives, this thread waits (``Waiting``)."""
+        waiting = None
+        with self._lock:
+            self._check_open()
+            if self._driver is None and not self._queue:
+                held = self._drive()
+            else:
+                # From before it is queued, a Ctrl-C stops this map before
+                # it is raised.
+                waiting = Waiting()
+                try:
                     future = self._enqueue(call)
-            if driving:
+                except BaseException:
+                    waiting.close()  # not queued after all
+                    raise
+        if waiting is None:
+            try:
                 values = self.runner.run(call)
-        finally:
-            if driving:
+            finally:
                 self._let_go()
-        if driving:
+                if held:
+                    SIGNALS.release()
+            if held:
+                # One that came as the call ended well.  (As it failed, it
+                # folds into the failure, the first of a burst: the next
+                # call's ``begin`` forgets it.)
+                self.runner.raise_caught()
             return finish(call, values)
         try:
-            return future.result()
+            return waiting.wait(future, lambda timeout: result_within(future, timeout))
         except concurrent.futures.CancelledError:
             if self._closing and future.cancelled():
                 self._check_open()
             raise
-        except BaseException:
-            if not future.done():  # Ctrl-C while waiting: it stops the map too
-                future.stop_and_wait()
-            raise
 
     def tidy(self) -> None:
         """Let workers unmap blocks that died, if no map is running (a
-        mapped block still holds its memory)."""
+        mapped block still holds its memory).  Signals are held as in
+        ``run``: the role is given back whatever comes."""
         with self._lock:
             if self._closing or self._driver is not None or self._queue:
                 return
-            self._driver = threading.get_ident()
+            held = self._drive()
         try:
             self.runner.tidy()
         finally:
             self._let_go()
+            if held:
+                SIGNALS.release()
+        if held:
+            self.runner.raise_caught()
 
     def submit(self, call: Call) -> MapFuture:
         """Queue ``call``; returns at once."""
@@ -285,7 +402,7 @@ class Dispatcher:
                 if not future.set_running_or_notify_cancel():
                     del future, call  # release the caller's arrays now
                     continue
-                self._driver = threading.get_ident()
+                self._drive()  # not the main thread: nothing held
                 self._current = future
             # The future is settled after letting go, so its callbacks may
             # call the engine again.
@@ -306,6 +423,16 @@ class Dispatcher:
             except BaseException as exc:  # combine raised, or stopped
                 future.set_exception(exc)
             del future, call, values
+
+    def _drive(self) -> bool:
+        """Take the driver's role (under the lock); in the main thread, hold
+        its signals first (True: release them once the role is given
+        back).  A signal's exception before the hold leaves the role
+        untaken; one after it is the round's (``Runner.catch``)."""
+        self.runner.begin()
+        held = SIGNALS.hold(self.runner.catch)
+        self._driver = _get_ident()
+        return held
 
     def _let_go(self) -> None:
         with self._lock:

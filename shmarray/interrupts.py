@@ -21,11 +21,13 @@ writing its arrays before control returns to the caller, and that cleanup
 must not itself be cut short by the next Ctrl-C of a burst (an impatient
 user presses three times).  Python raises a signal handler's exception at
 whatever bytecode the main thread runs next, so while the main thread
-drives a round (or waits for another thread's round to settle) the
-handlers of SIGINT and SIGTERM are wrapped: the user's handler still runs
-at once (its side effects happen as usual), but what it raises is kept,
-the driver is interrupted, and the driver raises it once the round is
-settled.  Outside those spans the wrapper calls the user's handler and
+drives a round (from before it takes the driver's role until it has given
+it back: ``Dispatcher.run``), or waits for a map another thread drives
+(from before it is queued until no worker of it runs: ``dispatch.Waiting``),
+the handlers of SIGINT and SIGTERM are wrapped: the user's handler still
+runs at once (its side effects happen as usual), but what it raises is
+kept, the driver is interrupted (or the waited-for map stopped), and it is
+raised once the round is settled.  Outside those spans the wrapper calls the user's handler and
 nothing else (``signal.getsignal`` shows the wrapper while an engine is
 open; the last engine's close puts the user's handlers back).  Trio
 defers Ctrl-C the same way with ``enable_ki_protection``.
@@ -136,8 +138,9 @@ class HeldSignals:
     (signals run their handlers in the main thread only).
 
     One per process (:data:`SIGNALS`).  Spans do not nest: a span is a
-    driven round, a wait for another thread's round to settle, or the
-    making of a block (``BlockTable.allocate``), and a span asked for
+    driven call (``Dispatcher.run``, ``tidy``), a wait for a map another
+    thread drives (``dispatch.Waiting``), an exit hook (``at_exit``), or
+    the making of a block (``BlockTable.allocate``), and a span asked for
     within another is not opened (the outer one holds).
 
     The wrapper is installed at the first span and stays between spans,

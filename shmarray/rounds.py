@@ -72,7 +72,7 @@ from shmarray import boundary, control, deaths, tracked
 from shmarray.descriptors import WAKE, Failed, Values, decode
 from shmarray.errors import EngineClosedError, MapCancelledError
 from shmarray.holdings import Holdings, Placement
-from shmarray.interrupts import SIGNALS, Interrupts
+from shmarray.interrupts import Interrupts
 from shmarray.jobs import Call, JobCache
 from shmarray.policy import FAIL_FAST, Policy
 from shmarray.pool import Pool, WorkerProcess
@@ -117,7 +117,9 @@ class Runner:
         self.ctl: control.ControlBlock = pool.ctl
         self.holdings = Holdings(pool, table, cache)
         self.interrupts = Interrupts(self.ctl, should_stop)
-        self._catch = self.interrupts.catch  # bound once: every map holds signals
+        # What the dispatcher's span of held signals gives what a handler
+        # raised (bound once: every map of the main thread holds signals).
+        self.catch = self.interrupts.catch
         # The workers' OUTPUT words added up when their pipes were last
         # drained (the lean path's cue to forward), and when a pipe was last
         # polled for output the words do not count (C code writing to the
@@ -141,6 +143,24 @@ class Runner:
 
     # -- the driver ----------------------------------------------------------------
 
+    def begin(self) -> None:
+        """The calling thread takes the driver's role (``Dispatcher``,
+        under its lock): what a held signal left from an earlier call is
+        forgotten.  (A span may catch a signal after its call took what it
+        caught, and the next signal of the burst, raised at once after the
+        span, skip ``raise_caught``: it belongs to the burst that was
+        raised.  Found by a burst of 2000 Ctrl-C 50 us apart: the program's
+        next map raised the one before's KeyboardInterrupt.)"""
+        self.interrupts.caught = None
+
+    def raise_caught(self) -> None:
+        """Raise what a held signal raised after ``run`` took what it
+        caught (the call ended as it came), once the span is closed and
+        the role given back."""
+        caught = self.interrupts.take_caught()
+        if caught is not None:
+            raise caught
+
     def run(self, call: Call, quiet: Callable[[], None] | None = None) -> Any:
         """Run ``call``: its values in chunk order (reduce) or None; for a
         tracked call, its Tally.
@@ -149,21 +169,17 @@ class Runner:
         TaskTimeoutError, or the interruption's reason.  Whatever it
         raises, no worker of the call is running any more: ``quiet`` (if
         given) is called at that point, before a worker is replaced.  In
-        the main thread, the SIGINT and SIGTERM handlers' exceptions are
-        held from the ring to the settling of the round
-        (``interrupts.SIGNALS``) and raised then.  What the workers
-        printed is forwarded before it returns.
+        the main thread, the dispatcher holds the SIGINT and SIGTERM
+        handlers' exceptions around it (``Dispatcher.run``): what they
+        raise ends the round (``catch``) and is raised here once it is
+        settled.  What the workers printed is forwarded before it returns.
         """
-        held = SIGNALS.hold(self._catch)
         try:
             job = call.job
             values = tracked.run(self, call) if job.tracked else self.round(call, job)
             failure = None
         except BaseException as exc:
             failure = exc
-        finally:
-            if held:
-                SIGNALS.release()
         # Here every worker of the call has finished, or is dead.
         if quiet is not None:
             quiet()

@@ -38,7 +38,13 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # What a trial may call: every path a map takes.
-HOWS = ("map", "prepared", "in_caller", "reduce", "retries", "imap", "iterate")
+HOWS = ("map", "prepared", "in_caller", "reduce", "retries", "imap", "iterate", "queued")
+# A victim with ``dense`` answers the first signal with DENSE more of the
+# same, one every DENSE_GAP seconds (an interval timer's SIGALRM handler
+# sends each): a burst so dense that one lands within every few bytecodes
+# of the code the first one's exception runs through.
+DENSE = 2000
+DENSE_GAP = 50e-6
 # Seconds the victim watches its arrays after the call raised: an
 # observation window (a surviving writer is released at once and writes
 # within milliseconds), not a synchronisation.
@@ -73,7 +79,9 @@ def held_step(out, inp, flags, row_offset, rows):
     return held(out, flags, row_offset, rows)
 
 
-def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> None:
+def victim(
+    how: str, workers: int, storage: str, sig: int = signal.SIGINT, dense: bool = False
+) -> None:
     import threading
 
     import numpy as np
@@ -101,6 +109,10 @@ def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> No
                 pass
         elif how == "iterate":
             eng.iterate(held_step, out, other, steps=2, args=args, chunks=workers)
+        elif how == "queued":
+            # Queued behind another thread's map: the manager thread drives
+            # it, and this thread waits.
+            eng.map(held, out, args=args, chunks=workers)
 
     def in_call(frame) -> bool:
         while frame is not None:
@@ -112,8 +124,19 @@ def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> No
     # Ctrl-C as Python raises it; SIGTERM as a service's handler might.
     interrupted = KeyboardInterrupt if sig == signal.SIGINT else SystemExit
 
+    alarms: list[float] = []
+
+    def alarm(signum, frame):
+        alarms.append(time.monotonic())
+        if len(alarms) >= DENSE:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        os.kill(os.getpid(), sig)
+
     def handler(signum, frame):
         hits.append(time.monotonic())
+        if dense and len(hits) == 1:
+            signal.signal(signal.SIGALRM, alarm)
+            signal.setitimer(signal.ITIMER_REAL, DENSE_GAP, DENSE_GAP)
         if in_call(frame):
             raise interrupted
 
@@ -123,10 +146,28 @@ def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> No
         flags = eng.zeros(1 + workers)
 
         def announce() -> None:
+            if how == "queued":
+                # The map ahead runs until this thread's map is queued.
+                while not np.all(ahead_flags[1:] == 1.0) or not eng._dispatcher._queue:
+                    time.sleep(0.001)
+                ahead_flags[0] = 1.0
             while not np.all(flags[1:] == 1.0):
                 time.sleep(0.001)
             print("running", flush=True)
 
+        if how == "queued":
+            ahead_flags = eng.zeros(1 + workers)
+            ahead = threading.Thread(
+                target=eng.map,
+                args=(held, eng.zeros(ROWS)),
+                kwargs={
+                    "args": (ahead_flags, shmarray.row_offset, ROWS // workers),
+                    "chunks": workers,
+                },
+            )
+            ahead.start()
+            while not np.all(ahead_flags[1:] == 1.0):
+                time.sleep(0.001)
         threading.Thread(target=announce, daemon=True).start()
         result = {"raised": None}
         try:
@@ -143,6 +184,8 @@ def victim(how: str, workers: int, storage: str, sig: int = signal.SIGINT) -> No
             result = {"raised": True, "changed": sorted(changed)}
         else:
             result = {"raised": False, "changed": []}
+        if how == "queued":
+            ahead.join()
         result["signals"] = len(hits)
         check = eng.zeros(ROWS)
         eng.map(_fill, check)
@@ -161,10 +204,12 @@ def trial(
     signals: int = 3,
     gap: float = 0.05,
     sig: int = signal.SIGINT,
+    dense: bool = False,
 ) -> dict:
-    """One victim, one burst of ``sig``: the victim's result, with its exit
-    code and stderr."""
-    victim_args = ["--victim", how, str(workers), storage, str(int(sig))]
+    """One victim, one burst of ``sig`` (with ``dense``: the victim sends
+    itself DENSE more, DENSE_GAP apart, from the first on): the victim's
+    result, with its exit code and stderr."""
+    victim_args = ["--victim", how, str(workers), storage, str(int(sig)), str(int(dense))]
     proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *victim_args],
         stdout=subprocess.PIPE,
@@ -198,21 +243,26 @@ def trial(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--victim", nargs=4, metavar=("HOW", "WORKERS", "STORAGE", "SIGNAL"))
+    p.add_argument("--victim", nargs=5, metavar=("HOW", "WORKERS", "STORAGE", "SIGNAL", "ECHO"))
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--how", choices=HOWS, default="map")
     p.add_argument("--workers", type=int, default=5)
     p.add_argument("--storage", default="memfd", help='"shm", "memfd", or a directory')
     p.add_argument("--signals", type=int, default=3)
     p.add_argument("--gap", type=float, default=0.05)
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help=f"{DENSE} more signals, {DENSE_GAP * 1e6:.0f} us apart",
+    )
     a = p.parse_args(argv)
     if a.victim:
-        victim(a.victim[0], int(a.victim[1]), a.victim[2], int(a.victim[3]))
+        victim(a.victim[0], int(a.victim[1]), a.victim[2], int(a.victim[3]), a.victim[4] == "1")
         return 0
     bad = 0
     for k in range(a.trials):
         try:
-            r = trial(a.how, a.workers, a.storage, a.signals, a.gap)
+            r = trial(a.how, a.workers, a.storage, a.signals, a.gap, dense=a.dense)
         except subprocess.TimeoutExpired:
             bad += 1
             print(f"trial {k + 1}: the victim hung (killed after 120 s)", flush=True)
