@@ -196,17 +196,17 @@ class Waiting:
                 got = get(WAIT_SLICE)
                 if got is not LATER:
                     return got
-            future.stop()
-            future.await_quiet()
         finally:
+            # Signals still held: one caught by now (the map's end, an imap
+            # chunk or the map's error came with it) stops the map too.
+            if self.caught is not None and not future._quiet.done():
+                future.stop()
+                future.await_quiet()
             self.close()
-            caught = self.caught
-            if caught is not None:
-                if not future._quiet.done():
-                    # Caught after the last look (an imap chunk had come):
-                    # the map runs on; stop it as if caught before.
-                    future.stop_and_wait()
-                raise caught
+            # One caught in the last bytecodes before the close is raised
+            # as if it came just after the wait returned.
+            if self.caught is not None:
+                raise self.caught
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     def close(self) -> None:
