@@ -27,10 +27,11 @@ it back: ``Dispatcher.run``), or waits for a map another thread drives
 the handlers of SIGINT and SIGTERM are wrapped: the user's handler still
 runs at once (its side effects happen as usual), but what it raises is
 kept, the driver is interrupted (or the waited-for map stopped), and it is
-raised once the round is settled.  Outside those spans the wrapper calls the user's handler and
-nothing else (``signal.getsignal`` shows the wrapper while an engine is
-open; the last engine's close puts the user's handlers back).  Trio
-defers Ctrl-C the same way with ``enable_ki_protection``.
+raised once the round is settled.  Outside those spans the wrapper calls
+the user's handler and nothing else (``signal.getsignal`` shows the
+wrapper while an engine is open; the last engine's close puts the user's
+handlers back).  Trio defers Ctrl-C the same way with
+``enable_ki_protection``.
 """
 
 from __future__ import annotations

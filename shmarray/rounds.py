@@ -147,10 +147,11 @@ class Runner:
         """The calling thread takes the driver's role (``Dispatcher``,
         under its lock): what a held signal left from an earlier call is
         forgotten.  (A span may catch a signal after its call took what it
-        caught, and the next signal of the burst, raised at once after the
-        span, skip ``raise_caught``: it belongs to the burst that was
-        raised.  Found by a burst of 2000 Ctrl-C 50 us apart: the program's
-        next map raised the one before's KeyboardInterrupt.)"""
+        caught; if the burst's next signal then raises at once after the
+        span, ``raise_caught`` is skipped and the caught one stays: it
+        belongs to the burst already raised.  Found by a burst of 2000
+        Ctrl-C 50 us apart: the program's next map raised the one before's
+        KeyboardInterrupt.)"""
         self.interrupts.caught = None
 
     def raise_caught(self) -> None:
