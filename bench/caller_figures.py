@@ -4,7 +4,10 @@ interleaved round by round, with identical results:
 
 * a no-op step: ``eng.map``, a prepared map, a prepared map with
   ``in_caller=True``, the kernel called on its rows from Python (the
-  caller's share alone) and prange's fork-join (2 threads);
+  caller's share alone) and prange's fork-join (2 threads); for the first
+  three, where the scheduler put the caller among the workers and how long
+  each process ran and waited for a CPU (``/proc/PID/schedstat``); and
+  ``eng.map`` and a prepared map with 1 worker, where no CPU is shared;
 * a heat loop (5-point stencil, one step per call, the grid swapped by
   Python) at 256^2 to 2048^2: the prepared map with and without
   ``in_caller``, and ``eng.iterate``, against prange on the same shared
@@ -27,7 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import signal
+import statistics
 import sys
 import time
 
@@ -110,6 +115,82 @@ def shmem_advise(wanted: bool):
         signal.signal(signal.SIGTERM, old_term)
 
 
+def schedstat(pid: int) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for one) of process ``pid``'s
+    main thread so far, from Linux's /proc/PID/schedstat; None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            run, wait, _ = f.read().split()
+        return int(run), int(wait)
+    except (OSError, ValueError):
+        return None
+
+
+def last_cpu(pid: int) -> int | None:
+    """The CPU that process ``pid``'s main thread last ran on (field 39 of
+    /proc/PID/stat), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def placed(run, pids: list[int], calls: int, log: list):
+    """``run`` that also notes, in ``log``, each process of ``pids`` (the
+    caller first, then the workers): per call, the microseconds it spent on
+    a CPU and waiting for one, and the CPU it was on as the round ended.
+    Where the scheduler puts the caller among the workers decides how long
+    a short map takes; this is what shows it."""
+
+    def noted():
+        before = [schedstat(p) for p in pids]
+        run()
+        after = [schedstat(p) for p in pids]
+        if None in before or None in after:
+            return
+        log.append(
+            {
+                "cpus": [last_cpu(p) for p in pids],
+                "run_us": [(b[0] - a[0]) / calls / 1e3 for a, b in zip(before, after)],
+                "wait_us": [(b[1] - a[1]) / calls / 1e3 for a, b in zip(before, after)],
+            }
+        )
+
+    return noted
+
+
+def placement(times: list[float], log: list[dict]) -> dict:
+    """Rounds grouped by where the caller ended them: alone on its CPU, or
+    on the CPU of worker i; per group, the rounds, their median us per
+    call, and the mean us on a CPU and waiting per call of each process
+    (caller first)."""
+    groups: dict[str, list] = {}
+    for t, entry in zip(times, log):
+        me, *workers = entry["cpus"]
+        where = (
+            "caller alone"
+            if me not in workers
+            else "caller with worker " + ",".join(str(i) for i, c in enumerate(workers) if c == me)
+        )
+        groups.setdefault(where, []).append((t, entry))
+    out = {}
+    for where, rows in sorted(groups.items()):
+        n = len(rows)
+        out[where] = {
+            "rounds": n,
+            "us": statistics.median(t * 1e6 for t, _ in rows),
+            "run_us": [
+                sum(e["run_us"][i] for _, e in rows) / n for i in range(len(rows[0][1]["run_us"]))
+            ],
+            "wait_us": [
+                sum(e["wait_us"][i] for _, e in rows) / n
+                for i in range(len(rows[0][1]["wait_us"]))
+            ],
+        }
+    return out
+
+
 def noop_figure(eng, repeat: int, inner: int) -> dict:
     xs = {name: eng.zeros(ROWS) for name in ("map", "prepared", "in_caller", "alone")}
     px = np.zeros(ROWS)
@@ -131,15 +212,54 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
         "share_alone": loop(lambda: touch(share, 1.0)),
         "prange": loop(lambda: touch_prange(px, 1.0)),
     }
+    pids = [os.getpid()] + [w.pid for w in eng._dispatcher.pool.workers]
+    logs: dict[str, list] = {k: [] for k in ("map", "prepared", "in_caller")}
+    for k, log in logs.items():
+        fn, calls = fns[k]
+        fns[k] = (placed(fn, pids, calls, log), calls)
     for fn, _ in fns.values():
         fn()
+    for log in logs.values():
+        log.clear()  # the warm-up's
     t = rounds(fns, repeat)
     identical = all(np.array_equal(xs[k], px) for k in ("map", "prepared", "in_caller"))
     return {
         "us": {k: summary([v * 1e6 for v in times]) for k, times in t.items()},
+        "placement": {k: placement(t[k], log) for k, log in logs.items()},
         "identical": identical,
         "in_caller_over_prange": ratios(t["in_caller"], t["prange"]),
         "in_caller_over_prepared": ratios(t["in_caller"], t["prepared"]),
+    }
+
+
+def one_worker_figure(storage: str, repeat: int, inner: int) -> dict:
+    """The no-op ``eng.map`` and prepared map of an engine of one worker,
+    against prange on 2 threads: the caller and its one worker each have a
+    CPU of their own, so this is the map path without the context switches
+    of three processes on two CPUs."""
+    with shmarray.Engine(workers=1, storage=storage) as eng:
+        xs, px = {k: eng.zeros(ROWS) for k in ("map", "prepared")}, np.zeros(ROWS)
+        step = eng.prepare(touch, xs["prepared"], args=(1.0,))
+
+        def loop(fn):
+            def run():
+                for _ in range(inner):
+                    fn()
+
+            return run, inner
+
+        fns = {
+            "map": loop(lambda: eng.map(touch, xs["map"], args=(1.0,))),
+            "prepared": loop(step),
+            "prange": loop(lambda: touch_prange(px, 1.0)),
+        }
+        for fn, _ in fns.values():
+            fn()
+        t = rounds(fns, repeat)
+        identical = all(np.array_equal(x, px) for x in xs.values())
+    return {
+        "us": {k: summary([v * 1e6 for v in ts]) for k, ts in t.items()},
+        "identical": identical,
     }
 
 
@@ -318,6 +438,7 @@ def main() -> int:
                 eng, 1024 if quick else 4096, steps=20, repeat=3 if quick else 11
             )
             fig["meminfo_during"] = meminfo()  # the arrays are still alive
+        fig["noop_one_worker"] = one_worker_figure(args.storage, 5 if quick else 21, 2000)
     fig["machine"]["threading_layer"] = numba.threading_layer()
 
     m, v = fig["machine"], fig["machine"]["versions"]
@@ -338,6 +459,20 @@ def main() -> int:
         "no-op, us: "
         + "  ".join(f"{k} {q(s, '.2f')}" for k, s in n["us"].items())
         + f"  identical {n['identical']}  (target: in_caller <= 4)"
+    )
+    print(
+        "  where the scheduler put the caller (as each round ended), rounds, median us a"
+        " call, and per call the us each process (caller, workers) ran / waited for a CPU:"
+    )
+    for side, groups in n["placement"].items():
+        for where, g in groups.items():
+            use = ", ".join(f"{r:.1f}/{w:.1f}" for r, w in zip(g["run_us"], g["wait_us"]))
+            print(f"    {side:9} {where:20} {g['rounds']:3}  {g['us']:6.2f}  {use}")
+    o = fig["noop_one_worker"]
+    print(
+        "  with 1 worker (the caller and the worker each on a CPU of its own), us: "
+        + "  ".join(f"{k} {q(s, '.2f')}" for k, s in o["us"].items())
+        + f"  identical {o['identical']}"
     )
     b = {k: v["median"] for k, v in fig["breakdown_us"].items()}
     print(
