@@ -121,11 +121,19 @@ class ChunkStream:
 
         No new chunk starts; nothing is killed.  Idempotent.
         """
-        self._done = True
-        if self._halt():
-            future = self._future
-            # Ctrl-C while waiting: the running chunks are killed instead.
-            Waiting().wait(future, lambda timeout: ended_within(future, timeout))
+        # Signals held from here (``Waiting``): a Ctrl-C in the loop's body
+        # brings us here, and the next of its burst must not cut the halt
+        # short (the map would run on); one kept stops the map, its running
+        # chunks killed, before it is raised.
+        waiting = Waiting()
+        try:
+            self._done = True
+            self._halt()
+        except BaseException:  # a bug: nothing of _halt's own raises
+            waiting.close()
+            raise
+        future = self._future
+        waiting.wait(future, lambda timeout: ended_within(future, timeout))
 
     def _take(self, timeout: float | None) -> Any:
         """The next item of the stream, if one comes within ``timeout``."""

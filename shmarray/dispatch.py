@@ -199,10 +199,12 @@ class Waiting:
         finally:
             # Signals still held: one caught by now (the map's end, an imap
             # chunk or the map's error came with it) stops the map too.
-            if self.caught is not None and not future._quiet.done():
-                future.stop()
-                future.await_quiet()
-            self.close()
+            try:
+                if self.caught is not None and not future._quiet.done():
+                    future.stop()
+                    future.await_quiet()
+            finally:
+                self.close()  # whatever came (await_quiet's warning as an error)
             # One caught in the last bytecodes before the close is raised
             # as if it came just after the wait returned.
             if self.caught is not None:
@@ -286,6 +288,7 @@ class Dispatcher:
         self._driver: int | None = None  # ident of the driving thread
         self._current: MapFuture | None = None  # the queued call now running
         self._thread: threading.Thread | None = None
+        self._manager: int | None = None  # its ident, once it runs
         self._closing = False
         self._closed = False
         self._close_on_release = False
@@ -312,7 +315,17 @@ class Dispatcher:
         waiting = None
         with self._lock:
             self._check_open()
-            if self._driver is None and not self._queue:
+            manager = self._manager
+            if manager is not None and manager == _get_ident():
+                # A done-callback of a queued call, run by the manager
+                # thread: queued, this call would wait for the one thread
+                # that drives the queue.  It goes first, once the driver
+                # of the moment lets go.
+                while self._driver is not None and not self._closing:
+                    self._changed.wait(WAIT_SLICE)
+                self._check_open()
+                held = self._drive()
+            elif self._driver is None and not self._queue:
                 held = self._drive()
             else:
                 # From before it is queued, a Ctrl-C stops this map before
@@ -392,6 +405,7 @@ class Dispatcher:
 
     def _manage(self) -> None:
         """The manager thread: drive queued calls in order."""
+        self._manager = _get_ident()
         while True:
             with self._lock:
                 while not self._closing and (self._driver is not None or not self._queue):
@@ -465,10 +479,26 @@ class Dispatcher:
     def close(self, timeout: float = 5.0) -> None:
         """Cancel queued calls, stop the running one, stop the pool, unlink
         every block.  Idempotent; from any thread; a no-op in a forked child,
-        whose parent still owns everything.  Every step can be taken again,
-        so a close interrupted by Ctrl-C is finished by the next call."""
+        whose parent still owns everything.  In the main thread, a Ctrl-C
+        (or a SIGTERM handler's exception) does not cut it short: it is
+        raised once the engine is closed."""
         if os.getpid() != self._owner or self._closed:
             return
+        # In the main thread, signals are held until it is done: cut short,
+        # a queued call's future could stay pending for ever (and its waiter
+        # with it), or the pool half stopped.  What they raised is raised
+        # after.
+        kept: list[BaseException] = []
+        held = SIGNALS.hold(kept.append)
+        try:
+            self._close(timeout)
+        finally:
+            if held:
+                SIGNALS.release()
+        if kept:
+            raise kept[0]
+
+    def _close(self, timeout: float) -> None:
         with self._lock:
             self._closing = True
             queued = list(self._queue)
@@ -496,7 +526,7 @@ class Dispatcher:
                 "shmarray: a map did not stop within "
                 f"{timeout:.0f} s of close(); its workers are killed",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         self._shutdown()
 
@@ -504,7 +534,7 @@ class Dispatcher:
         """See ``_forget_all_in_child``.  Takes no lock: another thread of
         the parent may have held one at the fork."""
         self._closing = self._closed = True
-        self._thread = None
+        self._thread = self._manager = None
         self.pool.forget_in_child()
         self.runner.forget_in_child()
 

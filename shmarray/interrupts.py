@@ -140,8 +140,9 @@ class HeldSignals:
 
     One per process (:data:`SIGNALS`).  Spans do not nest: a span is a
     driven call (``Dispatcher.run``, ``tidy``), a wait for a map another
-    thread drives (``dispatch.Waiting``), an exit hook (``at_exit``), or
-    the making of a block (``BlockTable.allocate``), and a span asked for
+    thread drives (``dispatch.Waiting``), an engine's close
+    (``Dispatcher.close``), an exit hook (``at_exit``), or the making of a
+    block (``BlockTable.allocate``), and a span asked for
     within another is not opened (the outer one holds).
 
     The wrapper is installed at the first span and stays between spans,
@@ -158,6 +159,7 @@ class HeldSignals:
         self._seen: tuple = (None, None)  # getsignal() of HELD after the last install
         self._catch: Callable[[BaseException], None] | None = None  # set within a span
         self._handler = self._handle  # one bound method, for the identity test
+        self._restore_on_release = False  # ``restore`` asked for within a span
 
     def hold(self, catch: Callable[[BaseException], None]) -> bool:
         """Open a span; True if one was opened (then call ``release``).
@@ -173,6 +175,9 @@ class HeldSignals:
     def release(self) -> None:
         """Close the span: from now on the user's handlers act as usual."""
         self._catch = None
+        if self._restore_on_release:
+            self._restore_on_release = False
+            self.restore()
 
     def _install(self) -> None:
         saved = self._saved
@@ -187,18 +192,29 @@ class HeldSignals:
 
     def restore(self) -> None:
         """Put the user's handlers back where ours still stands.  In the
-        main thread only (``signal.signal``'s rule); elsewhere a no-op."""
+        main thread only (``signal.signal``'s rule); elsewhere a no-op.
+        Within a span (the last engine closed by a finalizer while its
+        map is driven), done as the span closes: the user's handler in
+        place within a span would raise in the middle of it, and cut
+        short its ``release``.
+
+        What each wrapper stood for is kept: a program that saved our
+        wrapper (``signal.getsignal`` while an engine was open) and
+        installs it again gets its own handler's behaviour from it."""
         if threading.get_ident() != _main_ident:
+            return
+        if self._catch is not None:
+            self._restore_on_release = True
             return
         for sig, handler in self._saved.items():
             if _getsignal(sig) is self._handler:
                 _setsignal(sig, handler)
-        self._saved.clear()
         self._seen = (None, None)
 
     def _handle(self, signum: int, frame) -> None:
         # Python looks a handler up when it runs it, so while we are called
-        # we are installed, and the user's handler is saved.
+        # we are installed (now or, put back by the program, again), and
+        # the user's handler is saved.
         handler = self._saved[signum]
         catch = self._catch
         if catch is None:

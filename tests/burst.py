@@ -38,7 +38,17 @@ import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # What a trial may call: every path a map takes.
-HOWS = ("map", "prepared", "in_caller", "reduce", "retries", "imap", "iterate", "queued")
+HOWS = (
+    "map",
+    "prepared",
+    "in_caller",
+    "reduce",
+    "retries",
+    "imap",
+    "iterate",
+    "queued",
+    "imap_body",
+)
 # A victim with ``dense`` answers the first signal with DENSE more of the
 # same, one every DENSE_GAP seconds (an interval timer's SIGALRM handler
 # sends each): a burst so dense that one lands within every few bytecodes
@@ -65,7 +75,8 @@ def held(out, flags, row_offset, rows):
 def held_but_the_callers(out, flags, row_offset, rows):
     """``held`` for ``prepare(in_caller=True)``: the last chunk, the
     caller's own share, writes its rows at once (the caller answers Ctrl-C
-    only when its share ends); the workers' chunks are held."""
+    only when its share ends); the workers' chunks are held.  (For
+    ``imap_body``: the stream's first value.)"""
     k = row_offset // rows
     if k == flags.shape[0] - 2:
         flags[1 + k] = 1.0
@@ -113,6 +124,13 @@ def victim(
             # Queued behind another thread's map: the manager thread drives
             # it, and this thread waits.
             eng.map(held, out, args=args, chunks=workers)
+        elif how == "imap_body":
+            # Ctrl-C in the loop's body, on the first value (the last
+            # chunk's, at once): the stream's close stops the map.
+            with eng.imap(held_but_the_callers, out, args=args, chunks=workers) as stream:
+                for _ in stream:
+                    while True:
+                        time.sleep(0.001)  # the user's work on it
 
     def in_call(frame) -> bool:
         while frame is not None:

@@ -21,7 +21,9 @@ import pytest
 import burst
 from conftest import run_python, storage_for
 
-CASES = [("map", 2), ("map", 3), ("map", 5)] + [(how, 5) for how in burst.HOWS if how != "map"]
+CASES = [("map", 2), ("map", 3), ("map", 5)] + [
+    (how, 5) for how in burst.HOWS if how not in ("map", "imap_body")
+]
 
 
 @pytest.mark.breaks_things
@@ -194,3 +196,187 @@ def test_ctrl_c_while_blocks_are_made_leaves_no_block_unnamed(tmp_path):
         "files left: []",
         "descriptors left: []",
     ], proc.stdout + proc.stderr
+
+
+# A child's code that sends its process a SIGINT as the function ``name``
+# is called the first time after ``arm(name)``: the next Ctrl-C of a burst,
+# landing at a chosen place (the user's handler raises KeyboardInterrupt).
+AT_A_CALL = """
+import os, signal, sys
+
+def _raise(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, _raise)
+
+def arm(name):
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == name:
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+    sys.setprofile(hook)
+"""
+
+
+@pytest.mark.breaks_things
+def test_a_ctrl_c_as_an_imap_stream_closes_still_stops_its_map():
+    # The first Ctrl-C lands in the loop's body; the `with` block closes
+    # the stream; the next one lands as the close begins to stop the map.
+    # Before, that one cut the close short: the map ran on, and its held
+    # chunk wrote its rows after the stream raised.
+    code = AT_A_CALL + textwrap.dedent(f"""
+        import sys, time, warnings
+        sys.path.insert(0, {burst.HERE!r})
+        import numpy as np
+        import shmarray
+        from burst import ROWS, held_but_the_callers
+
+        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+        with shmarray.Engine(workers=2) as eng:
+            out, flags = eng.zeros(ROWS), eng.zeros(3)
+            args = (flags, shmarray.row_offset, ROWS // 2)
+            try:
+                with eng.imap(held_but_the_callers, out, args=args, chunks=2) as stream:
+                    for _ in stream:  # the last chunk's value; the other is held
+                        while not np.all(flags[1:] == 1.0):
+                            time.sleep(0.001)
+                        arm("_halt")
+                        raise KeyboardInterrupt  # the first Ctrl-C
+            except KeyboardInterrupt:
+                seen = out.copy()
+                flags[0] = 1.0  # a worker still running writes now
+                raised = time.monotonic()
+                changed = set()
+                while time.monotonic() - raised < 1.0:  # an observation window
+                    changed.update(np.flatnonzero(out != seen).tolist())
+                    time.sleep(0.01)
+                print("changed after:", sorted(changed))
+            check = eng.zeros(ROWS)
+            eng.map(lambda x: x.fill(2.0), check)
+            print("next map:", bool(np.all(check == 2.0)))
+    """)
+    proc = run_python(code)
+    assert proc.stdout.splitlines() == ["changed after: []", "next map: True"], (
+        proc.stdout + proc.stderr
+    )
+
+
+@pytest.mark.breaks_things
+def test_a_ctrl_c_within_close_cancels_every_queued_map_first():
+    # A map runs in one thread, another thread's map waits in the queue,
+    # and the main thread closes the engine; a Ctrl-C lands as close()
+    # cancels the queued map.  Before, it cut close() short there: the
+    # queued map's future stayed pending, and its thread waited for ever.
+    code = AT_A_CALL + textwrap.dedent(f"""
+        import sys, threading, time, warnings
+        sys.path.insert(0, {burst.HERE!r})
+        import numpy as np
+        import shmarray
+        from burst import ROWS, held
+
+        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+        eng = shmarray.Engine(workers=2)
+        flags, other = eng.zeros(3), eng.zeros(3)
+        ended = {{}}
+
+        def call(name, f):
+            try:
+                eng.map(held, eng.zeros(ROWS), args=(f, shmarray.row_offset, ROWS // 2), chunks=2)
+                ended[name] = "returned"
+            except BaseException as exc:
+                ended[name] = type(exc).__name__
+
+        first = threading.Thread(target=call, args=("running", flags))
+        first.start()
+        while not np.all(flags[1:] == 1.0):
+            time.sleep(0.001)
+        queued = threading.Thread(target=call, args=("queued", other))
+        queued.start()
+        while not eng._dispatcher._queue:
+            time.sleep(0.001)
+        arm("cancel")
+        try:
+            eng.close()
+            print("close: returned")
+        except KeyboardInterrupt:
+            print("close: KeyboardInterrupt")
+        for t in (first, queued):
+            t.join(30)
+        print("running:", ended.get("running"), "queued:", ended.get("queued"))
+        eng.close()
+    """)
+    proc = run_python(code, timeout=60)  # before: a hang
+    assert proc.stdout.splitlines() == [
+        "close: KeyboardInterrupt",
+        "running: EngineClosedError queued: EngineClosedError",
+    ], proc.stdout + proc.stderr
+
+
+def test_a_blocking_map_in_a_done_callback_runs_while_others_are_queued():
+    # A future's done-callback runs in the manager thread, the one thread
+    # that drives the queue: a blocking map there, with another call
+    # queued, waited for itself (a hang, until close).
+    code = textwrap.dedent(f"""
+        import sys, threading, time, warnings
+        sys.path.insert(0, {burst.HERE!r})
+        import numpy as np
+        import shmarray
+        from burst import ROWS, held
+
+        def fill(x, v):
+            x[:] = v
+
+        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+        with shmarray.Engine(workers=2) as eng:
+            a, b, c, flags = eng.zeros(ROWS), eng.zeros(ROWS), eng.zeros(ROWS), eng.zeros(3)
+            done = threading.Event()
+
+            def then(future):
+                eng.map(fill, c, args=(3.0,))
+                done.set()
+
+            first = eng.submit(held, a, args=(flags, shmarray.row_offset, ROWS // 2), chunks=2)
+            while not np.all(flags[1:] == 1.0):  # it runs, held
+                time.sleep(0.001)
+            first.add_done_callback(then)
+            second = eng.submit(fill, b, args=(2.0,))
+            flags[0] = 1.0  # first ends; its callback runs with second queued
+            second.result(timeout=20)
+            print("callback's map done:", done.wait(20))
+            print("values:", a[0], b[0], c[0])
+    """)
+    proc = run_python(code, timeout=60)
+    assert proc.stdout.splitlines() == [
+        "callback's map done: True",
+        "values: 1.0 2.0 3.0",
+    ], proc.stdout + proc.stderr
+
+
+def test_our_saved_wrapper_installed_again_after_the_last_close_acts_as_the_users_handler():
+    # signal.getsignal(SIGINT) while an engine is open gives our wrapper; a
+    # program that saved it and puts it back after the last engine closed
+    # got KeyError: 2 on every Ctrl-C.
+    code = textwrap.dedent("""
+        import os, signal
+        import shmarray
+
+        def mine(signum, frame):
+            raise KeyboardInterrupt("mine")
+
+        signal.signal(signal.SIGINT, mine)
+        with shmarray.Engine(workers=1) as eng:
+            x = eng.zeros(4)
+            eng.map(lambda v: v.fill(1.0), x)
+            saved = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, saved)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt as exc:
+            print("raised:", repr(exc))
+    """)
+    proc = run_python(code)
+    assert proc.stdout.splitlines() == ["raised: KeyboardInterrupt('mine')"], (
+        proc.stdout + proc.stderr
+    )
