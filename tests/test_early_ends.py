@@ -209,9 +209,10 @@ def _raise(signum, frame):
 
 signal.signal(signal.SIGINT, _raise)
 
-def arm(name):
+def arm(name, where=""):
     def hook(frame, event, arg):
-        if event == "call" and frame.f_code.co_name == name:
+        code = frame.f_code
+        if event == "call" and code.co_name == name and code.co_filename.endswith(where):
             sys.setprofile(None)
             os.kill(os.getpid(), signal.SIGINT)
     sys.setprofile(hook)
@@ -378,5 +379,25 @@ def test_our_saved_wrapper_installed_again_after_the_last_close_acts_as_the_user
     """)
     proc = run_python(code)
     assert proc.stdout.splitlines() == ["raised: KeyboardInterrupt('mine')"], (
+        proc.stdout + proc.stderr
+    )
+
+
+def test_a_ctrl_c_as_the_exit_hook_lets_go_of_the_signals_prints_nothing():
+    # The exit hook closes the last engine with the signals held; the
+    # user's handlers were put back inside that span, so a Ctrl-C as it
+    # ended raised in it ("Exception ignored in atexit callback") and left
+    # it open.  They are now put back as the span closes.
+    code = AT_A_CALL + textwrap.dedent("""
+        import shmarray
+
+        eng = shmarray.Engine(workers=1)
+        x = eng.zeros(4)
+        eng.map(lambda v: v.fill(1.0), x)
+        print("mapped:", x.tolist())
+        arm("release", "interrupts.py")  # SIGNALS.release, at exit
+    """)
+    proc = run_python(code)
+    assert proc.stdout == "mapped: [1.0, 1.0, 1.0, 1.0]\n" and proc.stderr == "", (
         proc.stdout + proc.stderr
     )
