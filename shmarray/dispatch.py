@@ -489,7 +489,12 @@ class Dispatcher:
         # with it), or the pool half stopped.  What they raised is raised
         # after.
         kept: list[BaseException] = []
-        held = SIGNALS.hold(kept.append)
+
+        def keep(exc: BaseException) -> None:
+            if not kept:  # the first of a burst; the rest fold into it
+                kept.append(exc)
+
+        held = SIGNALS.hold(keep)
         try:
             self._close(timeout)
         finally:
