@@ -1087,6 +1087,23 @@ def _check_finished(out, scale: float, report) -> None:
 # -- the driver: episodes in child interpreters, checked from outside -----------
 
 
+def _stacks_of(proc: subprocess.Popen, path: str) -> str:
+    """Every thread's stack of a hung child (its faulthandler writes them to
+    ``path`` on SIGUSR1): the dump, once its size stops growing, for up to
+    5 s."""
+    os.kill(proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5.0
+    size = -1
+    while time.monotonic() < deadline:
+        now = os.path.getsize(path)
+        if now and now == size:
+            break
+        size = now
+        time.sleep(0.2)  # polled: the child writes with no signal to us
+    with open(path) as f:
+        return f.read()[-6000:] or "(no dump)"
+
+
 def run_episode(
     seed: int,
     workers: int | None = None,
@@ -1109,8 +1126,16 @@ def run_episode(
 
 
 def _run_episode(seed, workers, limit, kind, where) -> dict:
+    import tempfile
+
+    # Where a hung episode's threads were: SIGUSR1 makes the child write
+    # every thread's stack here (faulthandler) before it is killed.
+    stacks = tempfile.NamedTemporaryFile("w+", prefix="shmarray-chaos-stacks-", delete=False)
+    stacks.close()
     code = (
-        f"import sys, json; sys.path.insert(0, {HERE!r}); import chaos; "
+        f"import sys, json, faulthandler, signal; sys.path.insert(0, {HERE!r}); "
+        f"dump = open({stacks.name!r}, 'w'); "
+        f"faulthandler.register(signal.SIGUSR1, file=dump, all_threads=True); import chaos; "
         f"r = chaos.episode({seed}, {workers!r}, {(where or kind)!r}); "
         f"print('CHAOS-REPORT ' + json.dumps(r))"
     )
@@ -1126,9 +1151,12 @@ def _run_episode(seed, workers, limit, kind, where) -> dict:
         out, err = proc.communicate(timeout=limit)
         hung = False
     except subprocess.TimeoutExpired:
+        hung_stacks = _stacks_of(proc, stacks.name)
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         hung = True
+    finally:
+        os.unlink(stacks.name)
     report: dict = {"seed": seed, "failures": []}
     for line in out.splitlines():
         if line.startswith("CHAOS-REPORT "):
@@ -1136,7 +1164,9 @@ def _run_episode(seed, workers, limit, kind, where) -> dict:
     report["seconds"] = round(time.monotonic() - started, 1)
     report["storage"] = kind
     if hung:
-        report["failures"].append(f"the episode hung for {limit:.0f} s")
+        report["failures"].append(
+            f"the episode hung for {limit:.0f} s; its threads were:\n{hung_stacks}"
+        )
     elif proc.returncode != 0:
         report["failures"].append(f"the episode exited with {proc.returncode}: {err[-2000:]}")
     noise = [line for line in err.splitlines() if line.strip()]
