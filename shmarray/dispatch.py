@@ -230,9 +230,19 @@ def result_within(future: concurrent.futures.Future, timeout: float | None) -> A
 
 
 def ended_within(future: concurrent.futures.Future, timeout: float | None) -> Any:
-    """None once ``future`` is done within ``timeout``; else LATER."""
-    done, _ = concurrent.futures.wait((future,), timeout)
-    return None if done else LATER
+    """None once ``future`` is done within ``timeout``; else LATER.
+    (Not ``concurrent.futures.wait``: it counts a cancelled future done
+    only once its executor has seen the cancel, and a queued map's
+    manager may never see it: the engine closed meanwhile.  Found by the
+    chaos test: an imap stream that cancelled its queued map waited for
+    ever in its close.)"""
+    try:
+        future.exception(timeout)
+    except concurrent.futures.CancelledError:
+        pass
+    except concurrent.futures.TimeoutError:
+        return LATER
+    return None
 
 
 # Every open dispatcher, closed by one exit hook of our own, registered when

@@ -401,3 +401,33 @@ def test_a_ctrl_c_as_the_exit_hook_lets_go_of_the_signals_prints_nothing():
     assert proc.stdout == "mapped: [1.0, 1.0, 1.0, 1.0]\n" and proc.stderr == "", (
         proc.stdout + proc.stderr
     )
+
+
+def test_closing_a_stream_whose_queued_map_the_engine_cancelled_returns():
+    # The engine's close cancels an imap stream's map still queued; the
+    # stream's own close then waited for ever (concurrent.futures.wait counts
+    # a cancelled future done only once its executor has seen the cancel,
+    # and the manager thread had ended).  Found by the chaos test.
+    code = textwrap.dedent(f"""
+        import sys, threading, time, warnings
+        sys.path.insert(0, {burst.HERE!r})
+        import numpy as np
+        import shmarray
+        from burst import ROWS, held
+
+        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+        eng = shmarray.Engine(workers=2)
+        flags, x = eng.zeros(3), eng.zeros(ROWS)
+        args = (flags, shmarray.row_offset, ROWS // 2)
+        first = eng.submit(held, eng.zeros(ROWS), args=args, chunks=2)
+        while not np.all(flags[1:] == 1.0):  # it runs, held
+            time.sleep(0.001)
+        stream = eng.imap(lambda v: float(v.sum()), x)  # queued behind it
+        eng.close()
+        closing = threading.Thread(target=stream.close, daemon=True)
+        closing.start()
+        closing.join(30)  # a hang detector
+        print("stream closed:", not closing.is_alive())
+    """)
+    proc = run_python(code, timeout=60)
+    assert proc.stdout.splitlines() == ["stream closed: True"], proc.stdout + proc.stderr
