@@ -121,6 +121,9 @@ class ChunkStream:
 
         No new chunk starts; nothing is killed.  Idempotent.
         """
+        if self._future.done():  # nothing runs: nothing to stop, nothing held
+            self._done = True
+            return
         # Signals held from here (``Waiting``): a Ctrl-C in the loop's body
         # brings us here, and the next of its burst must not cut the halt
         # short (the map would run on); one kept stops the map, its running

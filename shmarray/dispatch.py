@@ -490,14 +490,17 @@ class Dispatcher:
         """Cancel queued calls, stop the running one, stop the pool, unlink
         every block.  Idempotent; from any thread; a no-op in a forked child,
         whose parent still owns everything.  In the main thread, a Ctrl-C
-        (or a SIGTERM handler's exception) does not cut it short: it is
-        raised once the engine is closed."""
+        (or a SIGTERM handler's exception) as it cancels the queued calls
+        is raised once it is done; one while it waits for the running map
+        to stop cuts it short, and the next call finishes the job."""
         if os.getpid() != self._owner or self._closed:
             return
-        # In the main thread, signals are held until it is done: cut short,
-        # a queued call's future could stay pending for ever (and its waiter
-        # with it), or the pool half stopped.  What they raised is raised
-        # after.
+        # In the main thread, signals are held while the queue is emptied
+        # and every future on it cancelled: cut short there, a queued
+        # call's future would stay pending for ever, and its waiter with
+        # it.  What they raised then is raised once the close is done.
+        # (Not longer: a close that waits for a stuck driver is cut short
+        # by Ctrl-C, and the next one hurries.)
         kept: list[BaseException] = []
 
         def keep(exc: BaseException) -> None:
@@ -506,29 +509,29 @@ class Dispatcher:
 
         held = SIGNALS.hold(keep)
         try:
-            self._close(timeout)
+            with self._lock:
+                self._closing = True
+                queued = list(self._queue)
+                self._queue.clear()
+                self._changed.notify_all()
+            for future, _ in queued:
+                try:
+                    future.cancel()  # runs its done-callbacks, here
+                except BaseException as exc:  # a callback's own: the rest first
+                    keep(exc)
+            del queued
+            self.interrupt()
         finally:
             if held:
                 SIGNALS.release()
-        if kept:
-            raise kept[0]
-
-    def _close(self, timeout: float) -> None:
-        with self._lock:
-            self._closing = True
-            queued = list(self._queue)
-            self._queue.clear()
-            self._changed.notify_all()
-        for future, _ in queued:
-            future.cancel()
-        del queued
-        self.interrupt()
         me = threading.get_ident()
         with self._lock:
             if self._driver == me:
                 # Closed from inside the driver (a finalizer run by garbage
                 # collection there): finish when it lets go.
                 self._close_on_release = True
+                if kept:
+                    raise kept[0]
                 return
             deadline = time.monotonic() + timeout
             while self._driver is not None:
@@ -541,9 +544,11 @@ class Dispatcher:
                 "shmarray: a map did not stop within "
                 f"{timeout:.0f} s of close(); its workers are killed",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
         self._shutdown()
+        if kept:
+            raise kept[0]
 
     def forget_in_child(self) -> None:
         """See ``_forget_all_in_child``.  Takes no lock: another thread of

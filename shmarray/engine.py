@@ -212,9 +212,8 @@ class Engine:
         """Unlink every block and stop every worker.
 
         Idempotent, and callable from any thread: a running map ends with
-        EngineClosedError, queued ones are cancelled.  A Ctrl-C while it
-        stops them is raised once it is done; one that lands before it
-        begins leaves the job to the next call.  In a forked child it does
+        EngineClosedError, queued ones are cancelled.  Interrupted (Ctrl-C),
+        calling it again finishes the job.  In a forked child it does
         nothing: the parent owns the engine.  Leaving a ``with`` block, the
         engine's garbage collection and interpreter exit call it too.
 

@@ -403,11 +403,12 @@ def test_a_ctrl_c_as_the_exit_hook_lets_go_of_the_signals_prints_nothing():
     )
 
 
-def test_closing_a_stream_whose_queued_map_the_engine_cancelled_returns():
-    # The engine's close cancels an imap stream's map still queued; the
-    # stream's own close then waited for ever (concurrent.futures.wait counts
-    # a cancelled future done only once its executor has seen the cancel,
-    # and the manager thread had ended).  Found by the chaos test.
+def test_closing_a_stream_whose_map_is_still_queued_returns_at_once():
+    # The stream's close cancels its map, queued behind a map that runs;
+    # it then waited for the manager thread to see the cancel, that is for
+    # the other map to end (concurrent.futures.wait counts a cancelled
+    # future done only then; with the engine closed meanwhile, never: the
+    # chaos test's hang).
     code = textwrap.dedent(f"""
         import sys, threading, time, warnings
         sys.path.insert(0, {burst.HERE!r})
@@ -416,18 +417,19 @@ def test_closing_a_stream_whose_queued_map_the_engine_cancelled_returns():
         from burst import ROWS, held
 
         warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
-        eng = shmarray.Engine(workers=2)
-        flags, x = eng.zeros(3), eng.zeros(ROWS)
-        args = (flags, shmarray.row_offset, ROWS // 2)
-        first = eng.submit(held, eng.zeros(ROWS), args=args, chunks=2)
-        while not np.all(flags[1:] == 1.0):  # it runs, held
-            time.sleep(0.001)
-        stream = eng.imap(lambda v: float(v.sum()), x)  # queued behind it
-        eng.close()
-        closing = threading.Thread(target=stream.close, daemon=True)
-        closing.start()
-        closing.join(30)  # a hang detector
-        print("stream closed:", not closing.is_alive())
+        with shmarray.Engine(workers=2) as eng:
+            flags, x = eng.zeros(3), eng.zeros(ROWS)
+            args = (flags, shmarray.row_offset, ROWS // 2)
+            first = eng.submit(held, eng.zeros(ROWS), args=args, chunks=2)
+            while not np.all(flags[1:] == 1.0):  # it runs, held until released
+                time.sleep(0.001)
+            stream = eng.imap(lambda v: float(v.sum()), x)  # queued behind it
+            closing = threading.Thread(target=stream.close, daemon=True)
+            closing.start()
+            closing.join(30)  # a hang detector: the held map runs until released
+            print("stream closed:", not closing.is_alive())
+            flags[0] = 1.0
+            first.result(timeout=30)
     """)
-    proc = run_python(code, timeout=60)
+    proc = run_python(code, timeout=90)
     assert proc.stdout.splitlines() == ["stream closed: True"], proc.stdout + proc.stderr
