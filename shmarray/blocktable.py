@@ -128,7 +128,11 @@ class _Reaper:
 
     def _run(self) -> None:
         while True:
-            tables = {self.wake.get().table}
+            # The tables to reap, by identity: a weak reference to a table
+            # that died before anything hashed it cannot be hashed (a set
+            # of them killed this thread: "weak object has gone away").
+            first = self.wake.get().table
+            tables = {id(first): first}
             # One wake-up per burst of deaths rather than per death: a
             # thread woken at once takes the GIL from the main thread at its
             # next system call, which doubled the cost of a loop of
@@ -136,10 +140,11 @@ class _Reaper:
             time.sleep(_REAP_DELAY)
             while True:
                 try:
-                    tables.add(self.wake.get_nowait().table)
+                    ref = self.wake.get_nowait().table
                 except queue.Empty:
                     break
-            for ref in tables:
+                tables[id(ref)] = ref
+            for ref in tables.values():
                 table = ref()
                 try:
                     if table is not None:

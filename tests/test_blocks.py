@@ -548,3 +548,41 @@ def test_usable_cpus_and_memory_available_honour_the_cgroups(monkeypatch):
     assert options.usable_cpus() == 1
     monkeypatch.setattr(cgroups, "memory_left", lambda proc="/proc/self": 12345)
     assert blocks.memory_available()[0] == 12345
+
+
+def test_an_array_that_outlives_its_engines_table_leaves_the_reaper_running():
+    # The engine, and with it its block table, dies while an array of it
+    # lives; the array's death then wakes the reaper with a weak reference
+    # to the dead table that nothing had hashed, and putting it in a set
+    # killed the thread ("TypeError: weak object has gone away", on
+    # stderr; seen under load in test_storage).
+    code = textwrap.dedent("""
+        import gc, time, weakref
+        import shmarray
+        from shmarray import blocktable
+
+        eng = shmarray.Engine(workers=1)
+        x = eng.zeros(10)
+        # The block's wake-up, held as the reaper's queue holds it once the
+        # mapping's death put it there: here the table dies first.
+        (wake,) = [w for _, _, w in eng._dispatcher.table._pending.values()]
+        table = weakref.ref(eng._dispatcher.table)
+        eng.close()
+        del eng
+        gc.collect()
+        print("table gone:", table() is None)
+        del x  # its mapping dies: the reaper is woken for the dead table
+        deadline = time.monotonic() + 5.0  # a hang detector
+        while not blocktable._REAPER.wake.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        thread = blocktable._REAPER._thread
+        thread.join(1.0)  # returns at once if it died; an observation window
+        print("reaper alive:", thread.is_alive())
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.splitlines() == ["table gone: True", "reaper alive: True"], (
+        proc.stdout + proc.stderr
+    )
+    assert proc.stderr == ""
