@@ -499,8 +499,8 @@ class Dispatcher:
         # and every future on it cancelled: cut short there, a queued
         # call's future would stay pending for ever, and its waiter with
         # it.  What they raised then is raised once the close is done.
-        # (Not longer: a close that waits for a stuck driver is cut short
-        # by Ctrl-C, and the next one hurries.)
+        # (Held no longer: a close that waits for a stuck driver can be cut
+        # short by Ctrl-C, and the next call finishes it in a hurry.)
         kept: list[BaseException] = []
 
         def keep(exc: BaseException) -> None:

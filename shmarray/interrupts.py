@@ -140,10 +140,10 @@ class HeldSignals:
 
     One per process (:data:`SIGNALS`).  Spans do not nest: a span is a
     driven call (``Dispatcher.run``, ``tidy``), a wait for a map another
-    thread drives (``dispatch.Waiting``), an engine's close
-    (``Dispatcher.close``), an exit hook (``at_exit``), or the making of a
-    block (``BlockTable.allocate``), and a span asked for
-    within another is not opened (the outer one holds).
+    thread drives (``dispatch.Waiting``), an engine's close cancelling its
+    queued calls (``Dispatcher.close``), an exit hook (``at_exit``), or the
+    making of a block (``BlockTable.allocate``), and a span asked for within
+    another is not opened (the outer one holds).
 
     The wrapper is installed at the first span and stays between spans,
     where it calls the user's handler and nothing else: installing and
