@@ -44,7 +44,7 @@ from loop_figures import touch, touch_prange
 from peers import jacobi_prange
 from shmarray.kernels.stencils import heat_step, heat_step_prange, jacobi
 from shmarray.storage import hugepages
-from workloads import machine_info, ratios, rounds, save, summary
+from workloads import machine_info, ratios, repeated, rounds, save, summary
 
 ALPHA = 0.2
 WORKERS = 2
@@ -198,19 +198,12 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
     caller = eng.prepare(touch, xs["in_caller"], args=(1.0,), in_caller=True)
     share = xs["alone"][ROWS // WORKERS :]
 
-    def loop(fn):
-        def run():
-            for _ in range(inner):
-                fn()
-
-        return run, inner
-
     fns = {
-        "map": loop(lambda: eng.map(touch, xs["map"], args=(1.0,))),
-        "prepared": loop(plain),
-        "in_caller": loop(caller),
-        "share_alone": loop(lambda: touch(share, 1.0)),
-        "prange": loop(lambda: touch_prange(px, 1.0)),
+        "map": repeated(lambda: eng.map(touch, xs["map"], args=(1.0,)), inner),
+        "prepared": repeated(plain, inner),
+        "in_caller": repeated(caller, inner),
+        "share_alone": repeated(lambda: touch(share, 1.0), inner),
+        "prange": repeated(lambda: touch_prange(px, 1.0), inner),
     }
     pids = [os.getpid()] + [w.pid for w in eng._dispatcher.pool.workers]
     logs: dict[str, list] = {k: [] for k in ("map", "prepared", "in_caller")}
@@ -241,17 +234,10 @@ def one_worker_figure(storage: str, repeat: int, inner: int) -> dict:
         xs, px = {k: eng.zeros(ROWS) for k in ("map", "prepared")}, np.zeros(ROWS)
         step = eng.prepare(touch, xs["prepared"], args=(1.0,))
 
-        def loop(fn):
-            def run():
-                for _ in range(inner):
-                    fn()
-
-            return run, inner
-
         fns = {
-            "map": loop(lambda: eng.map(touch, xs["map"], args=(1.0,))),
-            "prepared": loop(step),
-            "prange": loop(lambda: touch_prange(px, 1.0)),
+            "map": repeated(lambda: eng.map(touch, xs["map"], args=(1.0,)), inner),
+            "prepared": repeated(step, inner),
+            "prange": repeated(lambda: touch_prange(px, 1.0), inner),
         }
         for fn, _ in fns.values():
             fn()

@@ -28,7 +28,7 @@ from numba import njit, prange as numba_prange
 import shmarray
 from shmarray.kernels.stencils import heat_step, heat_step_prange
 from shmarray.worker import HOT_RUNS
-from workloads import machine_info, ratios, rounds, save, summary
+from workloads import machine_info, ratios, repeated, rounds, save, summary
 
 ALPHA = 0.2
 WORKERS = 2
@@ -54,20 +54,15 @@ def noop_figure(eng, repeat: int, inner: int) -> dict:
     px = np.zeros(ROWS)
     step = eng.prepare(touch, xs["prepared"], args=(1.0,))
 
-    def loop(fn):
-        def run():
-            for _ in range(inner):
-                fn()
-
-        return run, inner
-
     fns = {
-        "map_tuple_int": loop(lambda: eng.map(touch, xs["tuple"], args=(1.0,), chunks=WORKERS)),
-        "map_list_chunklist": loop(
-            lambda: eng.map(touch, xs["list"], args=[1.0], chunks=[8] * WORKERS)
+        "map_tuple_int": repeated(
+            lambda: eng.map(touch, xs["tuple"], args=(1.0,), chunks=WORKERS), inner
         ),
-        "prepared": loop(step),
-        "prange": loop(lambda: touch_prange(px, 1.0)),
+        "map_list_chunklist": repeated(
+            lambda: eng.map(touch, xs["list"], args=[1.0], chunks=[8] * WORKERS), inner
+        ),
+        "prepared": repeated(step, inner),
+        "prange": repeated(lambda: touch_prange(px, 1.0), inner),
     }
     for fn, _ in fns.values():
         fn()

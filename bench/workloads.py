@@ -112,10 +112,21 @@ def rounds(
     return timing.interleaved(fns, repeat, pause=pause, prepare=prepare)
 
 
+def repeated(fn, calls: int) -> tuple:
+    """``(run, calls)`` for ``rounds``: ``run()`` calls ``fn`` ``calls``
+    times (a loop of short calls timed as one)."""
+
+    def run():
+        for _ in range(calls):
+            fn()
+
+    return run, calls
+
+
 def interleaved(fns: dict, repeat: int, pause: float = 0.0, inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, timed ``inner`` calls at a
     time (``shmarray.timing.interleaved``)."""
-    loops = {name: ((lambda f=f: [f() for _ in range(inner)]), inner) for name, f in fns.items()}
+    loops = {name: repeated(f, inner) for name, f in fns.items()}
     return timing.medians(timing.interleaved(loops, repeat, pause=pause))
 
 
