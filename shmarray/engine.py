@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.typing import NDArray
 
-from shmarray import blocks, check as races, display, loading, options as checks
+from shmarray import blocks, check as races, compiling, display, loading, options as checks
 from shmarray.batch import ChunkStream, Sink, WorkerStats
 from shmarray.blocks import Block, BlockTable, format_bytes
 from shmarray.check import CheckReport
@@ -658,6 +658,10 @@ class Engine:
         if in_caller is not True and in_caller is not False:
             raise TypeError(f"in_caller must be True or False; got {in_caller!r}.")
         d, call = self._call(kernel, arrays, args, opts, None, prepared=True, in_caller=in_caller)
+        if call.share:
+            # The caller's share runs beside the workers' first chunks:
+            # compile it now, under the workers' lock (shmarray.compiling).
+            compiling.compile_first(d.pool.compile_lock, kernel, call.share[0])
         calls = self._calls
 
         def swapped() -> Call:

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import psutil
 
-from shmarray import blocks, launch, output, watchdog
+from shmarray import blocks, compiling, launch, output, watchdog
 from shmarray.control import ControlBlock
 from shmarray.descriptors import WAKE, Ready, StartFailed, Stop, decode, encode
 from shmarray.errors import WorkerStartError
@@ -150,6 +150,7 @@ class WorkerProcess:
         log_level: dict[str, int],
         spins: tuple[float, int],
         sent: np.ndarray,
+        compile_lock: int,
     ):
         self.index = index
         self.kernels: set[int] = set()
@@ -186,8 +187,9 @@ class WorkerProcess:
                     launch.Fd(3),
                     log_level,
                     spins,
+                    launch.Fd(4) if compile_lock >= 0 else -1,
                 ),
-                [task_r, result_w, out_w, err_w],
+                [task_r, result_w, out_w, err_w] + ([compile_lock] if compile_lock >= 0 else []),
                 report=1,
             )
         except BaseException:
@@ -327,6 +329,7 @@ class Pool:
     watchdog: watchdog.Watchdog | None = None
     ctl: ControlBlock | None = None
     _control_name: str | None = None
+    _compile_lock = -1  # compiling.open_lock's: given to every worker started
     _closing = False
     forwarder = output.Forwarder()
     # Every worker is alive as far as the driver knows, ready, and idle:
@@ -375,6 +378,7 @@ class Pool:
             if self.storage.leaks:
                 self.watchdog.blocks(created=(self._control_name,))
             self.ctl = ControlBlock(mapping, n_workers)
+            self._compile_lock = compiling.open_lock()
             for i in range(n_workers):
                 self.workers.append(self._start(i))
             self.await_ready(self.workers)
@@ -383,6 +387,11 @@ class Pool:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def compile_lock(self) -> int:
+        """The lock of the workers' first compiles (``shmarray.compiling``)."""
+        return self._compile_lock
 
     def next_seq(self) -> int:
         """A new ring number."""
@@ -402,6 +411,7 @@ class Pool:
             self._log_level,
             self.policy.for_workers(),
             self.sent,
+            self._compile_lock,
         )
         self.forwarder.add(*proc.output)
         proc.rung = ring
@@ -621,6 +631,9 @@ class Pool:
             self.storage.unlink(name)
         if self.ctl is not None:
             self.ctl.release()
+        lock, self._compile_lock = self._compile_lock, -1
+        if lock >= 0:
+            os.close(lock)
 
     def forget_in_child(self) -> None:
         """In a child forked from the coordinator: close its copies of the
@@ -635,3 +648,6 @@ class Pool:
         self.forwarder.forget_in_child()
         self.workers = []
         self._control_name = None
+        lock, self._compile_lock = self._compile_lock, -1
+        if lock >= 0:
+            os.close(lock)

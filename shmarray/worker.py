@@ -32,7 +32,7 @@ import threadpoolctl
 from numba.core.errors import NumbaError
 from numba.extending import is_jitted
 
-from shmarray import blocks, boundary, control, launch, output
+from shmarray import blocks, boundary, compiling, control, launch, output
 from shmarray.control import step_word
 from shmarray.descriptors import (
     WAKE,
@@ -124,6 +124,7 @@ class _Job:
         "runs",
         "lean",
         "rows_of",
+        "compiled",
     )
 
     blocks: set[str]  # the blocks it reads, set by Worker.define
@@ -139,6 +140,8 @@ class _Job:
         # For the lean path (control.serve): (calls as one tuple, chunk
         # indices), once the job is hot; False when it cannot have one.
         self.lean: tuple | Literal[False] | None = None
+        # Whether its first chunk has run here (compiling.compile_first).
+        self.compiled = False
         self.bind(views, args, index)
 
     def lean_path(self) -> tuple | None:
@@ -267,9 +270,11 @@ class _Worker:
         tasks,
         results,
         spins: tuple[float, int],
+        compile_lock: int = -1,
     ):
         self.index = index
         self.ctl = words
+        self.compile_lock = compile_lock  # compiling.open_lock's, inherited
         self.tasks = tasks
         self.results = results
         self.idle_spin, self.step_spin = spins
@@ -418,6 +423,10 @@ class _Worker:
                 ctl.mark(index, control.RUNNING)
             self.rows = spec.chunks[k]
             try:
+                if not job.compiled:
+                    job.compiled = True
+                    if is_jitted(kernel):
+                        compiling.compile_first(self.compile_lock, kernel, calls[k])
                 value = kernel(*calls[k])
             except SystemExit:
                 raise  # sys.exit() in a kernel ends the worker, as it says
@@ -670,6 +679,7 @@ def main(
     err_fd: int = -1,
     log_level: int | dict[str, int] = 30,
     spins: tuple[float, int] = (2e-3, 10_000),
+    compile_lock: int = -1,
 ) -> None:
     """Worker entry point (started by ``shmarray.launch``): ``tasks_fd`` and
     ``results_fd`` are its ends of two pipes, ``control_block`` the name of
@@ -680,6 +690,8 @@ def main(
     ``log_level``, the caller's logger levels (``output.caller_levels``),
     its loggers' levels, and its logging records go to the coordinator.
     ``spins``: the wait policy's (idle spin in seconds, step-wait rounds).
+    ``compile_lock``: the engine's lock for first compiles
+    (``shmarray.compiling``).
     A failure to start, the initializer's included, is reported to the
     coordinator as a StartFailed message, never printed here."""
     tasks = Connection(tasks_fd, writable=False)
@@ -703,7 +715,7 @@ def main(
         os.register_at_fork(after_in_child=_after_fork_in_child)
         limit_threads()
         words = control.WorkerWords(blocks.attach(control_block), index)
-        worker = _Worker(owner_pid, index, words, tasks, results, spins)
+        worker = _Worker(owner_pid, index, words, tasks, results, spins, compile_lock)
         if initializer is not None:
             stage = "initializer"
             function = worker.main.adopt(load(initializer[0]))

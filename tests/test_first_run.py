@@ -160,3 +160,68 @@ def test_the_readme_example_works_as_written(tmp_path):
     assert words[0] == "sum" and words[2] == "mean"
     # 2.5 times the mean of 10**7 uniform numbers
     assert abs(float(words[3]) - 1.25) < 0.01
+
+
+CACHED_KERNEL = textwrap.dedent("""
+    import os
+    from numba import njit
+
+    @njit(cache=True)
+    def fill(x, value):
+        for i in range(x.shape[0]):
+            x[i] = value
+
+    @njit(cache=True)
+    def step(x, value):
+        for i in range(x.shape[0]):
+            x[i] += value
+
+    def compiled(kernel):
+        # What this process's copy of kernel did: compiled, or loaded from
+        # the cache on disk.
+        return (sum(kernel.stats.cache_misses.values()),
+                sum(kernel.stats.cache_hits.values()))
+
+    def compiles_here(x):
+        return [(os.getpid(), *compiled(fill), *compiled(step))]
+""")
+
+
+def test_workers_meeting_a_cached_kernel_on_a_fresh_cache_compile_it_once(tmp_path):
+    # numba writes a cache's index before the code it names, so workers
+    # compiling one kernel at once can load what an older numba or source
+    # left under that name ("LLVM bitcode parsing error" in a map).  The
+    # first worker compiles and writes the cache; the others load it.
+    (tmp_path / "cachedkernel.py").write_text(CACHED_KERNEL)
+    script = textwrap.dedent(f"""
+        import operator, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import shmarray, cachedkernel
+        with shmarray.Engine(workers=3) as eng:
+            x = eng.zeros(300)
+            eng.map(cachedkernel.fill, x, args=(2.0,), chunks=3)
+            print("filled", bool((x == 2.0).all()))
+            # The caller runs a share of a prepared map, beside the workers.
+            eng.prepare(cachedkernel.step, x, args=(1.0,), chunks=3, in_caller=True)()
+            print("stepped", bool((x == 3.0).all()))
+            seen = set(eng.reduce(cachedkernel.compiles_here, x, chunks=3,
+                                  combine=operator.add))
+        print("workers", len(seen))
+        print("fill compiled", sum(s[1] for s in seen), "loaded", sum(s[2] for s in seen))
+        print("step compiled", sum(s[3] for s in seen), "loaded", sum(s[4] for s in seen),
+              "in the caller", *cachedkernel.compiled(cachedkernel.step))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "filled True",
+        "stepped True",
+        "workers 3",
+        "fill compiled 1 loaded 2",
+        # the caller compiles first; the two workers left load its code
+        "step compiled 0 loaded 2 in the caller 1 0",
+    ], proc.stdout
+    assert proc.stderr == ""
