@@ -81,8 +81,10 @@ def test_bad_arguments_raise_in_the_caller(engine):
 def test_submitted_maps_run_in_submission_order(engine):
     x = engine.zeros(4)
     futures = [engine.submit(put, x, args=(float(i),)) for i in range(50)]
-    concurrent.futures.wait(futures, timeout=120)
-    assert all(f.done() and f.exception() is None for f in futures)
+    done, pending = concurrent.futures.wait(futures, timeout=120)
+    assert not pending, f"{len(pending)} of 50 maps still pending"
+    failed = {i: f.exception() for i, f in enumerate(futures) if f.exception() is not None}
+    assert not failed, f"maps that raised: {failed!r}"
     assert x[0] == 49.0
 
 
