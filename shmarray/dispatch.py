@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import inspect
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from shmarray.blocktable import BlockTable
 from shmarray.errors import EngineClosedError, MapCancelledError
 from shmarray.interrupts import SIGNALS, at_exit, drop
 from shmarray.jobs import Call, JobCache
@@ -302,6 +304,7 @@ class Dispatcher:
         self._closing = False
         self._closed = False
         self._close_on_release = False
+        self._shutdown_lock = threading.Lock()  # one _shutdown at a time
         _OPEN.add(self)
 
     @property
@@ -492,8 +495,18 @@ class Dispatcher:
         whose parent still owns everything.  In the main thread, a Ctrl-C
         (or a SIGTERM handler's exception) as it cancels the queued calls
         is raised once it is done; one while it waits for the running map
-        to stop cuts it short, and the next call finishes the job."""
+        to stop cuts it short, and the next call finishes the job.  Called
+        by a signal handler or a finalizer inside a lock that closing
+        takes, it returns at once and a thread of its own closes the
+        engine once that lock is let go."""
         if os.getpid() != self._owner or self._closed:
+            return
+        if _within_a_lock(self):
+            # Called by a signal handler (or a finalizer) that ran while
+            # this thread held a lock that closing takes: waiting for it
+            # here would wait for ever.  Another thread closes the engine
+            # once this one lets go.
+            threading.Thread(target=self.close, args=(timeout,), name="shmarray-close").start()
             return
         # In the main thread, signals are held while the queue is emptied
         # and every future on it cancelled: cut short there, a queued
@@ -559,6 +572,11 @@ class Dispatcher:
         self.runner.forget_in_child()
 
     def _shutdown(self) -> None:
+        with self._shutdown_lock:  # two closing threads: the second waits
+            if not self._closed:
+                self._shut()
+
+    def _shut(self) -> None:
         # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
         for what, step in (
             ("unlinking blocks", self.table.close),
@@ -577,6 +595,35 @@ class Dispatcher:
             SIGNALS.restore()  # the last engine: the user's handlers, as they were
 
 
+def _within_a_lock(dispatcher: Dispatcher) -> bool:
+    """Whether the calling thread, further down its stack, runs code that
+    holds a lock ``dispatcher.close()`` takes (its own, its shutdown's, a
+    future's stop lock, its block table's), or may: then close() was
+    called from within it, by a signal handler or a finalizer that ran
+    there.  Judged by the code on the stack, and by whether its lock is
+    held at all (by this thread or another): it may send to another thread
+    a close() that was safe to run here, never the other way round.
+    tests/test_dispatch.py checks that the sets below name every function
+    with such a ``with`` block."""
+    frame = inspect.currentframe()
+    if frame is None:  # no frames on this Python: judge by nothing
+        return False
+    frame = frame.f_back  # close() itself
+    frame = frame.f_back if frame is not None else None  # its caller
+    while frame is not None:
+        code = frame.f_code
+        if code in _FUTURE_LOCKING:
+            return True
+        if code in _DISPATCHER_LOCKING and dispatcher._lock.locked():
+            return True
+        if code is _SHUTDOWN and dispatcher._shutdown_lock.locked():
+            return True
+        if code in _TABLE_LOCKING and dispatcher.table._lock.locked():
+            return True
+        frame = frame.f_back
+    return False
+
+
 def finish(call: Call, values) -> Any:
     """The call's result: the values combined in chunk order, for reduce;
     for a tracked call (``values`` is its Tally), a MapReport with
@@ -586,3 +633,31 @@ def finish(call: Call, values) -> Any:
     if call.combine is None:
         return None
     return combined(call.combine, values)
+
+
+# The functions that take a lock close() takes (those they call run below
+# them on the stack): see ``_within_a_lock``.
+_DISPATCHER_LOCKING = frozenset(
+    f.__code__
+    for f in (
+        Dispatcher.run,
+        Dispatcher.tidy,
+        Dispatcher.submit,
+        Dispatcher.close,
+        Dispatcher._let_go,
+        Dispatcher._manage,  # (a finalizer may run in the manager thread)
+    )
+)
+_SHUTDOWN = Dispatcher._shutdown.__code__
+_FUTURE_LOCKING = frozenset(f.__code__ for f in (MapFuture.stop, MapFuture._commit))
+_TABLE_LOCKING = frozenset(
+    f.__code__
+    for f in (
+        BlockTable._allocate,
+        BlockTable._reap,
+        BlockTable.locate,
+        BlockTable.take_released,
+        BlockTable.live,
+        BlockTable.close,
+    )
+)

@@ -213,7 +213,9 @@ class Engine:
 
         Idempotent, and callable from any thread: a running map ends with
         EngineClosedError, queued ones are cancelled.  Interrupted (Ctrl-C),
-        calling it again finishes the job.  In a forked child it does
+        calling it again finishes the job.  From a signal handler too (a
+        service's SIGTERM): if the signal came while the engine held a lock
+        of its own, it returns at once and another thread finishes.  In a forked child it does
         nothing: the parent owns the engine.  Leaving a ``with`` block, the
         engine's garbage collection and interpreter exit call it too.
 

@@ -192,3 +192,43 @@ def test_two_quick_ctrl_c_leave_the_engine_usable(gap, workers):
     _, names = _report(out)
     assert _gone(every_pid, names)
     assert err == ""
+
+
+def test_close_knows_every_function_that_holds_a_lock_it_takes():
+    # close() called inside one of these (by a signal handler or a
+    # finalizer) hands itself to another thread rather than wait for a
+    # lock its own thread holds (dispatch._within_a_lock).  A new `with`
+    # block on one of those locks must be named there too.
+    import ast
+    import inspect as inspect_
+
+    from shmarray import blocktable, dispatch
+
+    locks = {"_lock", "_stop_lock", "_shutdown_lock"}
+    named = (
+        dispatch._DISPATCHER_LOCKING
+        | dispatch._FUTURE_LOCKING
+        | {dispatch._SHUTDOWN}
+        | dispatch._TABLE_LOCKING
+    )
+    holders = []
+    for cls in (dispatch.Dispatcher, dispatch.MapFuture, blocktable.BlockTable):
+        tree = ast.parse(textwrap.dedent(inspect_.getsource(cls)))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Attribute)
+                    and item.context_expr.attr in locks
+                    for item in node.items
+                ):
+                    holders.append((cls, fn.name))
+                    break
+    assert len(holders) >= 10, holders  # the search finds them at all
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls, name in holders
+        if getattr(cls, name).__code__ not in named
+    ]
+    assert not missing, missing

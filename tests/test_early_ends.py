@@ -209,12 +209,12 @@ def _raise(signum, frame):
 
 signal.signal(signal.SIGINT, _raise)
 
-def arm(name, where=""):
+def arm(name, where="", sig=signal.SIGINT):
     def hook(frame, event, arg):
         code = frame.f_code
         if event == "call" and code.co_name == name and code.co_filename.endswith(where):
             sys.setprofile(None)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
     sys.setprofile(hook)
 """
 
@@ -433,3 +433,57 @@ def test_closing_a_stream_whose_map_is_still_queued_returns_at_once():
     """)
     proc = run_python(code, timeout=90)
     assert proc.stdout.splitlines() == ["stream closed: True"], proc.stdout + proc.stderr
+
+
+@pytest.mark.breaks_things
+def test_a_signal_handler_that_closes_the_engine_inside_its_locks_does_not_hang():
+    # A service's SIGTERM handler calls eng.close().  The signal lands while
+    # the main thread holds one of the locks close() takes: the
+    # dispatcher's (a map taking the driver's role, a submit queueing its
+    # call) or the block table's (a block made).  Before, close() waited
+    # for that lock in the thread that held it: a hang.
+    code = AT_A_CALL + textwrap.dedent("""
+        import time
+        import shmarray
+
+        def on_term(signum, frame):
+            eng.close()
+
+        signal.signal(signal.SIGTERM, on_term)
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+        def gone(pids):  # closed by another thread: wait for it
+            deadline = time.monotonic() + 30
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.01)
+                pids = [p for p in pids if alive(p)]
+            return not pids
+
+        for name, where, call in [
+            ("_check_open", "dispatch.py", lambda x: eng.map(lambda v: v.fill(1.0), x)),
+            ("_enqueue", "dispatch.py", lambda x: eng.submit(lambda v: v.fill(1.0), x).result(30)),
+            ("_reap_locked", "blocktable.py", lambda x: eng.zeros(8)),
+        ]:
+            eng = shmarray.Engine(workers=2)
+            x, pids = eng.zeros(8), eng.worker_pids
+            arm(name, where, signal.SIGTERM)
+            try:
+                call(x)
+                outcome = "returned"
+            except BaseException as exc:
+                outcome = type(exc).__name__
+            print(name, outcome in ("returned", "EngineClosedError", "CancelledError"),
+                  "closed:", eng.closed, "workers gone:", gone(pids))
+    """)
+    proc = run_python(code, timeout=60)  # before: a hang in the first
+    assert proc.stdout.splitlines() == [
+        f"{name} True closed: True workers gone: True"
+        for name in ("_check_open", "_enqueue", "_reap_locked")
+    ], proc.stdout + proc.stderr
+    assert proc.stderr == ""
