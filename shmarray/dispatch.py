@@ -305,6 +305,10 @@ class Dispatcher:
         self._closed = False
         self._close_on_release = False
         self._shutdown_lock = threading.Lock()  # one _shutdown at a time
+        # What the main thread's span catches once its call has given the
+        # driver's role back (``_let_go``): the first of a burst.
+        self._late: BaseException | None = None
+        self._keep_late = self._late_catch  # bound once: every map passes it
         _OPEN.add(self)
 
     @property
@@ -352,15 +356,22 @@ class Dispatcher:
         if waiting is None:
             try:
                 values = self.runner.run(call)
-            finally:
-                self._let_go()
+            except BaseException:
+                # One that came as it failed folds into the failure, the
+                # first of a burst.
+                self._let_go(held)
                 if held:
                     SIGNALS.release()
+                    self._late = None
+                raise
+            caught = self._let_go(held)
             if held:
-                # One that came as the call ended well.  (As it failed, it
-                # folds into the failure, the first of a burst: the next
-                # call's ``begin`` forgets it.)
-                self.runner.raise_caught()
+                SIGNALS.release()
+                if caught is None:
+                    caught = self._late
+                self._late = None
+                if caught is not None:
+                    raise caught  # one that came as the call ended well
             return finish(call, values)
         try:
             return waiting.wait(future, lambda timeout: result_within(future, timeout))
@@ -379,12 +390,20 @@ class Dispatcher:
             held = self._drive()
         try:
             self.runner.tidy()
-        finally:
-            self._let_go()
+        except BaseException:
+            self._let_go(held)
             if held:
                 SIGNALS.release()
+                self._late = None
+            raise
+        caught = self._let_go(held)
         if held:
-            self.runner.raise_caught()
+            SIGNALS.release()
+            if caught is None:
+                caught = self._late
+            self._late = None
+            if caught is not None:
+                raise caught
 
     def submit(self, call: Call) -> MapFuture:
         """Queue ``call``; returns at once."""
@@ -461,8 +480,18 @@ class Dispatcher:
         self._driver = _get_ident()
         return held
 
-    def _let_go(self) -> None:
+    def _let_go(self, held: bool = False) -> BaseException | None:
+        """Give the driver's role back.  ``held``: the main thread's span
+        is open: what it caught for this call is taken and returned, and
+        what it catches until it closes is kept in ``_late``, both under
+        the lock, before another thread can take the role (whose ``begin``
+        would forget what was caught, and whose round the next Ctrl-C
+        would end)."""
+        caught = None
         with self._lock:
+            if held:
+                caught = self.runner.interrupts.take_caught()
+                SIGNALS.retarget(self._keep_late)
             self._driver = None
             self._current = None
             if self._queue or self._closing:
@@ -470,6 +499,11 @@ class Dispatcher:
             shutdown = self._close_on_release
         if shutdown:
             self._shutdown()
+        return caught
+
+    def _late_catch(self, exc: BaseException) -> None:
+        if self._late is None:  # the first of a burst; the rest fold into it
+            self._late = exc
 
     def _should_stop(self) -> BaseException | None:
         """Asked by the driver when interrupted: the error to end the map

@@ -172,6 +172,12 @@ class HeldSignals:
         self._catch = catch
         return True
 
+    def retarget(self, catch: Callable[[BaseException], None]) -> None:
+        """Within a span, send what the handlers raise from now on to
+        ``catch``; outside one, nothing."""
+        if self._catch is not None:
+            self._catch = catch
+
     def release(self) -> None:
         """Close the span: from now on the user's handlers act as usual."""
         self._catch = None

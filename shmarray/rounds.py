@@ -145,22 +145,14 @@ class Runner:
 
     def begin(self) -> None:
         """The calling thread takes the driver's role (``Dispatcher``,
-        under its lock): what a held signal left from an earlier call is
-        forgotten.  (A span may catch a signal after its call took what it
-        caught; if the burst's next signal then raises at once after the
-        span, ``raise_caught`` is skipped and the caught one stays: it
-        belongs to the burst already raised.  Found by a burst of 2000
-        Ctrl-C 50 us apart: the program's next map raised the one before's
-        KeyboardInterrupt.)"""
+        under its lock).  Nothing a held signal raised is left by then:
+        the call that caught it took it as it gave the role back
+        (``Dispatcher._let_go``), under the same lock.  (Before, a call
+        left it here for the next one to forget: a burst of 2000 Ctrl-C
+        50 us apart made the program's next map raise the one before's
+        KeyboardInterrupt, and another thread's map, taking the role in
+        between, forgot one that was the main thread's.)"""
         self.interrupts.caught = None
-
-    def raise_caught(self) -> None:
-        """Raise what a held signal raised after ``run`` took what it
-        caught (the call ended as it came), once the span is closed and
-        the role given back."""
-        caught = self.interrupts.take_caught()
-        if caught is not None:
-            raise caught
 
     def run(self, call: Call, quiet: Callable[[], None] | None = None) -> Any:
         """Run ``call``: its values in chunk order (reduce) or None; for a

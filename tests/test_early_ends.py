@@ -487,3 +487,77 @@ def test_a_signal_handler_that_closes_the_engine_inside_its_locks_does_not_hang(
         for name in ("_check_open", "_enqueue", "_reap_locked")
     ], proc.stdout + proc.stderr
     assert proc.stderr == ""
+
+
+@pytest.mark.breaks_things
+def test_a_ctrl_c_as_a_map_gives_the_role_back_is_raised_by_that_map_only():
+    # A Ctrl-C lands as the main thread's map ends, while another thread's
+    # map waits in the queue; the main thread is switched out right after
+    # it gives the driver's role back (forced here: it waits for the other
+    # map to be driven).  Before, the other map's driver forgot the
+    # caught KeyboardInterrupt as it took the role: the main thread's map
+    # returned as if no Ctrl-C had come.
+    code = AT_A_CALL + textwrap.dedent(f"""
+        import sys, threading, time, warnings
+        sys.path.insert(0, {burst.HERE!r})
+        import numpy as np
+        import shmarray
+        from burst import ROWS, held
+
+        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+        eng = shmarray.Engine(workers=2)
+        flags, y = eng.zeros(3), eng.zeros(4)
+        main = threading.get_ident()
+        ended = {{}}
+
+        def other():
+            while not np.all(flags[1:] == 1.0):  # the main thread's map runs
+                time.sleep(0.001)
+            future = eng.submit(lambda v: v.fill(2.0), y)  # queued behind it
+            flags[0] = 1.0  # the main thread's map may end now
+            try:
+                future.result(30)
+                ended["other"] = "returned"
+            except BaseException as exc:
+                ended["other"] = type(exc).__name__
+
+        let_go = []
+
+        def hook(frame, event, arg):
+            code = frame.f_code
+            if event != "call":
+                return
+            if code.co_name == "_let_go" and code.co_filename.endswith("dispatch.py"):
+                let_go.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            elif (
+                let_go
+                and code.co_name == "release"
+                and code.co_filename.endswith("interrupts.py")
+            ):
+                sys.setprofile(None)
+                d = eng._dispatcher  # switched out until the other map is driven
+                deadline = time.monotonic() + 10
+                while d._driver in (None, main) and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                print("the other map driven:", d._driver not in (None, main))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        sys.setprofile(hook)
+        try:
+            eng.map(held, eng.zeros(ROWS), args=(flags, shmarray.row_offset, ROWS // 2), chunks=2)
+            print("main: returned")
+        except KeyboardInterrupt:
+            print("main: KeyboardInterrupt")
+        sys.setprofile(None)
+        thread.join(30)
+        print("other:", ended.get("other"), y.tolist())
+        eng.close()
+    """)
+    proc = run_python(code, timeout=60)
+    assert proc.stdout.splitlines() == [
+        "the other map driven: True",
+        "main: KeyboardInterrupt",
+        "other: returned [2.0, 2.0, 2.0, 2.0]",
+    ], proc.stdout + proc.stderr
