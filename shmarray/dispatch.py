@@ -489,9 +489,9 @@ class Dispatcher:
         would end)."""
         caught = None
         with self._lock:
-            if held:
-                caught = self.runner.interrupts.take_caught()
+            if held:  # in this order: a signal in between lands in one of them
                 SIGNALS.retarget(self._keep_late)
+                caught = self.runner.interrupts.take_caught()
             self._driver = None
             self._current = None
             if self._queue or self._closing:

@@ -34,6 +34,13 @@ from shmarray import blocks, launch
 
 SHM_DIR = blocks.SHM_DIR
 
+# A suite started in the background by a non-interactive shell (`make test
+# &`) inherits SIGINT ignored, and so would every child interpreter the
+# tests start: the tests of Ctrl-C would see nothing happen.  Here Ctrl-C
+# raises KeyboardInterrupt, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Every engine fixture runs at 2 workers and at more workers than this
 # machine's cores (3 and 5 on 2 cores): bugs of N workers hide at 2.  The
 # test modules' kernels are compiled with cache=True, so the workers of the
