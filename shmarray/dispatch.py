@@ -305,6 +305,7 @@ class Dispatcher:
         self._closed = False
         self._close_on_release = False
         self._shutdown_lock = threading.Lock()  # one _shutdown at a time
+        self._handed_off = False  # a thread of its own runs close() (see there)
         # What the main thread's span catches once its call has given the
         # driver's role back (``_let_go``): the first of a burst.
         self._late: BaseException | None = None
@@ -490,6 +491,7 @@ class Dispatcher:
         caught = None
         with self._lock:
             if held:  # in this order: a signal in between lands in one of them
+                self._late = None  # (a burst's last, left as the last call ended)
                 SIGNALS.retarget(self._keep_late)
                 caught = self.runner.interrupts.take_caught()
             self._driver = None
@@ -538,9 +540,14 @@ class Dispatcher:
         if _within_a_lock(self):
             # Called by a signal handler (or a finalizer) that ran while
             # this thread held a lock that closing takes: waiting for it
-            # here would wait for ever.  Another thread closes the engine
-            # once this one lets go.
-            threading.Thread(target=self.close, args=(timeout,), name="shmarray-close").start()
+            # here would wait for ever.  Closing from now on (no new call
+            # starts, the running one is stopped), and another thread, one
+            # for a burst of such calls, finishes once the lock is let go.
+            self._closing = True
+            self.interrupt()
+            if not self._handed_off:
+                self._handed_off = True
+                threading.Thread(target=self.close, args=(timeout,), name="shmarray-close").start()
             return
         # In the main thread, signals are held while the queue is emptied
         # and every future on it cancelled: cut short there, a queued
@@ -607,32 +614,34 @@ class Dispatcher:
 
     def _shutdown(self) -> None:
         with self._shutdown_lock:  # two closing threads: the second waits
-            if not self._closed:
-                self._shut()
-
-    def _shut(self) -> None:
-        # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
-        for what, step in (
-            ("unlinking blocks", self.table.close),
-            ("stopping workers", self.pool.close),
-            ("closing the dispatcher", self.runner.close),
-        ):
-            try:
-                step()
-            except Exception as exc:
-                warnings.warn(f"shmarray: {what} failed: {exc!r}", RuntimeWarning, stacklevel=3)
+            if self._closed:
+                return
+            # Names first: even if stopping a worker goes wrong, /dev/shm is clean.
+            for what, step in (
+                ("unlinking blocks", self.table.close),
+                ("stopping workers", self.pool.close),
+                ("closing the dispatcher", self.runner.close),
+            ):
+                try:
+                    step()
+                except Exception as exc:
+                    warnings.warn(
+                        f"shmarray: {what} failed: {exc!r}", RuntimeWarning, stacklevel=3
+                    )
+            self._closed = True
+        # Outside the lock: the manager thread may be closing too (a
+        # done-callback's close), and waits for it.
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
-        self._closed = True
         if all(d._closed for d in list(_OPEN)):
             SIGNALS.restore()  # the last engine: the user's handlers, as they were
 
 
 def _within_a_lock(dispatcher: Dispatcher) -> bool:
     """Whether the calling thread, further down its stack, runs code that
-    holds a lock ``dispatcher.close()`` takes (its own, its shutdown's, a
-    future's stop lock, its block table's), or may: then close() was
+    holds a lock ``dispatcher.close()`` takes (its own, its shutdown's, its
+    block table's), or may: then close() was
     called from within it, by a signal handler or a finalizer that ran
     there.  Judged by the code on the stack, and by whether its lock is
     held at all (by this thread or another): it may send to another thread
@@ -646,8 +655,6 @@ def _within_a_lock(dispatcher: Dispatcher) -> bool:
     frame = frame.f_back if frame is not None else None  # its caller
     while frame is not None:
         code = frame.f_code
-        if code in _FUTURE_LOCKING:
-            return True
         if code in _DISPATCHER_LOCKING and dispatcher._lock.locked():
             return True
         if code is _SHUTDOWN and dispatcher._shutdown_lock.locked():
@@ -683,7 +690,6 @@ _DISPATCHER_LOCKING = frozenset(
     )
 )
 _SHUTDOWN = Dispatcher._shutdown.__code__
-_FUTURE_LOCKING = frozenset(f.__code__ for f in (MapFuture.stop, MapFuture._commit))
 _TABLE_LOCKING = frozenset(
     f.__code__
     for f in (

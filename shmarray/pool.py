@@ -172,6 +172,10 @@ class WorkerProcess:
         self._uss_at = -USS_EVERY
         self._over = False
         (task_r, task_w), (result_r, result_w), (out_r, out_w), (err_r, err_w) = pipes(4)
+        # The child's own copy of the compile lock: a child forked from the
+        # coordinator closes the Pool's (forget_in_child) before it runs.
+        lock = os.dup(compile_lock) if compile_lock >= 0 else -1
+        theirs = [task_r, result_w, out_w, err_w] + ([lock] if lock >= 0 else [])
         try:
             self.child = launch.start(
                 method,
@@ -187,9 +191,9 @@ class WorkerProcess:
                     launch.Fd(3),
                     log_level,
                     spins,
-                    launch.Fd(4) if compile_lock >= 0 else -1,
+                    launch.Fd(4) if lock >= 0 else -1,
                 ),
-                [task_r, result_w, out_w, err_w] + ([compile_lock] if compile_lock >= 0 else []),
+                theirs,
                 report=1,
             )
         except BaseException:
@@ -197,7 +201,7 @@ class WorkerProcess:
                 os.close(fd)
             raise
         finally:
-            for fd in (task_r, result_w, out_w, err_w):
+            for fd in theirs:
                 os.close(fd)
         self.output = (out_r, err_r)  # the Pool's forwarder reads them
         self.tasks = Connection(task_w, readable=False)
@@ -329,7 +333,7 @@ class Pool:
     watchdog: watchdog.Watchdog | None = None
     ctl: ControlBlock | None = None
     _control_name: str | None = None
-    _compile_lock = -1  # compiling.open_lock's: given to every worker started
+    _compile_lock = -1  # compiling.open_lock's: a copy to every worker started
     _closing = False
     forwarder = output.Forwarder()
     # Every worker is alive as far as the driver knows, ready, and idle:
@@ -609,6 +613,9 @@ class Pool:
         if self._closing:
             timeout = 0.0
         self._closing = True
+        lock, self._compile_lock = self._compile_lock, -1
+        if lock >= 0:  # first: nothing below may leave it open
+            os.close(lock)
         if self.workers and self.ctl is not None:  # (no workers without it)
             seq = self.next_seq()
             for w in list(self.workers):
@@ -631,9 +638,6 @@ class Pool:
             self.storage.unlink(name)
         if self.ctl is not None:
             self.ctl.release()
-        lock, self._compile_lock = self._compile_lock, -1
-        if lock >= 0:
-            os.close(lock)
 
     def forget_in_child(self) -> None:
         """In a child forked from the coordinator: close its copies of the

@@ -194,7 +194,7 @@ def test_workers_meeting_a_cached_kernel_on_a_fresh_cache_compile_it_once(tmp_pa
     # first worker compiles and writes the cache; the others load it.
     (tmp_path / "cachedkernel.py").write_text(CACHED_KERNEL)
     script = textwrap.dedent(f"""
-        import operator, sys
+        import operator, os, sys
         sys.path.insert(0, {str(tmp_path)!r})
         import shmarray, cachedkernel
         with shmarray.Engine(workers=3) as eng:
@@ -210,6 +210,22 @@ def test_workers_meeting_a_cached_kernel_on_a_fresh_cache_compile_it_once(tmp_pa
         print("fill compiled", sum(s[1] for s in seen), "loaded", sum(s[2] for s in seen))
         print("step compiled", sum(s[3] for s in seen), "loaded", sum(s[4] for s in seen),
               "in the caller", *cachedkernel.compiled(cachedkernel.step))
+        # A worker started later (forked from this process, which has
+        # closed its copy of the engine's lock by then) waits its turn too.
+        with shmarray.Engine(workers=3, start_method="fork") as eng:
+            i = eng.zeros(300, dtype="int64")
+            eng.map(lambda v: None, i)
+            victim = eng.worker_pids[0]
+            os.kill(victim, 9)
+            while eng.worker_pids[0] == victim:  # replaced within a map
+                try:
+                    eng.map(lambda v: None, i)
+                except shmarray.WorkerCrashedError:
+                    pass
+            eng.map(cachedkernel.fill, i, args=(5,), chunks=3)
+            seen = set(eng.reduce(cachedkernel.compiles_here, i, chunks=3,
+                                  combine=operator.add))
+        print("fill on int64 compiled", sum(s[1] for s in seen), "loaded", sum(s[2] for s in seen))
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run(
@@ -223,5 +239,64 @@ def test_workers_meeting_a_cached_kernel_on_a_fresh_cache_compile_it_once(tmp_pa
         "fill compiled 1 loaded 2",
         # the caller compiles first; the two workers left load its code
         "step compiled 0 loaded 2 in the caller 1 0",
+        "fill on int64 compiled 1 loaded 2",
     ], proc.stdout
     assert proc.stderr == ""
+
+
+DECLINED = textwrap.dedent("""
+    import numpy as np
+    from numba import njit
+
+    TABLE = np.arange(200_000.0)  # a large global: numba refers to it by address
+
+    @njit(cache=True)
+    def from_table(x):  # so numba compiles it and caches nothing
+        x[0] = TABLE[5]
+""")
+
+
+def test_a_kernel_numba_compiles_but_will_not_cache_keeps_no_worker_waiting(tmp_path):
+    # Workers take turns compiling a cached kernel so the later ones load
+    # what the first wrote.  For a kernel numba declines to cache, turns
+    # gain nothing: after two compiles the lock file says so, and a third
+    # worker compiles at once, even while another holds the lock.
+    import fcntl
+
+    from shmarray import compiling
+
+    (tmp_path / "declined.py").write_text(DECLINED)
+    child = textwrap.dedent(f"""
+        import sys
+        import warnings
+        sys.path.insert(0, {str(tmp_path)!r})
+        warnings.simplefilter("ignore")  # numba's "cannot cache" warning
+        import numpy as np
+        import declined
+        from shmarray import compiling
+        x = np.zeros(1)
+        compiling.compile_first(int(sys.argv[1]), declined.from_table, (x,))
+        declined.from_table(x)  # as the worker's call does next
+        print(sum(declined.from_table.stats.cache_misses.values()), x[0], flush=True)
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    lock = compiling.open_lock()
+    try:
+
+        def worker() -> str:
+            proc = subprocess.run(
+                [sys.executable, "-c", child, str(lock)],
+                pass_fds=(lock,),
+                capture_output=True,
+                text=True,
+                timeout=60,  # a third worker that waited would wait for ever
+                env=env,
+            )
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.strip()
+
+        assert [worker(), worker()] == ["1 5.0", "1 5.0"]  # each compiled: nothing cached
+        fcntl.lockf(lock, fcntl.LOCK_EX, 1, 0)  # another worker's turn, held
+        assert worker() == "1 5.0"
+    finally:
+        os.close(lock)
