@@ -641,13 +641,12 @@ class Dispatcher:
 def _within_a_lock(dispatcher: Dispatcher) -> bool:
     """Whether the calling thread, further down its stack, runs code that
     holds a lock ``dispatcher.close()`` takes (its own, its shutdown's, its
-    block table's), or may: then close() was
-    called from within it, by a signal handler or a finalizer that ran
-    there.  Judged by the code on the stack, and by whether its lock is
-    held at all (by this thread or another): it may send to another thread
-    a close() that was safe to run here, never the other way round.
-    tests/test_dispatch.py checks that the sets below name every function
-    with such a ``with`` block."""
+    block table's), or may: then close() was called from within it, by a
+    signal handler or a finalizer that ran there.  Judged by the code on
+    the stack, and by whether its lock is held at all (by this thread or
+    another): it may send to another thread a close() that was safe to run
+    here, never the other way round.  tests/test_dispatch.py checks that
+    the sets below name every function with such a ``with`` block."""
     frame = inspect.currentframe()
     if frame is None:  # no frames on this Python: judge by nothing
         return False

@@ -215,9 +215,10 @@ class Engine:
         EngineClosedError, queued ones are cancelled.  Interrupted (Ctrl-C),
         calling it again finishes the job.  From a signal handler too (a
         service's SIGTERM): if the signal came while the engine held a lock
-        of its own, it returns at once and another thread finishes.  In a forked child it does
-        nothing: the parent owns the engine.  Leaving a ``with`` block, the
-        engine's garbage collection and interpreter exit call it too.
+        of its own, it returns at once and another thread finishes.  In a
+        forked child it does nothing: the parent owns the engine.  Leaving
+        a ``with`` block, the engine's garbage collection and interpreter
+        exit call it too.
 
         Arrays still held stay readable; their memory is freed with the
         last reference.  Every other method raises EngineClosedError

@@ -274,7 +274,7 @@ class _Worker:
     ):
         self.index = index
         self.ctl = words
-        self.compile_lock = compile_lock  # compiling.open_lock's, inherited
+        self.compile_lock = compile_lock  # its own copy of the engine's (compiling)
         self.tasks = tasks
         self.results = results
         self.idle_spin, self.step_spin = spins
