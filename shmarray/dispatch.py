@@ -360,19 +360,11 @@ class Dispatcher:
             except BaseException:
                 # One that came as it failed folds into the failure, the
                 # first of a burst.
-                self._let_go(held)
-                if held:
-                    SIGNALS.release()
-                    self._late = None
+                self._give_back(held)
                 raise
-            caught = self._let_go(held)
-            if held:
-                SIGNALS.release()
-                if caught is None:
-                    caught = self._late
-                self._late = None
-                if caught is not None:
-                    raise caught  # one that came as the call ended well
+            caught = self._give_back(held)
+            if caught is not None:
+                raise caught  # one that came as the call ended well
             return finish(call, values)
         try:
             return waiting.wait(future, lambda timeout: result_within(future, timeout))
@@ -392,19 +384,11 @@ class Dispatcher:
         try:
             self.runner.tidy()
         except BaseException:
-            self._let_go(held)
-            if held:
-                SIGNALS.release()
-                self._late = None
+            self._give_back(held)
             raise
-        caught = self._let_go(held)
-        if held:
-            SIGNALS.release()
-            if caught is None:
-                caught = self._late
-            self._late = None
-            if caught is not None:
-                raise caught
+        caught = self._give_back(held)
+        if caught is not None:
+            raise caught
 
     def submit(self, call: Call) -> MapFuture:
         """Queue ``call``; returns at once."""
@@ -501,6 +485,18 @@ class Dispatcher:
             shutdown = self._close_on_release
         if shutdown:
             self._shutdown()
+        return caught
+
+    def _give_back(self, held: bool) -> BaseException | None:
+        """Give the driver's role back (``_let_go``), then close the main
+        thread's span if ``held``: what a signal raised for this call
+        meanwhile, the first of a burst, or None."""
+        caught = self._let_go(held)
+        if held:
+            SIGNALS.release()
+            if caught is None:
+                caught = self._late
+            self._late = None
         return caught
 
     def _late_catch(self, exc: BaseException) -> None:

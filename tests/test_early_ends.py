@@ -218,6 +218,17 @@ def arm(name, where="", sig=signal.SIGINT):
     sys.setprofile(hook)
 """
 
+# A child's start for the tests of a map held until released (burst.held).
+HELD = textwrap.dedent(f"""
+    import sys, threading, time, warnings
+    sys.path.insert(0, {burst.HERE!r})
+    import numpy as np
+    import shmarray
+    from burst import ROWS, held
+
+    warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+""")
+
 
 @pytest.mark.breaks_things
 def test_a_ctrl_c_as_an_imap_stream_closes_still_stops_its_map():
@@ -268,17 +279,13 @@ def test_a_ctrl_c_within_close_cancels_every_queued_map_first():
     # and the main thread closes the engine; a Ctrl-C lands as close()
     # cancels the queued map.  Before, it cut close() short there: the
     # queued map's future stayed pending, and its thread waited for ever.
-    code = AT_A_CALL + textwrap.dedent(f"""
-        import sys, threading, time, warnings
-        sys.path.insert(0, {burst.HERE!r})
-        import numpy as np
-        import shmarray
-        from burst import ROWS, held
-
-        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+    code = (
+        AT_A_CALL
+        + HELD
+        + textwrap.dedent("""
         eng = shmarray.Engine(workers=2)
         flags, other = eng.zeros(3), eng.zeros(3)
-        ended = {{}}
+        ended = {}
 
         def call(name, f):
             try:
@@ -306,6 +313,7 @@ def test_a_ctrl_c_within_close_cancels_every_queued_map_first():
         print("running:", ended.get("running"), "queued:", ended.get("queued"))
         eng.close()
     """)
+    )
     proc = run_python(code, timeout=60)  # before: a hang
     assert proc.stdout.splitlines() == [
         "close: KeyboardInterrupt",
@@ -317,17 +325,10 @@ def test_a_blocking_map_in_a_done_callback_runs_while_others_are_queued():
     # A future's done-callback runs in the manager thread, the one thread
     # that drives the queue: a blocking map there, with another call
     # queued, waited for itself (a hang, until close).
-    code = textwrap.dedent(f"""
-        import sys, threading, time, warnings
-        sys.path.insert(0, {burst.HERE!r})
-        import numpy as np
-        import shmarray
-        from burst import ROWS, held
-
+    code = HELD + textwrap.dedent("""
         def fill(x, v):
             x[:] = v
 
-        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
         with shmarray.Engine(workers=2) as eng:
             a, b, c, flags = eng.zeros(ROWS), eng.zeros(ROWS), eng.zeros(ROWS), eng.zeros(3)
             done = threading.Event()
@@ -409,14 +410,7 @@ def test_closing_a_stream_whose_map_is_still_queued_returns_at_once():
     # the other map to end (concurrent.futures.wait counts a cancelled
     # future done only then; with the engine closed meanwhile, never: the
     # chaos test's hang).
-    code = textwrap.dedent(f"""
-        import sys, threading, time, warnings
-        sys.path.insert(0, {burst.HERE!r})
-        import numpy as np
-        import shmarray
-        from burst import ROWS, held
-
-        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+    code = HELD + textwrap.dedent("""
         with shmarray.Engine(workers=2) as eng:
             flags, x = eng.zeros(3), eng.zeros(ROWS)
             args = (flags, shmarray.row_offset, ROWS // 2)
@@ -497,18 +491,14 @@ def test_a_ctrl_c_as_a_map_gives_the_role_back_is_raised_by_that_map_only():
     # map to be driven).  Before, the other map's driver forgot the
     # caught KeyboardInterrupt as it took the role: the main thread's map
     # returned as if no Ctrl-C had come.
-    code = AT_A_CALL + textwrap.dedent(f"""
-        import sys, threading, time, warnings
-        sys.path.insert(0, {burst.HERE!r})
-        import numpy as np
-        import shmarray
-        from burst import ROWS, held
-
-        warnings.filterwarnings("ignore", category=shmarray.PythonKernelWarning)
+    code = (
+        AT_A_CALL
+        + HELD
+        + textwrap.dedent("""
         eng = shmarray.Engine(workers=2)
         flags, y = eng.zeros(3), eng.zeros(4)
         main = threading.get_ident()
-        ended = {{}}
+        ended = {}
 
         submitted = []
 
@@ -560,6 +550,7 @@ def test_a_ctrl_c_as_a_map_gives_the_role_back_is_raised_by_that_map_only():
         print("other:", ended.get("other"), y.tolist())
         eng.close()
     """)
+    )
     proc = run_python(code, timeout=60)
     assert proc.stdout.splitlines() == [
         "the other map driven: True",
